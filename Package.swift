@@ -1,0 +1,53 @@
+// swift-tools-version:6.0
+//
+// ublk-swift: a Linux ublk userspace block driver.
+//
+// Layers, bottom to top (each one a module, `Tests/` mirrors them):
+//   CLiburing   - liburing as a system library (pkg-config `liburing`)
+//   CUblk       - the ublk uapi (written from include/uapi/linux/ublk_cmd.h) and
+//                 the few GNU-only libc calls Swift's Glibc module hides
+//   UblkSystem  - typed errors, raw syscalls, ~Copyable owners of kernel-shared memory and rings
+//   UblkControl - /dev/ublk-control: add, set params, start, stop, delete, info, features, recovery
+//   UblkQueue   - one thread per hardware queue: descriptors, buffers, FETCH/COMMIT loop, `Target`
+//   UblkTargets - loop (file-backed) and null targets
+//   UblkServer  - brings a device up and down: control plane + queues + target + signals
+//   ublk        - the command-line tool
+import PackageDescription
+
+let package = Package(
+    name: "ublk-swift",
+    platforms: [.macOS(.v13)],
+    products: [
+        .library(name: "Ublk", targets: ["UblkServer", "UblkTargets", "UblkQueue", "UblkControl", "UblkSystem"]),
+        .executable(name: "ublk", targets: ["ublk"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    ],
+    targets: [
+        .systemLibrary(name: "CLiburing", pkgConfig: "liburing",
+                       providers: [.apt(["liburing-dev"])]),
+        .target(name: "CUblk", dependencies: ["CLiburing"]),
+        .target(name: "UblkSystem", dependencies: ["CUblk", "CLiburing"]),
+        .target(name: "UblkControl", dependencies: ["UblkSystem", "CUblk", "CLiburing"]),
+        .target(name: "UblkQueue", dependencies: [
+            "UblkSystem", "CUblk", "CLiburing", .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "UblkTargets", dependencies: ["UblkQueue", "UblkSystem", "CUblk", "CLiburing"]),
+        .target(name: "UblkServer", dependencies: [
+            "UblkControl", "UblkQueue", "UblkTargets", "UblkSystem", "CUblk",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "ublk", dependencies: [
+            "UblkServer", "UblkTargets", "UblkQueue", "UblkControl", "UblkSystem", "CUblk",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .testTarget(name: "UblkSystemTests", dependencies: ["UblkSystem", "CUblk"]),
+        .testTarget(name: "UblkControlTests", dependencies: ["UblkControl", "CUblk"]),
+        .testTarget(name: "UblkQueueTests", dependencies: ["UblkQueue", "UblkSystem", "CUblk"]),
+        .testTarget(name: "UblkTargetsTests", dependencies: ["UblkTargets", "UblkQueue", "UblkSystem"]),
+    ],
+    swiftLanguageModes: [.v5]
+)

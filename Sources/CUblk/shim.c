@@ -1,0 +1,61 @@
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <spawn.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <linux/fs.h>
+#include <linux/io_uring.h>
+#include "include/ublk_sys.h"
+
+void *cublk_sqe_cmd(struct io_uring_sqe *sqe) { return sqe->cmd; }
+
+int cublk_o_direct(void) { return O_DIRECT; }
+
+int cublk_fallocate(int fd, int mode, int64_t offset, int64_t length) {
+    return fallocate(fd, mode, (off_t)offset, (off_t)length);
+}
+
+int cublk_set_affinity_cpu(int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+}
+
+int cublk_set_thread_name(const char *name) {
+    char buf[16];
+    strncpy(buf, name, sizeof(buf) - 1);
+    buf[sizeof(buf) - 1] = 0;
+    return pthread_setname_np(pthread_self(), buf);
+}
+
+int cublk_set_affinity_mask(const void *mask, size_t bytes) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    memcpy(&set, mask, bytes < sizeof(set) ? bytes : sizeof(set));
+    return pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+}
+
+pid_t cublk_gettid(void) { return gettid(); }
+
+int cublk_block_device_size(int fd, uint64_t *bytes) {
+    return ioctl(fd, BLKGETSIZE64, bytes) == 0 ? 0 : -errno;
+}
+
+int cublk_block_device_sector_sizes(int fd, uint32_t *logical, uint32_t *physical) {
+    int l = 0;
+    unsigned int p = 0;
+    if (ioctl(fd, BLKSSZGET, &l) != 0) return -errno;
+    if (ioctl(fd, BLKPBSZGET, &p) != 0) return -errno;
+    *logical = (uint32_t)l;
+    *physical = p;
+    return 0;
+}
+
+short cublk_posix_spawn_setsid(void) { return POSIX_SPAWN_SETSID; }
+
+int cublk_errno(void) { return errno; }

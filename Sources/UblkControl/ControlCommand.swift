@@ -1,0 +1,68 @@
+import CUblk
+import Glibc
+import UblkSystem
+
+/// The commands `/dev/ublk-control` accepts.
+public enum ControlCommand: String, Sendable, CaseIterable {
+    case getQueueAffinity = "GET_QUEUE_AFFINITY"
+    case getDeviceInfo = "GET_DEV_INFO"
+    case addDevice = "ADD_DEV"
+    case deleteDevice = "DEL_DEV"
+    case startDevice = "START_DEV"
+    case stopDevice = "STOP_DEV"
+    case setParameters = "SET_PARAMS"
+    case getParameters = "GET_PARAMS"
+    case startUserRecovery = "START_USER_RECOVERY"
+    case endUserRecovery = "END_USER_RECOVERY"
+    case getFeatures = "GET_FEATURES"
+
+    /// The command's number and ioctl direction, as in `ublk_cmd.h`.
+    public var opcode: UblkOpcode {
+        let (number, direction): (Int, IoctlDirection) = switch self {
+        case .getQueueAffinity: (UBLK_CMD_GET_QUEUE_AFFINITY, .read)
+        case .getDeviceInfo: (UBLK_CMD_GET_DEV_INFO, .read)
+        case .addDevice: (UBLK_CMD_ADD_DEV, .readWrite)
+        case .deleteDevice: (UBLK_CMD_DEL_DEV, .readWrite)
+        case .startDevice: (UBLK_CMD_START_DEV, .readWrite)
+        case .stopDevice: (UBLK_CMD_STOP_DEV, .readWrite)
+        case .setParameters: (UBLK_CMD_SET_PARAMS, .readWrite)
+        case .getParameters: (UBLK_CMD_GET_PARAMS, .read)
+        case .startUserRecovery: (UBLK_CMD_START_USER_RECOVERY, .readWrite)
+        case .endUserRecovery: (UBLK_CMD_END_USER_RECOVERY, .readWrite)
+        case .getFeatures: (UBLK_CMD_GET_FEATURES, .read)
+        }
+        return UblkOpcode(number: UInt32(number), direction: direction,
+                          payloadSize: MemoryLayout<ublksrv_ctrl_cmd>.size)
+    }
+}
+
+/// A control command the kernel refused.
+public struct ControlError: Error, Equatable, CustomStringConvertible, Sendable {
+    public var command: ControlCommand
+    /// The device the command was for, if any.
+    public var deviceID: UInt32?
+    /// Positive errno.
+    public var errno: Int32
+
+    public init(command: ControlCommand, deviceID: UInt32?, errno: Int32) {
+        self.command = command
+        self.deviceID = deviceID
+        self.errno = errno < 0 ? -errno : errno
+    }
+
+    public var description: String {
+        let target = deviceID.map { " for device \($0)" } ?? ""
+        let reason = SystemError("", errno: errno).reason
+        if errno == ENODEV || errno == ENOENT, command != .addDevice, let id = deviceID {
+            return "ublk device \(id) does not exist: see `ublk list`"
+        }
+        switch (command, errno) {
+        case (.addDevice, EEXIST):
+            return "device id \(deviceID.map(String.init) ?? "?") is already in use: pick another --id or leave it out"
+        case (_, EPERM), (_, EACCES):
+            return "UBLK_CMD_\(command.rawValue)\(target): permission denied: run as root"
+        default:
+            return "UBLK_CMD_\(command.rawValue)\(target) failed: \(reason)"
+        }
+    }
+}

@@ -1,0 +1,114 @@
+import CUblk
+import Glibc
+import Logging
+import UblkSystem
+
+/// A dedicated OS thread that sets up one `Queue` and serves it until the device stops.
+///
+/// Plain pthreads, not Swift tasks: the thread blocks in `io_uring_enter`, and the
+/// kernel ties a queue to the task that issued its first FETCH.
+public final class QueueThread: @unchecked Sendable {
+    private var thread: pthread_t?
+    private let configuration: QueueConfiguration
+    private let characterDevice: Int32
+    private let target: any Target
+    private let logger: Logger
+    private let ready = Semaphore()
+    // Written by the queue thread before it posts `ready` / before it ends; read after.
+    private var setupError: Error?
+    private var runError: Error?
+
+    /// Starts the thread; returns once its queue has fetched every tag (or failed to set up).
+    public static func start(_ configuration: QueueConfiguration, characterDevice: Int32, target: any Target,
+                             logger: Logger) throws -> QueueThread {
+        let queueThread = QueueThread(configuration, characterDevice: characterDevice, target: target, logger: logger)
+        let context = Unmanaged.passRetained(queueThread).toOpaque()
+        var thread = pthread_t()
+        let result = pthread_create(&thread, nil, { context in
+            let queueThread = Unmanaged<QueueThread>.fromOpaque(context!).takeRetainedValue()
+            queueThread.main()
+            return nil
+        }, context)
+        guard result == 0 else {
+            Unmanaged<QueueThread>.fromOpaque(context).release()
+            throw SystemError("pthread_create", errno: result)
+        }
+        queueThread.thread = thread
+        queueThread.ready.wait()
+        if let error = queueThread.setupError {
+            queueThread.join()
+            throw error
+        }
+        return queueThread
+    }
+
+    private init(_ configuration: QueueConfiguration, characterDevice: Int32, target: any Target, logger: Logger) {
+        self.configuration = configuration
+        self.characterDevice = characterDevice
+        self.target = target
+        self.logger = logger
+    }
+
+    private func main() {
+        _ = cublk_set_thread_name("ublk-q\(configuration.queueID)")
+        if let mask = configuration.cpuMask, mask.contains(where: { $0 != 0 }) {
+            _ = mask.withUnsafeBytes { cublk_set_affinity_mask($0.baseAddress, $0.count) }
+        }
+        let queue: Queue
+        do {
+            queue = try Queue(configuration, characterDevice: characterDevice, target: target, logger: logger)
+            try queue.fetchAll()
+        } catch {
+            setupError = error
+            ready.signal()
+            return
+        }
+        ready.signal()
+        do { try queue.run() } catch { runError = error }
+    }
+
+    /// Waits for the thread to end (after STOP_DEV aborted its fetches); the queue's
+    /// ring, mapping and buffers are released by then. Returns the error that ended it early, if any.
+    @discardableResult
+    public func join() -> Error? {
+        if let thread {
+            pthread_join(thread, nil)
+            self.thread = nil
+        }
+        return runError
+    }
+}
+
+/// A counting semaphore on a pthread mutex and condition (no Foundation, no Dispatch).
+/// The pthread objects live on the heap: they must not move once initialised.
+final class Semaphore: @unchecked Sendable {
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private var count = 0
+
+    init() {
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(condition, nil)
+    }
+
+    deinit {
+        pthread_cond_destroy(condition)
+        pthread_mutex_destroy(mutex)
+        condition.deallocate()
+        mutex.deallocate()
+    }
+
+    func signal() {
+        pthread_mutex_lock(mutex)
+        count += 1
+        pthread_cond_signal(condition)
+        pthread_mutex_unlock(mutex)
+    }
+
+    func wait() {
+        pthread_mutex_lock(mutex)
+        while count == 0 { pthread_cond_wait(condition, mutex) }
+        count -= 1
+        pthread_mutex_unlock(mutex)
+    }
+}

@@ -1,0 +1,148 @@
+import CLiburing
+import Glibc
+import UblkSystem
+
+/// What a target tells the device about itself: size, block sizes and capabilities.
+/// The server turns it into the device's parameters (SET_PARAMS).
+public struct TargetProperties: Sendable, Equatable {
+    /// Device size in bytes (a multiple of `logicalBlockSize`).
+    public var size: UInt64
+    public var logicalBlockSize: Int = 512
+    public var physicalBlockSize: Int = 4096
+    public var readOnly = false
+    public var rotational = false
+    /// Writes may sit in a cache until FLUSH (true for files: the page cache or the disk's).
+    public var volatileCache = true
+    /// DISCARD is honoured (the backing can punch holes).
+    public var supportsDiscard = false
+    /// WRITE_ZEROES is honoured (the backing can zero ranges).
+    public var supportsWriteZeroes = false
+    /// Discard granularity in bytes.
+    public var discardGranularity: Int = 4096
+
+    public init(size: UInt64) { self.size = size }
+}
+
+/// A request handed to a target: the tag it arrived on, what it asks, and the tag's buffer.
+public struct IORequest {
+    public var tag: UInt16
+    public var descriptor: IODescriptor
+    /// The tag's buffer: data to write, or room for data read (`descriptor.byteCount` bytes used).
+    public var buffer: UnsafeMutableRawPointer
+
+    public init(tag: UInt16, descriptor: IODescriptor, buffer: UnsafeMutableRawPointer) {
+        self.tag = tag
+        self.descriptor = descriptor
+        self.buffer = buffer
+    }
+}
+
+/// A block-device target: what the device is backed by.
+///
+/// A target is created once per device; the queue runtime asks it for one
+/// `QueueHandler` per queue, on that queue's thread, and the handler runs only there.
+public protocol Target: AnyObject, Sendable {
+    /// Short name (`loop`, `null`).
+    var name: String { get }
+    /// Size, block sizes and capabilities.
+    var properties: TargetProperties { get }
+    /// Descriptors each queue registers as fixed files, after /dev/ublkcN; handlers refer
+    /// to them by index (`BackingSubmitter.firstTargetFile` + position).
+    var fixedFiles: [Int32] { get }
+    /// Creates the handler of one queue. Called on the queue's own thread.
+    func makeQueueHandler(queueID: Int, depth: Int) throws -> any QueueHandler
+    /// Makes every completed write durable; called once when the device stops.
+    func sync() throws
+    /// Human-readable facts for `ublk list` (backing file, direct I/O, ...).
+    var description: [String: String] { get }
+}
+
+/// The per-queue half of a target: turns requests into backing I/O on the queue's ring.
+///
+/// Each request is a small state machine owned by its tag: `start` either finishes it
+/// at once (returning its result) or submits backing I/O and returns nil; each of those
+/// completions comes back through `complete`, which again finishes or resubmits.
+/// Results are bytes transferred (reads/writes) or 0, or a negative errno.
+public protocol QueueHandler: AnyObject {
+    func start(_ request: IORequest, _ io: BackingSubmitter) -> Int32?
+    func complete(_ request: IORequest, backingResult: Int32, _ io: BackingSubmitter) -> Int32?
+}
+
+/// Submits a target's backing I/O on the queue's ring, tagged so the completion
+/// returns to the right request. One SQE per call; at most one in flight per tag.
+public struct BackingSubmitter {
+    @usableFromInline let ring: UnsafeMutablePointer<io_uring>
+    @usableFromInline let tag: UInt16
+
+    /// Fixed-file index of the target's first file (0 is /dev/ublkcN).
+    public static let firstTargetFile: Int32 = 1
+    /// `user_data` bit that marks a target operation (clear: a ublk command).
+    public static let targetBit: UInt64 = 1 << 63
+
+    init(ring: UnsafeMutablePointer<io_uring>, tag: UInt16) {
+        self.ring = ring
+        self.tag = tag
+    }
+
+    /// A cleared SQE carrying this tag, or nil if the ring is full even after submitting.
+    @inlinable
+    public func prepare() -> UnsafeMutablePointer<io_uring_sqe>? {
+        var sqe = io_uring_get_sqe(ring)
+        if sqe == nil {
+            _ = io_uring_submit(ring)
+            sqe = io_uring_get_sqe(ring)
+        }
+        guard let sqe else { return nil }
+        io_uring_sqe_set_data64(sqe, Self.targetBit | UInt64(tag))
+        return sqe
+    }
+
+    @inlinable
+    func fixed(_ sqe: UnsafeMutablePointer<io_uring_sqe>) {
+        sqe.pointee.flags |= UInt8(1 << IOSQE_FIXED_FILE_BIT)
+    }
+
+    /// Reads `count` bytes at `offset` of fixed file `file` into `buffer`.
+    @inlinable @discardableResult
+    public func read(file: Int32, into buffer: UnsafeMutableRawPointer, count: Int, offset: Int64) -> Bool {
+        guard let sqe = prepare() else { return false }
+        io_uring_prep_rw(Int32(IORING_OP_READ.rawValue), sqe, file, buffer, UInt32(count), UInt64(offset))
+        io_uring_sqe_set_data64(sqe, Self.targetBit | UInt64(tag))
+        fixed(sqe)
+        return true
+    }
+
+    /// Writes; `dsync` makes this write durable before it completes (FUA).
+    @inlinable @discardableResult
+    public func write(file: Int32, from buffer: UnsafeRawPointer, count: Int, offset: Int64, dsync: Bool) -> Bool {
+        guard let sqe = prepare() else { return false }
+        io_uring_prep_rw(Int32(IORING_OP_WRITE.rawValue), sqe, file, buffer, UInt32(count), UInt64(offset))
+        io_uring_sqe_set_data64(sqe, Self.targetBit | UInt64(tag))
+        if dsync { sqe.pointee.rw_flags = Self.rwfDsync }
+        fixed(sqe)
+        return true
+    }
+
+    /// fsync of the whole file.
+    @inlinable @discardableResult
+    public func fsync(file: Int32) -> Bool {
+        guard let sqe = prepare() else { return false }
+        io_uring_prep_fsync(sqe, file, 0)
+        io_uring_sqe_set_data64(sqe, Self.targetBit | UInt64(tag))
+        fixed(sqe)
+        return true
+    }
+
+    /// fallocate with `FALLOC_FL_*` mode.
+    @inlinable @discardableResult
+    public func fallocate(file: Int32, mode: Int32, offset: Int64, length: Int64) -> Bool {
+        guard let sqe = prepare() else { return false }
+        io_uring_prep_fallocate(sqe, file, mode, off_t(offset), off_t(length))
+        io_uring_sqe_set_data64(sqe, Self.targetBit | UInt64(tag))
+        fixed(sqe)
+        return true
+    }
+
+    /// `RWF_DSYNC` from linux/fs.h (a cast macro, so not imported).
+    public static let rwfDsync: UInt32 = 0x2
+}

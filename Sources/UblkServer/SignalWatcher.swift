@@ -1,0 +1,68 @@
+import Glibc
+import Logging
+import UblkControl
+
+/// Turns SIGTERM, SIGINT and SIGHUP into STOP_DEV for the served device.
+///
+/// The signals are blocked in every thread (queue threads inherit the mask) and taken
+/// synchronously by one watcher thread with `sigwait`, so no work happens in a signal
+/// handler. STOP_DEV lets in-flight requests finish, then aborts the queues' fetches,
+/// which ends the queue threads; the server then syncs, closes and deletes the device.
+final class SignalWatcher: @unchecked Sendable {
+    private let deviceID: UInt32
+    private let logger: Logger
+    static let signals: [Int32] = [SIGTERM, SIGINT, SIGHUP]
+
+    init(deviceID: UInt32, logger: Logger) {
+        self.deviceID = deviceID
+        self.logger = logger
+    }
+
+    private static func signalSet() -> sigset_t {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for signal in signals { sigaddset(&set, signal) }
+        return set
+    }
+
+    /// Blocks the signals in the calling thread (and so in the threads it creates later).
+    func blockSignals() {
+        var set = Self.signalSet()
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+    }
+
+    /// Starts the watcher thread.
+    func start() {
+        let context = Unmanaged.passRetained(self).toOpaque()
+        var thread = pthread_t()
+        let result = pthread_create(&thread, nil, { context in
+            let watcher = Unmanaged<SignalWatcher>.fromOpaque(context!).takeRetainedValue()
+            watcher.watch()
+            return nil
+        }, context)
+        if result == 0 {
+            pthread_detach(thread)
+        } else {
+            Unmanaged<SignalWatcher>.fromOpaque(context).release()
+            logger.error("pthread_create for the signal watcher failed: \(String(cString: strerror(result)))")
+        }
+    }
+
+    private func watch() {
+        var set = Self.signalSet()
+        var signal: Int32 = 0
+        while sigwait(&set, &signal) != 0 {}
+        logger.info("signal \(signal): stopping /dev/ublkb\(deviceID)")
+        requestStop()
+    }
+
+    /// STOP_DEV from a control ring of this thread's own.
+    func requestStop() {
+        do {
+            let control = try ControlDevice()
+            try control.stopDevice(deviceID)
+        } catch {
+            logger.error("stopping device \(deviceID): \(error)")
+        }
+    }
+}

@@ -1,0 +1,84 @@
+import CUblk
+import Glibc
+
+/// An open file descriptor, closed when its owner goes away.
+///
+/// `~Copyable` so that exactly one owner closes it: a copy that outlived the
+/// original would otherwise use a number the kernel may have handed out again.
+public struct FileDescriptor: ~Copyable, Sendable {
+    /// The descriptor number, for calls that need it (io_uring registration, ioctl).
+    public let rawValue: Int32
+
+    /// Takes ownership of an already open descriptor.
+    public init(adopting rawValue: Int32) {
+        self.rawValue = rawValue
+    }
+
+    /// Opens `path` with `open(2)` flags.
+    public init(path: String, flags: Int32, mode: mode_t = 0) throws(SystemError) {
+        do { rawValue = try Syscalls.open(path, flags | O_CLOEXEC, mode) }
+        catch { throw error as! SystemError }
+    }
+
+    deinit { Syscalls.close(rawValue) }
+
+    /// The `O_DIRECT` flag (GNU-only, so hidden from Swift's Glibc).
+    public static var directIOFlag: Int32 { cublk_o_direct() }
+
+    /// `fstat(2)`.
+    public func status() throws -> FileStatus { FileStatus(try Syscalls.fstat(rawValue)) }
+
+    /// `fsync(2)`.
+    public func sync() throws { try Syscalls.fsync(rawValue) }
+
+    /// `fallocate(2)`; `mode` takes `FALLOC_FL_*`.
+    public func allocate(mode: Int32, offset: Int64, length: Int64) throws {
+        try Syscalls.fallocate(rawValue, mode: mode, offset: offset, length: length)
+    }
+
+    /// `pread(2)`: may return fewer bytes than asked.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws -> Int {
+        try Syscalls.pread(rawValue, buffer, offset: offset)
+    }
+
+    /// `pwrite(2)`: may write fewer bytes than asked.
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: Int64) throws -> Int {
+        try Syscalls.pwrite(rawValue, buffer, offset: offset)
+    }
+
+    /// Size in bytes of a block device (`BLKGETSIZE64`).
+    public func blockDeviceSize() throws -> UInt64 { try Syscalls.blockDeviceSize(rawValue) }
+
+    /// Logical and physical sector sizes of a block device (`BLKSSZGET`, `BLKPBSZGET`).
+    public func blockDeviceSectorSizes() throws -> (logical: UInt32, physical: UInt32) {
+        try Syscalls.blockDeviceSectorSizes(rawValue)
+    }
+}
+
+/// The parts of `struct stat` the project uses.
+public struct FileStatus: Sendable {
+    public var mode: mode_t
+    public var size: Int64
+    /// Bytes actually allocated (st_blocks × 512): shrinks when holes are punched.
+    public var allocatedBytes: Int64
+    public var blockSize: Int
+    /// Device holding the file.
+    public var device: UInt64
+    /// The device itself, for block and character devices.
+    public var rdev: UInt64
+    public var inode: UInt64
+
+    init(_ st: stat) {
+        mode = st.st_mode
+        size = Int64(st.st_size)
+        allocatedBytes = Int64(st.st_blocks) * 512
+        blockSize = Int(st.st_blksize)
+        device = UInt64(st.st_dev)
+        rdev = UInt64(st.st_rdev)
+        inode = UInt64(st.st_ino)
+    }
+
+    public var isRegularFile: Bool { (mode & S_IFMT) == S_IFREG }
+    public var isBlockDevice: Bool { (mode & S_IFMT) == S_IFBLK }
+    public var isDirectory: Bool { (mode & S_IFMT) == S_IFDIR }
+}

@@ -1,0 +1,44 @@
+import Glibc
+
+/// A shared memory mapping, unmapped when its owner goes away.
+///
+/// The ublk descriptor array is memory the kernel writes and we only read; the
+/// owner is `~Copyable` so the mapping cannot outlive the one place that unmaps it.
+public struct MappedRegion: ~Copyable {
+    public let address: UnsafeMutableRawPointer
+    public let length: Int
+
+    /// `mmap(2)` of `length` bytes of `fd` at `offset`.
+    public init(fd: Int32, length: Int, offset: Int64, protection: Int32 = PROT_READ,
+                flags: Int32 = MAP_SHARED | MAP_POPULATE) throws {
+        address = try Syscalls.mmap(length: length, protection: protection, flags: flags, fd: fd, offset: offset)
+        self.length = length
+    }
+
+    deinit { Syscalls.munmap(address, length: length) }
+
+    /// The page size, which mapping lengths and offsets are rounded to.
+    public static var pageSize: Int { Syscalls.pageSize }
+
+    /// `value` rounded up to a multiple of `alignment` (a power of two).
+    public static func roundUp(_ value: Int, to alignment: Int) -> Int {
+        (value + alignment - 1) & ~(alignment - 1)
+    }
+}
+
+/// Memory aligned for O_DIRECT (page-aligned), freed when its owner goes away.
+///
+/// The queue runtime gives one slice per tag to the kernel (with FETCH) and to the
+/// backing file (with read/write): it must stay put for the queue's lifetime.
+public struct AlignedBuffer: ~Copyable {
+    public let base: UnsafeMutableRawPointer
+    public let count: Int
+
+    public init(count: Int, alignment: Int = MappedRegion.pageSize) throws {
+        base = try Syscalls.alignedAllocate(size: max(count, 1), alignment: alignment)
+        self.count = count
+        base.initializeMemory(as: UInt8.self, repeating: 0, count: count)
+    }
+
+    deinit { free(base) }
+}

@@ -1,0 +1,63 @@
+import Glibc
+import UblkQueue
+
+/// A target with no backing: every request completes at once, reads return zeros and
+/// writes are dropped. It measures the ublk runtime alone (as the kernel's null_blk
+/// measures the block layer alone).
+public final class NullTarget: Target {
+    public let name = "null"
+    public let properties: TargetProperties
+    public let fixedFiles: [Int32] = []
+
+    /// - Parameter size: device size in bytes, a multiple of `logicalBlockSize`.
+    public init(size: UInt64, logicalBlockSize: Int = 512) {
+        var properties = TargetProperties(size: size)
+        properties.logicalBlockSize = logicalBlockSize
+        properties.physicalBlockSize = max(logicalBlockSize, 4096)
+        properties.volatileCache = false
+        properties.supportsDiscard = true
+        properties.supportsWriteZeroes = true
+        self.properties = properties
+    }
+
+    public func makeQueueHandler(queueID: Int, depth: Int) throws -> any QueueHandler {
+        NullQueueHandler(depth: depth)
+    }
+
+    public func sync() throws {}
+
+    public var description: [String: String] { ["backing": "-"] }
+}
+
+final class NullQueueHandler: QueueHandler {
+    /// Per tag, how many leading bytes of its buffer hold data a write brought in (the
+    /// kernel copied it there); zeroed before a read hands the buffer out again.
+    private var dirtyBytes: [Int]
+
+    init(depth: Int) { dirtyBytes = Array(repeating: 0, count: depth) }
+
+    func start(_ request: IORequest, _ io: BackingSubmitter) -> Int32? {
+        let descriptor = request.descriptor
+        switch descriptor.operation {
+        case .read:
+            let tag = Int(request.tag)
+            if dirtyBytes[tag] > 0 {
+                request.buffer.initializeMemory(as: UInt8.self, repeating: 0, count: dirtyBytes[tag])
+                dirtyBytes[tag] = 0
+            }
+            return Int32(descriptor.byteCount)
+        case .write:
+            let tag = Int(request.tag)
+            dirtyBytes[tag] = max(dirtyBytes[tag], descriptor.byteCount)
+            return Int32(descriptor.byteCount)
+        case .flush, .discard, .writeZeroes:
+            return 0
+        case .unsupported:
+            return -EOPNOTSUPP
+        }
+    }
+
+    func complete(_ request: IORequest, backingResult: Int32, _ io: BackingSubmitter) -> Int32? {
+        backingResult
+    }
+}

@@ -1,0 +1,81 @@
+import CUblk
+import Glibc
+
+/// Starting a server in the background, as `ublk add` does without `--foreground`.
+///
+/// The CLI re-executes itself (`/proc/self/exe`) with `--foreground --ready-fd 3`
+/// in a new session; the server reports on that pipe once /dev/ublkbN is live
+/// (`ready /dev/ublkbN`) or why it failed (`error ...`). Forking a process that
+/// might already run threads is unsafe, so posix_spawn it is.
+enum Background {
+    /// Where background servers' stderr goes.
+    static var logPath: String {
+        (getenv("UBLK_RUN_DIR").map { String(cString: $0) } ?? "/run/ublk") + "/server.log"
+    }
+
+    /// Spawns `arguments` (after the program name) and waits for the server's report.
+    /// Returns the device path; throws the server's error line.
+    static func launch(_ arguments: [String]) throws -> String {
+        var pipeFDs: [Int32] = [0, 0]
+        guard pipe(&pipeFDs) == 0, fcntl(pipeFDs[0], F_SETFD, FD_CLOEXEC) == 0, fcntl(pipeFDs[1], F_SETFD, FD_CLOEXEC) == 0 else { throw CLIError("pipe2: \(String(cString: strerror(errno)))") }
+        let (readEnd, writeEnd) = (pipeFDs[0], pipeFDs[1])
+        defer { close(readEnd) }
+
+        let directory = logPath.split(separator: "/").dropLast().joined(separator: "/")
+        _ = mkdir("/" + directory, 0o755)
+
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 2, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o640)
+        posix_spawn_file_actions_adddup2(&actions, writeEnd, 3)
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        posix_spawnattr_setflags(&attributes, cublk_posix_spawn_setsid())
+
+        let argv = ["ublk"] + arguments + ["--foreground", "--ready-fd", "3"]
+        var cArguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+        defer { for argument in cArguments { free(argument) } }
+        var pid: pid_t = 0
+        let result = posix_spawn(&pid, "/proc/self/exe", &actions, &attributes, &cArguments, environ)
+        close(writeEnd)
+        guard result == 0 else { throw CLIError("cannot start the server: posix_spawn: \(String(cString: strerror(result)))") }
+
+        // Everything the server says, until it closes the pipe.
+        var report = ""
+        var chunk = [UInt8](repeating: 0, count: 512)
+        while true {
+            let count = read(readEnd, &chunk, chunk.count)
+            if count > 0 { report += String(decoding: chunk[0..<count], as: UTF8.self); continue }
+            if count < 0 && errno == EINTR { continue }
+            break
+        }
+        for line in report.split(separator: "\n") {
+            if line.hasPrefix("ready ") { return String(line.dropFirst(6)) }
+            if line.hasPrefix("error ") {
+                var status: Int32 = 0
+                waitpid(pid, &status, 0)
+                throw CLIError(String(line.dropFirst(6)))
+            }
+        }
+        var status: Int32 = 0
+        waitpid(pid, &status, 0)
+        throw CLIError("the server exited before the device was live: see \(logPath)")
+    }
+
+    /// The server's side: report on the inherited descriptor, then close it.
+    static func report(_ line: String, to fd: Int32) {
+        let text = line + "\n"
+        _ = text.withCString { write(fd, $0, strlen($0)) }
+        close(fd)
+    }
+}
+
+/// A user-facing error: one line, exit status 1.
+struct CLIError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}

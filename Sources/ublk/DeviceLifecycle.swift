@@ -1,0 +1,127 @@
+import FoundationEssentials
+import Glibc
+import UblkControl
+import UblkQueue
+import UblkServer
+import UblkTargets
+
+/// One row of `ublk list`.
+struct DeviceRow: Codable {
+    var id: UInt32
+    var state: String
+    var target: String
+    var backing: String
+    var size: UInt64
+    var queues: Int
+    var depth: Int
+    var directIO: String
+    var pid: Int32
+    var serverAlive: Bool
+    var readOnly: Bool
+    var blockSize: Int
+    var name: String?
+}
+
+/// What `del`, `list` and `recover` do with devices started by any server.
+enum DeviceLifecycle {
+    /// STOP_DEV, then DEL_DEV (which waits for the server to close /dev/ublkcN).
+    static func delete(_ id: UInt32, control: borrowing ControlDevice) throws {
+        let info: DeviceInfo
+        do { info = try control.deviceInfo(id) } catch { throw CLIError("\(error)") }
+        do { try control.stopDevice(id) } catch where error.errno == ENODEV || error.errno == ENOENT {
+            throw CLIError("\(error)")
+        } catch {
+            // Already stopped (e.g. quiesced with a dead server): deletion still applies.
+        }
+        do { try control.deleteDevice(id) } catch where error.errno == ENODEV || error.errno == ENOENT {
+            // The server deleted it on its way out.
+        } catch { throw CLIError("\(error)") }
+        // Let the server finish its own shutdown (sync, exit) before we return.
+        let pid = RuntimeDirectory.load(id)?.pid ?? info.serverPID
+        for _ in 0..<500 where RuntimeDirectory.isAlive(pid) && pid != getpid() { usleep(10_000) }
+        RuntimeDirectory.remove(id)
+    }
+
+    static func list(control: borrowing ControlDevice) -> [DeviceRow] {
+        var rows: [DeviceRow] = []
+        for id in ControlDevice.deviceIDs() {
+            guard let info = try? control.deviceInfo(id) else { continue }
+            let parameters = try? control.parameters(id)
+            let record = RuntimeDirectory.load(id)
+            let pid = info.serverPID > 0 ? info.serverPID : (record?.pid ?? -1)
+            let alive = RuntimeDirectory.isAlive(pid)
+            var state = "\(info.state)"
+            if !alive && info.state != .dead { state += ",server-dead" }
+            rows.append(DeviceRow(
+                id: id, state: state, target: record?.target ?? "?", backing: record?.backing ?? "-",
+                size: (parameters?.sectors ?? 0) << 9, queues: Int(info.queueCount), depth: Int(info.queueDepth),
+                directIO: record?.directIO ?? "?", pid: pid, serverAlive: alive,
+                readOnly: parameters?.readOnly ?? false, blockSize: parameters?.logicalBlockSize ?? 512,
+                name: record?.name))
+        }
+        return rows
+    }
+
+    /// The target and options a recovering server needs, from the dead server's record.
+    static func recoveryPlan(_ id: UInt32) throws -> (any Target, ServerOptions, String?) {
+        guard let record = RuntimeDirectory.load(id) else {
+            throw CLIError("no record of device \(id) under \(RuntimeDirectory.path): cannot tell its backing file; delete it with ublk del --id \(id)")
+        }
+        if RuntimeDirectory.isAlive(record.pid) {
+            throw CLIError("device \(id) is still served by pid \(record.pid): nothing to recover")
+        }
+        let target: any Target
+        do {
+            if record.target == "null" {
+                target = NullTarget(size: record.size, logicalBlockSize: record.blockSize)
+            } else {
+                var configuration = LoopConfiguration(path: record.backing ?? "")
+                configuration.directIO = DirectIOMode(rawValue: record.directIORequest) ?? .auto
+                configuration.readOnly = record.readOnly
+                configuration.offset = record.offset
+                configuration.size = record.sizeLimit
+                configuration.logicalBlockSize = record.blockSize
+                target = try LoopTarget(configuration)
+            }
+        } catch { throw CLIError("\(error)") }
+        var options = ServerOptions(id: id, queues: record.queues, depth: record.depth)
+        options.recovery = true
+        return (target, options, record.name)
+    }
+}
+
+enum DeviceListing {
+    static func json(_ rows: [DeviceRow]) -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        return (try? encoder.encode(rows)).map { String(decoding: $0, as: UTF8.self) } ?? "[]"
+    }
+
+    static func table(_ rows: [DeviceRow]) -> String {
+        let header = ["ID", "STATE", "TARGET", "SIZE", "QUEUES", "DEPTH", "DIO", "PID", "BACKING"]
+        let lines = [header] + rows.map {
+            [String($0.id), $0.state, $0.target, humanSize($0.size), String($0.queues), String($0.depth), $0.directIO,
+             $0.pid > 0 ? String($0.pid) : "-", $0.backing]
+        }
+        let widths = header.indices.map { column in lines.map { $0[column].count }.max() ?? 0 }
+        return lines.map { line in
+            line.indices.map { column in
+                column == line.count - 1 ? line[column] : line[column].padding(to: widths[column])
+            }.joined(separator: "  ")
+        }.joined(separator: "\n") + "\n"
+    }
+
+    static func humanSize(_ bytes: UInt64) -> String {
+        let units = ["B", "K", "M", "G", "T"]
+        var value = Double(bytes)
+        var unit = 0
+        while value >= 1024 && unit < units.count - 1 { value /= 1024; unit += 1 }
+        return value == value.rounded() ? "\(Int(value))\(units[unit])" : String(Int(value * 10) / 10) + "." + String(Int(value * 10) % 10) + units[unit]
+    }
+}
+
+extension String {
+    func padding(to width: Int) -> String {
+        count >= width ? self : self + String(repeating: " ", count: width - count)
+    }
+}

@@ -1,0 +1,122 @@
+import ArgumentParser
+import UblkQueue
+import UblkServer
+import UblkTargets
+
+/// A byte count written with an optional binary suffix: 4096, 512K, 256M, 1G, 2T.
+struct ByteCount: ExpressibleByArgument, Sendable, Equatable {
+    var value: UInt64
+
+    init(_ value: UInt64) { self.value = value }
+
+    init?(argument: String) {
+        let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
+        var text = Substring(argument.uppercased())
+        if text.hasSuffix("IB") { text = text.dropLast(2) } else if text.hasSuffix("B") { text = text.dropLast() }
+        var multiplier: UInt64 = 1
+        if let last = text.last, let unit = units[last] {
+            multiplier = unit
+            text = text.dropLast()
+        }
+        guard let number = UInt64(text) else { return nil }
+        let (product, overflow) = number.multipliedReportingOverflow(by: multiplier)
+        if overflow { return nil }
+        value = product
+    }
+
+    static var defaultCompletionKind: CompletionKind { .default }
+}
+
+extension DirectIOMode: ExpressibleByArgument {}
+
+/// The target kinds `ublk add` knows.
+enum TargetKind: String, ExpressibleByArgument, CaseIterable, Sendable {
+    case loop, null
+}
+
+/// Everything `ublk add` takes; also what a device config file holds.
+struct DeviceOptions: ParsableArguments {
+    @Option(name: .long, help: "Backing file or block device (loop target).")
+    var file: String?
+
+    @Option(name: .long, help: "Target: loop (a backing file) or null (no backing, reads return zeros).")
+    var target: TargetKind?
+
+    @Option(name: .long, help: "Device id N for /dev/ublkbN (default: the kernel picks).")
+    var id: UInt32?
+
+    @Option(name: .long, help: "Hardware queues, one thread each (default: one per CPU, at most 4; here \(ServerOptions.defaultQueues)).")
+    var queues: Int?
+
+    @Option(name: .long, help: "Requests in flight per queue, 1 to 4096.")
+    var depth: Int = 128
+
+    @Option(name: .customLong("direct-io"), help: "O_DIRECT on the backing: on, off or auto (on when the backing allows it).")
+    var directIO: DirectIOMode = .auto
+
+    @Flag(name: .customLong("read-only"), help: "Open the backing read-only; the device refuses writes.")
+    var readOnly = false
+
+    @Option(name: .customLong("block-size"), help: "Logical block size: 512, 1024, 2048 or 4096.")
+    var blockSize: Int?
+
+    @Option(name: .long, help: "Start of the device in the backing file, in bytes (losetup --offset). Suffixes K, M, G.")
+    var offset: ByteCount?
+
+    @Option(name: .long, help: "Device size in bytes (losetup --sizelimit; required for the null target). Suffixes K, M, G, T.")
+    var size: ByteCount?
+
+    @Flag(name: .long, help: "Keep the device when the server dies, so `ublk recover` can take it over (UBLK_F_USER_RECOVERY).")
+    var recovery = false
+
+    init() {}
+
+    var kind: TargetKind { target ?? .loop }
+
+    /// Checks what can be checked without touching the backing or the kernel.
+    func check() throws {
+        if !(1...4096).contains(depth) {
+            throw ValidationError("--depth \(depth) is out of range: give 1 to 4096")
+        }
+        if let queues, queues < 1 || queues > 4096 {
+            throw ValidationError("--queues \(queues) is out of range: give 1 or more (one per CPU is plenty)")
+        }
+        if let blockSize, ![512, 1024, 2048, 4096].contains(blockSize) {
+            throw ValidationError("--block-size \(blockSize) is not a power of two from 512 to 4096: give 512, 1024, 2048 or 4096")
+        }
+        switch kind {
+        case .loop:
+            guard file != nil else { throw ValidationError("no backing file: give --file PATH (or --target null --size N)") }
+        case .null:
+            if file != nil { throw ValidationError("the null target has no backing file: leave out --file") }
+            guard let size else { throw ValidationError("the null target needs a size: give --size, e.g. --size 1G") }
+            let block = UInt64(blockSize ?? 512)
+            if size.value == 0 || size.value % block != 0 {
+                throw ValidationError("--size \(size.value) is not a positive multiple of the block size \(block)")
+            }
+            if offset != nil { throw ValidationError("the null target has no backing file: leave out --offset") }
+        }
+    }
+
+    /// The target these options describe (opens and probes the backing).
+    func makeTarget() throws -> any Target {
+        switch kind {
+        case .null:
+            return NullTarget(size: size!.value, logicalBlockSize: blockSize ?? 512)
+        case .loop:
+            var configuration = LoopConfiguration(path: file!)
+            configuration.directIO = directIO
+            configuration.readOnly = readOnly
+            configuration.offset = offset?.value ?? 0
+            configuration.size = size?.value
+            configuration.logicalBlockSize = blockSize
+            return try LoopTarget(configuration)
+        }
+    }
+
+    var serverOptions: ServerOptions {
+        var options = ServerOptions(id: id, queues: queues ?? ServerOptions.defaultQueues, depth: depth)
+        options.recovery = recovery
+        return options
+    }
+}

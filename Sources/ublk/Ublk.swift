@@ -1,0 +1,181 @@
+import ArgumentParser
+import Glibc
+import Logging
+import UblkControl
+import UblkQueue
+import UblkServer
+import UblkSystem
+import UblkTargets
+
+@main
+struct Ublk: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ublk",
+        abstract: "Userspace block devices on Linux's ublk driver: a file becomes /dev/ublkbN, as with losetup.",
+        subcommands: [Add.self, Delete.self, List.self, Recover.self, Features.self])
+}
+
+/// Options every server-starting command shares.
+struct ServerFlags: ParsableArguments {
+    @Flag(name: .long, help: "Stay in the foreground (for service managers); default: return once the device is live.")
+    var foreground = false
+
+    @Option(name: .customLong("ready-fd"), help: .hidden)
+    var readyFD: Int32?
+
+    @Flag(name: .shortAndLong, help: "Log every step.")
+    var verbose = false
+
+    func makeLogger() -> Logger {
+        LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+        var logger = Logger(label: "ublk")
+        logger.logLevel = verbose ? .debug : .info
+        return logger
+    }
+
+    /// Runs a server in this process; reports on `--ready-fd` once live or on failure.
+    func serve(target: any Target, options: ServerOptions, mode: DeviceServer.Mode, name: String?) throws {
+        let logger = makeLogger()
+        let server = DeviceServer(target: target, options: options, logger: logger)
+        do {
+            try server.run(mode) { info, parameters in
+                let path = info.blockDevicePath
+                logger.info("\(path) is live: target \(target.name), \(parameters.sectors << 9) bytes, \(info.queueCount) queues × \(info.queueDepth)")
+                if let readyFD { Background.report("ready \(path)", to: readyFD) } else { print(path) }
+                fflush(stdout)
+                let description = target.description
+                return DeviceRecord(
+                    id: info.id!, pid: getpid(), name: name, target: target.name, backing: description["backing"],
+                    size: parameters.sectors << 9, queues: Int(info.queueCount), depth: Int(info.queueDepth),
+                    directIO: description["direct_io"] ?? "-", readOnly: parameters.readOnly,
+                    offset: UInt64(description["offset"] ?? "0") ?? 0, sizeLimit: description["size_limit"].flatMap { UInt64($0) },
+                    blockSize: parameters.logicalBlockSize, recovery: options.recovery,
+                    directIORequest: description["direct_io_request"] ?? "auto")
+            }
+        } catch {
+            if let readyFD { Background.report("error \(error)", to: readyFD) }
+            throw CLIError("\(error)")
+        }
+    }
+}
+
+extension Ublk {
+    struct Add: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Create a device and serve it; prints /dev/ublkbN once it is live.",
+            discussion: """
+            Examples:
+              ublk add --file disk.img                 # loop target, direct I/O when possible
+              ublk add --file disk.img --queues 2 --depth 64 --direct-io off
+              ublk add --target null --size 1G
+            """)
+
+        @OptionGroup var device: DeviceOptions
+        @OptionGroup var server: ServerFlags
+
+        func validate() throws { try device.check() }
+
+        func run() throws {
+            if !server.foreground {
+                print(try Background.launch(Array(CommandLine.arguments.dropFirst())))
+                return
+            }
+            let target: any Target
+            do { target = try device.makeTarget() } catch {
+                if let fd = server.readyFD { Background.report("error \(error)", to: fd) }
+                throw CLIError("\(error)")
+            }
+            if let note = (target as? LoopTarget)?.directIONote {
+                FileHandleStderr.print("ublk: \(note): using buffered I/O")
+            }
+            try server.serve(target: target, options: device.serverOptions, mode: .create, name: nil)
+        }
+    }
+
+    struct Delete: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "del", abstract: "Stop devices and remove them (their servers exit).")
+
+        @Option(name: .long, help: "The device id N of /dev/ublkbN.")
+        var id: UInt32?
+
+        @Flag(name: .long, help: "Every ublk device.")
+        var all = false
+
+        func validate() throws {
+            if (id == nil) == !all { throw ValidationError("give --id N or --all") }
+        }
+
+        func run() throws {
+            let control: ControlDevice
+            do { control = try ControlDevice() } catch { throw CLIError("\(error)") }
+            let ids = all ? ControlDevice.deviceIDs() : [id!]
+            var failures: [String] = []
+            for id in ids {
+                do { try DeviceLifecycle.delete(id, control: control) } catch { failures.append("\(error)") }
+            }
+            if !failures.isEmpty { throw CLIError(failures.joined(separator: "; ")) }
+        }
+    }
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show the ublk devices: id, state, target, backing, size, queues, depth, direct I/O, server pid.")
+
+        @Flag(name: .long, help: "JSON output for scripts.")
+        var json = false
+
+        func run() throws {
+            let control: ControlDevice
+            do { control = try ControlDevice() } catch { throw CLIError("\(error)") }
+            let rows = DeviceLifecycle.list(control: control)
+            if json { print(DeviceListing.json(rows)) } else { print(DeviceListing.table(rows), terminator: "") }
+        }
+    }
+
+    struct Recover: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Start a new server for a device added with --recovery whose server died.")
+
+        @Option(name: .long, help: "The device id N of /dev/ublkbN.")
+        var id: UInt32
+
+        @OptionGroup var server: ServerFlags
+
+        func run() throws {
+            if !server.foreground {
+                print(try Background.launch(Array(CommandLine.arguments.dropFirst())))
+                return
+            }
+            do {
+                let (target, options, name) = try DeviceLifecycle.recoveryPlan(id)
+                try server.serve(target: target, options: options, mode: .recover(id), name: name)
+            } catch let error as CLIError {
+                if let fd = server.readyFD { Background.report("error \(error)", to: fd) }
+                throw error
+            }
+        }
+    }
+
+    struct Features: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print the kernel's ublk features (GET_FEATURES) by name.")
+
+        func run() throws {
+            let control: ControlDevice
+            do { control = try ControlDevice() } catch { throw CLIError("\(error)") }
+            print("opcodes: \(control.encoding.rawValue)")
+            if let features = control.features {
+                print("features: 0x\(String(features.rawValue, radix: 16))")
+                for name in features.names { print("  UBLK_F_\(name)") }
+            } else {
+                print("features: unknown (the kernel has no GET_FEATURES: before Linux 6.5, or legacy opcodes forced)")
+            }
+        }
+    }
+}
+
+/// stderr without Foundation.
+enum FileHandleStderr {
+    static func print(_ line: String) {
+        fputs(line + "\n", stderr)
+    }
+}

@@ -1,0 +1,57 @@
+import CUblk
+import Glibc
+import Testing
+@testable import UblkControl
+
+@Suite struct ControlTypesTests {
+    @Test func parametersRoundTrip() {
+        var parameters = DeviceParameters(sectors: 524_288, maxSectors: 1024)
+        parameters.logicalBlockShift = 12
+        parameters.physicalBlockShift = 12
+        parameters.readOnly = true
+        parameters.discard = .init(granularity: 4096, maxDiscardSectors: 8192, maxWriteZeroesSectors: 8192)
+        let raw = parameters.raw
+        #expect(raw.len == 112)
+        #expect(raw.types == UInt32(UBLK_PARAM_TYPE_BASIC | UBLK_PARAM_TYPE_DISCARD))
+        #expect(raw.basic.attrs & UInt32(UBLK_ATTR_READ_ONLY) != 0)
+        #expect(raw.basic.dev_sectors == 524_288)
+        #expect(DeviceParameters(raw: raw) == parameters)
+    }
+
+    @Test func noDiscardWhenUnsupported() {
+        let raw = DeviceParameters(sectors: 8, maxSectors: 8).raw
+        #expect(raw.types == UInt32(UBLK_PARAM_TYPE_BASIC))
+    }
+
+    @Test func deviceInfoRoundTrip() {
+        let info = DeviceInfo(id: 7, queueCount: 2, queueDepth: 128, maxIOBufferBytes: 524_288, flags: [.userRecovery])
+        let raw = info.raw
+        #expect(raw.dev_id == 7 && raw.nr_hw_queues == 2 && raw.queue_depth == 128)
+        #expect(DeviceInfo(raw: raw) == info)
+        #expect(DeviceInfo(queueCount: 1, queueDepth: 1, maxIOBufferBytes: 4096).raw.dev_id == UInt32.max)
+        #expect(info.blockDevicePath == "/dev/ublkb7")
+    }
+
+    @Test func featureNames() {
+        let flags: FeatureFlags = [.userRecovery, .ioctlEncoding, FeatureFlags(rawValue: 1 << 40)]
+        #expect(flags.names == ["USER_RECOVERY", "CMD_IOCTL_ENCODE", "BIT_40"])
+    }
+
+    @Test func errorsSayWhatToDo() {
+        #expect(ControlError(command: .addDevice, deviceID: 3, errno: -EEXIST).description.contains("already in use"))
+        #expect(ControlError(command: .getDeviceInfo, deviceID: 9, errno: ENODEV).description == "ublk device 9 does not exist: see `ublk list`")
+        #expect(ControlDeviceError.driverNotLoaded.description == "ublk_drv is not loaded: run modprobe ublk_drv")
+    }
+
+    @Test func missingControlDeviceMeansDriverNotLoaded() {
+        #expect(throws: ControlDeviceError.driverNotLoaded) {
+            _ = try ControlDevice(path: "/nonexistent/ublk-control")
+        }
+    }
+
+    @Test func opcodesMatchTheHeader() {
+        #expect(ControlCommand.addDevice.opcode.encoded(.ioctl) == 0xc020_7504)
+        #expect(ControlCommand.getFeatures.opcode.encoded(.ioctl) == 0x8020_7513)
+        #expect(ControlCommand.stopDevice.opcode.encoded(.legacy) == 0x07)
+    }
+}

@@ -1,0 +1,141 @@
+import Glibc
+import Testing
+import UblkQueue
+import UblkSystem
+@testable import UblkTargets
+
+/// The loop target's forwarding, driven through io_uring on the host (no ublk driver needed).
+@Suite struct LoopTargetTests {
+    /// A scratch file of `size` bytes filled with `fill`, removed when the test ends.
+    final class ScratchFile {
+        let path: String
+        init(size: Int, fill: UInt8 = 0xA5) throws {
+            var template = Array("\(FileManagerless.tmp)/ublk-test-XXXXXX".utf8CString)
+            let fd = mkstemp(&template)
+            path = String(cString: template)
+            let chunk = [UInt8](repeating: fill, count: 64 * 1024)
+            var written = 0
+            while written < size {
+                written += chunk.withUnsafeBytes { pwrite(fd, $0.baseAddress, min(chunk.count, size - written), off_t(written)) }
+            }
+            close(fd)
+        }
+        deinit { unlink(path) }
+
+        func bytes(at offset: Int, count: Int) -> [UInt8] {
+            let fd = open(path, O_RDONLY)
+            defer { close(fd) }
+            var buffer = [UInt8](repeating: 0, count: count)
+            _ = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, count, off_t(offset)) }
+            return buffer
+        }
+
+        var allocated: Int {
+            var st = stat()
+            stat(path, &st)
+            return Int(st.st_blocks) * 512
+        }
+    }
+
+    func loop(_ file: ScratchFile, configure: (inout LoopConfiguration) -> Void = { _ in }) throws -> LoopTarget {
+        var configuration = LoopConfiguration(path: file.path)
+        configure(&configuration)
+        return try LoopTarget(configuration)
+    }
+
+    @Test func writeThenReadForwardsToTheFile() throws {
+        let file = try ScratchFile(size: 1 << 20)
+        let queue = try OfflineQueue(target: try loop(file), depth: 4, bufferSize: 64 * 1024)
+        let pattern = (0..<8192).map { UInt8(truncatingIfNeeded: $0 * 7) }
+        pattern.withUnsafeBytes { queue.buffer(tag: 1).copyMemory(from: $0.baseAddress!, byteCount: 8192) }
+        #expect(try queue.perform(IODescriptor(operation: .write, startSector: 16, sectorCount: 16), tag: 1) == 8192)
+        #expect(file.bytes(at: 16 * 512, count: 8192) == pattern)
+        #expect(file.bytes(at: 16 * 512 - 1, count: 1) == [0xA5])
+
+        memset(queue.buffer(tag: 2), 0, 8192)
+        #expect(try queue.perform(IODescriptor(operation: .read, startSector: 16, sectorCount: 16), tag: 2) == 8192)
+        #expect(Array(UnsafeRawBufferPointer(start: queue.buffer(tag: 2), count: 8192)) == pattern)
+        #expect(try queue.perform(IODescriptor(operation: .flush, startSector: 0, sectorCount: 0)) == 0)
+        #expect(try queue.perform(IODescriptor(operation: .write, flags: .fua, startSector: 0, sectorCount: 8), tag: 1) == 4096)
+    }
+
+    @Test func manyRequestsInFlight() throws {
+        let file = try ScratchFile(size: 4 << 20)
+        let depth = 32
+        let queue = try OfflineQueue(target: try loop(file), depth: depth, bufferSize: 4096)
+        for tag in 0..<depth { memset(queue.buffer(tag: tag), Int32(tag + 1), 4096) }
+        var results = [Int32](repeating: 0, count: depth)
+        for tag in 0..<depth {
+            try queue.start(tag: tag, IODescriptor(operation: .write, startSector: UInt64(tag * 8), sectorCount: 8)) { results[$0] = $1 }
+        }
+        while queue.inFlight > 0 { try queue.reap { results[$0] = $1 } }
+        #expect(results.allSatisfy { $0 == 4096 })
+        for tag in 0..<depth { #expect(file.bytes(at: tag * 4096, count: 4096).allSatisfy { $0 == UInt8(tag + 1) }) }
+    }
+
+    @Test func windowLeavesTheRestUntouched() throws {
+        let file = try ScratchFile(size: 1 << 20)
+        let target = try loop(file) { $0.offset = 64 * 1024; $0.size = 128 * 1024 }
+        #expect(target.properties.size == 128 * 1024)
+        let queue = try OfflineQueue(target: target, depth: 2, bufferSize: 128 * 1024)
+        memset(queue.buffer(tag: 0), 0x11, 128 * 1024)
+        #expect(try queue.perform(IODescriptor(operation: .write, startSector: 0, sectorCount: 256)) == 128 * 1024)
+        #expect(file.bytes(at: 64 * 1024, count: 128 * 1024).allSatisfy { $0 == 0x11 })
+        #expect(file.bytes(at: 0, count: 64 * 1024).allSatisfy { $0 == 0xA5 })
+        #expect(file.bytes(at: 192 * 1024, count: 64 * 1024).allSatisfy { $0 == 0xA5 })
+        // One sector past the window is refused before it reaches the file.
+        #expect(try queue.perform(IODescriptor(operation: .write, startSector: 256, sectorCount: 1)) == -EIO)
+        #expect(file.bytes(at: 192 * 1024, count: 512).allSatisfy { $0 == 0xA5 })
+    }
+
+    @Test func discardPunchesAndWriteZeroesZeroes() throws {
+        let file = try ScratchFile(size: 1 << 20)
+        let target = try loop(file)
+        try #require(target.properties.supportsDiscard, "the host's /tmp cannot punch holes")
+        let queue = try OfflineQueue(target: target, depth: 2)
+        let before = file.allocated
+        #expect(try queue.perform(IODescriptor(operation: .discard, startSector: 0, sectorCount: 1024)) == 0)
+        #expect(file.allocated <= before - 512 * 1024)
+        #expect(file.bytes(at: 0, count: 512 * 1024).allSatisfy { $0 == 0 })
+        #expect(try queue.perform(IODescriptor(operation: .writeZeroes, flags: .noUnmap, startSector: 1024, sectorCount: 8)) == 0)
+        #expect(file.bytes(at: 512 * 1024, count: 4096).allSatisfy { $0 == 0 })
+        #expect(file.bytes(at: 512 * 1024 + 4096, count: 1) == [0xA5])
+    }
+
+    @Test func readOnlyRefusesWrites() throws {
+        let file = try ScratchFile(size: 64 * 1024)
+        let queue = try OfflineQueue(target: try loop(file) { $0.readOnly = true }, depth: 1)
+        #expect(try queue.perform(IODescriptor(operation: .write, startSector: 0, sectorCount: 8)) == -EROFS)
+        #expect(try queue.perform(IODescriptor(operation: .discard, startSector: 0, sectorCount: 8)) == -EROFS)
+        #expect(file.bytes(at: 0, count: 4096).allSatisfy { $0 == 0xA5 })
+    }
+
+    @Test func badBackingsAreRefusedWithAHint() throws {
+        func message(_ configure: (inout LoopConfiguration) -> Void) -> String {
+            var configuration = LoopConfiguration(path: "/nonexistent/disk.img")
+            configure(&configuration)
+            do { _ = try LoopTarget(configuration); return "accepted" } catch { return error.description }
+        }
+        #expect(message { _ in }.contains("does not exist"))
+        #expect(message { $0.path = "/tmp" }.contains("is a directory"))
+        let empty = try ScratchFile(size: 0)
+        #expect(message { $0.path = empty.path }.contains("is empty"))
+        let small = try ScratchFile(size: 64 * 1024)
+        #expect(message { $0.path = small.path; $0.offset = 1000 }.contains("not a multiple of the block size"))
+        #expect(message { $0.path = small.path; $0.offset = 128 * 1024 }.contains("beyond the end"))
+        #expect(message { $0.path = small.path; $0.size = 100 }.contains("not a positive multiple"))
+        #expect(message { $0.path = small.path; $0.size = 128 * 1024 }.contains("beyond the end"))
+    }
+
+    @Test func nullTargetReadsZerosAfterWrites() throws {
+        let queue = try OfflineQueue(target: NullTarget(size: 1 << 20), depth: 1, bufferSize: 8192)
+        memset(queue.buffer(tag: 0), 0x5A, 8192)
+        #expect(try queue.perform(IODescriptor(operation: .write, startSector: 0, sectorCount: 16)) == 8192)
+        #expect(try queue.perform(IODescriptor(operation: .read, startSector: 0, sectorCount: 16)) == 8192)
+        #expect(UnsafeRawBufferPointer(start: queue.buffer(tag: 0), count: 8192).allSatisfy { $0 == 0 })
+    }
+}
+
+enum FileManagerless {
+    static var tmp: String { getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp" }
+}
