@@ -58,8 +58,8 @@ public struct IODescriptor: Sendable, Equatable {
         sectorCount = raw.nr_sectors
     }
 
-    /// Byte offset on the device.
-    public var byteOffset: Int64 { Int64(startSector) << 9 }
+    /// Byte offset on the device (meaningful once `validated(for:)` bounded the sector).
+    public var byteOffset: Int64 { Int64(bitPattern: startSector &<< 9) }
     /// Length in bytes.
     public var byteCount: Int { Int(sectorCount) << 9 }
 }
@@ -109,7 +109,8 @@ extension IODescriptor {
         case .unsupported(let op):
             return .failure(.unsupported(op))
         case .flush:
-            return .success(self)
+            // The range of a flush means nothing (the driver may leave junk there): drop it.
+            return .success(IODescriptor(operation: .flush, flags: flags, startSector: 0, sectorCount: 0))
         case .read, .write, .discard, .writeZeroes:
             let (end, overflow) = startSector.addingReportingOverflow(UInt64(sectorCount))
             if overflow || end > limits.sectors {
