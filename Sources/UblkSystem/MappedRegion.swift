@@ -26,19 +26,21 @@ public struct MappedRegion: ~Copyable {
     }
 }
 
-/// Memory aligned for O_DIRECT (page-aligned), freed when its owner goes away.
+/// Page-aligned, zero-filled memory for I/O buffers, released when its owner goes away.
 ///
 /// The queue runtime gives one slice per tag to the kernel (with FETCH) and to the
-/// backing file (with read/write): it must stay put for the queue's lifetime.
+/// backing file (with read/write), so it must stay put for the queue's lifetime and
+/// be aligned for O_DIRECT. An anonymous mapping is both, and its pages are only
+/// allocated when first touched: a deep queue of large buffers costs what it uses.
 public struct AlignedBuffer: ~Copyable {
-    public let base: UnsafeMutableRawPointer
+    private let region: MappedRegion
+    public var base: UnsafeMutableRawPointer { region.address }
     public let count: Int
 
-    public init(count: Int, alignment: Int = MappedRegion.pageSize) throws {
-        base = try Syscalls.alignedAllocate(size: max(count, 1), alignment: alignment)
+    public init(count: Int) throws {
+        let length = MappedRegion.roundUp(max(count, 1), to: MappedRegion.pageSize)
+        region = try MappedRegion(fd: -1, length: length, offset: 0, protection: PROT_READ | PROT_WRITE,
+                                  flags: MAP_PRIVATE | MAP_ANONYMOUS)
         self.count = count
-        base.initializeMemory(as: UInt8.self, repeating: 0, count: count)
     }
-
-    deinit { free(base) }
 }

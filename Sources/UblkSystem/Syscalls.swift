@@ -48,13 +48,6 @@ enum Syscalls {
         _ = Glibc.munmap(address, length)
     }
 
-    static func alignedAllocate(size: Int, alignment: Int) throws -> UnsafeMutableRawPointer {
-        var pointer: UnsafeMutableRawPointer?
-        let result = posix_memalign(&pointer, alignment, size)
-        guard result == 0, let pointer else { throw SystemError("posix_memalign", errno: result) }
-        return pointer
-    }
-
     static func blockDeviceSize(_ fd: Int32) throws -> UInt64 {
         var bytes: UInt64 = 0
         let result = cublk_block_device_size(fd, &bytes)

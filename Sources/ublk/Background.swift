@@ -54,6 +54,7 @@ enum Background {
             break
         }
         for line in report.split(separator: "\n") {
+            if line.hasPrefix("note ") { fputs("ublk: \(line.dropFirst(5))\n", stderr) }
             if line.hasPrefix("ready ") { return String(line.dropFirst(6)) }
             if line.hasPrefix("error ") {
                 var status: Int32 = 0
@@ -66,11 +67,17 @@ enum Background {
         throw CLIError("the server exited before the device was live: see \(logPath)")
     }
 
-    /// The server's side: report on the inherited descriptor, then close it.
+    /// The server's side: the final report (`ready PATH` or `error MESSAGE`) on the
+    /// inherited descriptor, which is then closed.
     static func report(_ line: String, to fd: Int32) {
-        let text = line + "\n"
-        _ = text.withCString { write(fd, $0, strlen($0)) }
+        note(line, to: fd, prefix: "")
         close(fd)
+    }
+
+    /// The server's side: a line the launching CLI shows the user on stderr.
+    static func note(_ line: String, to fd: Int32, prefix: String = "note ") {
+        let text = prefix + line + "\n"
+        _ = text.withCString { write(fd, $0, strlen($0)) }
     }
 }
 

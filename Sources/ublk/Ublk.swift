@@ -86,7 +86,8 @@ extension Ublk {
                 throw CLIError("\(error)")
             }
             if let note = (target as? LoopTarget)?.directIONote {
-                FileHandleStderr.print("ublk: \(note): using buffered I/O")
+                let line = "\(note): using buffered I/O"
+                if let fd = server.readyFD { Background.note(line, to: fd) } else { FileHandleStderr.print("ublk: \(line)") }
             }
             try server.serve(target: target, options: device.serverOptions, mode: .create, name: nil)
         }

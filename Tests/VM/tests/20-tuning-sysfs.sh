@@ -1,0 +1,53 @@
+#!/bin/bash
+# 20-tuning-sysfs — what `ublk add` is told shows up in the block layer:
+# logical/physical block size, size, nr_requests (depth), hardware queues,
+# discard limits, write cache and FUA, read-only — for several combinations.
+# timeout: 300
+. "$(dirname "$0")/../lib.sh"
+need_ublk
+at_exit "$UBLK" del --all
+
+dir=$(mktempdir)
+truncate -s 64M "$dir/disk.img"
+
+# check QUEUES DEPTH BLOCKSIZE READONLY [extra ublk add options...]
+check() {
+	local queues=$1 depth=$2 bs=$3 ro=$4
+	shift 4
+	local dev name sys
+	dev=$("$UBLK" add --file "$dir/disk.img" --queues "$queues" --depth "$depth" --block-size "$bs" "$@")
+	name=${dev#/dev/} sys=/sys/block/${dev#/dev/}
+	echo "-- $dev: queues=$queues depth=$depth block-size=$bs read-only=$ro $*"
+	expect_eq "$(blockdev --getss "$dev")" "$bs" "logical block size"
+	# Physical block size follows the backing's (the disk under the file), never below the logical.
+	local pbs=$(cat "/sys/dev/block/$(stat -c %Hd:%Ld "$dir/disk.img")/queue/physical_block_size")
+	expect_eq "$(blockdev --getpbsz "$dev")" $((pbs > bs ? pbs : bs)) "physical block size"
+	expect_eq "$(blockdev --getsize64 "$dev")" $((64 << 20)) "size"
+	# With an I/O scheduler nr_requests is the scheduler's (2 × min(depth, 128));
+	# without one it is the tag set's depth, which is what the device announced.
+	echo none >"$sys/queue/scheduler"
+	expect_eq "$(cat "$sys/queue/nr_requests")" "$depth" "nr_requests"
+	expect_eq "$(ls "$sys/mq" | wc -l)" "$queues" "hardware queues in $sys/mq"
+	expect_eq "$(blockdev --getro "$dev")" "$ro" "read-only flag"
+	if [[ $ro == 1 ]]; then
+		expect_eq "$(cat "$sys/queue/discard_max_bytes")" 0 "discard_max_bytes of a read-only device"
+	else
+		(($(cat "$sys/queue/discard_max_bytes") > 0)) || fail "discard not advertised on a file that can punch holes"
+		(($(cat "$sys/queue/write_zeroes_max_bytes") > 0)) || fail "write-zeroes not advertised"
+	fi
+	expect_eq "$(cat "$sys/queue/write_cache")" "write back" "write_cache"
+	expect_eq "$(cat "$sys/queue/fua")" 1 "fua"
+	"$UBLK" del --id "${dev#/dev/ublkb}"
+	wait_gone "$dev" 5
+}
+
+check 1 32 512 0
+check 2 256 4096 0
+check 2 64 1024 1 --read-only
+check 1 4096 2048 0 --direct-io off
+check 1 1 512 0
+
+# Without --queues: one queue per CPU (at most 4).
+dev=$("$UBLK" add --file "$dir/disk.img")
+expect_eq "$(ls /sys/block/${dev#/dev/}/mq | wc -l)" "$(($(nproc) < 4 ? $(nproc) : 4))" "default queue count"
+echo "ok: every combination matches sysfs"

@@ -1,0 +1,39 @@
+#!/bin/bash
+# 22-read-only-window — a read-only device refuses writes and leaves the backing
+# unchanged; an --offset/--size window maps only that part of the file and
+# never touches the bytes outside it.
+# timeout: 200
+. "$(dirname "$0")/../lib.sh"
+need_ublk
+at_exit "$UBLK" del --all
+
+dir=$(mktempdir)
+head -c 32M /dev/urandom >"$dir/disk.img"
+sum=$(sha "$dir/disk.img")
+
+dev=$("$UBLK" add --file "$dir/disk.img" --read-only)
+expect_eq "$(blockdev --getro "$dev")" 1 "read-only flag"
+if dd if=/dev/zero of="$dev" bs=4k count=1 oflag=direct status=none 2>/dev/null; then
+	fail "a write to the read-only device succeeded"
+fi
+cmp -n $((32 << 20)) "$dev" "$dir/disk.img" || fail "the read-only device does not read the file"
+"$UBLK" del --id "${dev#/dev/ublkb}"
+expect_eq "$(sha "$dir/disk.img")" "$sum" "backing checksum after the read-only device"
+echo "ok: read-only device refused the write, backing unchanged"
+
+offset=$((3 << 20)) size=$((8 << 20))
+head -c $offset "$dir/disk.img" | sha256sum >"$dir/head"
+tail -c +$((offset + size + 1)) "$dir/disk.img" | sha256sum >"$dir/tail"
+dev=$("$UBLK" add --file "$dir/disk.img" --offset 3M --size 8M)
+expect_eq "$(blockdev --getsize64 "$dev")" "$size" "window size"
+head -c $size /dev/urandom >"$dir/new"
+dd if="$dir/new" of="$dev" bs=1M oflag=direct status=none
+# A write past the end of the device is refused by the block layer.
+if dd if=/dev/zero of="$dev" bs=4k seek=$((size / 4096)) count=1 oflag=direct status=none 2>/dev/null; then
+	fail "a write past the window's end succeeded"
+fi
+"$UBLK" del --id "${dev#/dev/ublkb}"
+expect_eq "$(head -c $offset "$dir/disk.img" | sha256sum)" "$(cat "$dir/head")" "bytes before the window"
+expect_eq "$(tail -c +$((offset + size + 1)) "$dir/disk.img" | sha256sum)" "$(cat "$dir/tail")" "bytes after the window"
+cmp <(tail -c +$((offset + 1)) "$dir/disk.img" | head -c $size) "$dir/new" || fail "window content differs from what was written"
+echo "ok: --offset 3M --size 8M wrote only its window"
