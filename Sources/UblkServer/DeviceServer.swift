@@ -155,6 +155,10 @@ public final class DeviceServer {
         }
         created = true
 
+        do { try waitUntilReadable(info.blockDevicePath) } catch {
+            logger.error("\(error)")
+            try? control.stopDevice(id)
+        }
         let live: DeviceInfo = (try? control.deviceInfo(id)) ?? info
         let liveParameters = (try? control.parameters(id)) ?? parameters
         do {
@@ -173,6 +177,7 @@ public final class DeviceServer {
                 try? control.stopDevice(id)
             }
         }
+        SystemdNotifier.notify("STOPPING=1\nSTATUS=Removing /dev/ublkb\(id)")
         do { try target.sync() } catch { logger.error("sync of the backing failed: \(error)") }
         _ = consume characterDevice
         do { try control.deleteDevice(id) } catch let error {
@@ -184,6 +189,25 @@ public final class DeviceServer {
 
     static func openControl() throws -> ControlDevice {
         do { return try ControlDevice() } catch { throw ServerError("\(error)") }
+    }
+
+    /// START_DEV has added the disk; its node comes from devtmpfs/udev. The device counts
+    /// as live once the node exists and its first block can be read through the queues.
+    private func waitUntilReadable(_ path: String) throws {
+        var lastError = SystemError("open \(path)", errno: ENOENT)
+        for _ in 0..<250 {
+            do {
+                let device = try FileDescriptor(path: path, flags: O_RDONLY)
+                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
+                defer { buffer.deallocate() }
+                _ = try device.read(into: buffer, at: 0)
+                return
+            } catch let error as SystemError {
+                lastError = error
+                usleep(20_000)
+            }
+        }
+        throw ServerError("\(path) is not readable after START_DEV: \(lastError)")
     }
 
     /// /dev/ublkcN appears once devtmpfs/udev has made the node: wait a little for it.

@@ -53,6 +53,7 @@ final class SignalWatcher: @unchecked Sendable {
         var signal: Int32 = 0
         while sigwait(&set, &signal) != 0 {}
         logger.info("signal \(signal): stopping /dev/ublkb\(deviceID)")
+        SystemdNotifier.notify("STOPPING=1\nSTATUS=Stopping /dev/ublkb\(deviceID)")
         requestStop()
     }
 

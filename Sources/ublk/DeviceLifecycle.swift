@@ -51,7 +51,7 @@ enum DeviceLifecycle {
             let pid = info.serverPID > 0 ? info.serverPID : (record?.pid ?? -1)
             let alive = RuntimeDirectory.isAlive(pid)
             var state = "\(info.state)"
-            if !alive && info.state != .dead { state += ",server-dead" }
+            if !alive { state += ",server-dead" }
             rows.append(DeviceRow(
                 id: id, state: state, target: record?.target ?? "?", backing: record?.backing ?? "-",
                 size: (parameters?.sectors ?? 0) << 9, queues: Int(info.queueCount), depth: Int(info.queueDepth),

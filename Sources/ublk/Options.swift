@@ -98,6 +98,17 @@ struct DeviceOptions: ParsableArguments {
         }
     }
 
+    /// Options from a config file, overridden by `overrides` (command-line arguments).
+    static func resolve(config path: String, overrides: [String]) throws -> DeviceOptions {
+        let arguments = try ConfigFile.arguments(path: path) + overrides
+        let options: DeviceOptions
+        do { options = try DeviceOptions.parse(arguments) } catch {
+            throw CLIError("\(path): \(DeviceOptions.message(for: error))")
+        }
+        do { try options.check() } catch { throw CLIError("\(path): \(DeviceOptions.message(for: error))") }
+        return options
+    }
+
     /// The target these options describe (opens and probes the backing).
     func makeTarget() throws -> any Target {
         switch kind {

@@ -12,7 +12,7 @@ struct Ublk: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ublk",
         abstract: "Userspace block devices on Linux's ublk driver: a file becomes /dev/ublkbN, as with losetup.",
-        subcommands: [Add.self, Delete.self, List.self, Recover.self, Features.self])
+        subcommands: [Add.self, Start.self, Delete.self, List.self, Recover.self, Features.self])
 }
 
 /// Options every server-starting command shares.
@@ -33,6 +33,24 @@ struct ServerFlags: ParsableArguments {
         return logger
     }
 
+    /// Runs `body`; if it fails, the launching CLI (if any) hears why before this process exits.
+    func reporting<T>(_ body: () throws -> T) throws -> T {
+        do { return try body() } catch {
+            if let readyFD { Background.report("error \(error)", to: readyFD) }
+            throw CLIError("\(error)")
+        }
+    }
+
+    /// Opens the target the options describe and serves it in this process.
+    func start(_ device: DeviceOptions, name: String?) throws {
+        let target = try reporting { try device.makeTarget() }
+        if let note = (target as? LoopTarget)?.directIONote {
+            let line = "\(note): using buffered I/O"
+            if let readyFD { Background.note(line, to: readyFD) } else { FileHandleStderr.print("ublk: \(line)") }
+        }
+        try serve(target: target, options: device.serverOptions, mode: .create, name: name)
+    }
+
     /// Runs a server in this process; reports on `--ready-fd` once live or on failure.
     func serve(target: any Target, options: ServerOptions, mode: DeviceServer.Mode, name: String?) throws {
         let logger = makeLogger()
@@ -43,6 +61,8 @@ struct ServerFlags: ParsableArguments {
                 logger.info("\(path) is live: target \(target.name), \(parameters.sectors << 9) bytes, \(info.queueCount) queues × \(info.queueDepth)")
                 if let readyFD { Background.report("ready \(path)", to: readyFD) } else { print(path) }
                 fflush(stdout)
+                let backing = target.description["backing"].map { ", \($0)" } ?? ""
+                SystemdNotifier.notify("READY=1\nSTATUS=Serving \(path) (\(target.name)\(backing))\nMAINPID=\(getpid())")
                 let description = target.description
                 return DeviceRecord(
                     id: info.id!, pid: getpid(), name: name, target: target.name, backing: description["backing"],
@@ -73,23 +93,62 @@ extension Ublk {
         @OptionGroup var device: DeviceOptions
         @OptionGroup var server: ServerFlags
 
-        func validate() throws { try device.check() }
+        @Option(name: .long, help: "Read the device options from this file (`key = value` lines, keys as the options here); options given on the command line override it.")
+        var config: String?
+
+        func validate() throws {
+            if config == nil { try device.check() }
+        }
 
         func run() throws {
             if !server.foreground {
                 print(try Background.launch(Array(CommandLine.arguments.dropFirst())))
                 return
             }
-            let target: any Target
-            do { target = try device.makeTarget() } catch {
-                if let fd = server.readyFD { Background.report("error \(error)", to: fd) }
-                throw CLIError("\(error)")
+            let options: DeviceOptions
+            if let config {
+                // The file's options first, then the command line's, parsed as one command line.
+                options = try server.reporting { try DeviceOptions.resolve(config: config, overrides: Self.deviceArguments()) }
+            } else {
+                options = device
             }
-            if let note = (target as? LoopTarget)?.directIONote {
-                let line = "\(note): using buffered I/O"
-                if let fd = server.readyFD { Background.note(line, to: fd) } else { FileHandleStderr.print("ublk: \(line)") }
+            try server.start(options, name: nil)
+        }
+
+        /// The device options given on this command line (without --config and the server flags).
+        static func deviceArguments() -> [String] {
+            var arguments = Array(CommandLine.arguments.dropFirst(2))
+            for option in ["--config", "--ready-fd"] {
+                while let index = arguments.firstIndex(where: { $0 == option || $0.hasPrefix(option + "=") }) {
+                    arguments.removeSubrange(index..<min(arguments.count, index + (arguments[index] == option ? 2 : 1)))
+                }
             }
-            try server.serve(target: target, options: device.serverOptions, mode: .create, name: nil)
+            return arguments.filter { !["--foreground", "-v", "--verbose"].contains($0) }
+        }
+    }
+
+    struct Start: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Create and serve the device configured in /etc/ublk/NAME.conf (what ublk@NAME.service runs).")
+
+        @Argument(help: "The config's name: /etc/ublk/NAME.conf ($UBLK_CONFIG_DIR overrides the directory).")
+        var name: String
+
+        @OptionGroup var server: ServerFlags
+
+        func validate() throws {
+            if name.isEmpty || name.contains("/") { throw ValidationError("NAME must be a plain name, as in /etc/ublk/NAME.conf") }
+        }
+
+        func run() throws {
+            if !server.foreground {
+                print(try Background.launch(Array(CommandLine.arguments.dropFirst())))
+                return
+            }
+            let options = try server.reporting {
+                try DeviceOptions.resolve(config: "\(ConfigFile.directory)/\(name).conf", overrides: [])
+            }
+            try server.start(options, name: name)
         }
     }
 

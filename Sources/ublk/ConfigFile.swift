@@ -1,0 +1,68 @@
+import Glibc
+
+/// A device config file: one `ublk add` option per line, `key = value`, with `#`
+/// comments. Keys are the long option names (`file`, `queues`, `depth`, `direct-io`,
+/// `read-only`, `block-size`, `offset`, `size`, `id`, `target`, `recovery`); flags
+/// take yes/no. The file is turned into `ublk add` arguments and parsed by the same
+/// code as the command line, so both accept and refuse exactly the same things.
+///
+///     # /etc/ublk/data.conf
+///     file = /srv/data.img
+///     queues = 2
+///     direct-io = auto
+enum ConfigFile {
+    /// Directory of `NAME.conf` files for `ublk start NAME` (`$UBLK_CONFIG_DIR` overrides).
+    static var directory: String {
+        getenv("UBLK_CONFIG_DIR").map { String(cString: $0) } ?? "/etc/ublk"
+    }
+
+    static let flags: Set<String> = ["read-only", "recovery"]
+    static let options: Set<String> = ["file", "target", "id", "queues", "depth", "direct-io", "block-size", "offset", "size"]
+
+    /// The `ublk add` arguments the file at `path` stands for.
+    static func arguments(path: String) throws -> [String] {
+        guard let stream = fopen(path, "r") else {
+            throw CLIError("cannot read config file \(path): \(String(cString: strerror(errno)))")
+        }
+        defer { fclose(stream) }
+        var text = ""
+        var chunk = [CChar](repeating: 0, count: 4096)
+        while fgets(&chunk, Int32(chunk.count), stream) != nil { text += String(cString: chunk) }
+        return try arguments(text: text, path: path)
+    }
+
+    static func arguments(text: String, path: String) throws -> [String] {
+        var arguments: [String] = []
+        for (index, rawLine) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let line = rawLine.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first
+                .map { String($0).trimmingSpaces } ?? ""
+            if line.isEmpty { continue }
+            let parts = line.split(separator: "=", maxSplits: 1).map { String($0).trimmingSpaces }
+            guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else {
+                throw CLIError("\(path):\(index + 1): expected `key = value`, got `\(line)`")
+            }
+            let (key, value) = (parts[0], parts[1])
+            if flags.contains(key) {
+                switch value.lowercased() {
+                case "yes", "true", "on", "1": arguments.append("--\(key)")
+                case "no", "false", "off", "0": break
+                default: throw CLIError("\(path):\(index + 1): \(key) takes yes or no, not `\(value)`")
+                }
+            } else if options.contains(key) {
+                arguments += ["--\(key)", value]
+            } else {
+                throw CLIError("\(path):\(index + 1): unknown key `\(key)`: use one of \((options.union(flags)).sorted().joined(separator: ", "))")
+            }
+        }
+        return arguments
+    }
+}
+
+extension String {
+    var trimmingSpaces: String {
+        var s = Substring(self)
+        while let c = s.first, c == " " || c == "\t" || c == "\r" { s.removeFirst() }
+        while let c = s.last, c == " " || c == "\t" || c == "\r" { s.removeLast() }
+        return String(s)
+    }
+}
