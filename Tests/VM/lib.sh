@@ -1,0 +1,86 @@
+# shellcheck shell=bash
+# lib.sh — sourced by the VM tests (Tests/VM/tests/*.sh):
+#
+#   . "$(dirname "$0")/../lib.sh"
+#
+# Gives: PROJECT (the project dir), UBLK (the release binary), and
+#   fail MSG                       print "FAIL: MSG" and exit 1
+#   need_ublk                      fail unless $UBLK is built
+#   expect_eq ACTUAL EXPECTED WHAT fail unless equal
+#   wait_for_path PATH [SECS]      wait (default 10 s) until PATH exists
+#   wait_gone PATH [SECS]          wait (default 10 s) until PATH is gone
+#   mktempdir                      new dir /scratch/ublk-test.XXXXXX; at exit
+#                                  what is mounted in it is unmounted, then
+#                                  the at_exit commands run, then it goes
+#   at_exit CMD...                 run CMD at exit (last registered first);
+#                                  use it instead of "trap ... EXIT"
+#   sha FILE                       sha256 of FILE (hex only)
+# and sets "set -euo pipefail".
+set -euo pipefail
+
+PROJECT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
+UBLK=$PROJECT/.build/release/ublk
+SCRATCH=${UBLK_SCRATCH:-/scratch}
+
+fail() {
+	echo "FAIL: $*" >&2
+	exit 1
+}
+
+need_ublk() {
+	[[ -x $UBLK ]] || fail "$UBLK is missing (build it first: swift build -c release)"
+}
+
+expect_eq() {
+	[[ $1 == "$2" ]] || fail "${3:-value}: expected '$2', got '$1'"
+}
+
+# _wait_until SECS TEST-ARGS...: poll every 0.1 s until "test ARGS" holds.
+_wait_until() {
+	local deadline=$((SECONDS + $1))
+	shift
+	until test "$@"; do
+		((SECONDS < deadline)) || return 1
+		sleep 0.1
+	done
+}
+wait_for_path() { _wait_until "${2:-10}" -e "$1" || fail "$1 did not appear within ${2:-10} s"; }
+wait_gone() { _wait_until "${2:-10}" ! -e "$1" || fail "$1 still exists after ${2:-10} s"; }
+
+# The dirs and exit commands are listed in files, so mktempdir works inside
+# $(...) subshells too ($$ is the test's pid there as well).
+_LIB_DIRS=/tmp/.ublk-lib-dirs.$$
+_LIB_AT_EXIT=/tmp/.ublk-lib-at-exit.$$
+
+mktempdir() {
+	local dir
+	dir=$(mktemp -d "$SCRATCH/ublk-test.XXXXXX")
+	echo "$dir" >>"$_LIB_DIRS"
+	echo "$dir"
+}
+
+at_exit() { printf '%q ' "$@" >>"$_LIB_AT_EXIT" && echo >>"$_LIB_AT_EXIT"; }
+
+sha() { sha256sum "$1" | cut -d' ' -f1; }
+
+# At exit: unmount what is mounted inside the temp dirs (deepest first, lazily
+# if busy; a device can't go while mounted), run the at_exit commands (last
+# registered first), then remove the temp dirs.
+_lib_exit() {
+	local rc=$? cmd dir target
+	if [[ -f $_LIB_DIRS ]]; then
+		while read -r dir; do
+			awk -v d="$dir/" 'index($2, d) == 1 { print $2 }' /proc/self/mounts | sort -r |
+				while read -r target; do umount "$target" 2>/dev/null || umount -l "$target" || true; done
+		done <"$_LIB_DIRS"
+	fi
+	if [[ -f $_LIB_AT_EXIT ]]; then
+		while read -r cmd; do eval "$cmd" || true; done < <(tac "$_LIB_AT_EXIT")
+	fi
+	if [[ -f $_LIB_DIRS ]]; then
+		while read -r dir; do rm -rf --one-file-system "$dir" || true; done <"$_LIB_DIRS"
+	fi
+	rm -f "$_LIB_DIRS" "$_LIB_AT_EXIT"
+	exit "$rc"
+}
+trap _lib_exit EXIT
