@@ -116,8 +116,8 @@ extension Ublk {
         }
 
         /// The device options given on this command line (without --config and the server flags).
-        static func deviceArguments() -> [String] {
-            var arguments = Array(CommandLine.arguments.dropFirst(2))
+        static func deviceArguments(from commandLine: [String] = CommandLine.arguments) -> [String] {
+            var arguments = Array(commandLine.dropFirst(2))
             for option in ["--config", "--ready-fd"] {
                 while let index = arguments.firstIndex(where: { $0 == option || $0.hasPrefix(option + "=") }) {
                     arguments.removeSubrange(index..<min(arguments.count, index + (arguments[index] == option ? 2 : 1)))

@@ -1,0 +1,66 @@
+import ArgumentParser
+import Testing
+@testable import ublk
+
+@Suite struct CLITests {
+    @Test func byteCountsTakeBinarySuffixes() {
+        #expect(ByteCount(argument: "4096")?.value == 4096)
+        #expect(ByteCount(argument: "512K")?.value == 512 << 10)
+        #expect(ByteCount(argument: "256m")?.value == 256 << 20)
+        #expect(ByteCount(argument: "1GiB")?.value == 1 << 30)
+        #expect(ByteCount(argument: "2T")?.value == 2 << 40)
+        #expect(ByteCount(argument: "lots") == nil)
+        #expect(ByteCount(argument: "-1") == nil)
+        #expect(ByteCount(argument: "99999999999T") == nil)
+    }
+
+    @Test func configFileBecomesAddArguments() throws {
+        let text = """
+        # data disk
+        file = /srv/data.img
+        queues = 2   # two threads
+        direct-io=off
+        read-only = yes
+        recovery = no
+        size = 1G
+        """
+        let arguments = try ConfigFile.arguments(text: text, path: "data.conf")
+        #expect(arguments == ["--file", "/srv/data.img", "--queues", "2", "--direct-io", "off", "--read-only", "--size", "1G"])
+        let options = try DeviceOptions.parse(arguments)
+        #expect(options.readOnly && options.queues == 2 && options.directIO == .off && options.size?.value == 1 << 30)
+    }
+
+    @Test func configFileMistakesNameTheLine() {
+        func message(_ text: String) -> String {
+            do { _ = try ConfigFile.arguments(text: text, path: "x.conf"); return "accepted" } catch { return "\(error)" }
+        }
+        #expect(message("file = /a\nqueus = 2") == "x.conf:2: unknown key `queus`: use one of block-size, depth, direct-io, file, id, offset, queues, read-only, recovery, size, target")
+        #expect(message("read-only = maybe").hasPrefix("x.conf:1: read-only takes yes or no"))
+        #expect(message("file /a").hasPrefix("x.conf:1: expected `key = value`"))
+    }
+
+    @Test func badOptionsAreRefusedWithWhatToDo() {
+        func message(_ arguments: [String]) -> String {
+            do {
+                let options = try DeviceOptions.parse(arguments)
+                try options.check()
+                return "accepted"
+            } catch { return DeviceOptions.message(for: error) }
+        }
+        #expect(message(["--file", "a", "--depth", "0"]).contains("give 1 to 4096"))
+        #expect(message(["--file", "a", "--depth", "4097"]).contains("give 1 to 4096"))
+        #expect(message(["--file", "a", "--queues", "0"]).contains("out of range"))
+        #expect(message(["--file", "a", "--block-size", "3000"]).contains("give 512, 1024, 2048 or 4096"))
+        #expect(message(["--file", "a", "--direct-io", "bogus"]).contains("bogus"))
+        #expect(message([]).contains("give --file PATH"))
+        #expect(message(["--target", "null"]).contains("give --size"))
+        #expect(message(["--target", "null", "--size", "1000"]).contains("not a positive multiple"))
+        #expect(message(["--file", "a", "--queues", "2", "--depth", "64"]) == "accepted")
+    }
+
+    @Test func addArgumentsWithoutServerFlags() {
+        let arguments = ["ublk", "add", "--config", "/etc/ublk/a.conf", "--foreground", "--ready-fd", "3", "--depth", "8", "-v"]
+        #expect(Ublk.Add.deviceArguments(from: arguments) == ["--depth", "8"])
+        #expect(Ublk.Add.deviceArguments(from: ["ublk", "add", "--config=/x", "--queues", "1"]) == ["--queues", "1"])
+    }
+}
