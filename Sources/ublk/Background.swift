@@ -1,5 +1,6 @@
 import CUblk
 import Glibc
+import UblkControl
 
 /// Starting a server in the background, as `ublk add` does without `--foreground`.
 ///
@@ -16,20 +17,24 @@ enum Background {
     /// Spawns `arguments` (after the program name) and waits for the server's report.
     /// Returns the device path; throws the server's error line.
     static func launch(_ arguments: [String]) throws -> String {
+        // Say "not loaded" or "not permitted" here, in one line, rather than from a child.
+        do { _ = try ControlDevice() } catch { throw CLIError("\(error)") }
+
         var pipeFDs: [Int32] = [0, 0]
         guard pipe(&pipeFDs) == 0, fcntl(pipeFDs[0], F_SETFD, FD_CLOEXEC) == 0, fcntl(pipeFDs[1], F_SETFD, FD_CLOEXEC) == 0 else { throw CLIError("pipe2: \(String(cString: strerror(errno)))") }
         let (readEnd, writeEnd) = (pipeFDs[0], pipeFDs[1])
         defer { close(readEnd) }
 
-        let directory = logPath.split(separator: "/").dropLast().joined(separator: "/")
-        _ = mkdir("/" + directory, 0o755)
+        let directory = "/" + logPath.split(separator: "/").dropLast().joined(separator: "/")
+        _ = mkdir(directory, 0o755)
+        let log = access(directory, W_OK) == 0 ? logPath : "/dev/null"
 
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 2, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o640)
+        posix_spawn_file_actions_addopen(&actions, 2, log, O_WRONLY | O_CREAT | O_APPEND, 0o640)
         posix_spawn_file_actions_adddup2(&actions, writeEnd, 3)
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)

@@ -54,6 +54,8 @@ struct ServerFlags: ParsableArguments {
     /// Runs a server in this process; reports on `--ready-fd` once live or on failure.
     func serve(target: any Target, options: ServerOptions, mode: DeviceServer.Mode, name: String?) throws {
         let logger = makeLogger()
+        // The launching CLI may be gone by the time we report: a closed pipe must not kill a live device.
+        signal(SIGPIPE, SIG_IGN)
         let server = DeviceServer(target: target, options: options, logger: logger)
         do {
             try server.run(mode) { info, parameters in
