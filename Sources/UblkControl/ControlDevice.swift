@@ -143,14 +143,9 @@ public struct ControlDevice: ~Copyable {
 
     /// The ids of the devices that exist (from /sys/class/ublk-char, where the driver lists them).
     public static func deviceIDs() -> [UInt32] {
-        guard let dir = opendir("/sys/class/ublk-char") else { return [] }
-        defer { closedir(dir) }
-        var ids: [UInt32] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if name.hasPrefix("ublkc"), let id = UInt32(name.dropFirst(5)) { ids.append(id) }
-        }
-        return ids.sorted()
+        SmallFile.entries(of: "/sys/class/ublk-char").compactMap {
+            $0.hasPrefix("ublkc") ? UInt32($0.dropFirst(5)) : nil
+        }.sorted()
     }
 
     // MARK: Submission

@@ -53,68 +53,37 @@ public enum RuntimeDirectory {
 
     static func recordPath(_ id: UInt32) -> String { "\(path)/ublkb\(id).json" }
 
-    /// Writes the record atomically: a temporary file, fsync, then rename over the old one.
+    /// Writes the record atomically (temporary file + rename).
     public static func save(_ record: DeviceRecord) throws {
-        _ = mkdir(path, 0o755)
-        let data = try JSONEncoder().encode(record)
-        let final = recordPath(record.id)
-        let temporary = "\(final).tmp.\(getpid())"
-        let file = try FileDescriptor(path: temporary, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644)
-        try data.withUnsafeBytes { bytes in
-            var written = 0
-            while written < bytes.count {
-                written += try file.write(UnsafeRawBufferPointer(rebasing: bytes[written...]), at: Int64(written))
-            }
-        }
-        try file.sync()
-        guard rename(temporary, final) == 0 else {
-            let error = SystemError("rename \(temporary)", errno: errno)
-            unlink(temporary)
-            throw error
-        }
+        SmallFile.makeDirectory(path)
+        try SmallFile.writeAtomically(recordPath(record.id), Array(try JSONEncoder().encode(record)))
     }
 
     /// The record of device `id`, if one was written.
     public static func load(_ id: UInt32) -> DeviceRecord? {
-        guard let stream = fopen(recordPath(id), "r") else { return nil }
-        defer { fclose(stream) }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let count = fread(&chunk, 1, chunk.count, stream)
-            if count <= 0 { break }
-            bytes += chunk[0..<count]
-        }
+        guard let bytes = try? SmallFile.read(recordPath(id)) else { return nil }
         return try? JSONDecoder().decode(DeviceRecord.self, from: Data(bytes))
     }
 
     public static func remove(_ id: UInt32) {
-        unlink(recordPath(id))
+        SmallFile.remove(recordPath(id))
     }
 
     /// Every record on disk (including those of servers that died).
     public static func all() -> [DeviceRecord] {
-        guard let dir = opendir(path) else { return [] }
-        defer { closedir(dir) }
-        var records: [DeviceRecord] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            guard name.hasPrefix("ublkb"), name.hasSuffix(".json"),
-                  let id = UInt32(name.dropFirst(5).dropLast(5)), let record = load(id) else { continue }
-            records.append(record)
-        }
-        return records.sorted { $0.id < $1.id }
+        SmallFile.entries(of: path).compactMap { name in
+            guard name.hasPrefix("ublkb"), name.hasSuffix(".json"), let id = UInt32(name.dropFirst(5).dropLast(5)) else {
+                return nil
+            }
+            return load(id)
+        }.sorted { $0.id < $1.id }
     }
 
     /// Is `pid` a live process (not a zombie)?
     public static func isAlive(_ pid: Int32) -> Bool {
         guard pid > 0 else { return false }
         if kill(pid, 0) != 0 && errno == ESRCH { return false }
-        guard let stream = fopen("/proc/\(pid)/stat", "r") else { return false }
-        defer { fclose(stream) }
-        var line = [CChar](repeating: 0, count: 512)
-        guard fgets(&line, 512, stream) != nil else { return false }
-        let text = String(cString: line)
+        guard let text = SmallFile.text("/proc/\(pid)/stat") else { return false }
         guard let close = text.lastIndex(of: ")") else { return true }
         let state = text[text.index(after: close)...].drop { $0 == " " }.first
         return state != "Z" && state != "X"

@@ -64,3 +64,28 @@ enum Syscalls {
 
     static var pageSize: Int { Int(sysconf(Int32(_SC_PAGESIZE))) }
 }
+
+extension Syscalls {
+    static func rename(_ from: String, _ to: String) throws {
+        _ = try retryingOnInterrupt("rename \(from)") { Glibc.rename(from, to) }
+    }
+
+    static func unlink(_ path: String) {
+        _ = Glibc.unlink(path)
+    }
+
+    static func mkdir(_ path: String, _ mode: mode_t) {
+        _ = Glibc.mkdir(path, mode)
+    }
+
+    static func directoryEntries(_ path: String) throws -> [String] {
+        guard let dir = opendir(path) else { throw SystemError.last("opendir \(path)") }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+}

@@ -175,14 +175,7 @@ public final class LoopTarget: Target {
         return (logical, max(physical, logical), (value("rotational") ?? 0) == 1)
     }
 
-    private static func readSysfs(_ path: String) -> Int? {
-        guard let stream = fopen(path, "r") else { return nil }
-        defer { fclose(stream) }
-        var line = [CChar](repeating: 0, count: 64)
-        guard fgets(&line, 64, stream) != nil else { return nil }
-        let text = String(cString: line).trimmingCharacters(in: " \n")
-        return Int(text)
-    }
+    private static func readSysfs(_ path: String) -> Int? { SmallFile.integer(path) }
 
     /// Can the backing deallocate ranges? For a file: punch a hole past its end (a no-op
     /// where holes are supported, EOPNOTSUPP where not). For a block device: its discard limit.
@@ -202,15 +195,6 @@ public final class LoopTarget: Target {
 
     private static func major(_ device: UInt64) -> UInt64 { ((device >> 32) & 0xffff_f000) | ((device >> 8) & 0xfff) }
     private static func minor(_ device: UInt64) -> UInt64 { ((device >> 12) & 0xffff_ff00) | (device & 0xff) }
-}
-
-extension String {
-    func trimmingCharacters(in set: String) -> String {
-        var s = Substring(self)
-        while let c = s.first, set.contains(c) { s.removeFirst() }
-        while let c = s.last, set.contains(c) { s.removeLast() }
-        return String(s)
-    }
 }
 
 /// One queue's share of a loop target: turns each request into one ring operation on

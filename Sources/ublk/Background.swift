@@ -1,6 +1,7 @@
 import CUblk
 import Glibc
 import UblkControl
+import UblkSystem
 
 /// Starting a server in the background, as `ublk add` does without `--foreground`.
 ///
@@ -26,7 +27,7 @@ enum Background {
         defer { close(readEnd) }
 
         let directory = "/" + logPath.split(separator: "/").dropLast().joined(separator: "/")
-        _ = mkdir(directory, 0o755)
+        SmallFile.makeDirectory(directory)
         let log = access(directory, W_OK) == 0 ? logPath : "/dev/null"
 
         var actions = posix_spawn_file_actions_t()

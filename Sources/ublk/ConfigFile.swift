@@ -1,4 +1,5 @@
 import Glibc
+import UblkSystem
 
 /// A device config file: one `ublk add` option per line, `key = value`, with `#`
 /// comments. Keys are the long option names (`file`, `queues`, `depth`, `direct-io`,
@@ -21,14 +22,11 @@ enum ConfigFile {
 
     /// The `ublk add` arguments the file at `path` stands for.
     static func arguments(path: String) throws -> [String] {
-        guard let stream = fopen(path, "r") else {
-            throw CLIError("cannot read config file \(path): \(String(cString: strerror(errno)))")
+        let bytes: [UInt8]
+        do { bytes = try SmallFile.read(path) } catch {
+            throw CLIError("cannot read config file \(path): \((error as? SystemError)?.reason ?? "\(error)"): create it (see README.md, Running as a service)")
         }
-        defer { fclose(stream) }
-        var text = ""
-        var chunk = [CChar](repeating: 0, count: 4096)
-        while fgets(&chunk, Int32(chunk.count), stream) != nil { text += String(cString: chunk) }
-        return try arguments(text: text, path: path)
+        return try arguments(text: String(decoding: bytes, as: UTF8.self), path: path)
     }
 
     static func arguments(text: String, path: String) throws -> [String] {
