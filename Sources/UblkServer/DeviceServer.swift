@@ -159,6 +159,7 @@ public final class DeviceServer {
             logger.error("\(error)")
             try? control.stopDevice(id)
         }
+        useNoScheduler(id)
         let live: DeviceInfo = (try? control.deviceInfo(id)) ?? info
         let liveParameters = (try? control.parameters(id)) ?? parameters
         do {
@@ -208,6 +209,17 @@ public final class DeviceServer {
             }
         }
         throw ServerError("\(path) is not readable after START_DEV: \(lastError)")
+    }
+
+    /// No I/O scheduler on the device, as the kernel loop driver has (its tag set asks for
+    /// none by default): requests go straight to the backing, whose own queue schedules
+    /// them. The block layer would otherwise give a single-queue ublk disk mq-deadline.
+    private func useNoScheduler(_ id: UInt32) {
+        let path = "/sys/block/ublkb\(id)/queue/scheduler"
+        guard let current = SmallFile.text(path), !current.contains("[none]") else { return }
+        do { try SmallFile.overwrite(path, Array("none".utf8)) } catch {
+            logger.debug("cannot set the I/O scheduler of /dev/ublkb\(id) to none: \(error)")
+        }
     }
 
     /// /dev/ublkcN appears once devtmpfs/udev has made the node: wait a little for it.

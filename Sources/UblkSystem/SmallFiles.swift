@@ -45,6 +45,12 @@ public enum SmallFile {
         }
     }
 
+    /// Writes `bytes` to an existing file in one write (a sysfs attribute).
+    public static func overwrite(_ path: String, _ bytes: [UInt8]) throws {
+        let file = try FileDescriptor(path: path, flags: O_WRONLY)
+        _ = try bytes.withUnsafeBytes { try file.write($0, at: 0) }
+    }
+
     /// Removes `path`, if it exists.
     public static func remove(_ path: String) { Syscalls.unlink(path) }
 

@@ -203,16 +203,26 @@ final class LoopQueueHandler: QueueHandler {
     private let file = BackingSubmitter.firstTargetFile
     private let offset: Int64
     private let readOnly: Bool
+    // Per-tag state, touched on every request. Raw buffers rather than arrays: a
+    // class's array property pays a runtime exclusivity check on each mutation
+    // (about 40% of this handler's instructions, measured with callgrind).
     /// Bytes of each tag's read or write done so far (short transfers are resubmitted).
-    private var transferred: [Int]
+    private let transferred: UnsafeMutableBufferPointer<Int>
     /// Tags whose WRITE_ZEROES fell back from ZERO_RANGE to punching a hole.
-    private var zeroRangeRefused: [Bool]
+    private let zeroRangeRefused: UnsafeMutableBufferPointer<Bool>
 
     init(depth: Int, offset: Int64, readOnly: Bool) {
         self.offset = offset
         self.readOnly = readOnly
-        transferred = Array(repeating: 0, count: depth)
-        zeroRangeRefused = Array(repeating: false, count: depth)
+        transferred = .allocate(capacity: depth)
+        transferred.initialize(repeating: 0)
+        zeroRangeRefused = .allocate(capacity: depth)
+        zeroRangeRefused.initialize(repeating: false)
+    }
+
+    deinit {
+        transferred.deallocate()
+        zeroRangeRefused.deallocate()
     }
 
     func start(_ request: IORequest, _ io: BackingSubmitter) -> Int32? {

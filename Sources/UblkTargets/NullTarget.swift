@@ -32,9 +32,15 @@ public final class NullTarget: Target {
 final class NullQueueHandler: QueueHandler {
     /// Per tag, how many leading bytes of its buffer hold data a write brought in (the
     /// kernel copied it there); zeroed before a read hands the buffer out again.
-    private var dirtyBytes: [Int]
+    /// (A raw buffer: an array property would pay an exclusivity check per request.)
+    private let dirtyBytes: UnsafeMutableBufferPointer<Int>
 
-    init(depth: Int) { dirtyBytes = Array(repeating: 0, count: depth) }
+    init(depth: Int) {
+        dirtyBytes = .allocate(capacity: depth)
+        dirtyBytes.initialize(repeating: 0)
+    }
+
+    deinit { dirtyBytes.deallocate() }
 
     func start(_ request: IORequest, _ io: BackingSubmitter) -> Int32? {
         let descriptor = request.descriptor
