@@ -134,7 +134,8 @@ public struct ControlDevice: ~Copyable {
         var mask = [UInt8](repeating: 0, count: 128) // room for 1024 CPUs, a multiple of 8 bytes
         var failure: ControlError?
         mask.withUnsafeMutableBytes { buffer in
-            do { _ = try execute(.getQueueAffinity, device: id, queue: queue, buffer: buffer) }
+            // The driver takes the queue from data[0] (queue_id is for per-queue commands to come).
+            do { _ = try execute(.getQueueAffinity, device: id, queue: queue, buffer: buffer, data: UInt64(queue)) }
             catch { failure = error as? ControlError ?? ControlError(command: .getQueueAffinity, deviceID: id, errno: EIO) }
         }
         if let failure { throw failure }

@@ -50,4 +50,14 @@ check 1 1 512 0
 # Without --queues: one queue per CPU (at most 4).
 dev=$("$UBLK" add --file "$dir/disk.img")
 expect_eq "$(ls /sys/block/${dev#/dev/}/mq | wc -l)" "$(($(nproc) < 4 ? $(nproc) : 4))" "default queue count"
+
+# Each queue thread runs on the CPUs the block layer maps to its queue.
+pid=$("$UBLK" list --json | python3 -c "import json,sys; print([d['pid'] for d in json.load(sys.stdin) if d['id']==int(sys.argv[1])][0])" "${dev#/dev/ublkb}")
+for task in /proc/$pid/task/*; do
+	name=$(cat "$task/comm")
+	[[ $name == ublk-q* ]] || continue
+	q=${name#ublk-q}
+	expect_eq "$(awk '/^Cpus_allowed_list/ { print $2 }' "$task/status")" "$(cat /sys/block/${dev#/dev/}/mq/$q/cpu_list)" "CPUs of queue thread $q"
+	echo "queue $q thread on CPUs $(cat /sys/block/${dev#/dev/}/mq/$q/cpu_list)"
+done
 echo "ok: every combination matches sysfs"
