@@ -65,6 +65,7 @@ public final class DeviceServer {
     /// Serves the device until it is stopped. `onLive` runs once /dev/ublkbN exists,
     /// with the device as the kernel has it; it returns the record to keep under /run/ublk.
     public func run(_ mode: Mode = .create, onLive: (DeviceInfo, DeviceParameters) throws -> DeviceRecord?) throws {
+        SignalWatcher.blockSignals()
         let control = try Self.openControl()
 
         let info: DeviceInfo
@@ -90,7 +91,7 @@ public final class DeviceServer {
                 guard existing.flags.contains(.userRecovery) else {
                     throw ServerError("device \(id) was not added with --recovery: it cannot be recovered, only deleted (ublk del --id \(id))")
                 }
-                try control.startUserRecovery(id)
+                try Self.startUserRecovery(control, id)
                 info = existing
             } catch let error as ControlError {
                 if error.errno == EBUSY {
@@ -131,7 +132,6 @@ public final class DeviceServer {
 
         // Signals are taken by one watcher thread (sigwait); queue threads inherit the mask.
         let watcher = SignalWatcher(deviceID: id, logger: logger)
-        watcher.blockSignals()
 
         var threads: [QueueThread] = []
         do {
@@ -186,6 +186,22 @@ public final class DeviceServer {
         }
         RuntimeDirectory.remove(id)
         if let failure { throw ServerError("device \(id) stopped after a queue failed: \(failure)") }
+    }
+
+    /// START_USER_RECOVERY, waiting up to 5 s while the driver answers EBUSY: it does
+    /// until the dead server's /dev/ublkcN is released and the device is quiesced.
+    static func startUserRecovery(_ control: borrowing ControlDevice, _ id: UInt32) throws(ControlError) {
+        var attempt = 0
+        while true {
+            do {
+                try control.startUserRecovery(id)
+                return
+            } catch {
+                attempt += 1
+                if error.errno != EBUSY || attempt > 50 { throw error }
+                usleep(100_000)
+            }
+        }
     }
 
     static func openControl() throws -> ControlDevice {

@@ -26,7 +26,9 @@ final class SignalWatcher: @unchecked Sendable {
     }
 
     /// Blocks the signals in the calling thread (and so in the threads it creates later).
-    func blockSignals() {
+    /// Done before the device exists: a signal that arrives during bring-up stays
+    /// pending until the watcher takes it, then stops the device like any other.
+    static func blockSignals() {
         var set = Self.signalSet()
         pthread_sigmask(SIG_BLOCK, &set, nil)
     }

@@ -46,7 +46,7 @@ enum Background {
         var cArguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
         defer { for argument in cArguments { free(argument) } }
         var pid: pid_t = 0
-        let result = posix_spawn(&pid, "/proc/self/exe", &actions, &attributes, &cArguments, environ)
+        let result = posix_spawn(&pid, executable, &actions, &attributes, &cArguments, environ)
         close(writeEnd)
         guard result == 0 else { throw CLIError("cannot start the server: posix_spawn: \(String(cString: strerror(result)))") }
 
@@ -71,6 +71,16 @@ enum Background {
         var status: Int32 = 0
         waitpid(pid, &status, 0)
         throw CLIError("the server exited before the device was live: see \(logPath)")
+    }
+
+    /// This program's file, for posix_spawn. Not "/proc/self/exe" itself: the kernel names a
+    /// process after the file it executes, and ps, top and pgrep would show the server as "exe".
+    static var executable: String {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+        guard count > 0 else { return "/proc/self/exe" }
+        let path = String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return path.hasSuffix(" (deleted)") ? "/proc/self/exe" : path
     }
 
     /// The server's side: the final report (`ready PATH` or `error MESSAGE`) on the

@@ -64,6 +64,8 @@ enum DeviceLifecycle {
 
     /// The target and options a recovering server needs, from the dead server's record.
     static func recoveryPlan(_ id: UInt32) throws -> (any Target, ServerOptions, String?) {
+        // No such device (or no permission, or no driver) says so, before the missing record would.
+        do { _ = try ControlDevice().deviceInfo(id) } catch { throw CLIError("\(error)") }
         guard let record = RuntimeDirectory.load(id) else {
             throw CLIError("no record of device \(id) under \(RuntimeDirectory.path): cannot tell its backing file; delete it with ublk del --id \(id)")
         }

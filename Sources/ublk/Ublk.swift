@@ -43,6 +43,8 @@ struct ServerFlags: ParsableArguments {
 
     /// Opens the target the options describe and serves it in this process.
     func start(_ device: DeviceOptions, name: String?) throws {
+        // "Not loaded" or "run as root" first: without the driver the backing does not matter.
+        try reporting { _ = try ControlDevice() }
         let target = try reporting { try device.makeTarget() }
         if let note = (target as? LoopTarget)?.directIONote {
             let line = "\(note): using buffered I/O"

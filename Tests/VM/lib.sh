@@ -15,6 +15,9 @@
 #   at_exit CMD...                 run CMD at exit (last registered first);
 #                                  use it instead of "trap ... EXIT"
 #   sha FILE                       sha256 of FILE (hex only)
+#   list_field ID NAME             field NAME of device ID in `ublk list --json`
+#                                  (empty if there is no such device)
+#   wait_exit PID SECS             wait until PID (not our child) is gone or a zombie
 # and sets "set -euo pipefail".
 set -euo pipefail
 
@@ -62,6 +65,22 @@ mktempdir() {
 at_exit() { printf '%q ' "$@" >>"$_LIB_AT_EXIT" && echo >>"$_LIB_AT_EXIT"; }
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
+
+list_field() {
+	"$UBLK" list --json | python3 -c '
+import json, sys
+rows = {d["id"]: d for d in json.load(sys.stdin)}
+r = rows.get(int(sys.argv[1]))
+print("" if r is None else r[sys.argv[2]])' "$1" "$2"
+}
+
+wait_exit() {
+	local deadline=$((SECONDS + $2))
+	while kill -0 "$1" 2>/dev/null && [[ $(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null) != Z ]]; do
+		((SECONDS < deadline)) || fail "process $1 still runs $2 s later"
+		sleep 0.05
+	done
+}
 
 # At exit: unmount what is mounted inside the temp dirs (deepest first, lazily
 # if busy; a device can't go while mounted), run the at_exit commands (last

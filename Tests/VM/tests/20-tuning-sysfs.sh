@@ -52,7 +52,7 @@ dev=$("$UBLK" add --file "$dir/disk.img")
 expect_eq "$(ls /sys/block/${dev#/dev/}/mq | wc -l)" "$(($(nproc) < 4 ? $(nproc) : 4))" "default queue count"
 
 # Each queue thread runs on the CPUs the block layer maps to its queue.
-pid=$("$UBLK" list --json | python3 -c "import json,sys; print([d['pid'] for d in json.load(sys.stdin) if d['id']==int(sys.argv[1])][0])" "${dev#/dev/ublkb}")
+pid=$(list_field "${dev#/dev/ublkb}" pid)
 for task in /proc/$pid/task/*; do
 	name=$(cat "$task/comm")
 	[[ $name == ublk-q* ]] || continue

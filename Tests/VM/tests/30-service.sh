@@ -74,7 +74,7 @@ echo "ok: READY=1 after the device read, STOPPING=1 and removal on SIGTERM"
 
 # Background start, then a killed server: list says so.
 dev=$("$UBLK" start data)
-pid=$("$UBLK" list --json | python3 -c "import json,sys; print([d['pid'] for d in json.load(sys.stdin) if d['id']==int(sys.argv[1])][0])" "${dev#/dev/ublkb}")
+pid=$(list_field "${dev#/dev/ublkb}" pid)
 kill -KILL "$pid"
 for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
 "$UBLK" list

@@ -1,0 +1,46 @@
+import ArgumentParser
+import Glibc
+
+extension Ublk {
+    /// ArgumentParser's `main`, except that a mistake is reported in ONE line on stderr
+    /// (`Error: what went wrong: what to do`), without the usage text it appends to
+    /// option errors: scripts and logs get one line per failure. `--help` (an exit with
+    /// status 0) still prints the help.
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            let code = exitCode(for: error)
+            if code == .success { exit(withError: error) }
+            fputs("Error: \(errorLine(for: error))\n", stderr)
+            Glibc.exit(code.rawValue)
+        }
+    }
+
+    /// The one line printed (after "Error: ") for `error`.
+    static func errorLine(for error: Error) -> String {
+        var line = oneLine(message(for: error))
+        // A command-line mistake (unknown option, bad value): point at the help, as the usage text did.
+        if exitCode(for: error) == .validationFailure, let help = helpCommand(fullMessage(for: error, columns: 1000)) {
+            if line.hasSuffix(".") { line.removeLast() }
+            line += ": see `\(help)`"
+        }
+        return line
+    }
+
+    /// `ublk add --help` from the usage text's "See 'ublk add --help' for more information."
+    static func helpCommand(_ usage: String) -> Substring? {
+        guard let line = usage.split(whereSeparator: \.isNewline).first(where: { $0.contains("--help'") }),
+              let start = line.firstIndex(of: "'"), let end = line.lastIndex(of: "'"), start < end else { return nil }
+        return line[line.index(after: start)..<end]
+    }
+
+    /// The message's lines, joined with single spaces.
+    static func oneLine(_ message: String) -> String {
+        message.split(whereSeparator: \.isNewline)
+            .map { $0.drop { $0 == " " || $0 == "\t" } }
+            .filter { !$0.isEmpty }
+            .joined(separator: " ")
+    }
+}

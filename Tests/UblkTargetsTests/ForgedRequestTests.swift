@@ -1,0 +1,82 @@
+import Glibc
+import Testing
+import UblkQueue
+import UblkSystem
+@testable import UblkTargets
+
+/// Requests a target must survive: forged ranges never reach the backing file, a
+/// backing that shrank underneath reads as zeros past its end (as loop.c does), and
+/// odd-but-valid requests finish with a result instead of a crash.
+@Suite struct ForgedRequestTests {
+    typealias ScratchFile = LoopTargetTests.ScratchFile
+
+    func snapshot(_ file: ScratchFile, size: Int) -> [UInt8] { file.bytes(at: 0, count: size) }
+
+    @Test func forgedRangesNeverReachTheFile() throws {
+        let file = try ScratchFile(size: 256 * 1024)
+        let target = try LoopTarget(LoopConfiguration(path: file.path))
+        let queue = try OfflineQueue(target: target, depth: 4, bufferSize: 64 * 1024)
+        for tag in 0..<4 { memset(queue.buffer(tag: tag), 0x3C, 64 * 1024) }
+        let before = snapshot(file, size: 256 * 1024)
+        let forged: [IODescriptor] = [
+            IODescriptor(operation: .write, startSector: 512, sectorCount: 1),          // just past the end
+            IODescriptor(operation: .write, startSector: 511, sectorCount: 2),          // straddles the end
+            IODescriptor(operation: .write, startSector: UInt64.max - 3, sectorCount: 8), // wraps around
+            IODescriptor(operation: .write, startSector: 1 << 55, sectorCount: 8),       // offset overflows Int64
+            IODescriptor(operation: .write, startSector: 0, sectorCount: 129),          // longer than the buffer
+            IODescriptor(operation: .write, startSector: 0, sectorCount: 0),            // empty transfer
+            IODescriptor(operation: .discard, startSector: 500, sectorCount: 100),      // discard past the end
+            IODescriptor(operation: .writeZeroes, startSector: UInt64.max, sectorCount: 1),
+            IODescriptor(operation: .unsupported(4), startSector: 0, sectorCount: 8),   // WRITE_SAME
+        ]
+        for (index, descriptor) in forged.enumerated() {
+            let result = try queue.perform(descriptor, tag: index % 4)
+            #expect(result < 0, "forged \(descriptor) completed with \(result)")
+            #expect(result == -EIO || result == -EOPNOTSUPP, "forged \(descriptor) completed with \(result)")
+        }
+        #expect(queue.inFlight == 0)
+        #expect(snapshot(file, size: 256 * 1024) == before, "a forged request changed the backing file")
+        // The queue still works afterwards.
+        #expect(try queue.perform(IODescriptor(operation: .write, startSector: 504, sectorCount: 8)) == 4096)
+        #expect(file.bytes(at: 504 * 512, count: 4096).allSatisfy { $0 == 0x3C })
+    }
+
+    @Test func aBackingThatShrankReadsZerosPastItsEnd() throws {
+        let file = try ScratchFile(size: 1 << 20, fill: 0x77)
+        let queue = try OfflineQueue(target: try LoopTarget(LoopConfiguration(path: file.path)), depth: 2, bufferSize: 64 * 1024)
+        // Someone truncates the backing behind the server's back.
+        #expect(truncate(file.path, 512 * 1024) == 0)
+        memset(queue.buffer(tag: 0), 0xEE, 64 * 1024)
+        // Wholly past the new end: all zeros, full length.
+        #expect(try queue.perform(IODescriptor(operation: .read, startSector: 1536, sectorCount: 16)) == 8192)
+        #expect(UnsafeRawBufferPointer(start: queue.buffer(tag: 0), count: 8192).allSatisfy { $0 == 0 })
+        // Straddling it: the data, then zeros.
+        memset(queue.buffer(tag: 1), 0xEE, 64 * 1024)
+        #expect(try queue.perform(IODescriptor(operation: .read, startSector: 1024 - 8, sectorCount: 16), tag: 1) == 8192)
+        let bytes = UnsafeRawBufferPointer(start: queue.buffer(tag: 1), count: 8192)
+        #expect(bytes[0..<4096].allSatisfy { $0 == 0x77 })
+        #expect(bytes[4096..<8192].allSatisfy { $0 == 0 })
+    }
+
+    @Test func oddButValidRequestsFinish() throws {
+        let file = try ScratchFile(size: 256 * 1024)
+        let queue = try OfflineQueue(target: try LoopTarget(LoopConfiguration(path: file.path)), depth: 2, bufferSize: 64 * 1024)
+        // A one-sector read and write at the very last sector.
+        memset(queue.buffer(tag: 0), 0x42, 512)
+        #expect(try queue.perform(IODescriptor(operation: .write, flags: .fua, startSector: 511, sectorCount: 1)) == 512)
+        #expect(file.bytes(at: 511 * 512, count: 512).allSatisfy { $0 == 0x42 })
+        #expect(try queue.perform(IODescriptor(operation: .read, startSector: 511, sectorCount: 1), tag: 1) == 512)
+        // A flush whatever its (junk) range says; an empty discard gets an answer, not a crash.
+        #expect(try queue.perform(IODescriptor(operation: .flush, startSector: UInt64.max, sectorCount: UInt32.max)) == 0)
+        _ = try queue.perform(IODescriptor(operation: .discard, startSector: 0, sectorCount: 0))
+        #expect(queue.inFlight == 0)
+    }
+
+    @Test func nullTargetRefusesForgedRangesToo() throws {
+        let queue = try OfflineQueue(target: NullTarget(size: 1 << 20), depth: 1, bufferSize: 8192)
+        #expect(try queue.perform(IODescriptor(operation: .read, startSector: 2048, sectorCount: 1)) == -EIO)
+        #expect(try queue.perform(IODescriptor(operation: .write, startSector: 0, sectorCount: 17)) == -EIO)
+        #expect(try queue.perform(IODescriptor(operation: .unsupported(13), startSector: 0, sectorCount: 1)) == -EOPNOTSUPP)
+        #expect(try queue.perform(IODescriptor(operation: .read, startSector: 2047, sectorCount: 1)) == 512)
+    }
+}

@@ -1,0 +1,138 @@
+#!/bin/bash
+# 54-bad-input — every mistake gets ONE line on stderr that says what to do, a
+# non-zero exit status, no Swift crash or backtrace, and leaves no device behind
+# (no /dev/ublkb*, /dev/ublkc*, nothing in `ublk list`): missing, unreadable
+# (root reads anything, so root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH;
+# a non-root user is told to run as root before the backing is looked at),
+# directory and empty backing files;
+# --size/--offset not a multiple of the block size or beyond the file; --depth 0
+# and 4097; --queues 0; --block-size 3000 and 8192; --direct-io bogus; an --id
+# already in use (the device using it survives); ublk_drv not loaded; not root;
+# del/recover of ids that do not exist. Every case runs, then all failures are listed.
+# timeout: 300
+. "$(dirname "$0")/../lib.sh"
+need_ublk
+at_exit "$UBLK" del --all
+
+dir=$(mktempdir)
+chmod 755 "$dir"
+shopt -s nullglob
+failures=()
+problem() { echo "  PROBLEM: $*"; failures+=("$*"); }
+
+# expect_error WHAT PATTERN [--as-nobody|--no-dac] -- COMMAND...: COMMAND must fail with
+# one line on stderr matching PATTERN (an extended regex: what to do) and leave no
+# device (but the one with id $KEEP_ID, if set).
+expect_error() {
+	local what=$1 pattern=$2 prefix=()
+	shift 2
+	case $1 in
+	--as-nobody) prefix=(setpriv --reuid=65534 --regid=65534 --clear-groups) && shift ;;
+	--no-dac) prefix=(setpriv --bounding-set=-dac_override,-dac_read_search) && shift ;;
+	esac
+	[[ $1 == -- ]] && shift
+	local rc=0
+	timeout 60 "${prefix[@]}" "$@" >"$dir/out" 2>"$dir/err" || rc=$?
+	local err lines
+	err=$(cat "$dir/err")
+	lines=$(awk 'END { print NR }' "$dir/err")
+	echo "-- $what: status $rc: $err"
+	if ((rc == 0)); then problem "$what: exit status 0"; fi
+	if ((rc == 124)); then problem "$what: timed out"; fi
+	if ((rc > 128)); then problem "$what: killed by signal $((rc - 128)) (crash?)"; fi
+	if [[ $lines != 1 ]]; then problem "$what: $lines lines on stderr, expected 1"; fi
+	if grep -Eiq 'fatal error|backtrace|stack dump|crash|\.swift:[0-9]' "$dir/err"; then problem "$what: looks like a crash"; fi
+	if ! grep -Eq -- "$pattern" "$dir/err"; then problem "$what: message does not match /$pattern/"; fi
+	if [[ -s $dir/out ]]; then problem "$what: printed on stdout: $(cat "$dir/out")"; fi
+	no_device_left "$what" "${KEEP_ID:-none}"
+}
+
+# no_device_left WHAT [ALLOWED-ID]: no ublk device exists (except ALLOWED-ID).
+no_device_left() {
+	local keep=${2:-none} node left=()
+	for node in /dev/ublkb* /dev/ublkc*; do
+		[[ $node == /dev/ublk[bc]$keep ]] || left+=("$node")
+	done
+	((${#left[@]} == 0)) || problem "$1: left behind: ${left[*]}"
+	[[ -c /dev/ublk-control ]] || return 0 # (ublk_drv unloaded: no devices at all)
+	local rows
+	rows=$("$UBLK" list | tail -n +2 | awk -v keep="$keep" '$1 != keep') || problem "$1: ublk list failed afterwards"
+	[[ -z $rows ]] || problem "$1: ublk list shows: $rows"
+}
+
+truncate -s 64M "$dir/ok.img"
+mkdir "$dir/adir"
+: >"$dir/empty.img"
+truncate -s 64M "$dir/secret.img"
+chmod 000 "$dir/secret.img"
+chmod 644 "$dir/ok.img"
+
+# Backing files.
+expect_error "missing backing file" "does not exist.*(create|truncate)" -- "$UBLK" add --file "$dir/nope.img"
+expect_error "unreadable backing file (root without DAC override)" "not readable.*permission" --no-dac -- "$UBLK" add --file "$dir/secret.img"
+expect_error "unreadable backing file, --foreground" "not readable.*permission" --no-dac -- "$UBLK" add --file "$dir/secret.img" --foreground
+expect_error "unreadable backing file as uid 65534" "root" --as-nobody -- "$UBLK" add --file "$dir/secret.img"
+expect_error "directory as backing" "directory.*(regular file|block device)" -- "$UBLK" add --file "$dir/adir"
+expect_error "zero-length backing file" "empty.*(truncate|size)" -- "$UBLK" add --file "$dir/empty.img"
+
+# Sizes and offsets.
+expect_error "--size not a multiple of the block size" "multiple of the block size" -- "$UBLK" add --file "$dir/ok.img" --size 1000
+expect_error "--size beyond the file" "beyond the end" -- "$UBLK" add --file "$dir/ok.img" --size 128M
+expect_error "--offset not a multiple of the block size" "multiple of the block size" -- "$UBLK" add --file "$dir/ok.img" --offset 1000
+expect_error "--offset beyond the file" "beyond the end" -- "$UBLK" add --file "$dir/ok.img" --offset 64M
+expect_error "--size + --offset beyond the file" "beyond the end" -- "$UBLK" add --file "$dir/ok.img" --offset 32M --size 48M
+expect_error "--block-size 4096 with --size 6144" "multiple of the block size" -- "$UBLK" add --file "$dir/ok.img" --block-size 4096 --size 6144
+expect_error "null target --size 1000" "multiple of the block size" -- "$UBLK" add --target null --size 1000
+
+# Queue shape and other options.
+expect_error "--depth 0" "depth.*(1 to 4096)" -- "$UBLK" add --file "$dir/ok.img" --depth 0
+expect_error "--depth 4097" "depth.*(1 to 4096)" -- "$UBLK" add --file "$dir/ok.img" --depth 4097
+expect_error "--queues 0" "queues.*(1 or more|give)" -- "$UBLK" add --file "$dir/ok.img" --queues 0
+expect_error "--block-size 3000" "512, 1024, 2048 or 4096" -- "$UBLK" add --file "$dir/ok.img" --block-size 3000
+expect_error "--block-size 8192" "512, 1024, 2048 or 4096" -- "$UBLK" add --file "$dir/ok.img" --block-size 8192
+expect_error "--direct-io bogus" "on.*off.*auto" -- "$UBLK" add --file "$dir/ok.img" --direct-io bogus
+expect_error "--size bogus" "size" -- "$UBLK" add --file "$dir/ok.img" --size 12Q
+expect_error "no --file" "--file" -- "$UBLK" add
+expect_error "--foreground with a missing file" "does not exist" -- "$UBLK" add --file "$dir/nope.img" --foreground
+
+# An id already in use: refused, and the device that has it is untouched.
+dev=$("$UBLK" add --file "$dir/ok.img" --id 7)
+expect_eq "$dev" /dev/ublkb7 "device added with --id 7"
+pid=$("$UBLK" list --json | python3 -c 'import json, sys; print(json.load(sys.stdin)[0]["pid"])')
+KEEP_ID=7 expect_error "--id already in use" "already in use.*(another --id|leave it out)" -- "$UBLK" add --file "$dir/ok.img" --id 7
+KEEP_ID=7 expect_error "--id already in use, --foreground" "already in use" -- "$UBLK" add --file "$dir/ok.img" --id 7 --foreground
+[[ -b /dev/ublkb7 ]] && kill -0 "$pid" || problem "--id already in use: the device that had id 7 (pid $pid) is gone"
+dd if=/dev/ublkb7 of=/dev/null bs=4k count=16 iflag=direct status=none || problem "--id already in use: /dev/ublkb7 no longer reads"
+"$UBLK" del --id 7
+wait_gone /dev/ublkb7 10
+
+# Ids that do not exist.
+expect_error "del --id 99" "does not exist.*ublk list" -- "$UBLK" del --id 99
+expect_error "recover --id 99" "does not exist.*ublk list" -- "$UBLK" recover --id 99
+expect_error "recover --id 99 --foreground" "does not exist.*ublk list" -- "$UBLK" recover --id 99 --foreground
+
+# Not root: told to run as root (and nothing half-made).
+expect_error "add as uid 65534" "root" --as-nobody -- "$UBLK" add --file "$dir/ok.img"
+expect_error "add --foreground as uid 65534" "root" --as-nobody -- "$UBLK" add --file "$dir/ok.img" --foreground
+expect_error "list as uid 65534" "root" --as-nobody -- "$UBLK" list
+expect_error "del as uid 65534" "root" --as-nobody -- "$UBLK" del --id 0
+
+# The driver not loaded: told to modprobe it.
+rmmod ublk_drv || fail "cannot rmmod ublk_drv (devices left?)"
+at_exit sh -c 'grep -qw ^ublk_drv /proc/modules || insmod "$UBLK_VM_MODULES/ublk_drv.ko"'
+expect_error "ublk_drv not loaded: add" "modprobe ublk_drv" -- "$UBLK" add --file "$dir/ok.img"
+expect_error "ublk_drv not loaded: add --foreground" "modprobe ublk_drv" -- "$UBLK" add --file "$dir/ok.img" --foreground
+expect_error "ublk_drv not loaded: list" "modprobe ublk_drv" -- "$UBLK" list
+expect_error "ublk_drv not loaded: del" "modprobe ublk_drv" -- "$UBLK" del --id 0
+insmod "$UBLK_VM_MODULES/ublk_drv.ko"
+_wait_until 10 -c /dev/ublk-control || fail "/dev/ublk-control did not come back after insmod"
+
+# And after all that, a good add still works.
+dev=$("$UBLK" add --file "$dir/ok.img") || fail "a valid ublk add failed after the bad ones"
+"$UBLK" del --id "${dev#/dev/ublkb}"
+
+if ((${#failures[@]})); then
+	printf '  %s\n' "${failures[@]}"
+	fail "${#failures[@]} problem(s) with bad input"
+fi
+echo "ok: every bad input got one line, a non-zero status and left no device"
