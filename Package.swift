@@ -48,6 +48,7 @@ let package = Package(
         .testTarget(name: "UblkControlTests", dependencies: ["UblkControl", "CUblk"]),
         .testTarget(name: "UblkQueueTests", dependencies: ["UblkQueue", "UblkSystem", "CUblk"]),
         .testTarget(name: "UblkTargetsTests", dependencies: ["UblkTargets", "UblkQueue", "UblkSystem"]),
+        .testTarget(name: "UblkServerTests", dependencies: ["UblkServer", "UblkControl", "UblkQueue"]),
         .testTarget(name: "ublkTests", dependencies: [
             "ublk", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),

@@ -101,28 +101,13 @@ public final class DeviceServer {
             }
         }
         let id = info.id!
-        var created = true
+        var isLive = false
         defer {
-            // Any failure before the device went live: leave nothing behind.
-            if !created, case .create = mode { try? control.deleteDevice(id) }
+            // A failure before the device went live leaves nothing behind.
+            if !isLive, case .create = mode { try? control.deleteDevice(id) }
         }
-        created = false
 
-        let properties = target.properties
-        var parameters = DeviceParameters(sectors: properties.size >> 9, maxSectors: info.maxIOBufferBytes >> 9)
-        parameters.logicalBlockShift = UInt8(properties.logicalBlockSize.trailingZeroBitCount)
-        parameters.physicalBlockShift = UInt8(properties.physicalBlockSize.trailingZeroBitCount)
-        parameters.ioMinimalShift = parameters.logicalBlockShift
-        parameters.ioOptimalShift = parameters.physicalBlockShift
-        parameters.readOnly = properties.readOnly
-        parameters.rotational = properties.rotational
-        parameters.volatileCache = properties.volatileCache
-        parameters.fua = properties.volatileCache
-        if properties.supportsDiscard {
-            parameters.discard = .init(granularity: UInt32(properties.discardGranularity),
-                                       maxDiscardSectors: UInt32.max >> 9,
-                                       maxWriteZeroesSectors: properties.supportsWriteZeroes ? UInt32.max >> 9 : 0)
-        }
+        let parameters = Self.parameters(for: target.properties, maxIOBytes: info.maxIOBufferBytes)
         if case .create = mode {
             do { try control.setParameters(id, parameters) } catch { throw ServerError("\(error)") }
         }
@@ -153,7 +138,7 @@ public final class DeviceServer {
             for thread in threads { thread.join() }
             throw ServerError("\(error)")
         }
-        created = true
+        isLive = true
 
         do { try waitUntilReadable(info.blockDevicePath) } catch {
             logger.error("\(error)")
@@ -186,6 +171,27 @@ public final class DeviceServer {
         }
         RuntimeDirectory.remove(id)
         if let failure { throw ServerError("device \(id) stopped after a queue failed: \(failure)") }
+    }
+
+    /// The device parameters (SET_PARAMS) for a target: its size and block sizes, requests
+    /// up to one tag buffer, a volatile cache with FUA where the target has a cache, and
+    /// discard/write-zeroes only when the target can do them.
+    public static func parameters(for properties: TargetProperties, maxIOBytes: UInt32) -> DeviceParameters {
+        var parameters = DeviceParameters(sectors: properties.size >> 9, maxSectors: maxIOBytes >> 9)
+        parameters.logicalBlockShift = UInt8(properties.logicalBlockSize.trailingZeroBitCount)
+        parameters.physicalBlockShift = UInt8(properties.physicalBlockSize.trailingZeroBitCount)
+        parameters.ioMinimalShift = parameters.logicalBlockShift
+        parameters.ioOptimalShift = parameters.physicalBlockShift
+        parameters.readOnly = properties.readOnly
+        parameters.rotational = properties.rotational
+        parameters.volatileCache = properties.volatileCache
+        parameters.fua = properties.volatileCache
+        if properties.supportsDiscard {
+            parameters.discard = .init(granularity: UInt32(properties.discardGranularity),
+                                       maxDiscardSectors: UInt32.max >> 9,
+                                       maxWriteZeroesSectors: properties.supportsWriteZeroes ? UInt32.max >> 9 : 0)
+        }
+        return parameters
     }
 
     /// START_USER_RECOVERY, waiting up to 5 s while the driver answers EBUSY: it does
