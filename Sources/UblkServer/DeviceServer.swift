@@ -62,9 +62,12 @@ public final class DeviceServer {
         case recover(UInt32)
     }
 
-    /// Serves the device until it is stopped. `onLive` runs once /dev/ublkbN exists,
-    /// with the device as the kernel has it; it returns the record to keep under /run/ublk.
-    public func run(_ mode: Mode = .create, onLive: (DeviceInfo, DeviceParameters) throws -> DeviceRecord?) throws {
+    /// Serves the device until it is stopped. Once /dev/ublkbN exists and reads, the
+    /// record `describe` makes of it is written under /run/ublk (so `ublk list` knows it),
+    /// then `onLive` runs, with the device as the kernel has it.
+    public func run(_ mode: Mode = .create,
+                    describe: (DeviceInfo, DeviceParameters) -> DeviceRecord? = { _, _ in nil },
+                    onLive: (DeviceInfo, DeviceParameters) throws -> Void) throws {
         SignalWatcher.blockSignals()
         let control = try Self.openControl()
 
@@ -147,9 +150,10 @@ public final class DeviceServer {
         useNoScheduler(id)
         let live: DeviceInfo = (try? control.deviceInfo(id)) ?? info
         let liveParameters = (try? control.parameters(id)) ?? parameters
-        do {
-            if let record = try onLive(live, liveParameters) { try? RuntimeDirectory.save(record) }
-        } catch {
+        if let record = describe(live, liveParameters) {
+            do { try RuntimeDirectory.save(record) } catch { logger.warning("cannot write the device record: \(error)") }
+        }
+        do { try onLive(live, liveParameters) } catch {
             logger.error("\(error)")
             watcher.requestStop()
         }

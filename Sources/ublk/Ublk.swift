@@ -60,13 +60,7 @@ struct ServerFlags: ParsableArguments {
         signal(SIGPIPE, SIG_IGN)
         let server = DeviceServer(target: target, options: options, logger: logger)
         do {
-            try server.run(mode) { info, parameters in
-                let path = info.blockDevicePath
-                logger.info("\(path) is live: target \(target.name), \(parameters.sectors << 9) bytes, \(info.queueCount) queues × \(info.queueDepth)")
-                if let readyFD { Background.report("ready \(path)", to: readyFD) } else { print(path) }
-                fflush(stdout)
-                let backing = target.description["backing"].map { ", \($0)" } ?? ""
-                SystemdNotifier.notify("READY=1\nSTATUS=Serving \(path) (\(target.name)\(backing))\nMAINPID=\(getpid())")
+            try server.run(mode, describe: { info, parameters in
                 let description = target.description
                 return DeviceRecord(
                     id: info.id!, pid: getpid(), name: name, target: target.name, backing: description["backing"],
@@ -75,7 +69,14 @@ struct ServerFlags: ParsableArguments {
                     offset: UInt64(description["offset"] ?? "0") ?? 0, sizeLimit: description["size_limit"].flatMap { UInt64($0) },
                     blockSize: parameters.logicalBlockSize, recovery: options.recovery,
                     directIORequest: description["direct_io_request"] ?? "auto")
-            }
+            }, onLive: { info, parameters in
+                let path = info.blockDevicePath
+                logger.info("\(path) is live: target \(target.name), \(parameters.sectors << 9) bytes, \(info.queueCount) queues × \(info.queueDepth)")
+                if let readyFD { Background.report("ready \(path)", to: readyFD) } else { print(path) }
+                fflush(stdout)
+                let backing = target.description["backing"].map { ", \($0)" } ?? ""
+                SystemdNotifier.notify("READY=1\nSTATUS=Serving \(path) (\(target.name)\(backing))\nMAINPID=\(getpid())")
+            })
         } catch {
             if let readyFD { Background.report("error \(error)", to: readyFD) }
             throw CLIError("\(error)")
