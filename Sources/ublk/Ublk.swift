@@ -90,7 +90,7 @@ extension Ublk {
             abstract: "Create a device and serve it; prints /dev/ublkbN once it is live.",
             discussion: """
             Examples:
-              ublk add --file disk.img                 # loop target, direct I/O when possible
+              ublk add --file disk.img            # loop target, O_DIRECT if possible
               ublk add --file disk.img --queues 2 --depth 64 --direct-io off
               ublk add --target null --size 1G
             """)
