@@ -8,7 +8,7 @@ import UblkSystem
 /// Plain pthreads, not Swift tasks: the thread blocks in `io_uring_enter`, and the
 /// kernel ties a queue to the task that issued its first FETCH.
 public final class QueueThread: @unchecked Sendable {
-    private var thread: pthread_t?
+    private var thread: OSThread?
     private let configuration: QueueConfiguration
     private let characterDevice: Int32
     private let target: any Target
@@ -22,18 +22,7 @@ public final class QueueThread: @unchecked Sendable {
     public static func start(_ configuration: QueueConfiguration, characterDevice: Int32, target: any Target,
                              logger: Logger) throws -> QueueThread {
         let queueThread = QueueThread(configuration, characterDevice: characterDevice, target: target, logger: logger)
-        let context = Unmanaged.passRetained(queueThread).toOpaque()
-        var thread = pthread_t()
-        let result = pthread_create(&thread, nil, { context in
-            let queueThread = Unmanaged<QueueThread>.fromOpaque(context!).takeRetainedValue()
-            queueThread.main()
-            return nil
-        }, context)
-        guard result == 0 else {
-            Unmanaged<QueueThread>.fromOpaque(context).release()
-            throw SystemError("pthread_create", errno: result)
-        }
-        queueThread.thread = thread
+        queueThread.thread = try OSThread { queueThread.main() }
         queueThread.ready.wait()
         if let error = queueThread.setupError {
             queueThread.join()
@@ -71,10 +60,8 @@ public final class QueueThread: @unchecked Sendable {
     /// ring, mapping and buffers are released by then. Returns the error that ended it early, if any.
     @discardableResult
     public func join() -> Error? {
-        if let thread {
-            pthread_join(thread, nil)
-            self.thread = nil
-        }
+        thread?.join()
+        thread = nil
         return runError
     }
 }

@@ -1,6 +1,7 @@
 import Glibc
 import Logging
 import UblkControl
+import UblkSystem
 
 /// Turns SIGTERM, SIGINT and SIGHUP into STOP_DEV for the served device.
 ///
@@ -35,18 +36,8 @@ final class SignalWatcher: @unchecked Sendable {
 
     /// Starts the watcher thread.
     func start() {
-        let context = Unmanaged.passRetained(self).toOpaque()
-        var thread = pthread_t()
-        let result = pthread_create(&thread, nil, { context in
-            let watcher = Unmanaged<SignalWatcher>.fromOpaque(context!).takeRetainedValue()
-            watcher.watch()
-            return nil
-        }, context)
-        if result == 0 {
-            pthread_detach(thread)
-        } else {
-            Unmanaged<SignalWatcher>.fromOpaque(context).release()
-            logger.error("pthread_create for the signal watcher failed: \(String(cString: strerror(result)))")
+        do { try OSThread { self.watch() }.detach() } catch {
+            logger.error("no signal watcher: \(error)")
         }
     }
 
