@@ -59,6 +59,8 @@ struct ServerFlags: ParsableArguments {
         // The launching CLI may be gone by the time we report: a closed pipe must not kill a live device.
         signal(SIGPIPE, SIG_IGN)
         let server = DeviceServer(target: target, options: options, logger: logger)
+        // `--ready-fd` is answered (and closed) exactly once: "ready" when live, else "error".
+        var reported = false
         do {
             try server.run(mode, describe: { info, parameters in
                 let description = target.description
@@ -73,13 +75,14 @@ struct ServerFlags: ParsableArguments {
                 let path = info.blockDevicePath
                 logger.info("\(path) is live: target \(target.name), \(parameters.sectors << 9) bytes, \(info.queueCount) queues × \(info.queueDepth)")
                 if let readyFD { Background.report("ready \(path)", to: readyFD) } else { print(path) }
+                reported = true
                 fflush(stdout)
                 let backing = target.description["backing"].map { ", \($0)" } ?? ""
                 SystemdNotifier.notify("READY=1\nSTATUS=Serving \(path) (\(target.name)\(backing))\nMAINPID=\(getpid())")
             })
         } catch {
-            if let readyFD { Background.report("error \(error)", to: readyFD) }
-            throw CLIError("\(error)")
+            if reported { throw CLIError("\(error)") }
+            return try reporting { throw error }
         }
     }
 }
@@ -211,13 +214,8 @@ extension Ublk {
                 print(try Background.launch(Array(CommandLine.arguments.dropFirst())))
                 return
             }
-            do {
-                let (target, options, name) = try DeviceLifecycle.recoveryPlan(id)
-                try server.serve(target: target, options: options, mode: .recover(id), name: name)
-            } catch let error as CLIError {
-                if let fd = server.readyFD { Background.report("error \(error)", to: fd) }
-                throw error
-            }
+            let (target, options, name) = try server.reporting { try DeviceLifecycle.recoveryPlan(id) }
+            try server.serve(target: target, options: options, mode: .recover(id), name: name)
         }
     }
 
