@@ -15,6 +15,43 @@ public enum ControlCommand: String, Sendable, CaseIterable {
     case startUserRecovery = "START_USER_RECOVERY"
     case endUserRecovery = "END_USER_RECOVERY"
     case getFeatures = "GET_FEATURES"
+    case deleteDeviceAsync = "DEL_DEV_ASYNC"
+    case updateSize = "UPDATE_SIZE"
+    case quiesceDevice = "QUIESCE_DEV"
+    case tryStopDevice = "TRY_STOP_DEV"
+
+    /// What tells that the kernel takes this command. Newer commands each come with a
+    /// feature bit; GET_FEATURES answers for itself; DEL_DEV_ASYNC (6.9) has no bit, so it
+    /// is tried and DEL_DEV used where it is refused.
+    public enum Requirement: Sendable, Equatable {
+        case always
+        case getFeatures
+        case feature(FeatureFlags)
+        case unflagged
+    }
+
+    public var requirement: Requirement {
+        switch self {
+        case .startUserRecovery, .endUserRecovery: .feature(.userRecovery)
+        case .getFeatures: .getFeatures
+        case .deleteDeviceAsync: .unflagged
+        case .updateSize: .feature(.updateSize)
+        case .quiesceDevice: .feature(.quiesce)
+        case .tryStopDevice: .feature(.safeStop)
+        default: .always
+        }
+    }
+
+    /// Whether a kernel reporting `features` (nil: no GET_FEATURES) takes this command;
+    /// nil for a command that no feature bit announces.
+    public func isAccepted(features: FeatureFlags?) -> Bool? {
+        switch requirement {
+        case .always: true
+        case .getFeatures: features != nil
+        case .feature(let flag): features?.contains(flag) ?? false
+        case .unflagged: nil
+        }
+    }
 
     /// The command's number and ioctl direction, as in `ublk_cmd.h`.
     public var opcode: UblkOpcode {
@@ -30,9 +67,28 @@ public enum ControlCommand: String, Sendable, CaseIterable {
         case .startUserRecovery: (UBLK_CMD_START_USER_RECOVERY, .readWrite)
         case .endUserRecovery: (UBLK_CMD_END_USER_RECOVERY, .readWrite)
         case .getFeatures: (UBLK_CMD_GET_FEATURES, .read)
+        case .deleteDeviceAsync: (UBLK_CMD_DEL_DEV_ASYNC, .read)
+        case .updateSize: (UBLK_CMD_UPDATE_SIZE, .readWrite)
+        case .quiesceDevice: (UBLK_CMD_QUIESCE_DEV, .readWrite)
+        case .tryStopDevice: (UBLK_CMD_TRY_STOP_DEV, .readWrite)
         }
         return UblkOpcode(number: UInt32(number), direction: direction,
                           payloadSize: MemoryLayout<ublksrv_ctrl_cmd>.size)
+    }
+}
+
+/// The I/O commands (sent to /dev/ublkcN) by name, with the feature that brings each:
+/// for `ublk features`.
+public enum IOCommandCatalog {
+    public static let commands: [(name: String, feature: FeatureFlags?)] = [
+        ("FETCH_REQ", nil), ("COMMIT_AND_FETCH_REQ", nil), ("NEED_GET_DATA", .needGetData),
+        ("REGISTER_IO_BUF", .zeroCopy), ("UNREGISTER_IO_BUF", .zeroCopy),
+        ("PREP_IO_CMDS", .batchIO), ("COMMIT_IO_CMDS", .batchIO), ("FETCH_IO_CMDS", .batchIO),
+    ]
+
+    /// The I/O commands a kernel reporting `features` takes.
+    public static func accepted(features: FeatureFlags?) -> [String] {
+        commands.filter { $0.feature.map { features?.contains($0) ?? false } ?? true }.map(\.name)
     }
 }
 

@@ -15,6 +15,17 @@ public struct FeatureFlags: OptionSet, Sendable, Hashable, CustomStringConvertib
     public static let userCopy = FeatureFlags(rawValue: UBLK_F_USER_COPY)
     public static let zoned = FeatureFlags(rawValue: UBLK_F_ZONED)
     public static let userRecoveryFailIO = FeatureFlags(rawValue: UBLK_F_USER_RECOVERY_FAIL_IO)
+    public static let updateSize = FeatureFlags(rawValue: UBLK_F_UPDATE_SIZE)
+    public static let autoBufferRegistration = FeatureFlags(rawValue: UBLK_F_AUTO_BUF_REG)
+    public static let quiesce = FeatureFlags(rawValue: UBLK_F_QUIESCE)
+    public static let perIODaemon = FeatureFlags(rawValue: UBLK_F_PER_IO_DAEMON)
+    public static let bufferRegistrationOffDaemon = FeatureFlags(rawValue: UBLK_F_BUF_REG_OFF_DAEMON)
+    public static let batchIO = FeatureFlags(rawValue: UBLK_F_BATCH_IO)
+    public static let integrity = FeatureFlags(rawValue: UBLK_F_INTEGRITY)
+    public static let safeStop = FeatureFlags(rawValue: UBLK_F_SAFE_STOP_DEV)
+    public static let noAutoPartitionScan = FeatureFlags(rawValue: UBLK_F_NO_AUTO_PART_SCAN)
+    public static let sharedMemoryZeroCopy = FeatureFlags(rawValue: UBLK_F_SHMEM_ZC)
+    public static let ioDescriptorSize = FeatureFlags(rawValue: UBLK_F_IO_DESC_SIZE)
 
     /// Every flag with its uapi name, lowest bit first.
     public static let named: [(FeatureFlags, String)] = [
@@ -22,7 +33,11 @@ public struct FeatureFlags: OptionSet, Sendable, Hashable, CustomStringConvertib
         (.needGetData, "NEED_GET_DATA"), (.userRecovery, "USER_RECOVERY"),
         (.userRecoveryReissue, "USER_RECOVERY_REISSUE"), (.unprivileged, "UNPRIVILEGED_DEV"),
         (.ioctlEncoding, "CMD_IOCTL_ENCODE"), (.userCopy, "USER_COPY"), (.zoned, "ZONED"),
-        (.userRecoveryFailIO, "USER_RECOVERY_FAIL_IO"),
+        (.userRecoveryFailIO, "USER_RECOVERY_FAIL_IO"), (.updateSize, "UPDATE_SIZE"),
+        (.autoBufferRegistration, "AUTO_BUF_REG"), (.quiesce, "QUIESCE"), (.perIODaemon, "PER_IO_DAEMON"),
+        (.bufferRegistrationOffDaemon, "BUF_REG_OFF_DAEMON"), (.batchIO, "BATCH_IO"), (.integrity, "INTEGRITY"),
+        (.safeStop, "SAFE_STOP_DEV"), (.noAutoPartitionScan, "NO_AUTO_PART_SCAN"), (.sharedMemoryZeroCopy, "SHMEM_ZC"),
+        (.ioDescriptorSize, "IO_DESC_SIZE"),
     ]
 
     /// `UBLK_F_` names of the set flags; unknown bits as `BIT_n`.

@@ -226,12 +226,18 @@ extension Ublk {
             let control: ControlDevice
             do { control = try ControlDevice() } catch { throw CLIError("\(error)") }
             print("opcodes: \(control.encoding.rawValue)")
-            if let features = control.features {
+            let features = control.features
+            if let features {
                 print("features: 0x\(String(features.rawValue, radix: 16))")
                 for name in features.names { print("  UBLK_F_\(name)") }
             } else {
                 print("features: unknown (the kernel has no GET_FEATURES: before Linux 6.5, or legacy opcodes forced)")
             }
+            let commands = ControlCommand.allCases
+            print("control commands: " + commands.filter { $0.isAccepted(features: features) == true }.map(\.rawValue).joined(separator: " "))
+            let untold = commands.filter { $0.isAccepted(features: features) == nil }.map(\.rawValue)
+            if !untold.isEmpty { print("  no feature bit, tried when needed: " + untold.joined(separator: " ")) }
+            print("I/O commands: " + IOCommandCatalog.accepted(features: features).joined(separator: " "))
         }
     }
 }

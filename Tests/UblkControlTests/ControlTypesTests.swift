@@ -37,6 +37,26 @@ import Testing
         #expect(flags.names == ["USER_RECOVERY", "CMD_IOCTL_ENCODE", "BIT_40"])
     }
 
+    /// 7.3 reports 0x1fffff: every one of bits 0-20 has its uapi name, none a placeholder.
+    @Test func everyFeatureUpTo20IsNamed() {
+        let names = FeatureFlags(rawValue: 0x1f_ffff).names
+        #expect(names.count == 21)
+        #expect(!names.contains { $0.hasPrefix("BIT_") })
+        #expect(names[10] == "UPDATE_SIZE" && names[11] == "AUTO_BUF_REG" && names[12] == "QUIESCE")
+        #expect(names[15] == "BATCH_IO" && names[17] == "SAFE_STOP_DEV" && names[20] == "IO_DESC_SIZE")
+    }
+
+    @Test func commandsFollowTheirFeatureBits() {
+        let old: FeatureFlags = [.ioctlEncoding, .userRecovery]
+        #expect(ControlCommand.updateSize.isAccepted(features: old) == false)
+        #expect(ControlCommand.updateSize.isAccepted(features: [.updateSize]) == true)
+        #expect(ControlCommand.startUserRecovery.isAccepted(features: old) == true)
+        #expect(ControlCommand.getFeatures.isAccepted(features: nil) == false)
+        #expect(ControlCommand.deleteDeviceAsync.isAccepted(features: old) == nil)
+        #expect(IOCommandCatalog.accepted(features: old) == ["FETCH_REQ", "COMMIT_AND_FETCH_REQ"])
+        #expect(IOCommandCatalog.accepted(features: [.batchIO]).contains("FETCH_IO_CMDS"))
+    }
+
     @Test func errorsSayWhatToDo() {
         #expect(ControlError(command: .addDevice, deviceID: 3, errno: -EEXIST).description.contains("already in use"))
         #expect(ControlError(command: .getDeviceInfo, deviceID: 9, errno: ENODEV).description == "ublk device 9 does not exist: see `ublk list`")
@@ -53,5 +73,10 @@ import Testing
         #expect(ControlCommand.addDevice.opcode.encoded(.ioctl) == 0xc020_7504)
         #expect(ControlCommand.getFeatures.opcode.encoded(.ioctl) == 0x8020_7513)
         #expect(ControlCommand.stopDevice.opcode.encoded(.legacy) == 0x07)
+        // Numbers from the notes on the 7.x header.
+        #expect(ControlCommand.deleteDeviceAsync.opcode.encoded(.ioctl) == 0x8020_7514)
+        #expect(ControlCommand.updateSize.opcode.encoded(.ioctl) == 0xc020_7515)
+        #expect(ControlCommand.quiesceDevice.opcode.encoded(.ioctl) == 0xc020_7516)
+        #expect(ControlCommand.tryStopDevice.opcode.encoded(.ioctl) == 0xc020_7517)
     }
 }

@@ -18,6 +18,10 @@
 #   list_field ID NAME             field NAME of device ID in `ublk list --json`
 #                                  (empty if there is no such device)
 #   wait_exit PID SECS             wait until PID (not our child) is gone or a zombie
+#   has_feature NAME               does the kernel report UBLK_F_NAME (GET_FEATURES)?
+#   need_feature NAME...           print "SKIP: needs UBLK_F_NAME" and exit 77
+#                                  (the suite counts it as skipped) unless the
+#                                  kernel reports every one of them
 # and sets "set -euo pipefail".
 set -euo pipefail
 
@@ -72,6 +76,20 @@ import json, sys
 rows = {d["id"]: d for d in json.load(sys.stdin)}
 r = rows.get(int(sys.argv[1]))
 print("" if r is None else r[sys.argv[2]])' "$1" "$2"
+}
+
+has_feature() {
+	"$UBLK" features 2>/dev/null | grep -qx "  UBLK_F_$1"
+}
+
+need_feature() {
+	local name
+	for name in "$@"; do
+		if ! has_feature "$name"; then
+			echo "SKIP: needs UBLK_F_$name (this kernel: $("$UBLK" features 2>/dev/null | sed -n 's/^features: //p'))"
+			exit 77
+		fi
+	done
 }
 
 wait_exit() {

@@ -1,5 +1,5 @@
 // The ublk user-space ABI, as the kernel's include/uapi/linux/ublk_cmd.h defines it
-// (layouts and numbers up to Linux 6.12). Debian 12's own copy of that header is the
+// (layouts and numbers up to Linux 7.3; what each newer one needs is noted). Debian 12's own copy of that header is the
 // 6.1 one, which lacks the ioctl-encoded opcodes, GET_FEATURES and most feature flags,
 // so the project carries its own definitions. Sizes are checked by unit tests.
 #ifndef CUBLK_UAPI_H
@@ -26,7 +26,12 @@ enum {
     UBLK_CMD_END_USER_RECOVERY = 0x11,
     UBLK_CMD_GET_DEV_INFO2 = 0x12,
     UBLK_CMD_GET_FEATURES = 0x13,
-    UBLK_CMD_DEL_DEV_ASYNC = 0x14,
+    UBLK_CMD_DEL_DEV_ASYNC = 0x14,   // 6.9+; ioctl encoding only, like all below
+    UBLK_CMD_UPDATE_SIZE = 0x15,     // UBLK_F_UPDATE_SIZE
+    UBLK_CMD_QUIESCE_DEV = 0x16,     // UBLK_F_QUIESCE
+    UBLK_CMD_TRY_STOP_DEV = 0x17,    // UBLK_F_SAFE_STOP_DEV
+    UBLK_CMD_REG_BUF = 0x18,         // UBLK_F_SHMEM_ZC
+    UBLK_CMD_UNREG_BUF = 0x19,       // UBLK_F_SHMEM_ZC
 };
 
 // I/O commands (sent to /dev/ublkcN).
@@ -34,6 +39,11 @@ enum {
     UBLK_IO_FETCH_REQ = 0x20,
     UBLK_IO_COMMIT_AND_FETCH_REQ = 0x21,
     UBLK_IO_NEED_GET_DATA = 0x22,
+    UBLK_IO_REGISTER_IO_BUF = 0x23,   // UBLK_F_SUPPORT_ZERO_COPY
+    UBLK_IO_UNREGISTER_IO_BUF = 0x24, // UBLK_F_SUPPORT_ZERO_COPY
+    UBLK_IO_PREP_IO_CMDS = 0x25,      // UBLK_F_BATCH_IO
+    UBLK_IO_COMMIT_IO_CMDS = 0x26,    // UBLK_F_BATCH_IO
+    UBLK_IO_FETCH_IO_CMDS = 0x27,     // UBLK_F_BATCH_IO
 };
 
 // Results of FETCH/COMMIT_AND_FETCH completions.
@@ -62,6 +72,17 @@ enum {
 #define UBLK_F_USER_COPY                (1ULL << 7)
 #define UBLK_F_ZONED                    (1ULL << 8)
 #define UBLK_F_USER_RECOVERY_FAIL_IO    (1ULL << 9)
+#define UBLK_F_UPDATE_SIZE              (1ULL << 10)
+#define UBLK_F_AUTO_BUF_REG             (1ULL << 11)
+#define UBLK_F_QUIESCE                  (1ULL << 12)
+#define UBLK_F_PER_IO_DAEMON            (1ULL << 13)
+#define UBLK_F_BUF_REG_OFF_DAEMON       (1ULL << 14)
+#define UBLK_F_BATCH_IO                 (1ULL << 15)
+#define UBLK_F_INTEGRITY                (1ULL << 16)
+#define UBLK_F_SAFE_STOP_DEV            (1ULL << 17)
+#define UBLK_F_NO_AUTO_PART_SCAN        (1ULL << 18)
+#define UBLK_F_SHMEM_ZC                 (1ULL << 19)
+#define UBLK_F_IO_DESC_SIZE             (1ULL << 20)
 
 // MARK: Device states (ublksrv_ctrl_dev_info.state)
 enum {
@@ -125,6 +146,9 @@ enum {
 #define UBLK_IO_F_FUA                (1U << 13)
 #define UBLK_IO_F_NOUNMAP            (1U << 15)
 #define UBLK_IO_F_SWAP               (1U << 16)
+#define UBLK_IO_F_NEED_REG_BUF       (1U << 17) // AUTO_BUF_REG failed; FALLBACK was asked for
+#define UBLK_IO_F_INTEGRITY          (1U << 18)
+#define UBLK_IO_F_SHMEM_ZC           (1U << 19)
 
 /// One request, written by the driver before it completes the tag's fetch (24 bytes).
 struct ublksrv_io_desc {
