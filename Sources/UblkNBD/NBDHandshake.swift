@@ -12,6 +12,7 @@ struct NBDHandshake {
 
     enum Option: UInt32 {
         case exportName = 1
+        case abort = 2
         case go = 7
     }
 
@@ -52,7 +53,14 @@ struct NBDHandshake {
         // Echo only the bits the server offered: an unknown bit makes it hang up.
         try send(ByteWriter().u32((fixedNewstyle ? 1 : 0) | (noZeroes ? 2 : 0)).bytes, to: stream)
         // A server without fixed newstyle drops the connection on any option it does not know.
-        if fixedNewstyle, let export = try go(over: stream) { return export }
+        if fixedNewstyle {
+            do { if let export = try go(over: stream) { return export } }
+            catch where [.exportNotFound, .refused, .tlsNotSupported].contains(error.kind) {
+                // End the negotiation politely: the server then logs no "unexpected end of file".
+                try? sendOption(.abort, [], to: stream)
+                throw error
+            }
+        }
         return try exportName(over: stream, noZeroes: noZeroes)
     }
 

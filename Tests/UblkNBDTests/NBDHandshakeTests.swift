@@ -94,6 +94,12 @@ final class ScriptedServer: NBDByteStream {
         }
     }
 
+    @Test func aRefusedGoIsFollowedByAbort() {
+        let server = ScriptedServer(Self.greeting() + Self.optionReply(type: 1 << 31 | 6))
+        #expect(throws: NBDError.self) { try NBDHandshake(address: Self.address).negotiate(over: server) }
+        #expect(server.fromClient.suffix(16) == ByteWriter().u64(NBDHandshake.optionMagic).u32(2).u32(0).bytes[...])
+    }
+
     @Test func refusalsAreOneLineEach() {
         #expect(throws: NBDError(.refused, "NBD server 127.0.0.1:10809 refuses export disk by policy "
             + "(the server says: not you go away): check its access rules for this client")) {
