@@ -11,6 +11,8 @@ public struct NBDAddress: Equatable, Hashable, Sendable, CustomStringConvertible
     public static let defaultPort: UInt16 = 10809
     /// Longest export name the protocol lets a server accept.
     public static let maximumNameLength = 4096
+    /// Longest Unix socket path (`sun_path` holds 108 bytes with the terminating zero).
+    public static let maximumSocketPathLength = 107
 
     public var endpoint: SocketEndpoint
     public var exportName: String
@@ -113,6 +115,9 @@ public struct NBDAddress: Equatable, Hashable, Sendable, CustomStringConvertible
             path = try percentDecoded(parts[1], in: uri)
         }
         guard let path, !path.isEmpty else { throw malformed(uri, "nbd+unix:// needs ?socket=PATH") }
+        guard path.utf8.count <= maximumSocketPathLength else {
+            throw malformed(uri, "the socket path is longer than \(maximumSocketPathLength) bytes")
+        }
         return path
     }
 

@@ -50,6 +50,9 @@ public struct NBDDeviceCapabilities: Equatable, Hashable, Sendable {
     public var physicalBlockSize: UInt32
     /// Largest READ or WRITE the server takes, a multiple of the logical block size, at most 32 MiB.
     public var maximumTransferBytes: UInt32
+    /// Largest TRIM or WRITE_ZEROES: the request's 32-bit length, rounded down to the
+    /// logical block size (a ublk request can be longer, so the device must announce this).
+    public var maximumZeroingBytes: UInt32
 }
 
 extension NBDExport {
@@ -74,7 +77,7 @@ extension NBDExport {
             discard: writable && flags.contains(.sendTrim), writeZeroes: writable && flags.contains(.sendWriteZeroes),
             rotational: flags.contains(.rotational), logicalBlockSize: logical,
             physicalBlockSize: min(max(sizes.preferred, logical), Self.maximumLogicalBlockSize),
-            maximumTransferBytes: max(transfer, logical))
+            maximumTransferBytes: max(transfer, logical), maximumZeroingBytes: UInt32.max / logical * logical)
     }
 
     /// The NBD request for a block request, or nil when this export cannot take it (the

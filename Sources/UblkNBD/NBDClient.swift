@@ -8,8 +8,9 @@ public struct NBDConnection: ~Copyable {
     public let socket: FileDescriptor
 }
 
-/// Opens connections to an NBD export: connect, then the handshake, both bounded by
-/// one timeout. Blocking: for setup and reconnects, never on a queue ring.
+/// Opens connections to an NBD export: connect, then the handshake. The connect is
+/// bounded by `timeout`, and so is every send and receive of the handshake (a server
+/// that stops answering fails it). Blocking: for setup and reconnects, never on a queue ring.
 public enum NBDClient {
     /// How long connecting plus the handshake may take by default.
     public static let defaultTimeout: Duration = .seconds(10)

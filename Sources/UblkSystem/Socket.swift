@@ -18,6 +18,12 @@ public enum SocketEndpoint: Equatable, Hashable, Sendable, CustomStringConvertib
 public struct HostLookupError: Error, Equatable, Sendable, CustomStringConvertible {
     public var host: String
     public var reason: String
+
+    public init(host: String, reason: String) {
+        self.host = host
+        self.reason = reason
+    }
+
     public var description: String { "cannot resolve \(host): \(reason)" }
 }
 

@@ -1,5 +1,6 @@
+import Glibc
 import Testing
-import UblkNBD
+@testable import UblkNBD
 import UblkSystem
 
 @Suite struct NBDAddressTests {
@@ -42,6 +43,7 @@ import UblkSystem
         ("nbd+unix:///disk?socket=", "needs ?socket=PATH"),
         ("nbd+unix:///disk?tls=on", "unknown query parameter 'tls'"),
         ("nbd+unix://host/disk?socket=/s", "takes no host"),
+        ("nbd+unix:///disk?socket=/" + String(repeating: "s", count: 107), "socket path is longer than 107 bytes"),
     ])
     func badURIsGetOneLineWithTheGoodForm(uri: String, problem: String) {
         do {
@@ -57,6 +59,7 @@ import UblkSystem
     }
 
     @Test func overlongExportNameIsRefused() {
+        #expect(throws: Never.self) { try NBDAddress(uri: "nbd+unix:///?socket=/" + String(repeating: "s", count: 106)) }
         let uri = "nbd://h/" + String(repeating: "a", count: NBDAddress.maximumNameLength + 1)
         #expect(throws: NBDError.self) { try NBDAddress(uri: uri) }
         #expect(throws: Never.self) { try NBDAddress(uri: String(uri.dropLast())) }
@@ -74,5 +77,30 @@ import UblkSystem
         #expect(try NBDAddress(uri: "nbd://127.0.0.1:10810/x").listCommand == "nbdinfo --list nbd://127.0.0.1:10810")
         #expect(try NBDAddress(uri: "nbd://[::1]/x").listCommand == "nbdinfo --list nbd://[::1]:10809")
         #expect(try NBDAddress(uri: "nbd+unix:///x?socket=/s").listCommand == "nbdinfo --list 'nbd+unix:///?socket=/s'")
+    }
+}
+
+@Suite struct NBDConnectFailureTests {
+    static let endpoint = SocketEndpoint.tcp(host: "::1", port: 10809)
+
+    func line(_ error: any Error) -> NBDError {
+        NBDClient.connectFailure(error, endpoint: Self.endpoint, timeout: .seconds(10))
+    }
+
+    @Test func eachFailureIsOneLineWithWhatToCheck() {
+        #expect(line(HostLookupError(host: "nas", reason: "Name or service not known"))
+            == NBDError(.lookup, "cannot resolve nas: name or service not known: check the host in the URI"))
+        #expect(line(SystemError("connect [::1]:10809", errno: ECONNREFUSED))
+            == NBDError(.connect, "cannot connect to [::1]:10809: connection refused: is the NBD server running?"))
+        #expect(line(SystemError("connect [::1]:10809", errno: ETIMEDOUT))
+            == NBDError(.connect, "cannot connect to [::1]:10809: no answer within 10.0 seconds: check the host, the port and any firewall"))
+        #expect(line(SystemError("connect [::1]:10809", errno: EHOSTUNREACH))
+            == NBDError(.connect, "cannot connect to [::1]:10809: no route to host"))
+        #expect(line(SystemError("connect /s", errno: EACCES)).message.hasSuffix(": check the socket's permissions"))
+    }
+
+    @Test func transientFailuresAreTheOnesWorthRetrying() {
+        #expect(line(SystemError("connect", errno: ECONNREFUSED)).isTransient)
+        #expect(!NBDError(.exportNotFound, "x").isTransient && !NBDError(.protocolViolation, "x").isTransient)
     }
 }

@@ -89,7 +89,7 @@ import Testing
         let full = try export(Self.everything.union(.rotational)).deviceCapabilities()
         #expect(full == NBDDeviceCapabilities(readOnly: false, volatileCache: true, fua: true, discard: true, writeZeroes: true,
                                               rotational: true, logicalBlockSize: 512, physicalBlockSize: 4096,
-                                              maximumTransferBytes: 32 << 20))
+                                              maximumTransferBytes: 32 << 20, maximumZeroingBytes: UInt32.max - 511))
         let plain = try export([.hasFlags, .sendFUA]).deviceCapabilities()
         #expect(!plain.volatileCache && !plain.fua && !plain.discard && !plain.writeZeroes && !plain.readOnly)
         let readOnly = try export(Self.everything.union(.readOnly)).deviceCapabilities()
@@ -101,6 +101,7 @@ import Testing
         #expect(qemu.logicalBlockSize == 512 && qemu.physicalBlockSize == 4096 && qemu.maximumTransferBytes == 32 << 20)
         let big = try export(Self.everything, sizes: NBDBlockSizes(minimum: 4096, preferred: 65536, maximumPayload: 1 << 30 | 4096)).deviceCapabilities()
         #expect(big.logicalBlockSize == 4096 && big.physicalBlockSize == 4096 && big.maximumTransferBytes == 32 << 20)
+        #expect(big.maximumZeroingBytes == UInt32.max - 4095)
         let small = try export(Self.everything, sizes: NBDBlockSizes(minimum: 512, preferred: 512, maximumPayload: 65536 + 512)).deviceCapabilities()
         #expect(small.maximumTransferBytes == 65536 + 512)
         #expect(throws: NBDError.self) {
