@@ -6,6 +6,10 @@ public struct NBDConnection: ~Copyable {
     public let export: NBDExport
     /// Blocking, without send/receive timeouts: ready for the queue ring's send and recv.
     public let socket: FileDescriptor
+
+    /// The socket alone, for the queue that will own it (the export is a copyable value:
+    /// read it before).
+    public consuming func takeSocket() -> FileDescriptor { socket }
 }
 
 /// Opens connections to an NBD export: connect, then the handshake. The connect is

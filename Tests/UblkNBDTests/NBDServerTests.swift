@@ -102,6 +102,8 @@ import UblkSystem
         let second = try NBDClient.connect(to: try NBDAddress(uri: "nbd://localhost:\(port)/disk"))
         #expect(second.export == first.export, "a second connection (the next queue's) gets the same export")
         #expect(first.export.replacementProblem(second.export) == nil)
+        let socket = second.takeSocket()
+        #expect(fcntl(socket.rawValue, F_GETFD) >= 0, "the socket moves out of the connection open")
     }
 
     @Test func qemuNbdUnknownExportIsOneLine() throws {
