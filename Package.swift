@@ -10,6 +10,7 @@
 //   UblkControl - /dev/ublk-control: add, set params, start, stop, delete, info, features, recovery
 //   UblkQueue   - one thread per hardware queue: descriptors, buffers, FETCH/COMMIT loop, `Target`
 //   UblkTargets - loop (file-backed) and null targets
+//   UblkNBD     - the NBD client protocol: URIs, connect + handshake, wire format, reply parser
 //   UblkServer  - brings a device up and down: control plane + queues + target + signals
 //   ublk        - the command-line tool
 import PackageDescription
@@ -18,7 +19,7 @@ let package = Package(
     name: "ublk-swift",
     platforms: [.macOS(.v13)],
     products: [
-        .library(name: "Ublk", targets: ["UblkServer", "UblkTargets", "UblkQueue", "UblkControl", "UblkSystem"]),
+        .library(name: "Ublk", targets: ["UblkServer", "UblkTargets", "UblkQueue", "UblkControl", "UblkNBD", "UblkSystem"]),
         .executable(name: "ublk", targets: ["ublk"]),
     ],
     dependencies: [
@@ -34,6 +35,7 @@ let package = Package(
         .target(name: "UblkQueue", dependencies: [
             "UblkSystem", "CUblk", "CLiburing", .product(name: "Logging", package: "swift-log"),
         ]),
+        .target(name: "UblkNBD", dependencies: ["UblkSystem"]),
         .target(name: "UblkTargets", dependencies: ["UblkQueue", "UblkSystem", "CUblk", "CLiburing"]),
         .target(name: "UblkServer", dependencies: [
             "UblkControl", "UblkQueue", "UblkTargets", "UblkSystem", "CUblk",
@@ -48,6 +50,7 @@ let package = Package(
         .testTarget(name: "UblkControlTests", dependencies: ["UblkControl", "CUblk"]),
         .testTarget(name: "UblkQueueTests", dependencies: ["UblkQueue", "UblkSystem", "CUblk"]),
         .testTarget(name: "UblkTargetsTests", dependencies: ["UblkTargets", "UblkQueue", "UblkSystem"]),
+        .testTarget(name: "UblkNBDTests", dependencies: ["UblkNBD", "UblkSystem"]),
         .testTarget(name: "UblkServerTests", dependencies: ["UblkServer", "UblkControl", "UblkQueue"]),
         .testTarget(name: "ublkTests", dependencies: [
             "ublk", .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -89,3 +89,106 @@ extension Syscalls {
         return names
     }
 }
+
+// Stream sockets, for network targets (NBD). Connecting happens at setup and on
+// reconnect, off the queue rings, so these calls block (bounded by a deadline).
+extension Syscalls {
+    /// One address `getaddrinfo` returned: the family and the raw `sockaddr` bytes.
+    struct SocketAddress {
+        var family: Int32
+        var bytes: [UInt8]
+    }
+
+    /// The TCP addresses of `host`:`port` (numeric or by name). Throws `HostLookupError`.
+    static func resolve(host: String, port: UInt16) throws -> [SocketAddress] {
+        var hints = addrinfo()
+        hints.ai_family = AF_UNSPEC
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        // No AI_ADDRCONFIG: on a host with only loopback it would hide "localhost".
+        hints.ai_flags = AI_NUMERICSERV
+        var list: UnsafeMutablePointer<addrinfo>?
+        let result = getaddrinfo(host, String(port), &hints, &list)
+        guard result == 0 else {
+            let reason = result == EAI_SYSTEM ? String(cString: strerror(Glibc.errno)) : String(cString: gai_strerror(result))
+            throw HostLookupError(host: host, reason: reason)
+        }
+        defer { freeaddrinfo(list) }
+        var addresses: [SocketAddress] = []
+        var entry = list
+        while let current = entry?.pointee {
+            if let address = current.ai_addr {
+                let bytes = UnsafeRawBufferPointer(start: address, count: Int(current.ai_addrlen))
+                addresses.append(SocketAddress(family: current.ai_family, bytes: Array(bytes)))
+            }
+            entry = current.ai_next
+        }
+        return addresses
+    }
+
+    /// The `sockaddr_un` for a Unix socket path, or nil if the path does not fit.
+    static func unixAddress(_ path: String) -> SocketAddress? {
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let utf8 = Array(path.utf8)
+        guard !utf8.isEmpty, utf8.count < MemoryLayout.size(ofValue: address.sun_path) else { return nil }
+        withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: utf8) }
+        let length = MemoryLayout<sockaddr_un>.offset(of: \.sun_path)! + utf8.count + 1
+        return SocketAddress(family: AF_UNIX, bytes: withUnsafeBytes(of: &address) { Array($0.prefix(length)) })
+    }
+
+    /// A blocking stream socket connected to `address`; `description` names it in errors.
+    /// The connect runs non-blocking and waits in poll, so `deadline` bounds it.
+    static func connect(_ address: SocketAddress, description: String, deadline: ContinuousClock.Instant) throws -> Int32 {
+        let type = Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue)
+        let fd = try retryingOnInterrupt("socket") { Glibc.socket(address.family, type, 0) }
+        do {
+            let result = address.bytes.withUnsafeBytes {
+                Glibc.connect(fd, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), socklen_t($0.count))
+            }
+            if result != 0 {
+                guard Glibc.errno == EINPROGRESS || Glibc.errno == EINTR else { throw SystemError.last("connect \(description)") }
+                try waitUntilWritable(fd, description: description, deadline: deadline)
+            }
+            _ = try retryingOnInterrupt("fcntl F_SETFL") { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) }
+            return fd
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    /// Waits for a non-blocking connect to finish and throws its outcome (ETIMEDOUT past `deadline`).
+    private static func waitUntilWritable(_ fd: Int32, description: String, deadline: ContinuousClock.Instant) throws {
+        var poller = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+        while true {
+            let left = ContinuousClock.now.duration(to: deadline)
+            let milliseconds = max(0, left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000)
+            let ready = poll(&poller, 1, Int32(clamping: milliseconds))
+            if ready < 0 && Glibc.errno == EINTR { continue }
+            if ready < 0 { throw SystemError.last("poll") }
+            if ready == 0 { throw SystemError("connect \(description)", errno: ETIMEDOUT) }
+            break
+        }
+        var failure: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        _ = try retryingOnInterrupt("getsockopt SO_ERROR") { getsockopt(fd, SOL_SOCKET, SO_ERROR, &failure, &length) }
+        if failure != 0 { throw SystemError("connect \(description)", errno: failure) }
+    }
+
+    static func setSocketOption(_ fd: Int32, level: Int32, option: Int32, _ value: some BitwiseCopyable, name: String) throws {
+        var value = value
+        _ = try retryingOnInterrupt("setsockopt \(name)") {
+            setsockopt(fd, level, option, &value, socklen_t(MemoryLayout.size(ofValue: value)))
+        }
+    }
+
+    /// `send(2)` without SIGPIPE (a peer that hung up is an EPIPE error, not a dead process).
+    static func send(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) throws -> Int {
+        try retryingOnInterrupt("send") { Glibc.send(fd, buffer.baseAddress, buffer.count, Int32(MSG_NOSIGNAL)) }
+    }
+
+    /// `recv(2)`: 0 means the peer closed the connection.
+    static func receive(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        try retryingOnInterrupt("recv") { Glibc.recv(fd, buffer.baseAddress, buffer.count, 0) }
+    }
+}

@@ -1,0 +1,76 @@
+import Glibc
+
+/// Where a stream socket connects: a TCP host and port, or a Unix socket path.
+public enum SocketEndpoint: Equatable, Hashable, Sendable, CustomStringConvertible {
+    case tcp(host: String, port: UInt16)
+    case unix(path: String)
+
+    /// `host:port` (`[::1]:port` for an IPv6 literal) or the socket path, as messages name it.
+    public var description: String {
+        switch self {
+        case .tcp(let host, let port): host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+        case .unix(let path): path
+        }
+    }
+}
+
+/// `getaddrinfo` found no address for a host; `reason` is its `gai_strerror` text.
+public struct HostLookupError: Error, Equatable, Sendable, CustomStringConvertible {
+    public var host: String
+    public var reason: String
+
+    public init(host: String, reason: String) {
+        self.host = host
+        self.reason = reason
+    }
+
+    public var description: String { "cannot resolve \(host): \(reason)" }
+}
+
+extension FileDescriptor {
+    /// A blocking stream socket connected to `endpoint`, with TCP_NODELAY for TCP (a
+    /// request header must not wait for the previous reply's ACK).
+    ///
+    /// Every address of a host is tried in turn, all within one `timeout`. Throws
+    /// `HostLookupError`, or the `SystemError` of the last address tried (`connect
+    /// HOST:PORT` with ECONNREFUSED, ETIMEDOUT when `timeout` passed, ...).
+    public static func connect(to endpoint: SocketEndpoint, timeout: Duration) throws -> FileDescriptor {
+        let deadline = ContinuousClock.now + timeout
+        switch endpoint {
+        case .unix(let path):
+            guard let address = Syscalls.unixAddress(path) else {
+                throw SystemError("connect \(path)", errno: ENAMETOOLONG)
+            }
+            return FileDescriptor(adopting: try Syscalls.connect(address, description: path, deadline: deadline))
+        case .tcp(let host, let port):
+            var lastError: any Error = SystemError("connect \(endpoint)", errno: EADDRNOTAVAIL)
+            for address in try Syscalls.resolve(host: host, port: port) {
+                do {
+                    let socket = FileDescriptor(adopting: try Syscalls.connect(address, description: "\(endpoint)", deadline: deadline))
+                    try Syscalls.setSocketOption(socket.rawValue, level: Int32(IPPROTO_TCP), option: TCP_NODELAY,
+                                                 Int32(1), name: "TCP_NODELAY")
+                    return socket
+                } catch {
+                    lastError = error
+                    if (error as? SystemError)?.errno == ETIMEDOUT { break }
+                }
+            }
+            throw lastError
+        }
+    }
+
+    /// Bounds every later blocking send and receive on this socket (`SO_SNDTIMEO`,
+    /// `SO_RCVTIMEO`): past it they fail with EAGAIN. `nil` removes the bound.
+    public func setStreamTimeout(_ timeout: Duration?) throws {
+        let (seconds, attoseconds) = (timeout ?? .zero).components
+        let value = timeval(tv_sec: Int(seconds), tv_usec: Int(attoseconds / 1_000_000_000_000))
+        try Syscalls.setSocketOption(rawValue, level: SOL_SOCKET, option: SO_RCVTIMEO, value, name: "SO_RCVTIMEO")
+        try Syscalls.setSocketOption(rawValue, level: SOL_SOCKET, option: SO_SNDTIMEO, value, name: "SO_SNDTIMEO")
+    }
+
+    /// `send(2)` (never raises SIGPIPE): may send fewer bytes than given.
+    public func send(_ buffer: UnsafeRawBufferPointer) throws -> Int { try Syscalls.send(rawValue, buffer) }
+
+    /// `recv(2)`: may return fewer bytes than asked; 0 means the peer closed the connection.
+    public func receive(into buffer: UnsafeMutableRawBufferPointer) throws -> Int { try Syscalls.receive(rawValue, buffer) }
+}
