@@ -6,7 +6,9 @@
 //   CLiburing   - liburing as a system library (pkg-config `liburing`)
 //   CUblk       - the ublk uapi (written from include/uapi/linux/ublk_cmd.h) and
 //                 the few GNU-only libc calls Swift's Glibc module hides
+//   COpenSSL    - OpenSSL's libcrypto as a system library (pkg-config `libcrypto`)
 //   UblkSystem  - typed errors, raw syscalls, ~Copyable owners of kernel-shared memory and rings
+//   UblkCrypto  - dm-crypt plain-mode aes-xts-plain64: locked key memory and the sector cipher
 //   UblkControl - /dev/ublk-control: add, set params, start, stop, delete, info, features, recovery
 //   UblkQueue   - one thread per hardware queue: descriptors, buffers, FETCH/COMMIT loop, `Target`
 //   UblkTargets - loop (file-backed) and null targets
@@ -19,7 +21,9 @@ let package = Package(
     name: "ublk-swift",
     platforms: [.macOS(.v13)],
     products: [
-        .library(name: "Ublk", targets: ["UblkServer", "UblkTargets", "UblkQueue", "UblkControl", "UblkNBD", "UblkSystem"]),
+        .library(name: "Ublk", targets: [
+            "UblkServer", "UblkTargets", "UblkQueue", "UblkControl", "UblkCrypto", "UblkNBD", "UblkSystem",
+        ]),
         .executable(name: "ublk", targets: ["ublk"]),
     ],
     dependencies: [
@@ -29,8 +33,11 @@ let package = Package(
     targets: [
         .systemLibrary(name: "CLiburing", pkgConfig: "liburing",
                        providers: [.apt(["liburing-dev"])]),
+        .systemLibrary(name: "COpenSSL", pkgConfig: "libcrypto",
+                       providers: [.apt(["libssl-dev"])]),
         .target(name: "CUblk", dependencies: ["CLiburing"]),
         .target(name: "UblkSystem", dependencies: ["CUblk", "CLiburing"]),
+        .target(name: "UblkCrypto", dependencies: ["UblkSystem", "COpenSSL"]),
         .target(name: "UblkControl", dependencies: ["UblkSystem", "CUblk", "CLiburing"]),
         .target(name: "UblkQueue", dependencies: [
             "UblkSystem", "CUblk", "CLiburing", .product(name: "Logging", package: "swift-log"),
@@ -47,6 +54,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "UblkSystemTests", dependencies: ["UblkSystem", "CUblk"]),
+        .testTarget(name: "UblkCryptoTests", dependencies: ["UblkCrypto", "UblkSystem", "COpenSSL"]),
         .testTarget(name: "UblkControlTests", dependencies: ["UblkControl", "CUblk"]),
         .testTarget(name: "UblkQueueTests", dependencies: ["UblkQueue", "UblkSystem", "CUblk"]),
         .testTarget(name: "UblkTargetsTests", dependencies: ["UblkTargets", "UblkQueue", "UblkSystem"]),

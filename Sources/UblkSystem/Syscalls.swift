@@ -192,3 +192,31 @@ extension Syscalls {
         try retryingOnInterrupt("recv") { Glibc.recv(fd, buffer.baseAddress, buffer.count, 0) }
     }
 }
+
+// Memory that holds secrets (keys): locked, kept out of core dumps, wiped.
+extension Syscalls {
+    /// `read(2)` from the descriptor's current position: pipes and stdin have no offset for pread.
+    static func read(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        try retryingOnInterrupt("read") { Glibc.read(fd, buffer.baseAddress, buffer.count) }
+    }
+
+    static func mlock(_ address: UnsafeMutableRawPointer, length: Int) throws {
+        _ = try retryingOnInterrupt("mlock") { Glibc.mlock(address, length) }
+    }
+
+    static func munlock(_ address: UnsafeMutableRawPointer, length: Int) {
+        _ = Glibc.munlock(address, length)
+    }
+
+    /// `madvise` DONTDUMP and WIPEONFORK: keeps a secret out of core dumps and forked children.
+    /// Best effort (older kernels lack WIPEONFORK); the pages stay locked either way.
+    static func adviseSecret(_ address: UnsafeMutableRawPointer, length: Int) {
+        _ = Glibc.madvise(address, length, MADV_DONTDUMP)
+        _ = Glibc.madvise(address, length, MADV_WIPEONFORK)
+    }
+
+    /// `explicit_bzero(3)`: a plain memset before release may be removed by the optimizer.
+    static func explicitBzero(_ address: UnsafeMutableRawPointer, length: Int) {
+        Glibc.explicit_bzero(address, length)
+    }
+}

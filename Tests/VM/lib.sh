@@ -22,6 +22,16 @@
 #   need_feature NAME...           print "SKIP: needs UBLK_F_NAME" and exit 77
 #                                  (the suite counts it as skipped) unless the
 #                                  kernel reports every one of them
+# and, for tests of bad input (note problems, go on, fail at the end):
+#   problem MSG                    note a problem
+#   fail_on_problems WHAT          fail if any problem was noted ("N problem(s) WHAT")
+#   no_device_left WHAT [ID]       note a problem if any ublk device but ID exists
+#   expect_error WHAT PATTERN [--as-nobody|--no-dac] -- COMMAND...
+#                                  COMMAND must fail with ONE line on stderr that
+#                                  matches PATTERN (an extended regex: what to do),
+#                                  print nothing on stdout, not crash, and leave
+#                                  no device (but the one with id $KEEP_ID, if set);
+#                                  its output stays in $EXPECT_DIR/out and /err
 # and sets "set -euo pipefail".
 set -euo pipefail
 
@@ -98,6 +108,54 @@ wait_exit() {
 		((SECONDS < deadline)) || fail "process $1 still runs $2 s later"
 		sleep 0.05
 	done
+}
+
+PROBLEMS=()
+problem() { echo "  PROBLEM: $*"; PROBLEMS+=("$*"); }
+
+fail_on_problems() {
+	if ((${#PROBLEMS[@]})); then
+		printf '  %s\n' "${PROBLEMS[@]}"
+		fail "${#PROBLEMS[@]} problem(s) $1"
+	fi
+}
+
+no_device_left() {
+	local keep=${2:-none} node left=()
+	for node in /dev/ublkb* /dev/ublkc*; do
+		if [[ -e $node && $node != /dev/ublk[bc]$keep ]]; then left+=("$node"); fi
+	done
+	((${#left[@]} == 0)) || problem "$1: left behind: ${left[*]}"
+	[[ -c /dev/ublk-control ]] || return 0 # (ublk_drv unloaded: no devices at all)
+	local rows
+	rows=$("$UBLK" list | tail -n +2 | awk -v keep="$keep" '$1 != keep') || problem "$1: ublk list failed afterwards"
+	[[ -z $rows ]] || problem "$1: ublk list shows: $rows"
+}
+
+expect_error() {
+	local what=$1 pattern=$2 prefix=() out
+	shift 2
+	case $1 in
+	--as-nobody) prefix=(setpriv --reuid=65534 --regid=65534 --clear-groups) && shift ;;
+	--no-dac) prefix=(setpriv --bounding-set=-dac_override,-dac_read_search) && shift ;;
+	esac
+	[[ $1 == -- ]] && shift
+	: "${EXPECT_DIR:=$(mktempdir)}"
+	out=$EXPECT_DIR
+	local rc=0
+	timeout 60 "${prefix[@]}" "$@" >"$out/out" 2>"$out/err" || rc=$?
+	local err lines
+	err=$(cat "$out/err")
+	lines=$(awk 'END { print NR }' "$out/err")
+	echo "-- $what: status $rc: $err"
+	if ((rc == 0)); then problem "$what: exit status 0"; fi
+	if ((rc == 124)); then problem "$what: timed out"; fi
+	if ((rc > 128)); then problem "$what: killed by signal $((rc - 128)) (crash?)"; fi
+	if [[ $lines != 1 ]]; then problem "$what: $lines lines on stderr, expected 1"; fi
+	if grep -Eiq 'fatal error|backtrace|stack dump|crash|\.swift:[0-9]' "$out/err"; then problem "$what: looks like a crash"; fi
+	if ! grep -Eq -- "$pattern" "$out/err"; then problem "$what: message does not match /$pattern/"; fi
+	if [[ -s $out/out ]]; then problem "$what: printed on stdout: $(cat "$out/out")"; fi
+	no_device_left "$what" "${KEEP_ID:-none}"
 }
 
 # At exit: unmount what is mounted inside the temp dirs (deepest first, lazily

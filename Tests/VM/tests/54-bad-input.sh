@@ -17,48 +17,6 @@ at_exit "$UBLK" del --all
 dir=$(mktempdir)
 chmod 755 "$dir"
 shopt -s nullglob
-failures=()
-problem() { echo "  PROBLEM: $*"; failures+=("$*"); }
-
-# expect_error WHAT PATTERN [--as-nobody|--no-dac] -- COMMAND...: COMMAND must fail with
-# one line on stderr matching PATTERN (an extended regex: what to do) and leave no
-# device (but the one with id $KEEP_ID, if set).
-expect_error() {
-	local what=$1 pattern=$2 prefix=()
-	shift 2
-	case $1 in
-	--as-nobody) prefix=(setpriv --reuid=65534 --regid=65534 --clear-groups) && shift ;;
-	--no-dac) prefix=(setpriv --bounding-set=-dac_override,-dac_read_search) && shift ;;
-	esac
-	[[ $1 == -- ]] && shift
-	local rc=0
-	timeout 60 "${prefix[@]}" "$@" >"$dir/out" 2>"$dir/err" || rc=$?
-	local err lines
-	err=$(cat "$dir/err")
-	lines=$(awk 'END { print NR }' "$dir/err")
-	echo "-- $what: status $rc: $err"
-	if ((rc == 0)); then problem "$what: exit status 0"; fi
-	if ((rc == 124)); then problem "$what: timed out"; fi
-	if ((rc > 128)); then problem "$what: killed by signal $((rc - 128)) (crash?)"; fi
-	if [[ $lines != 1 ]]; then problem "$what: $lines lines on stderr, expected 1"; fi
-	if grep -Eiq 'fatal error|backtrace|stack dump|crash|\.swift:[0-9]' "$dir/err"; then problem "$what: looks like a crash"; fi
-	if ! grep -Eq -- "$pattern" "$dir/err"; then problem "$what: message does not match /$pattern/"; fi
-	if [[ -s $dir/out ]]; then problem "$what: printed on stdout: $(cat "$dir/out")"; fi
-	no_device_left "$what" "${KEEP_ID:-none}"
-}
-
-# no_device_left WHAT [ALLOWED-ID]: no ublk device exists (except ALLOWED-ID).
-no_device_left() {
-	local keep=${2:-none} node left=()
-	for node in /dev/ublkb* /dev/ublkc*; do
-		[[ $node == /dev/ublk[bc]$keep ]] || left+=("$node")
-	done
-	((${#left[@]} == 0)) || problem "$1: left behind: ${left[*]}"
-	[[ -c /dev/ublk-control ]] || return 0 # (ublk_drv unloaded: no devices at all)
-	local rows
-	rows=$("$UBLK" list | tail -n +2 | awk -v keep="$keep" '$1 != keep') || problem "$1: ublk list failed afterwards"
-	[[ -z $rows ]] || problem "$1: ublk list shows: $rows"
-}
 
 truncate -s 64M "$dir/ok.img"
 mkdir "$dir/adir"
@@ -131,8 +89,5 @@ _wait_until 10 -c /dev/ublk-control || fail "/dev/ublk-control did not come back
 dev=$("$UBLK" add --file "$dir/ok.img") || fail "a valid ublk add failed after the bad ones"
 "$UBLK" del --id "${dev#/dev/ublkb}"
 
-if ((${#failures[@]})); then
-	printf '  %s\n' "${failures[@]}"
-	fail "${#failures[@]} problem(s) with bad input"
-fi
+fail_on_problems "with bad input"
 echo "ok: every bad input got one line, a non-zero status and left no device"

@@ -1,0 +1,67 @@
+import Glibc
+
+/// Memory for a secret (an encryption key): locked so it never reaches swap, kept out of
+/// core dumps and forked children, and wiped with `explicit_bzero` before it is released.
+///
+/// `~Copyable` so a secret has one owner and is wiped exactly once; a copy would be a
+/// second, unwiped home for the bytes. It gets its own anonymous pages rather than heap
+/// memory because `munlock` works on whole pages and does not count: unlocking one secret
+/// must not unlock a neighbour that happens to share its page.
+public struct LockedMemory: ~Copyable {
+    public let base: UnsafeMutableRawPointer
+    public let count: Int
+    /// Bytes locked from `base`: whole pages for our own mapping.
+    private let lockedLength: Int
+    /// Our own pages, unmapped after the wipe; nil for caller-owned memory (the test seam).
+    private let mapping: MappedRegion?
+
+    /// `count` bytes of zeroed, locked memory.
+    public init(count: Int) throws(SystemError) {
+        let length = MappedRegion.roundUp(max(count, 1), to: MappedRegion.pageSize)
+        let region: MappedRegion
+        do {
+            region = try MappedRegion(fd: -1, length: length, offset: 0, protection: PROT_READ | PROT_WRITE,
+                                      flags: MAP_PRIVATE | MAP_ANONYMOUS)
+        } catch { throw error as! SystemError }
+        do { try Syscalls.mlock(region.address, length: length) } catch { throw error as! SystemError }
+        Syscalls.adviseSecret(region.address, length: length)
+        base = region.address
+        self.count = count
+        lockedLength = length
+        mapping = .some(region)
+    }
+
+    /// Test seam: locks memory the caller owns and frees only after this owner is gone, so a
+    /// test can look at the bytes after the wipe (our own pages are unmapped by then).
+    init(lockingCallerMemory base: UnsafeMutableRawPointer, count: Int) throws(SystemError) {
+        do { try Syscalls.mlock(base, length: count) } catch { throw error as! SystemError }
+        self.base = base
+        self.count = count
+        lockedLength = count
+        mapping = nil
+    }
+
+    deinit {
+        // Wipe first, then unlock; `mapping` is unmapped after this body, once stored
+        // properties are destroyed.
+        Syscalls.explicitBzero(base, length: lockedLength)
+        Syscalls.munlock(base, length: lockedLength)
+    }
+
+    public var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: count) }
+
+    /// Reads from `fd`'s current position until the memory is full or the input ends, and
+    /// returns how many bytes came. Straight into the locked pages, so the secret never
+    /// passes through an unlocked buffer; sequential `read(2)`, so pipes and stdin work.
+    public func fill(readingFrom fd: Int32) throws(SystemError) -> Int {
+        var filled = 0
+        while filled < count {
+            let got: Int
+            do { got = try Syscalls.read(fd, UnsafeMutableRawBufferPointer(start: base + filled, count: count - filled)) }
+            catch { throw error as! SystemError }
+            if got == 0 { break }
+            filled += got
+        }
+        return filled
+    }
+}

@@ -1,0 +1,52 @@
+#!/bin/bash
+# 63-crypt-bad-input — every mistake with the encrypting target gets ONE line on
+# stderr that says what to do, a non-zero exit status, no crash, and leaves no device
+# behind: missing, short (for 256 and for the default 512 bits), unreadable and
+# directory key files; a key whose halves are equal; an unknown cipher; an unknown
+# --key-size; a block size dm-crypt does not use; --encryption without --key-file; and
+# a key given on the command line (there is no such option, and the key is not echoed).
+# Every case runs, then all problems are listed.
+# timeout: 300
+. "$(dirname "$0")/../lib.sh"
+need_ublk
+at_exit "$UBLK" del --all
+
+dir=$(mktempdir)
+chmod 755 "$dir"
+truncate -s 64M "$dir/ok.img"
+head -c 64 /dev/urandom >"$dir/key"
+head -c 31 /dev/urandom >"$dir/key31"
+head -c 32 /dev/urandom >"$dir/key32"
+head -c 32 /dev/urandom >"$dir/half" && cat "$dir/half" "$dir/half" >"$dir/equal"
+cp "$dir/key" "$dir/secret-key" && chmod 000 "$dir/secret-key"
+mkdir "$dir/keydir"
+add=("$UBLK" add --file "$dir/ok.img" --encryption aes-xts-plain64)
+
+expect_error "missing key file" "does not exist.*head -c 64 /dev/urandom" -- "${add[@]}" --key-file "$dir/nope"
+expect_error "31-byte key file, --key-size 256" "31 bytes.*needs 32.*head -c 32 /dev/urandom" -- \
+	"${add[@]}" --key-file "$dir/key31" --key-size 256
+expect_error "32-byte key file, default key size" "32 bytes.*needs 64.*head -c 64 /dev/urandom" -- \
+	"${add[@]}" --key-file "$dir/key32"
+expect_error "key with equal halves" "equal halves.*head -c 64 /dev/urandom" -- "${add[@]}" --key-file "$dir/equal"
+expect_error "unreadable key file (root without DAC override)" "key file.*permission" --no-dac -- \
+	"${add[@]}" --key-file "$dir/secret-key"
+expect_error "directory as key file" "cannot read.*key file" -- "${add[@]}" --key-file "$dir/keydir"
+expect_error "unknown cipher" "aes-xts-plain64" -- \
+	"$UBLK" add --file "$dir/ok.img" --encryption aes-cbc-essiv:sha256 --key-file "$dir/key"
+expect_error "--key-size 384" "--key-size 512.*--key-size 256" -- "${add[@]}" --key-file "$dir/key" --key-size 384
+expect_error "--block-size 1024 with encryption" "512 or 4096" -- \
+	"${add[@]}" --key-file "$dir/key" --block-size 1024
+expect_error "--encryption without --key-file" "--key-file" -- "${add[@]}"
+expect_error "--key-file without --encryption" "--encryption" -- "$UBLK" add --file "$dir/ok.img" --key-file "$dir/key"
+
+# A key on the command line: no such option, and the key is not repeated anywhere.
+hex=$(od -An -tx1 -v "$dir/key" | tr -d ' \n')
+expect_error "key on the command line" "Unknown option.*--key" -- "${add[@]}" --key "$hex"
+if grep -qiF "$hex" "$EXPECT_DIR/err" "$EXPECT_DIR/out"; then problem "key on the command line: the key is echoed"; fi
+
+# And after all that, a good add still works.
+dev=$("${add[@]}" --key-file "$dir/key") || fail "a valid encrypted ublk add failed after the bad ones"
+"$UBLK" del --id "${dev#/dev/ublkb}"
+
+fail_on_problems "with bad encryption input"
+echo "ok: every bad encryption input got one line, a non-zero status and left no device"
