@@ -11,6 +11,7 @@
 //   UblkQueue   - one thread per hardware queue: descriptors, buffers, FETCH/COMMIT loop, `Target`
 //   UblkTargets - loop (file-backed) and null targets
 //   UblkServer  - brings a device up and down: control plane + queues + target + signals
+//   UblkTesting - the queue engine fed by the caller instead of the driver (host tests, Benchmarks/)
 //   ublk        - the command-line tool
 import PackageDescription
 
@@ -20,6 +21,8 @@ let package = Package(
     products: [
         .library(name: "Ublk", targets: ["UblkServer", "UblkTargets", "UblkQueue", "UblkControl", "UblkSystem"]),
         .executable(name: "ublk", targets: ["ublk"]),
+        // The offline queue for host tests and benchmarks; not part of `Ublk` or the tool.
+        .library(name: "UblkTesting", targets: ["UblkTesting"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -34,7 +37,12 @@ let package = Package(
         .target(name: "UblkQueue", dependencies: [
             "UblkSystem", "CUblk", "CLiburing", .product(name: "Logging", package: "swift-log"),
         ]),
-        .target(name: "UblkTargets", dependencies: ["UblkQueue", "UblkSystem", "CUblk", "CLiburing"]),
+        .target(name: "UblkTargets", dependencies: [
+            "UblkQueue", "UblkSystem", "CUblk", "CLiburing", .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "UblkTesting", dependencies: [
+            "UblkQueue", "UblkSystem", "CUblk", .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "UblkServer", dependencies: [
             "UblkControl", "UblkQueue", "UblkTargets", "UblkSystem", "CUblk",
             .product(name: "Logging", package: "swift-log"),
@@ -46,9 +54,9 @@ let package = Package(
         ]),
         .testTarget(name: "UblkSystemTests", dependencies: ["UblkSystem", "CUblk"]),
         .testTarget(name: "UblkControlTests", dependencies: ["UblkControl", "CUblk"]),
-        .testTarget(name: "UblkQueueTests", dependencies: ["UblkQueue", "UblkSystem", "CUblk"]),
-        .testTarget(name: "UblkTargetsTests", dependencies: ["UblkTargets", "UblkQueue", "UblkSystem"]),
-        .testTarget(name: "UblkServerTests", dependencies: ["UblkServer", "UblkControl", "UblkQueue"]),
+        .testTarget(name: "UblkQueueTests", dependencies: ["UblkQueue", "UblkSystem", "UblkTesting", "UblkTargets", "CUblk"]),
+        .testTarget(name: "UblkTargetsTests", dependencies: ["UblkTargets", "UblkQueue", "UblkSystem", "UblkTesting"]),
+        .testTarget(name: "UblkServerTests", dependencies: ["UblkServer", "UblkControl", "UblkQueue", "UblkTargets"]),
         .testTarget(name: "ublkTests", dependencies: [
             "ublk", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),

@@ -11,8 +11,6 @@
 #include <linux/io_uring.h>
 #include "include/ublk_sys.h"
 
-void *cublk_sqe_cmd(struct io_uring_sqe *sqe) { return sqe->cmd; }
-
 int cublk_o_direct(void) { return O_DIRECT; }
 
 int cublk_fallocate(int fd, int mode, int64_t offset, int64_t length) {

@@ -170,12 +170,6 @@ public struct ControlDevice: ~Copyable {
                                device: UInt32?, queue: UInt16, buffer: UnsafeMutableRawBufferPointer?,
                                data: UInt64) throws(ControlError) -> Int32 {
         func fail(_ errno: Int32) -> ControlError { ControlError(command: command, deviceID: device, errno: errno) }
-        let sqe: UnsafeMutablePointer<io_uring_sqe>
-        do { sqe = try ring.nextSubmission() } catch { throw fail(error.errno) }
-        // io_uring_prep_rw leaves bytes 64..127 of an SQE128 alone: clear all of it first.
-        UnsafeMutableRawPointer(sqe).initializeMemory(as: UInt8.self, repeating: 0, count: 128)
-        io_uring_prep_rw(Int32(IORING_OP_URING_CMD.rawValue), sqe, fd, nil, 0, 0)
-        sqe.pointee.cmd_op = command.opcode.encoded(encoding)
         var cmd = ublksrv_ctrl_cmd()
         cmd.dev_id = device ?? UInt32.max
         cmd.queue_id = queue
@@ -184,18 +178,16 @@ public struct ControlDevice: ~Copyable {
             cmd.len = UInt16(buffer.count)
         }
         cmd.data = data
-        sqe.commandArea.storeBytes(of: cmd, as: ublksrv_ctrl_cmd.self)
-
-        do { _ = try ring.submit(waitingFor: 1) } catch { throw fail(error.errno) }
         var result: Int32 = -EIO
-        while true {
-            if let cqe = ring.peekCompletion() {
-                result = cqe.pointee.res
-                ring.markSeen(cqe)
-                break
+        do {
+            try ring.handle.prepareCommand(fd: fd, fixedFile: false, opcode: command.opcode.encoded(encoding), userData: 0)
+                .storeBytes(of: cmd, as: ublksrv_ctrl_cmd.self)
+            var reaped = 0
+            while reaped == 0 {
+                try ring.handle.submit(waitingFor: 1)
+                reaped = ring.handle.reap { _, value in result = value }
             }
-            do { _ = try ring.submit(waitingFor: 1) } catch { throw fail(error.errno) }
-        }
+        } catch { throw fail(error.errno) }
         if result < 0 { throw fail(result) }
         return result
     }

@@ -43,17 +43,16 @@ public final class QueueThread: @unchecked Sendable {
         if let mask = configuration.cpuMask, mask.contains(where: { $0 != 0 }) {
             _ = mask.withUnsafeBytes { cublk_set_affinity_mask($0.baseAddress, $0.count) }
         }
-        let queue: Queue
+        var fetched = false
         do {
-            queue = try Queue(configuration, characterDevice: characterDevice, target: target, logger: logger)
-            try queue.fetchAll()
+            try target.serveQueue(configuration, characterDevice: characterDevice, logger: logger) {
+                fetched = true
+                ready.signal()
+            }
         } catch {
-            setupError = error
-            ready.signal()
-            return
+            if fetched { runError = error } else { setupError = error }
         }
-        ready.signal()
-        do { try queue.run() } catch { runError = error }
+        if !fetched { ready.signal() }
     }
 
     /// Waits for the thread to end (after STOP_DEV aborted its fetches); the queue's

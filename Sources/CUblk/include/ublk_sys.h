@@ -1,7 +1,6 @@
 // Small C helpers for what Swift cannot reach directly:
 // - GNU-only libc API (O_DIRECT, fallocate, thread affinity/names, gettid, block ioctls),
-//   which Swift's Glibc module does not expose;
-// - the SQE's command area, a flexible array member that imports as `()`.
+//   which Swift's Glibc module does not expose.
 #ifndef CUBLK_SYS_H
 #define CUBLK_SYS_H
 
@@ -10,11 +9,6 @@
 #include <linux/falloc.h>
 
 #include "ublk_uapi.h"
-
-struct io_uring_sqe;
-
-/// `sqe->cmd`: start of the 16-byte (80 with SQE128) command area.
-void *cublk_sqe_cmd(struct io_uring_sqe *sqe);
 
 int cublk_o_direct(void);
 int cublk_fallocate(int fd, int mode, int64_t offset, int64_t length);

@@ -1,0 +1,83 @@
+import CUblk
+import Glibc
+import Logging
+import UblkQueue
+import UblkSystem
+
+/// Drives a target through the production queue engine (`UblkQueue.Queue`) with
+/// requests handed in by the caller instead of fetched from the ublk driver: the same
+/// decode, validation, start/complete dispatch and ring, minus FETCH/COMMIT. For tests
+/// on machines without ublk, and to measure what the target path costs above io_uring.
+public final class OfflineQueue<T: Target> {
+    private let commands: OfflineCommands
+    private let queue: Queue<T.Handler, OfflineCommands>
+    /// Stands in for /dev/ublkcN as fixed file 0, so the target's files keep their numbers.
+    private let placeholder: FileDescriptor
+    public var depth: Int { queue.depth }
+    /// Requests started and not yet completed.
+    public private(set) var inFlight = 0
+
+    public init(target: T, depth: Int, bufferSize: Int = 512 * 1024) throws {
+        let ring = try IORing(entries: UInt32(depth), preferredFlags: IORing.singleThreadFlags)
+        placeholder = try FileDescriptor(path: "/dev/null", flags: O_RDWR)
+        try ring.registerFiles([placeholder.rawValue] + target.fixedFiles)
+        commands = OfflineCommands(depth: depth)
+        let limits = DeviceLimits(sectors: target.properties.size >> 9, maxIOBytes: bufferSize)
+        queue = try Queue(ring: ring, source: commands, handler: try target.makeQueueHandler(queueID: 0, depth: depth),
+                          queueID: 0, depth: depth, buffers: .copy(bytesPerTag: bufferSize), limits: limits,
+                          logger: Logger(label: "ublk-offline", factory: { _ in SwiftLogNoOpLogHandler() }))
+    }
+
+    /// The buffer of `tag` (fill it before a write, read it after a read).
+    public func buffer(tag: Int) -> UnsafeMutableRawPointer { queue.buffer(tag: tag) }
+
+    /// Starts `descriptor` on `tag` (which must be idle). Refused descriptors and requests
+    /// the handler finishes at once are reported through `completed` right away.
+    public func start(tag: Int, _ descriptor: IODescriptor, completed: (Int, Int32) -> Void) throws {
+        commands.descriptors[tag] = descriptor.raw
+        inFlight += 1
+        try queue.arrived(tag: tag)
+        deliver(completed)
+    }
+
+    /// Submits what was started and reaps completions until at least one request finished
+    /// (or nothing is in flight); `completed` gets each finished tag and its result.
+    public func reap(completed: (Int, Int32) -> Void) throws {
+        while inFlight > 0 && commands.finished.isEmpty { try queue.turn() }
+        deliver(completed)
+    }
+
+    /// Runs one request to completion and returns its result.
+    public func perform(_ descriptor: IODescriptor, tag: Int = 0) throws -> Int32 {
+        var result: Int32?
+        try start(tag: tag, descriptor) { _, value in result = value }
+        while result == nil { try reap { _, value in result = value } }
+        return result!
+    }
+
+    private func deliver(_ completed: (Int, Int32) -> Void) {
+        for (tag, result) in commands.finished { completed(tag, result) }
+        inFlight -= commands.finished.count
+        commands.finished.removeAll(keepingCapacity: true)
+    }
+}
+
+/// The offline command source: descriptors come from the caller, commits are collected.
+final class OfflineCommands: CommandSource {
+    var descriptors: [ublksrv_io_desc]
+    /// Requests committed since the caller last looked: tag and result.
+    var finished: [(Int, Int32)] = []
+
+    init(depth: Int) {
+        descriptors = Array(repeating: ublksrv_io_desc(), count: depth)
+        finished.reserveCapacity(depth)
+    }
+
+    func fetch(_ request: IORequest, _ ring: IORing.Handle) {}
+
+    func descriptor(tag: Int) -> ublksrv_io_desc { descriptors[tag] }
+
+    func commit(_ request: IORequest, result: Int32, _ ring: IORing.Handle) {
+        finished.append((Int(request.tag), result))
+    }
+}
