@@ -61,5 +61,5 @@ let package = Package(
             "ublk", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
     ],
-    swiftLanguageModes: [.v5]
+    swiftLanguageModes: [.v6]
 )

@@ -60,7 +60,7 @@ enum Background {
             break
         }
         for line in report.split(separator: "\n") {
-            if line.hasPrefix("note ") { fputs("ublk: \(line.dropFirst(5))\n", stderr) }
+            if line.hasPrefix("note ") { FileHandleStderr.print("ublk: \(line.dropFirst(5))") }
             if line.hasPrefix("ready ") { return String(line.dropFirst(6)) }
             if line.hasPrefix("error ") {
                 var status: Int32 = 0

@@ -68,7 +68,7 @@ struct ServerFlags: ParsableArguments {
                 logger.info("\(path) is live: target \(target.name), \(parameters.sectors << 9) bytes, \(info.queueCount) queues × \(info.queueDepth)")
                 if let readyFD { Background.report("ready \(path)", to: readyFD) } else { print(path) }
                 reported = true
-                fflush(stdout)
+                fflush(nil) // stdout: the path must reach a pipe before the server carries on
                 let backing = target.spec.backing.map { ", \($0)" } ?? ", -"
                 SystemdNotifier.notify("READY=1\nSTATUS=Serving \(path) (\(target.name)\(backing))\nMAINPID=\(getpid())")
             }
@@ -225,9 +225,10 @@ extension Ublk {
     }
 }
 
-/// stderr without Foundation.
+/// stderr without Foundation: one write(2) per line (C's `stderr` is a global Swift 6 cannot prove safe).
 enum FileHandleStderr {
     static func print(_ line: String) {
-        fputs(line + "\n", stderr)
+        let text = line + "\n"
+        _ = text.withCString { write(2, $0, strlen($0)) }
     }
 }
