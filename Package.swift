@@ -56,7 +56,7 @@ let package = Package(
         .testTarget(name: "UblkControlTests", dependencies: ["UblkControl", "CUblk"]),
         .testTarget(name: "UblkQueueTests", dependencies: ["UblkQueue", "UblkSystem", "UblkTesting", "UblkTargets", "CUblk"]),
         .testTarget(name: "UblkTargetsTests", dependencies: ["UblkTargets", "UblkQueue", "UblkSystem", "UblkTesting"]),
-        .testTarget(name: "UblkServerTests", dependencies: ["UblkServer", "UblkControl", "UblkQueue", "UblkTargets"]),
+        .testTarget(name: "UblkServerTests", dependencies: ["UblkServer", "UblkControl", "UblkQueue", "UblkTargets", "UblkSystem"]),
         .testTarget(name: "ublkTests", dependencies: [
             "ublk", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),

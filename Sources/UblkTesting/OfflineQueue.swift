@@ -17,7 +17,9 @@ public final class OfflineQueue<T: Target> {
     /// Requests started and not yet completed.
     public private(set) var inFlight = 0
 
-    public init(target: T, depth: Int, bufferSize: Int = 512 * 1024) throws {
+    /// `logger` gets the engine's lines (refused and failed requests); by default they are dropped.
+    public init(target: T, depth: Int, bufferSize: Int = 512 * 1024,
+                logger: Logger = Logger(label: "ublk-offline", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
         let ring = try IORing(entries: UInt32(depth), preferredFlags: IORing.singleThreadFlags)
         placeholder = try FileDescriptor(path: "/dev/null", flags: O_RDWR)
         try ring.registerFiles([placeholder.rawValue] + target.fixedFiles)
@@ -25,7 +27,7 @@ public final class OfflineQueue<T: Target> {
         let limits = DeviceLimits(sectors: target.properties.size >> 9, maxIOBytes: bufferSize)
         queue = try Queue(ring: ring, source: commands, handler: try target.makeQueueHandler(queueID: 0, depth: depth),
                           queueID: 0, depth: depth, buffers: .copy(bytesPerTag: bufferSize), limits: limits,
-                          logger: Logger(label: "ublk-offline", factory: { _ in SwiftLogNoOpLogHandler() }))
+                          logger: logger)
     }
 
     /// The buffer of `tag` (fill it before a write, read it after a read).
