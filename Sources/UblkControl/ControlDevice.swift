@@ -131,15 +131,13 @@ public struct ControlDevice: ~Copyable {
 
     /// GET_QUEUE_AFFINITY: the CPUs whose I/O lands on `queue`, as a kernel cpumask.
     public func queueAffinity(_ id: UInt32, queue: UInt16) throws(ControlError) -> [UInt8] {
-        var mask = [UInt8](repeating: 0, count: 128) // room for 1024 CPUs, a multiple of 8 bytes
-        var failure: ControlError?
-        mask.withUnsafeMutableBytes { buffer in
-            // The driver takes the queue from data[0] (queue_id is for per-queue commands to come).
-            do { _ = try execute(.getQueueAffinity, device: id, queue: queue, buffer: buffer, data: UInt64(queue)) }
-            catch { failure = error as? ControlError ?? ControlError(command: .getQueueAffinity, deviceID: id, errno: EIO) }
-        }
-        if let failure { throw failure }
-        return mask
+        // Room for 1024 CPUs, a multiple of 8 bytes.
+        let mask = UnsafeMutableRawBufferPointer.allocate(byteCount: 128, alignment: 8)
+        defer { mask.deallocate() }
+        mask.initializeMemory(as: UInt8.self, repeating: 0)
+        // The driver takes the queue from data[0] (queue_id is for per-queue commands to come).
+        _ = try execute(.getQueueAffinity, device: id, queue: queue, buffer: mask, data: UInt64(queue))
+        return Array(mask)
     }
 
     /// The ids of the devices that exist (from /sys/class/ublk-char, where the driver lists them).

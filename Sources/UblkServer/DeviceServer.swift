@@ -41,11 +41,14 @@ public struct ServerOptions: Sendable {
 /// `ublk del`) the kernel aborts the pending fetches, the queue threads end, the target
 /// is synced, /dev/ublkcN is closed and the device deleted.
 public final class DeviceServer {
-    public let target: any SpecifiedTarget
+    /// What the device is backed by. A `SpecifiedTarget` (the loop and null targets) also
+    /// gets a record under /run/ublk, which `ublk list` and `ublk recover` read; a target
+    /// of a library user's own that has no `TargetSpec` is served without one.
+    public let target: any Target
     public let options: ServerOptions
     let logger: Logger
 
-    public init(target: any SpecifiedTarget, options: ServerOptions, logger: Logger) {
+    public init(target: any Target, options: ServerOptions, logger: Logger) {
         self.target = target
         self.options = options
         self.logger = logger
@@ -92,8 +95,8 @@ public final class DeviceServer {
         SystemdNotifier.notify("STOPPING=1\nSTATUS=Removing /dev/ublkb\(id)")
         do { try target.sync() } catch { logger.error("sync of the backing failed: \(error)") }
         _ = consume characterDevice
-        do { try control.deleteDevice(id) } catch let error {
-            if error.errno != ENODEV && error.errno != ENOENT { logger.warning("\(error)") }
+        do { try control.deleteDevice(id) } catch {
+            if !error.isNoSuchDevice { logger.warning("\(error)") }
         }
         RuntimeDirectory.remove(id)
         if let failure { throw .queueFailed(id, failure) }
@@ -170,10 +173,12 @@ public final class DeviceServer {
         useNoScheduler(id)
         let live: DeviceInfo = (try? control.deviceInfo(id)) ?? info
         let liveParameters = (try? control.parameters(id)) ?? parameters
-        let record = DeviceRecord(id: id, pid: getpid(), name: options.name, spec: target.spec,
-                                  queues: Int(live.queueCount), depth: Int(live.queueDepth),
-                                  directIO: target.directIOState, recovery: options.recovery)
-        do { try RuntimeDirectory.save(record) } catch { logger.warning("cannot write the device record: \(error)") }
+        if let target = target as? any SpecifiedTarget {
+            let record = DeviceRecord(id: id, pid: getpid(), name: options.name, spec: target.spec,
+                                      queues: Int(live.queueCount), depth: Int(live.queueDepth),
+                                      directIO: target.directIOState, recovery: options.recovery)
+            do { try RuntimeDirectory.save(record) } catch { logger.warning("cannot write the device record: \(error)") }
+        }
         do { try onLive(live, liveParameters) } catch {
             logger.error("\(error)")
             watcher.requestStop()
