@@ -45,7 +45,7 @@ public final class OfflineQueue<T: Target> {
     /// Submits what was started and reaps completions until at least one request finished
     /// (or nothing is in flight); `completed` gets each finished tag and its result.
     public func reap(completed: (Int, Int32) -> Void) throws {
-        while inFlight > 0 && commands.finished.isEmpty { try queue.turn() }
+        while inFlight > 0 && commands.finishedCount == 0 { try queue.turn() }
         deliver(completed)
     }
 
@@ -57,29 +57,45 @@ public final class OfflineQueue<T: Target> {
         return result!
     }
 
+    /// Hands out the finished requests one at a time, so `completed` may start new ones.
     private func deliver(_ completed: (Int, Int32) -> Void) {
-        for (tag, result) in commands.finished { completed(tag, result) }
-        inFlight -= commands.finished.count
-        commands.finished.removeAll(keepingCapacity: true)
+        while commands.finishedCount > 0 {
+            commands.finishedCount -= 1
+            inFlight -= 1
+            let (tag, result) = commands.finished[commands.finishedCount]
+            completed(tag, result)
+        }
     }
 }
 
 /// The offline command source: descriptors come from the caller, commits are collected.
+/// Raw buffers rather than arrays, as in the targets' handlers: a class's array property
+/// pays an exclusivity check per access, which the benchmark would count against the engine.
 final class OfflineCommands: CommandSource {
-    var descriptors: [ublksrv_io_desc]
-    /// Requests committed since the caller last looked: tag and result.
-    var finished: [(Int, Int32)] = []
+    let descriptors: UnsafeMutableBufferPointer<ublksrv_io_desc>
+    /// Requests committed since the caller last looked (`finishedCount` of them): tag and result.
+    let finished: UnsafeMutableBufferPointer<(tag: Int, result: Int32)>
+    var finishedCount = 0
 
     init(depth: Int) {
-        descriptors = Array(repeating: ublksrv_io_desc(), count: depth)
-        finished.reserveCapacity(depth)
+        descriptors = .allocate(capacity: depth)
+        descriptors.initialize(repeating: ublksrv_io_desc())
+        finished = .allocate(capacity: depth)
+        finished.initialize(repeating: (0, 0))
+    }
+
+    deinit {
+        descriptors.deallocate()
+        finished.deallocate()
     }
 
     func fetch(_ request: IORequest, _ ring: IORing.Handle) {}
 
     func descriptor(tag: Int) -> ublksrv_io_desc { descriptors[tag] }
 
+    // A tag is committed at most once per start, so `depth` slots always suffice.
     func commit(_ request: IORequest, result: Int32, _ ring: IORing.Handle) {
-        finished.append((Int(request.tag), result))
+        finished[finishedCount] = (Int(request.tag), result)
+        finishedCount += 1
     }
 }
