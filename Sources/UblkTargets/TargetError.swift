@@ -2,7 +2,7 @@ import Glibc
 import UblkSystem
 
 /// Why `auto` direct I/O fell back to buffered I/O (or `on` failed).
-public enum DirectIOFallback: Error, Equatable, Sendable, CustomStringConvertible {
+public enum DirectIOFallback: Equatable, Sendable, CustomStringConvertible {
     /// O_DIRECT needs I/O aligned to the backing's logical block.
     case misaligned(backingBlock: Int, blockSize: Int, offset: UInt64)
     /// The backing refused O_DIRECT (tmpfs, some network file systems).
