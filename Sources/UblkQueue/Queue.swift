@@ -192,14 +192,22 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     }
 }
 
+extension Queue {
+    /// A queue's ring, with fixed file 0 (/dev/ublkcN, or a stand-in) and then the target's files.
+    public static func ring<T: Target>(depth: Int, firstFile: Int32, target: T) throws(SystemError) -> IORing {
+        let ring = try IORing(entries: UInt32(depth), preferredFlags: IORing.singleThreadFlags)
+        try ring.registerFiles([firstFile] + target.fixedFiles)
+        return ring
+    }
+}
+
 extension Queue where Source == UblkCommands {
     /// Sets a device's queue up on the calling thread: ring, fixed files (the character
     /// device, then the target's), descriptor mapping, buffers and the target's handler.
     public convenience init<T: Target>(_ configuration: QueueConfiguration, characterDevice: Int32, target: T,
                                        logger: Logger) throws where T.Handler == Handler {
         let depth = configuration.depth
-        let ring = try IORing(entries: UInt32(depth), preferredFlags: IORing.singleThreadFlags)
-        try ring.registerFiles([characterDevice] + target.fixedFiles)
+        let ring = try Self.ring(depth: depth, firstFile: characterDevice, target: target)
         let source = try UblkCommands(characterDevice: characterDevice, queueID: configuration.queueID, depth: depth,
                                       encoding: configuration.encoding)
         try self.init(ring: ring, source: source,

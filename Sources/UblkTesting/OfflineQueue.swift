@@ -20,9 +20,8 @@ public final class OfflineQueue<T: Target> {
     /// `logger` gets the engine's lines (refused and failed requests); by default they are dropped.
     public init(target: T, depth: Int, bufferSize: Int = 512 * 1024,
                 logger: Logger = Logger(label: "ublk-offline", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
-        let ring = try IORing(entries: UInt32(depth), preferredFlags: IORing.singleThreadFlags)
         placeholder = try FileDescriptor(path: "/dev/null", flags: O_RDWR)
-        try ring.registerFiles([placeholder.rawValue] + target.fixedFiles)
+        let ring = try Queue<T.Handler, OfflineCommands>.ring(depth: depth, firstFile: placeholder.rawValue, target: target)
         commands = OfflineCommands(depth: depth)
         let limits = DeviceLimits(sectors: target.properties.size >> 9, maxIOBytes: bufferSize)
         queue = try Queue(ring: ring, source: commands, handler: try target.makeQueueHandler(queueID: 0, depth: depth),
