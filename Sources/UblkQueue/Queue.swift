@@ -59,14 +59,19 @@ public protocol CommandSource: AnyObject {
 public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     @usableFromInline let ring: IORing
     @usableFromInline let source: Source
-    @usableFromInline let handler: Handler
+    let handler: Handler
+    /// `handler` again, called through `_withUnsafeGuaranteedRef`: the field above keeps
+    /// it alive for the queue's lifetime, and a call through the strong field costs a
+    /// retain/release pair per request (the optimiser cannot see that it need not).
+    @usableFromInline let handlerReference: Unmanaged<Handler>
     @usableFromInline let buffers: AlignedBuffer
     @usableFromInline let requests: UnsafeMutableBufferPointer<IORequest>
     @usableFromInline let limits: DeviceLimits
     @usableFromInline let queueID: UInt16
     @usableFromInline let logger: Logger
-    /// Tags the kernel has not retired yet.
-    @usableFromInline var live: Int
+    /// Tags the kernel has not retired yet. (Only the queue's thread touches it, never with
+    /// overlapping accesses: no dynamic exclusivity check needed.)
+    @usableFromInline @exclusivity(unchecked) var live: Int
     public let depth: Int
 
     /// A queue on `ring` (its fixed files already registered: 0 is /dev/ublkcN, then the target's).
@@ -83,6 +88,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         self.ring = ring
         self.source = source
         self.handler = handler
+        handlerReference = .passUnretained(handler)
         self.queueID = queueID
         self.depth = depth
         self.limits = limits
@@ -126,9 +132,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         case .command:
             try commandCompleted(tag: tag, result: result)
         case .target:
-            try drive(tag: tag) { (io) throws(SystemError) in
-                try handler.complete(requests[tag], backingResult: result, io)
-            }
+            try step(tag: tag, backingResult: result)
         case .queue, nil:
             break // no target submits operations of the queue itself yet
         }
@@ -156,22 +160,38 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
             try source.commit(requests[tag], result: -error.errno, ring.handle)
         case .success(let descriptor):
             requests[tag].descriptor = descriptor
-            try drive(tag: tag) { (io) throws(SystemError) in try handler.start(requests[tag], io) }
+            try step(tag: tag, backingResult: nil)
         }
     }
 
-    /// Runs one step of the tag's request; commits it if the step finished it. A step
+    /// Runs one step of the tag's request: its start (`backingResult` nil) or the
+    /// completion of its backing I/O. Commits the request if the step finished it; a step
     /// that could not get an SQE finishes the request with that errno.
     @inlinable
-    func drive(tag: Int, _ step: (BackingSubmitter) throws(SystemError) -> Int32?) throws(SystemError) {
-        let result: Int32?
-        do { result = try step(BackingSubmitter(ring: ring.handle, tag: UInt16(tag))) } catch {
-            logger.error("queue \(queueID) tag \(tag): \(error)")
+    func step(tag: Int, backingResult: Int32?) throws(SystemError) {
+        let io = BackingSubmitter(ring: ring.handle, tag: UInt16(tag))
+        let request = requests[tag]
+        let outcome = handlerReference._withUnsafeGuaranteedRef { handler in
+            Result { () throws(SystemError) -> Int32? in
+                if let backingResult { return try handler.complete(request, backingResult: backingResult, io) }
+                return try handler.start(request, io)
+            }
+        }
+        let result: Int32
+        switch outcome {
+        case .success(nil): return
+        case .success(let value?): result = value
+        case .failure(let error):
+            logSubmissionFailure(tag: tag, error)
             result = -error.errno
         }
-        guard let result else { return }
         if result < 0 { logFailure(tag: tag, result: result) }
         try source.commit(requests[tag], result: result, ring.handle)
+    }
+
+    @usableFromInline
+    func logSubmissionFailure(tag: Int, _ error: SystemError) {
+        logger.error("queue \(queueID) tag \(tag): \(error)")
     }
 
     @usableFromInline

@@ -8,14 +8,20 @@ import UblkSystem
 /// requests handed in by the caller instead of fetched from the ublk driver: the same
 /// decode, validation, start/complete dispatch and ring, minus FETCH/COMMIT. For tests
 /// on machines without ublk, and to measure what the target path costs above io_uring.
+///
+/// Its methods are `@inlinable` so that a benchmark specialises the engine for its target,
+/// as `Target.serveQueue` does in the daemon.
 public final class OfflineQueue<T: Target> {
-    private let commands: OfflineCommands
-    private let queue: Queue<T.Handler, OfflineCommands>
+    @usableFromInline let commands: OfflineCommands
+    @usableFromInline let queue: Queue<T.Handler, OfflineCommands>
     /// Stands in for /dev/ublkcN as fixed file 0, so the target's files keep their numbers.
     private let placeholder: FileDescriptor
     public var depth: Int { queue.depth }
     /// Requests started and not yet completed.
-    public private(set) var inFlight = 0
+    public var inFlight: Int { pending }
+    /// (Touched only by the owning thread, never with overlapping accesses: no dynamic
+    /// exclusivity check needed.)
+    @usableFromInline @exclusivity(unchecked) var pending = 0
 
     /// `logger` gets the engine's lines (refused and failed requests); by default they are dropped.
     public init(target: T, depth: Int, bufferSize: Int = 512 * 1024,
@@ -34,17 +40,19 @@ public final class OfflineQueue<T: Target> {
 
     /// Starts `descriptor` on `tag` (which must be idle). Refused descriptors and requests
     /// the handler finishes at once are reported through `completed` right away.
+    @inlinable
     public func start(tag: Int, _ descriptor: IODescriptor, completed: (Int, Int32) -> Void) throws {
         commands.descriptors[tag] = descriptor.raw
-        inFlight += 1
+        pending += 1
         try queue.arrived(tag: tag)
         deliver(completed)
     }
 
-    /// Submits what was started and reaps completions until at least one request finished
+    /// Submits what was pending and reaps completions until at least one request finished
     /// (or nothing is in flight); `completed` gets each finished tag and its result.
+    @inlinable
     public func reap(completed: (Int, Int32) -> Void) throws {
-        while inFlight > 0 && commands.finishedCount == 0 { try queue.turn() }
+        while pending > 0 && commands.finishedCount == 0 { try queue.turn() }
         deliver(completed)
     }
 
@@ -57,10 +65,11 @@ public final class OfflineQueue<T: Target> {
     }
 
     /// Hands out the finished requests one at a time, so `completed` may start new ones.
-    private func deliver(_ completed: (Int, Int32) -> Void) {
+    @inlinable
+    func deliver(_ completed: (Int, Int32) -> Void) {
         while commands.finishedCount > 0 {
             commands.finishedCount -= 1
-            inFlight -= 1
+            pending -= 1
             let (tag, result) = commands.finished[commands.finishedCount]
             completed(tag, result)
         }
@@ -70,11 +79,12 @@ public final class OfflineQueue<T: Target> {
 /// The offline command source: descriptors come from the caller, commits are collected.
 /// Raw buffers rather than arrays, as in the targets' handlers: a class's array property
 /// pays an exclusivity check per access, which the benchmark would count against the engine.
+@usableFromInline
 final class OfflineCommands: CommandSource {
-    let descriptors: UnsafeMutableBufferPointer<ublksrv_io_desc>
+    @usableFromInline let descriptors: UnsafeMutableBufferPointer<ublksrv_io_desc>
     /// Requests committed since the caller last looked (`finishedCount` of them): tag and result.
-    let finished: UnsafeMutableBufferPointer<(tag: Int, result: Int32)>
-    var finishedCount = 0
+    @usableFromInline let finished: UnsafeMutableBufferPointer<(tag: Int, result: Int32)>
+    @usableFromInline @exclusivity(unchecked) var finishedCount = 0
 
     init(depth: Int) {
         descriptors = .allocate(capacity: depth)
@@ -88,11 +98,14 @@ final class OfflineCommands: CommandSource {
         finished.deallocate()
     }
 
+    @inlinable
     func fetch(_ request: IORequest, _ ring: IORing.Handle) {}
 
+    @inlinable
     func descriptor(tag: Int) -> ublksrv_io_desc { descriptors[tag] }
 
     // A tag is committed at most once per start, so `depth` slots always suffice.
+    @inlinable
     func commit(_ request: IORequest, result: Int32, _ ring: IORing.Handle) {
         finished[finishedCount] = (Int(request.tag), result)
         finishedCount += 1
