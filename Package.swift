@@ -14,6 +14,7 @@
 //   UblkTargets - loop (file-backed) and null targets
 //   UblkNBD     - the NBD client protocol: URIs, connect + handshake, wire format, reply parser
 //   UblkServer  - brings a device up and down: control plane + queues + target + signals
+//   UblkTesting - the queue engine fed by the caller instead of the driver (host tests, Benchmarks/)
 //   ublk        - the command-line tool
 import PackageDescription
 
@@ -25,6 +26,8 @@ let package = Package(
             "UblkServer", "UblkTargets", "UblkQueue", "UblkControl", "UblkCrypto", "UblkNBD", "UblkSystem",
         ]),
         .executable(name: "ublk", targets: ["ublk"]),
+        // The offline queue for host tests and benchmarks; not part of `Ublk` or the tool.
+        .library(name: "UblkTesting", targets: ["UblkTesting"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -43,7 +46,12 @@ let package = Package(
             "UblkSystem", "CUblk", "CLiburing", .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "UblkNBD", dependencies: ["UblkSystem"]),
-        .target(name: "UblkTargets", dependencies: ["UblkQueue", "UblkSystem", "CUblk", "CLiburing"]),
+        .target(name: "UblkTargets", dependencies: [
+            "UblkQueue", "UblkSystem", "CUblk", "CLiburing", .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "UblkTesting", dependencies: [
+            "UblkQueue", "UblkSystem", "CUblk", .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "UblkServer", dependencies: [
             "UblkControl", "UblkQueue", "UblkTargets", "UblkSystem", "CUblk",
             .product(name: "Logging", package: "swift-log"),
@@ -56,13 +64,13 @@ let package = Package(
         .testTarget(name: "UblkSystemTests", dependencies: ["UblkSystem", "CUblk"]),
         .testTarget(name: "UblkCryptoTests", dependencies: ["UblkCrypto", "UblkSystem", "COpenSSL"]),
         .testTarget(name: "UblkControlTests", dependencies: ["UblkControl", "CUblk"]),
-        .testTarget(name: "UblkQueueTests", dependencies: ["UblkQueue", "UblkSystem", "CUblk"]),
-        .testTarget(name: "UblkTargetsTests", dependencies: ["UblkTargets", "UblkQueue", "UblkSystem"]),
+        .testTarget(name: "UblkQueueTests", dependencies: ["UblkQueue", "UblkSystem", "UblkTesting", "UblkTargets", "CUblk"]),
+        .testTarget(name: "UblkTargetsTests", dependencies: ["UblkTargets", "UblkQueue", "UblkSystem", "UblkTesting"]),
         .testTarget(name: "UblkNBDTests", dependencies: ["UblkNBD", "UblkSystem"]),
-        .testTarget(name: "UblkServerTests", dependencies: ["UblkServer", "UblkControl", "UblkQueue"]),
+        .testTarget(name: "UblkServerTests", dependencies: ["UblkServer", "UblkControl", "UblkQueue", "UblkTargets", "UblkSystem"]),
         .testTarget(name: "ublkTests", dependencies: [
             "ublk", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
     ],
-    swiftLanguageModes: [.v5]
+    swiftLanguageModes: [.v6]
 )

@@ -1,7 +1,8 @@
 // swift-tools-version:6.1
 //
 // Host benchmarks of ublk-swift (no ublk driver needed): 4k random reads and writes
-// pushed through the loop target's io_uring path with `UblkQueue.OfflineQueue`, next to
+// pushed through the loop target's io_uring path with `UblkTesting.OfflineQueue` (the
+// daemon's queue engine, fed by the benchmark instead of the ublk driver), next to
 // a plain liburing loop doing the same I/O. Run from this directory:
 //
 //   swift package --disable-sandbox benchmark
@@ -23,9 +24,10 @@ let package = Package(
                        providers: [.apt(["liburing-dev"])]),
         // The plain liburing loop (baseline) and the random-offset workload both sides share.
         .target(name: "UringBaseline", dependencies: ["CBenchUring"], path: "Sources/UringBaseline"),
-        // The loop target's side: LoopTarget driven by UblkQueue.OfflineQueue.
+        // The loop target's side: LoopTarget driven by UblkTesting.OfflineQueue.
         .target(name: "LoopDriver", dependencies: [
             "UringBaseline", .product(name: "Ublk", package: "ublk-swift"),
+            .product(name: "UblkTesting", package: "ublk-swift"),
         ], path: "Sources/LoopDriver"),
         // Both loops without the harness, for callgrind/perf (Benchmarks/profile).
         .executableTarget(name: "ublk-bench-profile", dependencies: ["LoopDriver", "UringBaseline"],
@@ -40,5 +42,5 @@ let package = Package(
             plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
         ),
     ],
-    swiftLanguageModes: [.v5]
+    swiftLanguageModes: [.v6]
 )

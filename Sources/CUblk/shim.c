@@ -11,19 +11,10 @@
 #include <linux/io_uring.h>
 #include "include/ublk_sys.h"
 
-void *cublk_sqe_cmd(struct io_uring_sqe *sqe) { return sqe->cmd; }
-
 int cublk_o_direct(void) { return O_DIRECT; }
 
 int cublk_fallocate(int fd, int mode, int64_t offset, int64_t length) {
     return fallocate(fd, mode, (off_t)offset, (off_t)length);
-}
-
-int cublk_set_affinity_cpu(int cpu) {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(cpu, &set);
-    return pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 }
 
 int cublk_set_thread_name(const char *name) {
@@ -40,8 +31,6 @@ int cublk_set_affinity_mask(const void *mask, size_t bytes) {
     return pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 }
 
-pid_t cublk_gettid(void) { return gettid(); }
-
 int cublk_block_device_size(int fd, uint64_t *bytes) {
     return ioctl(fd, BLKGETSIZE64, bytes) == 0 ? 0 : -errno;
 }
@@ -57,5 +46,3 @@ int cublk_block_device_sector_sizes(int fd, uint32_t *logical, uint32_t *physica
 }
 
 short cublk_posix_spawn_setsid(void) { return POSIX_SPAWN_SETSID; }
-
-int cublk_errno(void) { return errno; }

@@ -106,6 +106,9 @@ public struct ControlError: Error, Equatable, CustomStringConvertible, Sendable 
         self.errno = errno < 0 ? -errno : errno
     }
 
+    /// The device is gone (ENODEV, or ENOENT from older kernels).
+    public var isNoSuchDevice: Bool { errno == ENODEV || errno == ENOENT }
+
     public var description: String {
         let target = deviceID.map { " for device \($0)" } ?? ""
         let reason = SystemError("", errno: errno).reason

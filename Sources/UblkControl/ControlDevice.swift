@@ -131,15 +131,13 @@ public struct ControlDevice: ~Copyable {
 
     /// GET_QUEUE_AFFINITY: the CPUs whose I/O lands on `queue`, as a kernel cpumask.
     public func queueAffinity(_ id: UInt32, queue: UInt16) throws(ControlError) -> [UInt8] {
-        var mask = [UInt8](repeating: 0, count: 128) // room for 1024 CPUs, a multiple of 8 bytes
-        var failure: ControlError?
-        mask.withUnsafeMutableBytes { buffer in
-            // The driver takes the queue from data[0] (queue_id is for per-queue commands to come).
-            do { _ = try execute(.getQueueAffinity, device: id, queue: queue, buffer: buffer, data: UInt64(queue)) }
-            catch { failure = error as? ControlError ?? ControlError(command: .getQueueAffinity, deviceID: id, errno: EIO) }
-        }
-        if let failure { throw failure }
-        return mask
+        // Room for 1024 CPUs, a multiple of 8 bytes.
+        let mask = UnsafeMutableRawBufferPointer.allocate(byteCount: 128, alignment: 8)
+        defer { mask.deallocate() }
+        mask.initializeMemory(as: UInt8.self, repeating: 0)
+        // The driver takes the queue from data[0] (queue_id is for per-queue commands to come).
+        _ = try execute(.getQueueAffinity, device: id, queue: queue, buffer: mask, data: UInt64(queue))
+        return Array(mask)
     }
 
     /// The ids of the devices that exist (from /sys/class/ublk-char, where the driver lists them).
@@ -170,12 +168,6 @@ public struct ControlDevice: ~Copyable {
                                device: UInt32?, queue: UInt16, buffer: UnsafeMutableRawBufferPointer?,
                                data: UInt64) throws(ControlError) -> Int32 {
         func fail(_ errno: Int32) -> ControlError { ControlError(command: command, deviceID: device, errno: errno) }
-        let sqe: UnsafeMutablePointer<io_uring_sqe>
-        do { sqe = try ring.nextSubmission() } catch { throw fail(error.errno) }
-        // io_uring_prep_rw leaves bytes 64..127 of an SQE128 alone: clear all of it first.
-        UnsafeMutableRawPointer(sqe).initializeMemory(as: UInt8.self, repeating: 0, count: 128)
-        io_uring_prep_rw(Int32(IORING_OP_URING_CMD.rawValue), sqe, fd, nil, 0, 0)
-        sqe.pointee.cmd_op = command.opcode.encoded(encoding)
         var cmd = ublksrv_ctrl_cmd()
         cmd.dev_id = device ?? UInt32.max
         cmd.queue_id = queue
@@ -184,18 +176,16 @@ public struct ControlDevice: ~Copyable {
             cmd.len = UInt16(buffer.count)
         }
         cmd.data = data
-        sqe.commandArea.storeBytes(of: cmd, as: ublksrv_ctrl_cmd.self)
-
-        do { _ = try ring.submit(waitingFor: 1) } catch { throw fail(error.errno) }
         var result: Int32 = -EIO
-        while true {
-            if let cqe = ring.peekCompletion() {
-                result = cqe.pointee.res
-                ring.markSeen(cqe)
-                break
+        do {
+            try ring.handle.prepareCommand(fd: fd, fixedFile: false, opcode: command.opcode.encoded(encoding), userData: 0)
+                .storeBytes(of: cmd, as: ublksrv_ctrl_cmd.self)
+            var reaped = 0
+            while reaped == 0 {
+                try ring.handle.submit(waitingFor: 1)
+                reaped = ring.handle.reap { _, value in result = value }
             }
-            do { _ = try ring.submit(waitingFor: 1) } catch { throw fail(error.errno) }
-        }
+        } catch { throw fail(error.errno) }
         if result < 0 { throw fail(result) }
         return result
     }

@@ -109,6 +109,6 @@ public struct XTSCipher: ~Copyable, @unchecked Sendable {
         guard code != 0 else { return "no reason given" }
         var text = [CChar](repeating: 0, count: 256)
         ERR_error_string_n(code, &text, text.count)
-        return String(cString: text)
+        return String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 }

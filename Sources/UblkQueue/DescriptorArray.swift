@@ -20,11 +20,11 @@ public struct DescriptorArray: ~Copyable {
         return Int64(UBLKSRV_CMD_BUF_OFFSET) + Int64(queueID) * Int64(stride)
     }
 
-    public init(characterDevice fd: Int32, queueID: Int, depth: Int) throws {
+    public init(characterDevice fd: Int32, queueID: Int, depth: Int) throws(SystemError) {
         let length = MappedRegion.roundUp(depth * MemoryLayout<ublksrv_io_desc>.size, to: MappedRegion.pageSize)
         do {
             region = try MappedRegion(fd: fd, length: length, offset: Self.offset(queueID: queueID))
-        } catch let error as SystemError {
+        } catch {
             throw SystemError("mmap descriptors of queue \(queueID)", errno: error.errno)
         }
         self.depth = depth

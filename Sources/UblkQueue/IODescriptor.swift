@@ -18,6 +18,18 @@ public enum IOOperation: Sendable, Equatable {
         }
     }
 
+    /// The `UBLK_IO_OP_*` number.
+    public var rawValue: UInt8 {
+        switch self {
+        case .read: UInt8(UBLK_IO_OP_READ)
+        case .write: UInt8(UBLK_IO_OP_WRITE)
+        case .flush: UInt8(UBLK_IO_OP_FLUSH)
+        case .discard: UInt8(UBLK_IO_OP_DISCARD)
+        case .writeZeroes: UInt8(UBLK_IO_OP_WRITE_ZEROES)
+        case .unsupported(let raw): raw
+        }
+    }
+
     /// The operation moves data through the tag's buffer.
     public var usesBuffer: Bool { self == .read || self == .write }
 }
@@ -56,6 +68,15 @@ public struct IODescriptor: Sendable, Equatable {
         flags = IOFlags(rawValue: raw.op_flags & ~0xff)
         startSector = raw.start_sector
         sectorCount = raw.nr_sectors
+    }
+
+    /// The descriptor as the driver would write it (for requests made up by tests and benchmarks).
+    public var raw: ublksrv_io_desc {
+        var raw = ublksrv_io_desc()
+        raw.op_flags = UInt32(operation.rawValue) | flags.rawValue
+        raw.start_sector = startSector
+        raw.nr_sectors = sectorCount
+        return raw
     }
 
     /// Byte offset on the device (meaningful once `validated(for:)` bounded the sector).

@@ -6,180 +6,233 @@ import UblkSystem
 
 /// Everything a queue thread needs to serve one hardware queue of a device.
 public struct QueueConfiguration: Sendable {
-    public var deviceID: UInt32
     public var queueID: UInt16
     public var depth: Int
-    /// Size of each tag's buffer (the device's max_io_buf_bytes).
-    public var bufferSize: Int
+    /// Where each tag's data lives.
+    public var buffers: TagBufferMode
     public var limits: DeviceLimits
     public var encoding: OpcodeEncoding
     /// Pin the thread to these CPUs (a kernel cpumask, from GET_QUEUE_AFFINITY), if set.
     public var cpuMask: [UInt8]?
 
-    public init(deviceID: UInt32, queueID: UInt16, depth: Int, bufferSize: Int, limits: DeviceLimits,
+    public init(queueID: UInt16, depth: Int, buffers: TagBufferMode, limits: DeviceLimits,
                 encoding: OpcodeEncoding, cpuMask: [UInt8]? = nil) {
-        self.deviceID = deviceID
         self.queueID = queueID
         self.depth = depth
-        self.bufferSize = bufferSize
+        self.buffers = buffers
         self.limits = limits
         self.encoding = encoding
         self.cpuMask = cpuMask
     }
 }
 
-/// The ublk I/O commands a queue sends on /dev/ublkcN.
-public enum IOCommand: UInt32, Sendable {
-    case fetch = 0x20
-    case commitAndFetch = 0x21
-
-    public var opcode: UblkOpcode {
-        UblkOpcode(number: rawValue, direction: .readWrite, payloadSize: MemoryLayout<ublksrv_io_cmd>.size)
-    }
+/// How a queue gives each tag room for its data.
+public enum TagBufferMode: Sendable, Equatable {
+    /// The driver copies request data to and from a buffer per tag of `bytesPerTag`
+    /// (the device's max_io_buf_bytes), whose address FETCH and COMMIT carry. The
+    /// buffers are one anonymous mapping: pages are allocated when first touched.
+    case copy(bytesPerTag: Int)
+    // Zero copy (UBLK_F_AUTO_BUF_REG) will be a second case: no buffers, and FETCH/COMMIT
+    // carry the registration in `addr` instead (see `CommandSource`).
 }
 
-/// Where each tag is in its life: waiting in the kernel for a request (after FETCH or
-/// COMMIT_AND_FETCH), in the target's hands (backing I/O in flight), or finished for
-/// good (the kernel aborted the fetch: the device is stopping).
-enum TagState: UInt8 {
-    case awaitingRequest
-    case inTarget
-    case retired
+/// Where a queue's requests come from and where their results go: the one seam between
+/// the queue engine and the ublk driver. `UblkCommands` speaks to /dev/ublkcN; tests and
+/// benchmarks hand requests in themselves.
+public protocol CommandSource: AnyObject {
+    /// Asks for the first request of `request.tag` (FETCH_REQ); START_DEV waits for these.
+    func fetch(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError)
+    /// The raw descriptor of the request that has just arrived on `tag`.
+    func descriptor(tag: Int) -> ublksrv_io_desc
+    /// Completes `request` with `result` and asks for the tag's next (COMMIT_AND_FETCH_REQ).
+    func commit(_ request: IORequest, result: Int32, _ ring: IORing.Handle) throws(SystemError)
 }
 
-/// One hardware queue of a ublk device: its ring, descriptor array, tag buffers and
-/// target handler, all owned by the one thread that runs `run()`.
+/// The queue engine: one hardware queue's ring, per-tag requests and buffers, and its
+/// target handler, all owned by the one thread that drives it.
 ///
 /// The kernel requires that a queue's FETCH/COMMIT commands come from the task that
-/// issued its first FETCH, so nothing here is shared or locked.
-public final class Queue {
-    public let configuration: QueueConfiguration
-    private let ring: IORing
-    private let descriptors: DescriptorArray
-    private let buffers: AlignedBuffer
-    private let handler: any QueueHandler
-    private let states: UnsafeMutableBufferPointer<TagState>
-    private let requests: UnsafeMutableBufferPointer<IORequest>
-    private let fetchOpcode: UInt32
-    private let commitOpcode: UInt32
-    private let logger: Logger
-    private var live: Int
+/// issued its first FETCH, so nothing here is shared or locked. Generic over the
+/// handler and the command source, and `@inlinable`, so the daemon's queue (made in
+/// `Target.serveQueue`) and the host tests' and benchmark's queue are this same code,
+/// specialised: no existential call per request.
+public final class Queue<Handler: QueueHandler, Source: CommandSource> {
+    @usableFromInline let ring: IORing
+    @usableFromInline let source: Source
+    let handler: Handler
+    /// `handler` again, called through `_withUnsafeGuaranteedRef`: the field above keeps
+    /// it alive for the queue's lifetime, and a call through the strong field costs a
+    /// retain/release pair per request (the optimiser cannot see that it need not).
+    @usableFromInline let handlerReference: Unmanaged<Handler>
+    @usableFromInline let buffers: AlignedBuffer
+    @usableFromInline let requests: UnsafeMutableBufferPointer<IORequest>
+    @usableFromInline let limits: DeviceLimits
+    @usableFromInline let queueID: UInt16
+    @usableFromInline let logger: Logger
+    /// Tags the kernel has not retired yet. (Only the queue's thread touches it, never with
+    /// overlapping accesses: no dynamic exclusivity check needed.)
+    @usableFromInline @exclusivity(unchecked) var live: Int
+    public let depth: Int
 
-    /// Sets the queue up on the calling thread: ring, fixed files (the character device,
-    /// then the target's files), descriptor mapping, buffers and the target's handler.
-    public init(_ configuration: QueueConfiguration, characterDevice: Int32, target: any Target, logger: Logger) throws {
-        self.configuration = configuration
-        let depth = configuration.depth
-        let ring = try IORing(entries: UInt32(depth), preferredFlags: IORing.singleThreadFlags)
-        try ring.registerFiles([characterDevice] + target.fixedFiles)
-        self.ring = ring
-        descriptors = try DescriptorArray(characterDevice: characterDevice, queueID: Int(configuration.queueID), depth: depth)
-        buffers = try AlignedBuffer(count: depth * configuration.bufferSize)
-        handler = try target.makeQueueHandler(queueID: Int(configuration.queueID), depth: depth)
-        states = .allocate(capacity: depth)
-        states.initialize(repeating: .awaitingRequest)
+    /// A queue on `ring` (its fixed files already registered: 0 is /dev/ublkcN, then the target's).
+    public init(ring: consuming IORing, source: Source, handler: Handler, queueID: UInt16, depth: Int,
+                buffers mode: TagBufferMode, limits: DeviceLimits, logger: Logger) throws(SystemError) {
+        guard case .copy(let bytesPerTag) = mode else { preconditionFailure("unknown buffer mode") }
+        buffers = try AlignedBuffer(count: depth * bytesPerTag)
         requests = .allocate(capacity: depth)
         for tag in 0..<depth {
             (requests.baseAddress! + tag).initialize(to: IORequest(
                 tag: UInt16(tag), descriptor: IODescriptor(operation: .flush, startSector: 0, sectorCount: 0),
-                buffer: buffers.base + tag * configuration.bufferSize))
+                buffer: buffers.base + tag * bytesPerTag))
         }
-        fetchOpcode = IOCommand.fetch.opcode.encoded(configuration.encoding)
-        commitOpcode = IOCommand.commitAndFetch.opcode.encoded(configuration.encoding)
+        self.ring = ring
+        self.source = source
+        self.handler = handler
+        handlerReference = .passUnretained(handler)
+        self.queueID = queueID
+        self.depth = depth
+        self.limits = limits
         self.logger = logger
         live = depth
     }
 
-    deinit {
-        states.deallocate()
-        requests.deallocate()
+    deinit { requests.deallocate() }
+
+    /// The buffer of `tag`.
+    public func buffer(tag: Int) -> UnsafeMutableRawPointer { requests[tag].buffer }
+
+    /// Fetches every tag and hands the fetches to the kernel. START_DEV waits for exactly this.
+    @inlinable
+    public func fetchAll() throws(SystemError) {
+        for tag in 0..<depth { try source.fetch(requests[tag], ring.handle) }
+        try ring.handle.submit()
     }
 
-    /// Queues FETCH_REQ for every tag and hands them to the kernel. START_DEV waits
-    /// for exactly this.
-    public func fetchAll() throws {
-        for tag in 0..<configuration.depth {
-            try queueCommand(fetchOpcode, tag: tag, result: 0)
-        }
-        _ = try ring.submit()
+    /// Serves requests until the kernel retires every tag (STOP_DEV, device removal).
+    @inlinable
+    public func run() throws(SystemError) {
+        while live > 0 { try turn() }
     }
 
-    /// Serves requests until the kernel aborts every tag (STOP_DEV or device removal).
-    public func run() throws {
-        while live > 0 {
-            _ = try ring.submit(waitingFor: 1)
-            while let cqe = ring.peekCompletion() {
-                let userData = cqe.pointee.user_data
-                let result = cqe.pointee.res
-                ring.markSeen(cqe)
-                let tag = Int(UInt16(truncatingIfNeeded: userData))
-                guard tag < configuration.depth else { continue }
-                if userData & BackingSubmitter.targetBit != 0 {
-                    let io = BackingSubmitter(ring: ring.handle, tag: UInt16(tag))
-                    if let done = handler.complete(requests[tag], backingResult: result, io) {
-                        try commit(tag: tag, result: done)
-                    }
-                } else {
-                    try commandCompleted(tag: tag, result: result)
-                }
-            }
+    /// One turn of the loop: one `io_uring_enter` that submits what is queued and waits
+    /// for a completion, then every ready completion, reaped in batches.
+    @inlinable
+    public func turn() throws(SystemError) {
+        try ring.handle.submit(waitingFor: 1)
+        try ring.handle.reap { (userData, result) throws(SystemError) in
+            try self.completed(UserData(rawValue: userData), result: result)
         }
     }
 
-    /// A FETCH or COMMIT_AND_FETCH completed: a new request, or the end of the tag.
-    @inline(__always)
-    private func commandCompleted(tag: Int, result: Int32) throws {
+    @inlinable
+    func completed(_ userData: UserData, result: Int32) throws(SystemError) {
+        let tag = Int(userData.tag)
+        guard tag < depth else { return }
+        switch userData.kind {
+        case .command:
+            try commandCompleted(tag: tag, result: result)
+        case .target:
+            try step(tag: tag, backingResult: result)
+        case .queue, nil:
+            break // no target submits operations of the queue itself yet
+        }
+    }
+
+    /// A FETCH or COMMIT_AND_FETCH completed: a new request, or the end of the tag
+    /// (-ENODEV: the device stops, or is quiesced for a new server to take it over).
+    @inlinable
+    func commandCompleted(tag: Int, result: Int32) throws(SystemError) {
         guard result == Int32(UBLK_IO_RES_OK) else {
-            if result != -ENODEV {
-                // Not the abort of a stopping device: the kernel refused the command itself.
-                logger.error("queue \(configuration.queueID) tag \(tag): ublk command failed: \(SystemError("", errno: result).reason)")
-            }
-            states[tag] = .retired
+            if result != -ENODEV { logCommandFailure(tag: tag, result: result) }
             live -= 1
             return
         }
-        let descriptor = IODescriptor(raw: descriptors[tag])
-        switch descriptor.validated(for: configuration.limits) {
+        try arrived(tag: tag)
+    }
+
+    /// The request the source holds for `tag` is new: decode it, refuse what the device
+    /// cannot hold, else hand it to the target.
+    @inlinable
+    public func arrived(tag: Int) throws(SystemError) {
+        switch IODescriptor(raw: source.descriptor(tag: tag)).validated(for: limits) {
         case .failure(let error):
-            logger.error("queue \(configuration.queueID) tag \(tag): refused request: \(error)")
-            try commit(tag: tag, result: -error.errno)
+            logRefusal(tag: tag, error)
+            try source.commit(requests[tag], result: -error.errno, ring.handle)
         case .success(let descriptor):
             requests[tag].descriptor = descriptor
-            states[tag] = .inTarget
-            let io = BackingSubmitter(ring: ring.handle, tag: UInt16(tag))
-            if let done = handler.start(requests[tag], io) {
-                try commit(tag: tag, result: done)
-            }
+            try step(tag: tag, backingResult: nil)
         }
     }
 
-    /// Completes the tag's request with `result` and asks for the next one.
-    @inline(__always)
-    private func commit(tag: Int, result: Int32) throws {
+    /// Runs one step of the tag's request: its start (`backingResult` nil) or the
+    /// completion of its backing I/O. Commits the request if the step finished it; a step
+    /// that could not get an SQE finishes the request with that errno.
+    @inlinable
+    func step(tag: Int, backingResult: Int32?) throws(SystemError) {
+        let io = BackingSubmitter(ring: ring.handle, tag: UInt16(tag))
+        let request = requests[tag]
+        let outcome = handlerReference._withUnsafeGuaranteedRef { handler in
+            Result { () throws(SystemError) -> Int32? in
+                if let backingResult { return try handler.complete(request, backingResult: backingResult, io) }
+                return try handler.start(request, io)
+            }
+        }
+        let result: Int32
+        switch outcome {
+        case .success(nil): return
+        case .success(let value?): result = value
+        case .failure(let error):
+            logSubmissionFailure(tag: tag, error)
+            result = -error.errno
+        }
         if result < 0 { logFailure(tag: tag, result: result) }
-        states[tag] = .awaitingRequest
-        try queueCommand(commitOpcode, tag: tag, result: result)
+        try source.commit(requests[tag], result: result, ring.handle)
     }
 
-    private func logFailure(tag: Int, result: Int32) {
+    @usableFromInline
+    func logSubmissionFailure(tag: Int, _ error: SystemError) {
+        logger.error("queue \(queueID) tag \(tag): \(error)")
+    }
+
+    @usableFromInline
+    func logCommandFailure(tag: Int, result: Int32) {
+        // Not the abort of a stopping device: the kernel refused the command itself.
+        logger.error("queue \(queueID) tag \(tag): ublk command failed: \(SystemError("", errno: result).reason)")
+    }
+
+    @usableFromInline
+    func logRefusal(tag: Int, _ error: DescriptorError) {
+        logger.error("queue \(queueID) tag \(tag): refused request: \(error)")
+    }
+
+    @usableFromInline
+    func logFailure(tag: Int, result: Int32) {
         let d = requests[tag].descriptor
-        logger.error("queue \(configuration.queueID) tag \(tag): \(d.operation) of sectors \(d.startSector)+\(d.sectorCount) failed: \(SystemError("", errno: result).reason)")
+        logger.error("queue \(queueID) tag \(tag): \(d.operation) of sectors \(d.startSector)+\(d.sectorCount) failed: \(SystemError("", errno: result).reason)")
     }
+}
 
-    @inline(__always)
-    private func queueCommand(_ opcode: UInt32, tag: Int, result: Int32) throws {
-        let sqe = try ring.nextSubmission()
-        UnsafeMutableRawPointer(sqe).initializeMemory(as: UInt8.self, repeating: 0, count: MemoryLayout<io_uring_sqe>.size)
-        // Fixed file 0 is /dev/ublkcN.
-        io_uring_prep_rw(Int32(IORING_OP_URING_CMD.rawValue), sqe, 0, nil, 0, 0)
-        sqe.pointee.cmd_op = opcode
-        sqe.pointee.flags |= UInt8(1 << IOSQE_FIXED_FILE_BIT)
-        io_uring_sqe_set_data64(sqe, UInt64(tag))
-        var command = ublksrv_io_cmd()
-        command.q_id = configuration.queueID
-        command.tag = UInt16(tag)
-        command.result = result
-        command.addr = UInt64(UInt(bitPattern: requests[tag].buffer))
-        sqe.commandArea.storeBytes(of: command, as: ublksrv_io_cmd.self)
+extension Queue {
+    /// A queue's ring, with fixed file 0 (/dev/ublkcN, or a stand-in) and then the target's files.
+    public static func ring<T: Target>(depth: Int, firstFile: Int32, target: T) throws(SystemError) -> IORing {
+        let ring = try IORing(entries: UInt32(depth), preferredFlags: IORing.singleThreadFlags)
+        try ring.registerFiles([firstFile] + target.fixedFiles)
+        return ring
+    }
+}
+
+extension Queue where Source == UblkCommands {
+    /// Sets a device's queue up on the calling thread: ring, fixed files (the character
+    /// device, then the target's), descriptor mapping, buffers and the target's handler.
+    public convenience init<T: Target>(_ configuration: QueueConfiguration, characterDevice: Int32, target: T,
+                                       logger: Logger) throws where T.Handler == Handler {
+        let depth = configuration.depth
+        let ring = try Self.ring(depth: depth, firstFile: characterDevice, target: target)
+        let source = try UblkCommands(characterDevice: characterDevice, queueID: configuration.queueID, depth: depth,
+                                      encoding: configuration.encoding)
+        try self.init(ring: ring, source: source,
+                      handler: try target.makeQueueHandler(queueID: Int(configuration.queueID), depth: depth),
+                      queueID: configuration.queueID, depth: depth, buffers: configuration.buffers,
+                      limits: configuration.limits, logger: logger)
     }
 }

@@ -7,6 +7,12 @@ import UblkSystem
 ///
 /// Plain pthreads, not Swift tasks: the thread blocks in `io_uring_enter`, and the
 /// kernel ties a queue to the task that issued its first FETCH.
+///
+/// `@unchecked Sendable` is safe because the mutable fields have one writer at a time,
+/// ordered by a synchronising call: `thread` is written by the starting thread before
+/// and after the queue thread exists (join); `setupError` is written by the queue thread
+/// before it posts `ready` and read after `ready.wait()`; `runError` is written before
+/// the queue thread ends and read after `pthread_join`.
 public final class QueueThread: @unchecked Sendable {
     private var thread: OSThread?
     private let configuration: QueueConfiguration
@@ -43,17 +49,16 @@ public final class QueueThread: @unchecked Sendable {
         if let mask = configuration.cpuMask, mask.contains(where: { $0 != 0 }) {
             _ = mask.withUnsafeBytes { cublk_set_affinity_mask($0.baseAddress, $0.count) }
         }
-        let queue: Queue
+        var fetched = false
         do {
-            queue = try Queue(configuration, characterDevice: characterDevice, target: target, logger: logger)
-            try queue.fetchAll()
+            try target.serveQueue(configuration, characterDevice: characterDevice, logger: logger) {
+                fetched = true
+                ready.signal()
+            }
         } catch {
-            setupError = error
-            ready.signal()
-            return
+            if fetched { runError = error } else { setupError = error }
         }
-        ready.signal()
-        do { try queue.run() } catch { runError = error }
+        if !fetched { ready.signal() }
     }
 
     /// Waits for the thread to end (after STOP_DEV aborted its fetches); the queue's
@@ -68,6 +73,8 @@ public final class QueueThread: @unchecked Sendable {
 
 /// A counting semaphore on a pthread mutex and condition (no Foundation, no Dispatch).
 /// The pthread objects live on the heap: they must not move once initialised.
+/// `@unchecked Sendable` is safe: `count` is only touched with `mutex` held, and the
+/// pointers themselves never change.
 final class Semaphore: @unchecked Sendable {
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)

@@ -1,5 +1,6 @@
 import CLiburing
 import Glibc
+import Logging
 import UblkSystem
 
 /// What a target tells the device about itself: size, block sizes and capabilities.
@@ -39,9 +40,12 @@ public struct IORequest {
 
 /// A block-device target: what the device is backed by.
 ///
-/// A target is created once per device; the queue runtime asks it for one
-/// `QueueHandler` per queue, on that queue's thread, and the handler runs only there.
+/// A target is created once per device; each queue thread asks it for one `Handler`,
+/// made on that thread, and the handler runs only there. The server holds targets as
+/// `any Target`; the queue engine is specialised for the concrete `Handler` through
+/// `serveQueue`, so no request pays for an existential call.
 public protocol Target: AnyObject, Sendable {
+    associatedtype Handler: QueueHandler
     /// Short name (`loop`, `null`).
     var name: String { get }
     /// Size, block sizes and capabilities.
@@ -50,11 +54,25 @@ public protocol Target: AnyObject, Sendable {
     /// to them by index (`BackingSubmitter.firstTargetFile` + position).
     var fixedFiles: [Int32] { get }
     /// Creates the handler of one queue. Called on the queue's own thread.
-    func makeQueueHandler(queueID: Int, depth: Int) throws -> any QueueHandler
+    func makeQueueHandler(queueID: Int, depth: Int) throws -> Handler
     /// Makes every completed write durable; called once when the device stops.
     func sync() throws
-    /// Human-readable facts for `ublk list` (backing file, direct I/O, ...).
-    var description: [String: String] { get }
+    /// Serves one queue on the calling thread until the device stops; `fetched` runs once
+    /// every tag is fetched. Leave it to the default, which runs the queue engine
+    /// specialised for `Handler`.
+    func serveQueue(_ configuration: QueueConfiguration, characterDevice: Int32, logger: Logger,
+                    fetched: () -> Void) throws
+}
+
+extension Target {
+    @inlinable
+    public func serveQueue(_ configuration: QueueConfiguration, characterDevice: Int32, logger: Logger,
+                           fetched: () -> Void) throws {
+        let queue = try Queue(configuration, characterDevice: characterDevice, target: self, logger: logger)
+        try queue.fetchAll()
+        fetched()
+        try queue.run()
+    }
 }
 
 /// The per-queue half of a target: turns requests into backing I/O on the queue's ring.
@@ -62,85 +80,72 @@ public protocol Target: AnyObject, Sendable {
 /// Each request is a small state machine owned by its tag: `start` either finishes it
 /// at once (returning its result) or submits backing I/O and returns nil; each of those
 /// completions comes back through `complete`, which again finishes or resubmits.
-/// Results are bytes transferred (reads/writes) or 0, or a negative errno.
+/// Results are bytes transferred (reads/writes) or 0, or a negative errno. A thrown
+/// error (no SQE could be had) finishes the request with that errno.
 public protocol QueueHandler: AnyObject {
-    func start(_ request: IORequest, _ io: BackingSubmitter) -> Int32?
-    func complete(_ request: IORequest, backingResult: Int32, _ io: BackingSubmitter) -> Int32?
+    func start(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> Int32?
+    func complete(_ request: IORequest, backingResult: Int32, _ io: BackingSubmitter) throws(SystemError) -> Int32?
 }
 
-/// Submits a target's backing I/O on the queue's ring, tagged so the completion
-/// returns to the right request. One SQE per call; at most one in flight per tag.
+/// Submits a target's backing I/O on the queue's ring, tagged (`UserData.Kind.target`)
+/// so the completion returns to the right request.
 public struct BackingSubmitter {
-    @usableFromInline let ring: UnsafeMutablePointer<io_uring>
+    @usableFromInline let ring: IORing.Handle
     @usableFromInline let tag: UInt16
 
     /// Fixed-file index of the target's first file (0 is /dev/ublkcN).
     public static let firstTargetFile: Int32 = 1
-    /// `user_data` bit that marks a target operation (clear: a ublk command).
-    public static let targetBit: UInt64 = 1 << 63
 
-    init(ring: UnsafeMutablePointer<io_uring>, tag: UInt16) {
+    @inlinable
+    init(ring: IORing.Handle, tag: UInt16) {
         self.ring = ring
         self.tag = tag
     }
 
-    /// A cleared SQE carrying this tag, or nil if the ring is full even after submitting.
+    /// A cleared SQE carrying this tag, for an operation on a fixed file.
     @inlinable
-    public func prepare() -> UnsafeMutablePointer<io_uring_sqe>? {
-        var sqe = io_uring_get_sqe(ring)
-        if sqe == nil {
-            _ = io_uring_submit(ring)
-            sqe = io_uring_get_sqe(ring)
-        }
-        guard let sqe else { return nil }
-        io_uring_sqe_set_data64(sqe, Self.targetBit | UInt64(tag))
-        return sqe
+    func prepare() throws(SystemError) -> UnsafeMutablePointer<io_uring_sqe> {
+        try ring.prepare(userData: UserData(.target, tag: tag).rawValue)
     }
 
+    /// Marks the prepared SQE's file as a fixed-file index (liburing's prep calls clear the flags).
     @inlinable
     func fixed(_ sqe: UnsafeMutablePointer<io_uring_sqe>) {
         sqe.pointee.flags |= UInt8(1 << IOSQE_FIXED_FILE_BIT)
     }
 
     /// Reads `count` bytes at `offset` of fixed file `file` into `buffer`.
-    @inlinable @discardableResult
-    public func read(file: Int32, into buffer: UnsafeMutableRawPointer, count: Int, offset: Int64) -> Bool {
-        guard let sqe = prepare() else { return false }
+    @inlinable
+    public func read(file: Int32, into buffer: UnsafeMutableRawPointer, count: Int, offset: Int64) throws(SystemError) {
+        let sqe = try prepare()
         io_uring_prep_rw(Int32(IORING_OP_READ.rawValue), sqe, file, buffer, UInt32(count), UInt64(offset))
-        io_uring_sqe_set_data64(sqe, Self.targetBit | UInt64(tag))
         fixed(sqe)
-        return true
     }
 
     /// Writes; `dsync` makes this write durable before it completes (FUA).
-    @inlinable @discardableResult
-    public func write(file: Int32, from buffer: UnsafeRawPointer, count: Int, offset: Int64, dsync: Bool) -> Bool {
-        guard let sqe = prepare() else { return false }
+    @inlinable
+    public func write(file: Int32, from buffer: UnsafeRawPointer, count: Int, offset: Int64,
+                      dsync: Bool) throws(SystemError) {
+        let sqe = try prepare()
         io_uring_prep_rw(Int32(IORING_OP_WRITE.rawValue), sqe, file, buffer, UInt32(count), UInt64(offset))
-        io_uring_sqe_set_data64(sqe, Self.targetBit | UInt64(tag))
         if dsync { sqe.pointee.rw_flags = Self.rwfDsync }
         fixed(sqe)
-        return true
     }
 
     /// fsync of the whole file.
-    @inlinable @discardableResult
-    public func fsync(file: Int32) -> Bool {
-        guard let sqe = prepare() else { return false }
+    @inlinable
+    public func fsync(file: Int32) throws(SystemError) {
+        let sqe = try prepare()
         io_uring_prep_fsync(sqe, file, 0)
-        io_uring_sqe_set_data64(sqe, Self.targetBit | UInt64(tag))
         fixed(sqe)
-        return true
     }
 
     /// fallocate with `FALLOC_FL_*` mode.
-    @inlinable @discardableResult
-    public func fallocate(file: Int32, mode: Int32, offset: Int64, length: Int64) -> Bool {
-        guard let sqe = prepare() else { return false }
+    @inlinable
+    public func fallocate(file: Int32, mode: Int32, offset: Int64, length: Int64) throws(SystemError) {
+        let sqe = try prepare()
         io_uring_prep_fallocate(sqe, file, mode, off_t(offset), off_t(length))
-        io_uring_sqe_set_data64(sqe, Self.targetBit | UInt64(tag))
         fixed(sqe)
-        return true
     }
 
     /// `RWF_DSYNC` from linux/fs.h (a cast macro, so not imported).

@@ -1,47 +1,33 @@
 import FoundationEssentials
 import Glibc
 import UblkSystem
+import UblkTargets
 
 /// What a running server writes about its device under `/run/ublk/` so that
-/// `ublk list`, `del` and `recover` work from any shell: the target's settings (a
-/// recovering server needs them) and who serves it.
+/// `ublk list`, `del` and `recover` work from any shell: the target's spec (a
+/// recovering server rebuilds the target from it) and who serves it.
 public struct DeviceRecord: Codable, Sendable, Equatable {
     public var id: UInt32
     public var pid: Int32
     /// Config name, when started by `ublk start NAME`.
     public var name: String?
-    public var target: String
-    public var backing: String?
-    public var size: UInt64
+    public var spec: TargetSpec
     public var queues: Int
     public var depth: Int
+    /// O_DIRECT on the backing as the server got it: "on", "off", or "-" without a backing.
     public var directIO: String
-    public var readOnly: Bool
-    public var offset: UInt64
-    public var sizeLimit: UInt64?
-    public var blockSize: Int
     public var recovery: Bool
-    /// The direct I/O mode asked for (on/off/auto), for a recovering server.
-    public var directIORequest: String
 
-    public init(id: UInt32, pid: Int32, name: String?, target: String, backing: String?, size: UInt64, queues: Int,
-                depth: Int, directIO: String, readOnly: Bool, offset: UInt64, sizeLimit: UInt64?, blockSize: Int,
-                recovery: Bool, directIORequest: String) {
+    public init(id: UInt32, pid: Int32, name: String?, spec: TargetSpec, queues: Int, depth: Int, directIO: String,
+                recovery: Bool) {
         self.id = id
         self.pid = pid
         self.name = name
-        self.target = target
-        self.backing = backing
-        self.size = size
+        self.spec = spec
         self.queues = queues
         self.depth = depth
         self.directIO = directIO
-        self.readOnly = readOnly
-        self.offset = offset
-        self.sizeLimit = sizeLimit
-        self.blockSize = blockSize
         self.recovery = recovery
-        self.directIORequest = directIORequest
     }
 }
 

@@ -4,6 +4,7 @@ import Logging
 import UblkControl
 import UblkQueue
 import UblkSystem
+import UblkTargets
 
 /// How a device is served (the target decides what it is backed by).
 public struct ServerOptions: Sendable {
@@ -19,6 +20,8 @@ public struct ServerOptions: Sendable {
     public var recovery = false
     /// Pin each queue thread to the CPUs the block layer maps to its queue.
     public var pinQueues = true
+    /// Config name, when started by `ublk start NAME` (kept in the device record).
+    public var name: String?
 
     public init(id: UInt32? = nil, queues: Int, depth: Int) {
         self.id = id
@@ -30,12 +33,6 @@ public struct ServerOptions: Sendable {
     public static var defaultQueues: Int { max(1, min(4, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))) }
 }
 
-/// A server-side failure, phrased for the user.
-public struct ServerError: Error, CustomStringConvertible {
-    public var description: String
-    public init(_ description: String) { self.description = description }
-}
-
 /// Brings one ublk device up, serves it with one thread per queue, and takes it down.
 ///
 /// Order, as the driver requires: ADD_DEV → SET_PARAMS → open /dev/ublkcN → every
@@ -44,6 +41,9 @@ public struct ServerError: Error, CustomStringConvertible {
 /// `ublk del`) the kernel aborts the pending fetches, the queue threads end, the target
 /// is synced, /dev/ublkcN is closed and the device deleted.
 public final class DeviceServer {
+    /// What the device is backed by. A `SpecifiedTarget` (the loop and null targets) also
+    /// gets a record under /run/ublk, which `ublk list` and `ublk recover` read; a target
+    /// of a library user's own that has no `TargetSpec` is served without one.
     public let target: any Target
     public let options: ServerOptions
     let logger: Logger
@@ -62,46 +62,17 @@ public final class DeviceServer {
         case recover(UInt32)
     }
 
-    /// Serves the device until it is stopped. Once /dev/ublkbN exists and reads, the
-    /// record `describe` makes of it is written under /run/ublk (so `ublk list` knows it),
-    /// then `onLive` runs, with the device as the kernel has it.
+    /// Serves the device until it is stopped. Once /dev/ublkbN exists and reads, its
+    /// record is written under /run/ublk (so `ublk list` knows it), then `onLive` runs,
+    /// with the device as the kernel has it.
     public func run(_ mode: Mode = .create,
-                    describe: (DeviceInfo, DeviceParameters) -> DeviceRecord? = { _, _ in nil },
-                    onLive: (DeviceInfo, DeviceParameters) throws -> Void) throws {
+                    onLive: (DeviceInfo, DeviceParameters) throws -> Void) throws(ServerError) {
         SignalWatcher.blockSignals()
         let control = try Self.openControl()
-
         let info: DeviceInfo
         switch mode {
-        case .create:
-            var flags: FeatureFlags = []
-            if options.recovery {
-                flags = [.userRecovery, .userRecoveryReissue]
-                if let features = control.features, !features.isSuperset(of: flags) {
-                    throw ServerError("this kernel's ublk_drv has no user recovery (features: \(features)): leave out --recovery")
-                }
-            }
-            let request = DeviceInfo(id: options.id, queueCount: UInt16(options.queues), queueDepth: UInt16(options.depth),
-                                     maxIOBufferBytes: UInt32(options.maxIOBytes), flags: flags)
-            do { info = try control.addDevice(request) } catch { throw ServerError("\(error)") }
-            if options.recovery && !info.flags.contains(.userRecovery) {
-                try? control.deleteDevice(info.id!)
-                throw ServerError("this kernel's ublk_drv has no user recovery: leave out --recovery")
-            }
-        case .recover(let id):
-            do {
-                let existing = try control.deviceInfo(id)
-                guard existing.flags.contains(.userRecovery) else {
-                    throw ServerError("device \(id) was not added with --recovery: it cannot be recovered, only deleted (ublk del --id \(id))")
-                }
-                try Self.startUserRecovery(control, id)
-                info = existing
-            } catch let error as ControlError {
-                if error.errno == EBUSY {
-                    throw ServerError("device \(id) is still served by a live server: nothing to recover")
-                }
-                throw ServerError("\(error)")
-            }
+        case .create: info = try createDevice(control)
+        case .recover(let id): info = try recoverDevice(id, control)
         }
         let id = info.id!
         var isLive = false
@@ -109,40 +80,92 @@ public final class DeviceServer {
             // A failure before the device went live leaves nothing behind.
             if !isLive, case .create = mode { try? control.deleteDevice(id) }
         }
-
         let parameters = Self.parameters(for: target.properties, maxIOBytes: info.maxIOBufferBytes)
         if case .create = mode {
-            do { try control.setParameters(id, parameters) } catch { throw ServerError("\(error)") }
+            do { try control.setParameters(id, parameters) } catch { throw .control(error) }
         }
-
         let characterDevice = try openCharacterDevice(info.characterDevicePath)
-        let limits = DeviceLimits(sectors: parameters.sectors, maxIOBytes: Int(info.maxIOBufferBytes))
-
         // Signals are taken by one watcher thread (sigwait); queue threads inherit the mask.
         let watcher = SignalWatcher(deviceID: id, logger: logger)
+        let threads = try startQueues(info, parameters: parameters, mode: mode, control: control,
+                                      characterDevice: characterDevice.rawValue)
+        isLive = true
+        goLive(info, parameters: parameters, control: control, watcher: watcher, onLive: onLive)
+        let failure = waitForQueues(threads, id: id, control: control)
+        SystemdNotifier.notify("STOPPING=1\nSTATUS=Removing /dev/ublkb\(id)")
+        do { try target.sync() } catch { logger.error("sync of the backing failed: \(error)") }
+        _ = consume characterDevice
+        do { try control.deleteDevice(id) } catch {
+            if !error.isNoSuchDevice { logger.warning("\(error)") }
+        }
+        RuntimeDirectory.remove(id)
+        if let failure { throw .queueFailed(id, failure) }
+    }
 
+    /// ADD_DEV, with user recovery when asked (and refused if the kernel lacks it).
+    private func createDevice(_ control: borrowing ControlDevice) throws(ServerError) -> DeviceInfo {
+        var flags: FeatureFlags = []
+        if options.recovery {
+            flags = [.userRecovery, .userRecoveryReissue]
+            if let features = control.features, !features.isSuperset(of: flags) { throw .noUserRecovery(features) }
+        }
+        let request = DeviceInfo(id: options.id, queueCount: UInt16(options.queues), queueDepth: UInt16(options.depth),
+                                 maxIOBufferBytes: UInt32(options.maxIOBytes), flags: flags)
+        let info: DeviceInfo
+        do { info = try control.addDevice(request) } catch { throw .control(error) }
+        if options.recovery && !info.flags.contains(.userRecovery) {
+            try? control.deleteDevice(info.id!)
+            throw .noUserRecovery(nil)
+        }
+        return info
+    }
+
+    /// Takes device `id` over from a dead server: START_USER_RECOVERY.
+    private func recoverDevice(_ id: UInt32, _ control: borrowing ControlDevice) throws(ServerError) -> DeviceInfo {
+        do {
+            let existing = try control.deviceInfo(id)
+            guard existing.flags.contains(.userRecovery) else { throw ServerError.notRecoverable(id) }
+            try Self.startUserRecovery(control, id)
+            return existing
+        } catch let error as ControlError {
+            throw error.errno == EBUSY ? .stillServed(id) : .control(error)
+        } catch {
+            throw error as! ServerError
+        }
+    }
+
+    /// One thread per queue, each fetching every tag; then START_DEV (or END_USER_RECOVERY).
+    private func startQueues(_ info: DeviceInfo, parameters: DeviceParameters, mode: Mode,
+                             control: borrowing ControlDevice, characterDevice: Int32) throws(ServerError) -> [QueueThread] {
+        let id = info.id!
+        let limits = DeviceLimits(sectors: parameters.sectors, maxIOBytes: Int(info.maxIOBufferBytes))
         var threads: [QueueThread] = []
         do {
             for queue in 0..<Int(info.queueCount) {
                 let mask = options.pinQueues ? try? control.queueAffinity(id, queue: UInt16(queue)) : nil
-                let configuration = QueueConfiguration(deviceID: id, queueID: UInt16(queue), depth: Int(info.queueDepth),
-                                                       bufferSize: Int(info.maxIOBufferBytes), limits: limits,
-                                                       encoding: control.encoding, cpuMask: mask)
-                threads.append(try QueueThread.start(configuration, characterDevice: characterDevice.rawValue,
+                let configuration = QueueConfiguration(queueID: UInt16(queue), depth: Int(info.queueDepth),
+                                                       buffers: .copy(bytesPerTag: Int(info.maxIOBufferBytes)),
+                                                       limits: limits, encoding: control.encoding, cpuMask: mask)
+                threads.append(try QueueThread.start(configuration, characterDevice: characterDevice,
                                                      target: target, logger: logger))
             }
             switch mode {
             case .create: try control.startDevice(id, serverPID: getpid())
             case .recover: try control.endUserRecovery(id, serverPID: getpid())
             }
+            return threads
         } catch {
             // The queues that did start hold fetches: stopping aborts them.
             try? control.stopDevice(id)
             for thread in threads { thread.join() }
-            throw ServerError("\(error)")
+            throw (error as? ControlError).map { ServerError.control($0) } ?? .queueSetup(error)
         }
-        isLive = true
+    }
 
+    /// Waits for /dev/ublkbN to read, writes the record, runs `onLive`, then lets signals stop the device.
+    private func goLive(_ info: DeviceInfo, parameters: DeviceParameters, control: borrowing ControlDevice,
+                        watcher: SignalWatcher, onLive: (DeviceInfo, DeviceParameters) throws -> Void) {
+        let id = info.id!
         do { try waitUntilReadable(info.blockDevicePath) } catch {
             logger.error("\(error)")
             try? control.stopDevice(id)
@@ -150,7 +173,10 @@ public final class DeviceServer {
         useNoScheduler(id)
         let live: DeviceInfo = (try? control.deviceInfo(id)) ?? info
         let liveParameters = (try? control.parameters(id)) ?? parameters
-        if let record = describe(live, liveParameters) {
+        if let target = target as? any SpecifiedTarget {
+            let record = DeviceRecord(id: id, pid: getpid(), name: options.name, spec: target.spec,
+                                      queues: Int(live.queueCount), depth: Int(live.queueDepth),
+                                      directIO: target.directIOState, recovery: options.recovery)
             do { try RuntimeDirectory.save(record) } catch { logger.warning("cannot write the device record: \(error)") }
         }
         do { try onLive(live, liveParameters) } catch {
@@ -158,8 +184,11 @@ public final class DeviceServer {
             watcher.requestStop()
         }
         watcher.start()
+    }
 
-        var failure: Error?
+    /// Joins every queue thread; a queue that ended early stops the device. Returns the first failure.
+    private func waitForQueues(_ threads: [QueueThread], id: UInt32, control: borrowing ControlDevice) -> (any Error)? {
+        var failure: (any Error)?
         for thread in threads {
             if let error = thread.join() {
                 logger.error("queue ended early: \(error)")
@@ -167,14 +196,7 @@ public final class DeviceServer {
                 try? control.stopDevice(id)
             }
         }
-        SystemdNotifier.notify("STOPPING=1\nSTATUS=Removing /dev/ublkb\(id)")
-        do { try target.sync() } catch { logger.error("sync of the backing failed: \(error)") }
-        _ = consume characterDevice
-        do { try control.deleteDevice(id) } catch let error {
-            if error.errno != ENODEV && error.errno != ENOENT { logger.warning("\(error)") }
-        }
-        RuntimeDirectory.remove(id)
-        if let failure { throw ServerError("device \(id) stopped after a queue failed: \(failure)") }
+        return failure
     }
 
     /// The device parameters (SET_PARAMS) for a target: its size and block sizes, requests
@@ -214,13 +236,13 @@ public final class DeviceServer {
         }
     }
 
-    static func openControl() throws -> ControlDevice {
-        do { return try ControlDevice() } catch { throw ServerError("\(error)") }
+    static func openControl() throws(ServerError) -> ControlDevice {
+        do { return try ControlDevice() } catch { throw .controlDevice(error) }
     }
 
     /// START_DEV has added the disk; its node comes from devtmpfs/udev. The device counts
     /// as live once the node exists and its first block can be read through the queues.
-    private func waitUntilReadable(_ path: String) throws {
+    private func waitUntilReadable(_ path: String) throws(ServerError) {
         var lastError = SystemError("open \(path)", errno: ENOENT)
         for _ in 0..<250 {
             do {
@@ -229,12 +251,12 @@ public final class DeviceServer {
                 defer { buffer.deallocate() }
                 _ = try device.read(into: buffer, at: 0)
                 return
-            } catch let error as SystemError {
+            } catch {
                 lastError = error
                 usleep(20_000)
             }
         }
-        throw ServerError("\(path) is not readable after START_DEV: \(lastError)")
+        throw .notReadable(path, lastError)
     }
 
     /// No I/O scheduler on the device, as the kernel loop driver has (its tag set asks for
@@ -249,12 +271,12 @@ public final class DeviceServer {
     }
 
     /// /dev/ublkcN appears once devtmpfs/udev has made the node: wait a little for it.
-    private func openCharacterDevice(_ path: String) throws -> FileDescriptor {
+    private func openCharacterDevice(_ path: String) throws(ServerError) -> FileDescriptor {
         for _ in 0..<100 {
             do { return try FileDescriptor(path: path, flags: O_RDWR) }
             catch where error.errno == ENOENT { usleep(20_000) }
-            catch { throw ServerError("\(error)") }
+            catch { throw .system(error) }
         }
-        throw ServerError("\(path) did not appear: is devtmpfs or udev running?")
+        throw .characterDeviceMissing(path)
     }
 }

@@ -9,7 +9,7 @@ import UblkSystem
 /// synchronously by one watcher thread with `sigwait`, so no work happens in a signal
 /// handler. STOP_DEV lets in-flight requests finish, then aborts the queues' fetches,
 /// which ends the queue threads; the server then syncs, closes and deletes the device.
-final class SignalWatcher: @unchecked Sendable {
+final class SignalWatcher: Sendable {
     private let deviceID: UInt32
     private let logger: Logger
     static let signals: [Int32] = [SIGTERM, SIGINT, SIGHUP]

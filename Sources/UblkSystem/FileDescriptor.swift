@@ -16,8 +16,7 @@ public struct FileDescriptor: ~Copyable, Sendable {
 
     /// Opens `path` with `open(2)` flags.
     public init(path: String, flags: Int32, mode: mode_t = 0) throws(SystemError) {
-        do { rawValue = try Syscalls.open(path, flags | O_CLOEXEC, mode) }
-        catch { throw error as! SystemError }
+        rawValue = try Syscalls.open(path, flags | O_CLOEXEC, mode)
     }
 
     deinit { Syscalls.close(rawValue) }
@@ -26,31 +25,31 @@ public struct FileDescriptor: ~Copyable, Sendable {
     public static var directIOFlag: Int32 { cublk_o_direct() }
 
     /// `fstat(2)`.
-    public func status() throws -> FileStatus { FileStatus(try Syscalls.fstat(rawValue)) }
+    public func status() throws(SystemError) -> FileStatus { FileStatus(try Syscalls.fstat(rawValue)) }
 
     /// `fsync(2)`.
-    public func sync() throws { try Syscalls.fsync(rawValue) }
+    public func sync() throws(SystemError) { try Syscalls.fsync(rawValue) }
 
     /// `fallocate(2)`; `mode` takes `FALLOC_FL_*`.
-    public func allocate(mode: Int32, offset: Int64, length: Int64) throws {
+    public func allocate(mode: Int32, offset: Int64, length: Int64) throws(SystemError) {
         try Syscalls.fallocate(rawValue, mode: mode, offset: offset, length: length)
     }
 
     /// `pread(2)`: may return fewer bytes than asked.
-    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws -> Int {
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws(SystemError) -> Int {
         try Syscalls.pread(rawValue, buffer, offset: offset)
     }
 
     /// `pwrite(2)`: may write fewer bytes than asked.
-    public func write(_ buffer: UnsafeRawBufferPointer, at offset: Int64) throws -> Int {
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: Int64) throws(SystemError) -> Int {
         try Syscalls.pwrite(rawValue, buffer, offset: offset)
     }
 
     /// Size in bytes of a block device (`BLKGETSIZE64`).
-    public func blockDeviceSize() throws -> UInt64 { try Syscalls.blockDeviceSize(rawValue) }
+    public func blockDeviceSize() throws(SystemError) -> UInt64 { try Syscalls.blockDeviceSize(rawValue) }
 
     /// Logical and physical sector sizes of a block device (`BLKSSZGET`, `BLKPBSZGET`).
-    public func blockDeviceSectorSizes() throws -> (logical: UInt32, physical: UInt32) {
+    public func blockDeviceSectorSizes() throws(SystemError) -> (logical: UInt32, physical: UInt32) {
         try Syscalls.blockDeviceSectorSizes(rawValue)
     }
 }

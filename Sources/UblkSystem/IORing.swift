@@ -9,11 +9,15 @@ import Glibc
 /// liburing hands out (SQEs, CQEs) stay valid and only one owner calls
 /// `io_uring_queue_exit`. A ring is used by the one thread that created it
 /// (`IORING_SETUP_SINGLE_ISSUER` where the kernel has it), so no locking.
+///
+/// Everything that touches the rings goes through `IORing.Handle`, the one SQE layer
+/// of the project (control plane, queues and targets alike).
 public struct IORing: ~Copyable {
-    @usableFromInline let ring: UnsafeMutablePointer<io_uring>
+    /// The ring's operations, for code that cannot hold the owner (a target's submitter).
+    public let handle: Handle
 
     /// The setup flags the ring was created with (the kernel may have refused the preferred ones).
-    public let flags: UInt32
+    public var flags: UInt32 { handle.ring.pointee.flags }
 
     /// Flags that make a single-thread ring cheaper when the kernel knows them: one
     /// submitter, completions run when we enter the kernel to wait instead of by IPI.
@@ -27,80 +31,124 @@ public struct IORing: ~Copyable {
         let ring = UnsafeMutablePointer<io_uring>.allocate(capacity: 1)
         ring.initialize(to: io_uring())
         var result = io_uring_queue_init(entries, ring, required | preferredFlags)
-        var used = required | preferredFlags
         if result == -EINVAL && preferredFlags != 0 {
             result = io_uring_queue_init(entries, ring, required)
-            used = required
         }
         guard result == 0 else {
             ring.deallocate()
             throw SystemError("io_uring_queue_init", errno: result)
         }
-        self.ring = ring
-        self.flags = used
+        handle = Handle(ring: ring)
     }
 
     deinit {
-        io_uring_queue_exit(ring)
-        ring.deallocate()
-    }
-
-    /// The next free SQE, submitting what is queued when the ring is full. liburing
-    /// strides 128 bytes per SQE itself on SQE128 rings.
-    @inlinable
-    public func nextSubmission() throws(SystemError) -> UnsafeMutablePointer<io_uring_sqe> {
-        if let sqe = io_uring_get_sqe(ring) { return sqe }
-        _ = try submit()
-        guard let sqe = io_uring_get_sqe(ring) else { throw SystemError("io_uring_get_sqe", errno: EBUSY) }
-        return sqe
-    }
-
-    /// Hands every prepared SQE to the kernel.
-    @inlinable
-    public func submit() throws(SystemError) -> Int {
-        try submit(waitingFor: 0)
-    }
-
-    /// Submits prepared SQEs and waits until at least `count` completions are ready.
-    @inlinable
-    public func submit(waitingFor count: UInt32) throws(SystemError) -> Int {
-        while true {
-            let result = count == 0 ? io_uring_submit(ring) : io_uring_submit_and_wait(ring, count)
-            if result >= 0 { return Int(result) }
-            if result == -EINTR { continue }
-            // EBUSY/EAGAIN: the completion queue is full; the caller must reap first.
-            if (result == -EBUSY || result == -EAGAIN) && io_uring_cq_ready(ring) > 0 { return 0 }
-            throw SystemError("io_uring_enter", errno: result)
-        }
-    }
-
-    /// The next completion, if one is ready; release it with `markSeen`.
-    @inlinable
-    public func peekCompletion() -> UnsafeMutablePointer<io_uring_cqe>? {
-        var cqe: UnsafeMutablePointer<io_uring_cqe>?
-        return io_uring_peek_cqe(ring, &cqe) == 0 ? cqe : nil
-    }
-
-    /// Returns a completion's slot to the kernel.
-    @inlinable
-    public func markSeen(_ cqe: UnsafeMutablePointer<io_uring_cqe>) {
-        io_uring_cqe_seen(ring, cqe)
+        io_uring_queue_exit(handle.ring)
+        handle.ring.deallocate()
     }
 
     /// Registers `descriptors` as fixed files 0..<n (saves a file lookup per operation).
     public func registerFiles(_ descriptors: [Int32]) throws(SystemError) {
         let result = descriptors.withUnsafeBufferPointer {
-            io_uring_register_files(ring, $0.baseAddress, UInt32($0.count))
+            io_uring_register_files(handle.ring, $0.baseAddress, UInt32($0.count))
         }
         guard result == 0 else { throw SystemError("io_uring_register_files", errno: result) }
     }
-
-    /// The raw liburing handle, for code that prepares SQEs itself.
-    public var handle: UnsafeMutablePointer<io_uring> { ring }
 }
 
-extension UnsafeMutablePointer where Pointee == io_uring_sqe {
-    /// The command area of an `IORING_OP_URING_CMD` SQE (16 bytes, 80 with SQE128).
-    @inlinable
-    public var commandArea: UnsafeMutableRawPointer { cublk_sqe_cmd(self) }
+extension IORing {
+    /// A non-owning view of an `IORing`: prepares SQEs, submits, reaps completions.
+    ///
+    /// Valid while its `IORing` lives, on the ring's own thread; the owner (a queue, the
+    /// control device) hands it out only to code that runs inside its own lifetime.
+    public struct Handle {
+        @usableFromInline let ring: UnsafeMutablePointer<io_uring>
+
+        init(ring: UnsafeMutablePointer<io_uring>) { self.ring = ring }
+
+        /// Bytes per SQE: 128 on `IORING_SETUP_SQE128` rings, else 64.
+        @inlinable
+        var sqeSize: Int { ring.pointee.flags & IORING_SETUP_SQE128 != 0 ? 128 : 64 }
+
+        /// The next free SQE, zeroed, with `userData` set (the only place that sets it).
+        /// When the ring is full, what is queued is submitted first; a failure of that
+        /// submission is thrown, not ignored.
+        @inlinable
+        public func prepare(userData: UInt64) throws(SystemError) -> UnsafeMutablePointer<io_uring_sqe> {
+            var sqe = io_uring_get_sqe(ring)
+            if sqe == nil {
+                _ = try submit()
+                sqe = io_uring_get_sqe(ring)
+            }
+            guard let sqe else { throw SystemError("io_uring_get_sqe", errno: EBUSY) }
+            UnsafeMutableRawPointer(sqe).initializeMemory(as: UInt64.self, repeating: 0, count: sqeSize / 8)
+            sqe.pointee.user_data = userData
+            return sqe
+        }
+
+        /// Prepares an `IORING_OP_URING_CMD` SQE for `fd` (a fixed-file index when `fixedFile`)
+        /// and returns its command area: 16 bytes at byte 48 of the SQE (80 with SQE128),
+        /// written inline here rather than through a C helper on the hot path.
+        @inlinable
+        public func prepareCommand(fd: Int32, fixedFile: Bool, opcode: UInt32,
+                                   userData: UInt64) throws(SystemError) -> UnsafeMutableRawPointer {
+            let sqe = try prepare(userData: userData)
+            sqe.pointee.opcode = UInt8(IORING_OP_URING_CMD.rawValue)
+            sqe.pointee.fd = fd
+            sqe.pointee.cmd_op = opcode
+            if fixedFile { sqe.pointee.flags = UInt8(1 << IOSQE_FIXED_FILE_BIT) }
+            return UnsafeMutableRawPointer(sqe) + IORing.commandAreaOffset
+        }
+
+        /// Hands every prepared SQE to the kernel.
+        @inlinable @discardableResult
+        public func submit() throws(SystemError) -> Int {
+            try submit(waitingFor: 0)
+        }
+
+        /// Submits prepared SQEs and waits until at least `count` completions are ready:
+        /// one `io_uring_enter` for both.
+        @inlinable @discardableResult
+        public func submit(waitingFor count: UInt32) throws(SystemError) -> Int {
+            while true {
+                let result = count == 0 ? io_uring_submit(ring) : io_uring_submit_and_wait(ring, count)
+                if result >= 0 { return Int(result) }
+                if result == -EINTR { continue }
+                // EBUSY/EAGAIN: the completion queue is full; the caller must reap first.
+                if (result == -EBUSY || result == -EAGAIN) && io_uring_cq_ready(ring) > 0 { return 0 }
+                throw SystemError("io_uring_enter", errno: result)
+            }
+        }
+
+        /// Calls `body` with the user data and result of every ready completion, a batch
+        /// at a time (`io_uring_peek_batch_cqe`), and returns the slots to the kernel with
+        /// one `io_uring_cq_advance` per batch. Returns how many completions were handled.
+        @inlinable @discardableResult
+        public func reap<E: Error>(_ body: (_ userData: UInt64, _ result: Int32) throws(E) -> Void) throws(E) -> Int {
+            var total = 0
+            while true {
+                let count: Int = try withUnsafeTemporaryAllocation(
+                    of: UnsafeMutablePointer<io_uring_cqe>?.self, capacity: IORing.reapBatch
+                ) { (batch) throws(E) -> Int in
+                    let ready = Int(io_uring_peek_batch_cqe(ring, batch.baseAddress, UInt32(batch.count)))
+                    var handled = 0
+                    // Slots already handled go back even if `body` throws on a later one.
+                    defer { io_uring_cq_advance(ring, UInt32(handled)) }
+                    while handled < ready {
+                        let cqe = batch[handled].unsafelyUnwrapped
+                        let (userData, result) = (cqe.pointee.user_data, cqe.pointee.res)
+                        handled += 1
+                        try body(userData, result)
+                    }
+                    return ready
+                }
+                total += count
+                if count < IORing.reapBatch { return total }
+            }
+        }
+    }
+
+    /// Where the command area (`sqe->cmd`) of a URING_CMD SQE starts.
+    public static let commandAreaOffset = 48
+    /// Completions looked at per `io_uring_peek_batch_cqe`.
+    public static let reapBatch = 32
 }

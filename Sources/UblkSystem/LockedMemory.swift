@@ -18,11 +18,8 @@ public struct LockedMemory: ~Copyable {
     /// `count` bytes of zeroed, locked memory.
     public init(count: Int) throws(SystemError) {
         let length = MappedRegion.roundUp(max(count, 1), to: MappedRegion.pageSize)
-        let region: MappedRegion
-        do {
-            region = try MappedRegion(fd: -1, length: length, offset: 0, protection: PROT_READ | PROT_WRITE,
+        let region = try MappedRegion(fd: -1, length: length, offset: 0, protection: PROT_READ | PROT_WRITE,
                                       flags: MAP_PRIVATE | MAP_ANONYMOUS)
-        } catch { throw error as! SystemError }
         do { try Syscalls.mlock(region.address, length: length) } catch { throw error as! SystemError }
         Syscalls.adviseSecret(region.address, length: length)
         base = region.address

@@ -10,7 +10,7 @@ public struct MappedRegion: ~Copyable {
 
     /// `mmap(2)` of `length` bytes of `fd` at `offset`.
     public init(fd: Int32, length: Int, offset: Int64, protection: Int32 = PROT_READ,
-                flags: Int32 = MAP_SHARED | MAP_POPULATE) throws {
+                flags: Int32 = MAP_SHARED | MAP_POPULATE) throws(SystemError) {
         address = try Syscalls.mmap(length: length, protection: protection, flags: flags, fd: fd, offset: offset)
         self.length = length
     }
@@ -37,7 +37,7 @@ public struct AlignedBuffer: ~Copyable {
     public var base: UnsafeMutableRawPointer { region.address }
     public let count: Int
 
-    public init(count: Int) throws {
+    public init(count: Int) throws(SystemError) {
         let length = MappedRegion.roundUp(max(count, 1), to: MappedRegion.pageSize)
         region = try MappedRegion(fd: -1, length: length, offset: 0, protection: PROT_READ | PROT_WRITE,
                                   flags: MAP_PRIVATE | MAP_ANONYMOUS)

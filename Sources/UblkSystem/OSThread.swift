@@ -4,14 +4,14 @@ import Glibc
 ///
 /// Queue threads block in `io_uring_enter` and the kernel ties a ublk queue to the
 /// task that fetched on it, so they cannot be Swift tasks that hop between threads.
-public struct OSThread: @unchecked Sendable {
+public struct OSThread: Sendable {
     private let handle: pthread_t
 
     /// Starts a thread running `body`.
-    public init(_ body: @escaping () -> Void) throws(SystemError) {
+    public init(_ body: @escaping @Sendable () -> Void) throws(SystemError) {
         final class Box {
-            let body: () -> Void
-            init(_ body: @escaping () -> Void) { self.body = body }
+            let body: @Sendable () -> Void
+            init(_ body: @escaping @Sendable () -> Void) { self.body = body }
         }
         let context = Unmanaged.passRetained(Box(body)).toOpaque()
         var handle = pthread_t()

@@ -28,7 +28,7 @@ public struct SystemError: Error, Equatable, CustomStringConvertible, Sendable {
 
 /// Runs `body` again while it fails with EINTR; throws a `SystemError` on any other failure.
 @inline(__always)
-func retryingOnInterrupt<T: BinaryInteger>(_ call: @autoclosure () -> String, _ body: () -> T) throws -> T {
+func retryingOnInterrupt<T: BinaryInteger>(_ call: @autoclosure () -> String, _ body: () -> T) throws(SystemError) -> T {
     while true {
         let result = body()
         if result >= 0 { return result }

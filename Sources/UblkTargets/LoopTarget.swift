@@ -4,7 +4,7 @@ import UblkQueue
 import UblkSystem
 
 /// Whether the backing file is opened with O_DIRECT.
-public enum DirectIOMode: String, Sendable, CaseIterable {
+public enum DirectIOMode: String, Sendable, Codable, CaseIterable {
     /// O_DIRECT; fail if the backing cannot do it.
     case on
     /// Buffered I/O through the page cache.
@@ -14,7 +14,7 @@ public enum DirectIOMode: String, Sendable, CaseIterable {
 }
 
 /// How a loop target maps a backing file (losetup's options).
-public struct LoopConfiguration: Sendable, Equatable {
+public struct LoopConfiguration: Sendable, Equatable, Codable {
     public var path: String
     public var directIO: DirectIOMode = .auto
     public var readOnly = false
@@ -28,108 +28,35 @@ public struct LoopConfiguration: Sendable, Equatable {
     public init(path: String) { self.path = path }
 }
 
-/// Why a loop target could not be set up; each says what to do.
-public struct LoopTargetError: Error, CustomStringConvertible, Equatable {
-    public var description: String
-    init(_ description: String) { self.description = description }
-}
-
 /// A block device backed by a regular file or another block device: the kernel loop
 /// driver's job. Reads and writes become io_uring reads and writes at the same offset
 /// (plus the window's start), FLUSH becomes fsync, DISCARD punches a hole and
 /// WRITE_ZEROES zeroes (or punches) the range; FUA writes are RWF_DSYNC.
-public final class LoopTarget: Target {
+public final class LoopTarget: SpecifiedTarget {
     public let name = "loop"
     public let configuration: LoopConfiguration
     public let properties: TargetProperties
     /// The backing is opened with O_DIRECT.
     public let directIO: Bool
-    /// Set when `auto` fell back to buffered I/O: the one-line reason.
-    public let directIONote: String?
+    /// Set when `auto` fell back to buffered I/O: why.
+    public let directIOFallback: DirectIOFallback?
     private let file: FileDescriptor
 
     public var fixedFiles: [Int32] { [file.rawValue] }
 
-    public init(_ configuration: LoopConfiguration) throws(LoopTargetError) {
+    public init(_ configuration: LoopConfiguration) throws(TargetError) {
         self.configuration = configuration
-        let path = configuration.path
-        let mode = configuration.readOnly ? O_RDONLY : O_RDWR
-
-        // What the backing is, before deciding how to open it.
-        let status: FileStatus
-        do {
-            status = try FileDescriptor(path: path, flags: O_RDONLY | O_NONBLOCK).status()
-        } catch let error as SystemError {
-            switch error.errno {
-            case ENOENT: throw LoopTargetError("backing file \(path) does not exist: create it first (e.g. truncate -s 1G \(path))")
-            case EACCES, EPERM: throw LoopTargetError("backing file \(path) is not readable: check its permissions")
-            default: throw LoopTargetError("cannot open backing file \(path): \(error.reason)")
-            }
-        } catch { throw LoopTargetError("cannot open backing file \(path): \(error)") }
-        if status.isDirectory { throw LoopTargetError("backing file \(path) is a directory: give a regular file or a block device") }
-        guard status.isRegularFile || status.isBlockDevice else {
-            throw LoopTargetError("backing file \(path) is neither a regular file nor a block device")
-        }
-
+        let status = try Self.inspect(configuration.path)
         // The backing's own block sizes: O_DIRECT needs I/O aligned to its logical block.
         let backingBlocks = Self.backingBlockSizes(status: status)
         let logical = configuration.logicalBlockSize ?? max(512, backingBlocks.logical)
-
-        var file: FileDescriptor? = nil
-        var note: String? = nil
-        switch configuration.directIO {
-        case .off:
-            break
-        case .on, .auto:
-            if logical < backingBlocks.logical || configuration.offset % UInt64(backingBlocks.logical) != 0 {
-                note = "direct I/O needs \(backingBlocks.logical)-byte alignment, but the block size is \(logical) and the offset \(configuration.offset)"
-            } else {
-                do { file = try FileDescriptor(path: path, flags: mode | FileDescriptor.directIOFlag) }
-                catch { note = "\(path) cannot be opened with O_DIRECT (\(error.reason))" }
-            }
-            if configuration.directIO == .on, let note {
-                throw LoopTargetError("\(note): use --direct-io off or auto")
-            }
-        }
-        directIO = file != nil
-        directIONote = note
-        if file == nil {
-            do { file = try FileDescriptor(path: path, flags: mode) }
-            catch {
-                if error.errno == EROFS || error.errno == EACCES {
-                    throw LoopTargetError("backing file \(path) cannot be opened for writing (\(error.reason)): use --read-only")
-                }
-                throw LoopTargetError("cannot open backing file \(path): \(error.reason)")
-            }
-        }
-        let backing = file!
-
-        // The window [offset, offset + size) of the backing.
+        var fallback: DirectIOFallback?
+        let backing = try Self.open(configuration, logical: logical, backingLogical: backingBlocks.logical,
+                                    fallback: &fallback)
         let backingSize: UInt64
         do { backingSize = status.isBlockDevice ? try backing.blockDeviceSize() : UInt64(status.size) }
-        catch { throw LoopTargetError("cannot read the size of \(path): \(error)") }
-        if backingSize == 0 { throw LoopTargetError("backing file \(path) is empty: give it a size (e.g. truncate -s 1G \(path))") }
-        guard [512, 1024, 2048, 4096].contains(logical) else {
-            throw LoopTargetError("block size \(logical) is not one of 512, 1024, 2048, 4096")
-        }
-        if configuration.offset % UInt64(logical) != 0 {
-            throw LoopTargetError("offset \(configuration.offset) is not a multiple of the block size \(logical)")
-        }
-        if configuration.offset >= backingSize {
-            throw LoopTargetError("offset \(configuration.offset) is beyond the end of \(path) (\(backingSize) bytes)")
-        }
-        var size = backingSize - configuration.offset
-        if let limit = configuration.size {
-            if limit == 0 || limit % UInt64(logical) != 0 {
-                throw LoopTargetError("size \(limit) is not a positive multiple of the block size \(logical)")
-            }
-            if limit > size {
-                throw LoopTargetError("size \(limit) at offset \(configuration.offset) goes beyond the end of \(path) (\(backingSize) bytes)")
-            }
-            size = limit
-        }
-        size -= size % UInt64(logical)
-        if size == 0 { throw LoopTargetError("backing file \(path) is smaller than one \(logical)-byte block") }
+        catch { throw .cannotMeasure(configuration.path, error) }
+        let size = try Self.window(configuration, backingSize: backingSize, logical: logical)
 
         var properties = TargetProperties(size: size)
         properties.logicalBlockSize = logical
@@ -141,10 +68,12 @@ public final class LoopTarget: Target {
         properties.supportsWriteZeroes = canPunch
         properties.discardGranularity = max(logical, min(status.blockSize, 64 * 1024))
         self.properties = properties
-        self.file = backing
+        directIOFallback = fallback
+        directIO = fallback == nil && configuration.directIO != .off
+        file = backing
     }
 
-    public func makeQueueHandler(queueID: Int, depth: Int) throws -> any QueueHandler {
+    public func makeQueueHandler(queueID: Int, depth: Int) -> LoopQueueHandler {
         LoopQueueHandler(depth: depth, offset: Int64(configuration.offset), readOnly: configuration.readOnly)
     }
 
@@ -152,11 +81,71 @@ public final class LoopTarget: Target {
         if !configuration.readOnly { try file.sync() }
     }
 
-    public var description: [String: String] {
-        ["backing": configuration.path, "direct_io": directIO ? "on" : "off",
-         "offset": String(configuration.offset), "read_only": configuration.readOnly ? "yes" : "no",
-         "direct_io_request": configuration.directIO.rawValue,
-         "size_limit": configuration.size.map { String($0) } ?? ""]
+    /// The configuration with the block size this target settled on, so a recovering
+    /// server makes the same device.
+    public var spec: TargetSpec {
+        var resolved = configuration
+        resolved.logicalBlockSize = properties.logicalBlockSize
+        return .loop(resolved)
+    }
+
+    public var directIOState: String { directIO ? "on" : "off" }
+
+    public var note: String? { directIOFallback.map { "\($0): using buffered I/O" } }
+
+    // MARK: Opening the backing
+
+    /// What the backing is, before deciding how to open it.
+    static func inspect(_ path: String) throws(TargetError) -> FileStatus {
+        let status: FileStatus
+        do { status = try FileDescriptor(path: path, flags: O_RDONLY | O_NONBLOCK).status() } catch {
+            throw .cannotOpen(path, error)
+        }
+        if status.isDirectory { throw .isDirectory(path) }
+        guard status.isRegularFile || status.isBlockDevice else { throw .notFileOrDevice(path) }
+        return status
+    }
+
+    /// Opens the backing with O_DIRECT when asked and possible, else buffered; `fallback`
+    /// says why `auto` could not have O_DIRECT.
+    static func open(_ configuration: LoopConfiguration, logical: Int, backingLogical: Int,
+                     fallback: inout DirectIOFallback?) throws(TargetError) -> FileDescriptor {
+        let path = configuration.path
+        let mode = configuration.readOnly ? O_RDONLY : O_RDWR
+        if configuration.directIO != .off {
+            if logical < backingLogical || configuration.offset % UInt64(backingLogical) != 0 {
+                fallback = .misaligned(backingBlock: backingLogical, blockSize: logical, offset: configuration.offset)
+            } else {
+                do { return try FileDescriptor(path: path, flags: mode | FileDescriptor.directIOFlag) }
+                catch { fallback = .refused(path, error) }
+            }
+            if configuration.directIO == .on, let fallback { throw .directIOUnavailable(fallback) }
+        }
+        do { return try FileDescriptor(path: path, flags: mode) } catch {
+            if error.errno == EROFS || error.errno == EACCES { throw .notWritable(path, error) }
+            throw .cannotOpen(path, error)
+        }
+    }
+
+    /// The size of the window [offset, offset + size) of a backing of `backingSize` bytes.
+    static func window(_ configuration: LoopConfiguration, backingSize: UInt64,
+                       logical: Int) throws(TargetError) -> UInt64 {
+        let (path, offset, block) = (configuration.path, configuration.offset, UInt64(logical))
+        if backingSize == 0 { throw .empty(path) }
+        guard [512, 1024, 2048, 4096].contains(logical) else { throw .unsupportedBlockSize(logical) }
+        if offset % block != 0 { throw .offsetMisaligned(offset: offset, blockSize: logical) }
+        if offset >= backingSize { throw .offsetBeyondEnd(offset: offset, path: path, backingSize: backingSize) }
+        var size = backingSize - offset
+        if let limit = configuration.size {
+            if limit == 0 || limit % block != 0 { throw .sizeMisaligned(size: limit, blockSize: logical) }
+            if limit > size {
+                throw .sizeBeyondEnd(size: limit, offset: offset, path: path, backingSize: backingSize)
+            }
+            size = limit
+        }
+        size -= size % block
+        if size == 0 { throw .smallerThanBlock(path, blockSize: logical) }
+        return size
     }
 
     // MARK: Probing the backing
@@ -199,7 +188,7 @@ public final class LoopTarget: Target {
 
 /// One queue's share of a loop target: turns each request into one ring operation on
 /// the backing (fixed file 1), like loop.c's do_req_filebacked.
-final class LoopQueueHandler: QueueHandler {
+public final class LoopQueueHandler: QueueHandler {
     private let file = BackingSubmitter.firstTargetFile
     private let offset: Int64
     private let readOnly: Bool
@@ -225,38 +214,38 @@ final class LoopQueueHandler: QueueHandler {
         zeroRangeRefused.deallocate()
     }
 
-    func start(_ request: IORequest, _ io: BackingSubmitter) -> Int32? {
+    public func start(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
         let d = request.descriptor
         let position = offset + d.byteOffset
-        let submitted: Bool
         switch d.operation {
         case .read:
             transferred[Int(request.tag)] = 0
-            submitted = io.read(file: file, into: request.buffer, count: d.byteCount, offset: position)
+            try io.read(file: file, into: request.buffer, count: d.byteCount, offset: position)
         case .write:
             if readOnly { return -EROFS }
             transferred[Int(request.tag)] = 0
-            submitted = io.write(file: file, from: request.buffer, count: d.byteCount, offset: position,
-                                 dsync: d.flags.contains(.fua))
+            try io.write(file: file, from: request.buffer, count: d.byteCount, offset: position,
+                         dsync: d.flags.contains(.fua))
         case .flush:
-            submitted = io.fsync(file: file)
+            try io.fsync(file: file)
         case .discard:
             if readOnly { return -EROFS }
-            submitted = io.fallocate(file: file, mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                     offset: position, length: Int64(d.byteCount))
+            try io.fallocate(file: file, mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                             offset: position, length: Int64(d.byteCount))
         case .writeZeroes:
             if readOnly { return -EROFS }
             // As loop.c: keep the blocks allocated only when asked to (NOUNMAP).
             zeroRangeRefused[Int(request.tag)] = false
             let mode = d.flags.contains(.noUnmap) ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE
-            submitted = io.fallocate(file: file, mode: mode | FALLOC_FL_KEEP_SIZE, offset: position, length: Int64(d.byteCount))
+            try io.fallocate(file: file, mode: mode | FALLOC_FL_KEEP_SIZE, offset: position, length: Int64(d.byteCount))
         case .unsupported:
             return -EOPNOTSUPP
         }
-        return submitted ? nil : -EAGAIN
+        return nil
     }
 
-    func complete(_ request: IORequest, backingResult result: Int32, _ io: BackingSubmitter) -> Int32? {
+    public func complete(_ request: IORequest, backingResult result: Int32,
+                         _ io: BackingSubmitter) throws(SystemError) -> Int32? {
         let d = request.descriptor
         let tag = Int(request.tag)
         switch d.operation {
@@ -274,17 +263,19 @@ final class LoopQueueHandler: QueueHandler {
             if done >= d.byteCount { return Int32(d.byteCount) }
             // Short transfer: ask for the rest.
             let position = offset + d.byteOffset + Int64(done)
-            let ok = d.operation == .read
-                ? io.read(file: file, into: request.buffer + done, count: d.byteCount - done, offset: position)
-                : io.write(file: file, from: request.buffer + done, count: d.byteCount - done, offset: position,
-                           dsync: d.flags.contains(.fua))
-            return ok ? nil : -EAGAIN
+            if d.operation == .read {
+                try io.read(file: file, into: request.buffer + done, count: d.byteCount - done, offset: position)
+            } else {
+                try io.write(file: file, from: request.buffer + done, count: d.byteCount - done, offset: position,
+                             dsync: d.flags.contains(.fua))
+            }
+            return nil
         case .writeZeroes where result == -EOPNOTSUPP && !zeroRangeRefused[tag] && d.flags.contains(.noUnmap):
             // Some file systems (tmpfs) cannot zero a range in place; a hole reads as zeros too.
             zeroRangeRefused[tag] = true
-            let ok = io.fallocate(file: file, mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                  offset: offset + d.byteOffset, length: Int64(d.byteCount))
-            return ok ? nil : -EAGAIN
+            try io.fallocate(file: file, mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                             offset: offset + d.byteOffset, length: Int64(d.byteCount))
+            return nil
         default:
             return result < 0 ? result : 0
         }

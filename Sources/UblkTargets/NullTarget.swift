@@ -1,35 +1,55 @@
 import Glibc
 import UblkQueue
 
+/// A null device's settings.
+public struct NullConfiguration: Sendable, Equatable, Codable {
+    /// Device size in bytes, a multiple of `logicalBlockSize`.
+    public var size: UInt64
+    public var logicalBlockSize: Int
+
+    public init(size: UInt64, logicalBlockSize: Int = 512) {
+        self.size = size
+        self.logicalBlockSize = logicalBlockSize
+    }
+}
+
 /// A target with no backing: every request completes at once, reads return zeros and
 /// writes are dropped. It measures the ublk runtime alone (as the kernel's null_blk
 /// measures the block layer alone).
-public final class NullTarget: Target {
+public final class NullTarget: SpecifiedTarget {
     public let name = "null"
+    public let configuration: NullConfiguration
     public let properties: TargetProperties
     public let fixedFiles: [Int32] = []
 
-    /// - Parameter size: device size in bytes, a multiple of `logicalBlockSize`.
-    public init(size: UInt64, logicalBlockSize: Int = 512) {
-        var properties = TargetProperties(size: size)
-        properties.logicalBlockSize = logicalBlockSize
-        properties.physicalBlockSize = max(logicalBlockSize, 4096)
+    public init(_ configuration: NullConfiguration) {
+        self.configuration = configuration
+        var properties = TargetProperties(size: configuration.size)
+        properties.logicalBlockSize = configuration.logicalBlockSize
+        properties.physicalBlockSize = max(configuration.logicalBlockSize, 4096)
         properties.volatileCache = false
         properties.supportsDiscard = true
         properties.supportsWriteZeroes = true
         self.properties = properties
     }
 
-    public func makeQueueHandler(queueID: Int, depth: Int) throws -> any QueueHandler {
+    /// - Parameter size: device size in bytes, a multiple of `logicalBlockSize`.
+    public convenience init(size: UInt64, logicalBlockSize: Int = 512) {
+        self.init(NullConfiguration(size: size, logicalBlockSize: logicalBlockSize))
+    }
+
+    public func makeQueueHandler(queueID: Int, depth: Int) -> NullQueueHandler {
         NullQueueHandler(depth: depth)
     }
 
     public func sync() throws {}
 
-    public var description: [String: String] { ["backing": "-"] }
+    public var spec: TargetSpec { .null(configuration) }
+    public var directIOState: String { "-" }
+    public var note: String? { nil }
 }
 
-final class NullQueueHandler: QueueHandler {
+public final class NullQueueHandler: QueueHandler {
     /// Per tag, how many leading bytes of its buffer hold data a write brought in (the
     /// kernel copied it there); zeroed before a read hands the buffer out again.
     /// (A raw buffer: an array property would pay an exclusivity check per request.)
@@ -42,7 +62,7 @@ final class NullQueueHandler: QueueHandler {
 
     deinit { dirtyBytes.deallocate() }
 
-    func start(_ request: IORequest, _ io: BackingSubmitter) -> Int32? {
+    public func start(_ request: IORequest, _ io: BackingSubmitter) -> Int32? {
         let descriptor = request.descriptor
         switch descriptor.operation {
         case .read:
@@ -63,7 +83,7 @@ final class NullQueueHandler: QueueHandler {
         }
     }
 
-    func complete(_ request: IORequest, backingResult: Int32, _ io: BackingSubmitter) -> Int32? {
+    public func complete(_ request: IORequest, backingResult: Int32, _ io: BackingSubmitter) -> Int32? {
         backingResult
     }
 }

@@ -19,7 +19,7 @@ enum Background {
     /// Returns the device path; throws the server's error line.
     static func launch(_ arguments: [String]) throws -> String {
         // Say "not loaded" or "not permitted" here, in one line, rather than from a child.
-        do { _ = try ControlDevice() } catch { throw CLIError("\(error)") }
+        _ = try ControlDevice()
 
         var pipeFDs: [Int32] = [0, 0]
         guard pipe(&pipeFDs) == 0, fcntl(pipeFDs[0], F_SETFD, FD_CLOEXEC) == 0, fcntl(pipeFDs[1], F_SETFD, FD_CLOEXEC) == 0 else { throw CLIError("pipe2: \(String(cString: strerror(errno)))") }
@@ -60,7 +60,7 @@ enum Background {
             break
         }
         for line in report.split(separator: "\n") {
-            if line.hasPrefix("note ") { fputs("ublk: \(line.dropFirst(5))\n", stderr) }
+            if line.hasPrefix("note ") { FileHandleStderr.print("ublk: \(line.dropFirst(5))") }
             if line.hasPrefix("ready ") { return String(line.dropFirst(6)) }
             if line.hasPrefix("error ") {
                 var status: Int32 = 0

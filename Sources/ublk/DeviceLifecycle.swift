@@ -25,17 +25,16 @@ struct DeviceRow: Codable {
 /// What `del`, `list` and `recover` do with devices started by any server.
 enum DeviceLifecycle {
     /// STOP_DEV, then DEL_DEV (which waits for the server to close /dev/ublkcN).
-    static func delete(_ id: UInt32, control: borrowing ControlDevice) throws {
-        let info: DeviceInfo
-        do { info = try control.deviceInfo(id) } catch { throw CLIError("\(error)") }
-        do { try control.stopDevice(id) } catch where error.errno == ENODEV || error.errno == ENOENT {
-            throw CLIError("\(error)")
-        } catch {
+    static func delete(_ id: UInt32, control: borrowing ControlDevice) throws(ControlError) {
+        let info = try control.deviceInfo(id)
+        do { try control.stopDevice(id) } catch {
             // Already stopped (e.g. quiesced with a dead server): deletion still applies.
+            if error.isNoSuchDevice { throw error }
         }
-        do { try control.deleteDevice(id) } catch where error.errno == ENODEV || error.errno == ENOENT {
+        do { try control.deleteDevice(id) } catch {
             // The server deleted it on its way out.
-        } catch { throw CLIError("\(error)") }
+            if !error.isNoSuchDevice { throw error }
+        }
         // Let the server finish its own shutdown (sync, exit) before we return.
         let pid = RuntimeDirectory.load(id)?.pid ?? info.serverPID
         for _ in 0..<500 where RuntimeDirectory.isAlive(pid) && pid != getpid() { usleep(10_000) }
@@ -53,7 +52,7 @@ enum DeviceLifecycle {
             var state = "\(info.state)"
             if !alive { state += ",server-dead" }
             rows.append(DeviceRow(
-                id: id, state: state, target: record?.target ?? "?", backing: record?.backing ?? "-",
+                id: id, state: state, target: record?.spec.name ?? "?", backing: record.map { $0.spec.backing ?? "-" } ?? "-",
                 size: (parameters?.sectors ?? 0) << 9, queues: Int(info.queueCount), depth: Int(info.queueDepth),
                 directIO: record?.directIO ?? "?", pid: pid, serverAlive: alive,
                 readOnly: parameters?.readOnly ?? false, blockSize: parameters?.logicalBlockSize ?? 512,
@@ -63,32 +62,19 @@ enum DeviceLifecycle {
     }
 
     /// The target and options a recovering server needs, from the dead server's record.
-    static func recoveryPlan(_ id: UInt32) throws -> (any Target, ServerOptions, String?) {
+    static func recoveryPlan(_ id: UInt32) throws -> (any SpecifiedTarget, ServerOptions) {
         // No such device (or no permission, or no driver) says so, before the missing record would.
-        do { _ = try ControlDevice().deviceInfo(id) } catch { throw CLIError("\(error)") }
+        _ = try ControlDevice().deviceInfo(id)
         guard let record = RuntimeDirectory.load(id) else {
             throw CLIError("no record of device \(id) under \(RuntimeDirectory.path): cannot tell its backing file; delete it with ublk del --id \(id)")
         }
         if RuntimeDirectory.isAlive(record.pid) {
             throw CLIError("device \(id) is still served by pid \(record.pid): nothing to recover")
         }
-        let target: any Target
-        do {
-            if record.target == "null" {
-                target = NullTarget(size: record.size, logicalBlockSize: record.blockSize)
-            } else {
-                var configuration = LoopConfiguration(path: record.backing ?? "")
-                configuration.directIO = DirectIOMode(rawValue: record.directIORequest) ?? .auto
-                configuration.readOnly = record.readOnly
-                configuration.offset = record.offset
-                configuration.size = record.sizeLimit
-                configuration.logicalBlockSize = record.blockSize
-                target = try LoopTarget(configuration)
-            }
-        } catch { throw CLIError("\(error)") }
         var options = ServerOptions(id: id, queues: record.queues, depth: record.depth)
         options.recovery = true
-        return (target, options, record.name)
+        options.name = record.name
+        return (try record.spec.makeTarget(), options)
     }
 }
 

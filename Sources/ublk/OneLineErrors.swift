@@ -13,7 +13,7 @@ extension Ublk {
         } catch {
             let code = exitCode(for: error)
             if code == .success { exit(withError: error) }
-            fputs("Error: \(errorLine(for: error))\n", stderr)
+            FileHandleStderr.print("Error: \(errorLine(for: error))")
             Glibc.exit(code.rawValue)
         }
     }

@@ -109,11 +109,11 @@ struct DeviceOptions: ParsableArguments {
         return options
     }
 
-    /// The target these options describe (opens and probes the backing).
-    func makeTarget() throws -> any Target {
+    /// The target these options describe.
+    var spec: TargetSpec {
         switch kind {
         case .null:
-            return NullTarget(size: size!.value, logicalBlockSize: blockSize ?? 512)
+            return .null(NullConfiguration(size: size!.value, logicalBlockSize: blockSize ?? 512))
         case .loop:
             var configuration = LoopConfiguration(path: file!)
             configuration.directIO = directIO
@@ -121,7 +121,7 @@ struct DeviceOptions: ParsableArguments {
             configuration.offset = offset?.value ?? 0
             configuration.size = size?.value
             configuration.logicalBlockSize = blockSize
-            return try LoopTarget(configuration)
+            return .loop(configuration)
         }
     }
 

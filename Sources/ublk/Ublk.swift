@@ -37,7 +37,7 @@ struct ServerFlags: ParsableArguments {
     func reporting<T>(_ body: () throws -> T) throws -> T {
         do { return try body() } catch {
             if let readyFD { Background.report("error \(error)", to: readyFD) }
-            throw CLIError("\(error)")
+            throw error
         }
     }
 
@@ -45,16 +45,17 @@ struct ServerFlags: ParsableArguments {
     func start(_ device: DeviceOptions, name: String?) throws {
         // "Not loaded" or "run as root" first: without the driver the backing does not matter.
         try reporting { _ = try ControlDevice() }
-        let target = try reporting { try device.makeTarget() }
-        if let note = (target as? LoopTarget)?.directIONote {
-            let line = "\(note): using buffered I/O"
-            if let readyFD { Background.note(line, to: readyFD) } else { FileHandleStderr.print("ublk: \(line)") }
+        let target = try reporting { try device.spec.makeTarget() }
+        if let note = target.note {
+            if let readyFD { Background.note(note, to: readyFD) } else { FileHandleStderr.print("ublk: \(note)") }
         }
-        try serve(target: target, options: device.serverOptions, mode: .create, name: name)
+        var options = device.serverOptions
+        options.name = name
+        try serve(target: target, options: options, mode: .create)
     }
 
     /// Runs a server in this process; reports on `--ready-fd` once live or on failure.
-    func serve(target: any Target, options: ServerOptions, mode: DeviceServer.Mode, name: String?) throws {
+    func serve(target: any SpecifiedTarget, options: ServerOptions, mode: DeviceServer.Mode) throws {
         let logger = makeLogger()
         // The launching CLI may be gone by the time we report: a closed pipe must not kill a live device.
         signal(SIGPIPE, SIG_IGN)
@@ -62,26 +63,17 @@ struct ServerFlags: ParsableArguments {
         // `--ready-fd` is answered (and closed) exactly once: "ready" when live, else "error".
         var reported = false
         do {
-            try server.run(mode, describe: { info, parameters in
-                let description = target.description
-                return DeviceRecord(
-                    id: info.id!, pid: getpid(), name: name, target: target.name, backing: description["backing"],
-                    size: parameters.sectors << 9, queues: Int(info.queueCount), depth: Int(info.queueDepth),
-                    directIO: description["direct_io"] ?? "-", readOnly: parameters.readOnly,
-                    offset: UInt64(description["offset"] ?? "0") ?? 0, sizeLimit: description["size_limit"].flatMap { UInt64($0) },
-                    blockSize: parameters.logicalBlockSize, recovery: options.recovery,
-                    directIORequest: description["direct_io_request"] ?? "auto")
-            }, onLive: { info, parameters in
+            try server.run(mode) { info, parameters in
                 let path = info.blockDevicePath
                 logger.info("\(path) is live: target \(target.name), \(parameters.sectors << 9) bytes, \(info.queueCount) queues × \(info.queueDepth)")
                 if let readyFD { Background.report("ready \(path)", to: readyFD) } else { print(path) }
                 reported = true
-                fflush(stdout)
-                let backing = target.description["backing"].map { ", \($0)" } ?? ""
+                fflush(nil) // stdout: the path must reach a pipe before the server carries on
+                let backing = target.spec.backing.map { ", \($0)" } ?? ", -"
                 SystemdNotifier.notify("READY=1\nSTATUS=Serving \(path) (\(target.name)\(backing))\nMAINPID=\(getpid())")
-            })
+            }
         } catch {
-            if reported { throw CLIError("\(error)") }
+            if reported { throw error }
             return try reporting { throw error }
         }
     }
@@ -175,8 +167,7 @@ extension Ublk {
         }
 
         func run() throws {
-            let control: ControlDevice
-            do { control = try ControlDevice() } catch { throw CLIError("\(error)") }
+            let control = try ControlDevice()
             let ids = all ? ControlDevice.deviceIDs() : [id!]
             var failures: [String] = []
             for id in ids {
@@ -193,8 +184,7 @@ extension Ublk {
         var json = false
 
         func run() throws {
-            let control: ControlDevice
-            do { control = try ControlDevice() } catch { throw CLIError("\(error)") }
+            let control = try ControlDevice()
             let rows = DeviceLifecycle.list(control: control)
             if json { print(DeviceListing.json(rows)) } else { print(DeviceListing.table(rows), terminator: "") }
         }
@@ -214,8 +204,8 @@ extension Ublk {
                 print(try Background.launch(Array(CommandLine.arguments.dropFirst())))
                 return
             }
-            let (target, options, name) = try server.reporting { try DeviceLifecycle.recoveryPlan(id) }
-            try server.serve(target: target, options: options, mode: .recover(id), name: name)
+            let (target, options) = try server.reporting { try DeviceLifecycle.recoveryPlan(id) }
+            try server.serve(target: target, options: options, mode: .recover(id))
         }
     }
 
@@ -223,8 +213,7 @@ extension Ublk {
         static let configuration = CommandConfiguration(abstract: "Print the kernel's ublk features (GET_FEATURES) by name.")
 
         func run() throws {
-            let control: ControlDevice
-            do { control = try ControlDevice() } catch { throw CLIError("\(error)") }
+            let control = try ControlDevice()
             print("opcodes: \(control.encoding.rawValue)")
             let features = control.features
             if let features {
@@ -242,9 +231,10 @@ extension Ublk {
     }
 }
 
-/// stderr without Foundation.
+/// stderr without Foundation: one write(2) per line (C's `stderr` is a global Swift 6 cannot prove safe).
 enum FileHandleStderr {
     static func print(_ line: String) {
-        fputs(line + "\n", stderr)
+        let text = line + "\n"
+        _ = text.withCString { write(2, $0, strlen($0)) }
     }
 }

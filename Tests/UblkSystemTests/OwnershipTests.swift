@@ -27,19 +27,48 @@ import Testing
 
     @Test func ringRunsAnOperation() throws {
         let ring = try IORing(entries: 4, preferredFlags: IORing.singleThreadFlags)
-        let sqe = try ring.nextSubmission()
-        io_uring_prep_nop_shim(sqe)
-        _ = try ring.submit(waitingFor: 1)
-        let completion = ring.peekCompletion()
-        let cqe = try #require(completion)
-        #expect(cqe.pointee.user_data == 42)
-        #expect(cqe.pointee.res == 0)
-        ring.markSeen(cqe)
+        io_uring_prep_nop(try ring.handle.prepare(userData: 42))
+        try ring.handle.submit(waitingFor: 1)
+        var seen: [(UInt64, Int32)] = []
+        #expect(ring.handle.reap { seen.append(($0, $1)) } == 1)
+        #expect(seen.count == 1 && seen[0].0 == 42 && seen[0].1 == 0)
+        #expect(ring.handle.reap { _, _ in Issue.record("a completion was reaped twice") } == 0)
+    }
+
+    /// More completions than one batch: every one is reaped exactly once, and the SQEs
+    /// handed out are cleared (no field of an earlier use survives).
+    @Test func reapingInBatchesSeesEveryCompletionOnce() throws {
+        let ring = try IORing(entries: 64, preferredFlags: IORing.singleThreadFlags)
+        let count = IORing.reapBatch * 2 + 5
+        for value in 0..<count {
+            let sqe = try ring.handle.prepare(userData: UInt64(value) | 1 << 40)
+            #expect(sqe.pointee.fd == 0 && sqe.pointee.flags == 0 && sqe.pointee.len == 0 && sqe.pointee.off == 0)
+            io_uring_prep_nop(sqe)
+            sqe.pointee.fd = -1 // junk the next use of this slot must not see
+            sqe.pointee.len = 77
+        }
+        var seen = Set<UInt64>()
+        while seen.count < count {
+            try ring.handle.submit(waitingFor: 1)
+            ring.handle.reap { userData, result in
+                #expect(result == 0)
+                #expect(seen.insert(userData).inserted, "completion \(userData) reaped twice")
+            }
+        }
+        #expect(seen == Set((0..<count).map { UInt64($0) | 1 << 40 }))
+    }
+
+    /// The command area of a URING_CMD SQE is `sqe->cmd`, which overlays `addr3` at byte 48.
+    @Test func commandAreaIsAtByte48() throws {
+        let ring = try IORing(entries: 4, flags: IORING_SETUP_SQE128)
+        let area = try ring.handle.prepareCommand(fd: 3, fixedFile: true, opcode: 0x21, userData: 7)
+        area.storeBytes(of: 0x1122_3344_5566_7788 as UInt64, as: UInt64.self)
+        let sqe = area.assumingMemoryBound(to: UInt8.self) - IORing.commandAreaOffset
+        let entry = UnsafeMutableRawPointer(sqe).assumingMemoryBound(to: io_uring_sqe.self)
+        #expect(entry.pointee.addr3 == 0x1122_3344_5566_7788)
+        #expect(entry.pointee.cmd_op == 0x21 && entry.pointee.fd == 3 && entry.pointee.user_data == 7)
+        #expect(entry.pointee.opcode == UInt8(IORING_OP_URING_CMD.rawValue))
     }
 }
 
 import CLiburing
-func io_uring_prep_nop_shim(_ sqe: UnsafeMutablePointer<io_uring_sqe>) {
-    io_uring_prep_nop(sqe)
-    io_uring_sqe_set_data64(sqe, 42)
-}

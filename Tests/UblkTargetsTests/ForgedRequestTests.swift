@@ -2,6 +2,7 @@ import Glibc
 import Testing
 import UblkQueue
 import UblkSystem
+import UblkTesting
 @testable import UblkTargets
 
 /// Requests a target must survive: forged ranges never reach the backing file, a

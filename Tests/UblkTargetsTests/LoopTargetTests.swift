@@ -2,6 +2,7 @@ import Glibc
 import Testing
 import UblkQueue
 import UblkSystem
+import UblkTesting
 @testable import UblkTargets
 
 /// The loop target's forwarding, driven through io_uring on the host (no ublk driver needed).

@@ -1,5 +1,5 @@
 // 4k random reads and writes through the loop target's io_uring path (LoopTarget's
-// queue handler driven by UblkQueue.OfflineQueue: descriptor validation, the
+// queue handler driven by UblkTesting.OfflineQueue: descriptor validation, the
 // handler's start/complete state machine, BackingSubmitter, the ring), next to a plain
 // liburing loop doing the same I/O on the same file (UringBaseline). No ublk driver:
 // what is measured is the userspace cost per request above io_uring itself.
@@ -12,6 +12,8 @@ import LoopDriver
 import UringBaseline
 
 /// One fixture per benchmark, made in its setup (so listing the benchmarks makes no file).
+/// `@unchecked Sendable`: the harness runs a benchmark's setup, body and teardown one after
+/// another, never at once, so `driver` has one user at a time.
 final class Fixture<Driver>: @unchecked Sendable {
     var driver: Driver?
 }

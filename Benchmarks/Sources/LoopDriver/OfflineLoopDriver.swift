@@ -1,15 +1,16 @@
 // The loop target's side of the host benchmark: 4k requests through LoopTarget's
-// queue handler driven by UblkQueue.OfflineQueue (descriptor validation, the
+// queue handler driven by UblkTesting.OfflineQueue (descriptor validation, the
 // handler's start/complete state machine, BackingSubmitter, the ring), kept `depth`
 // in flight exactly as UringBaseline.PlainRingLoop keeps its plain SQEs.
 import Glibc
 import UblkQueue
 import UblkTargets
+import UblkTesting
 import UringBaseline
 
 /// `depth` requests in flight through an OfflineQueue over a LoopTarget.
 public final class OfflineLoopDriver {
-    public let queue: OfflineQueue
+    public let queue: OfflineQueue<LoopTarget>
     public let operation: BenchOperation
     private var random: RandomBlocks
     private let idle: UnsafeMutableBufferPointer<Int>

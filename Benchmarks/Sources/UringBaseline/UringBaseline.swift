@@ -40,7 +40,7 @@ public struct BenchFailure: Error, CustomStringConvertible {
 /// (/dev/shm) reads go through io_uring's worker threads on 6.x kernels, writes on
 /// both do.
 /// Removed when the process exits.
-public final class ScratchFile: @unchecked Sendable {
+public final class ScratchFile: Sendable {
     public let path: String
     public let size: Int
     /// O_DIRECT on both sides (`UBLK_BENCH_DIRECT=1`); default buffered (page cache).
@@ -81,6 +81,7 @@ public final class ScratchFile: @unchecked Sendable {
         atexit { if let path = ScratchFile.cleanupPath { unlink(path) } }
     }
 
+    // Set once, by `shared`'s initialiser (which Swift runs exactly once), before atexit can read it.
     nonisolated(unsafe) static var cleanupPath: String?
 
     /// O_DIRECT (Glibc hides it without _GNU_SOURCE); 0o40000 on x86_64, 0o200000 on arm64.

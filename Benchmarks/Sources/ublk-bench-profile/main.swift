@@ -14,7 +14,8 @@ import UringBaseline
 let args = CommandLine.arguments
 guard args.count == 5, ["loop", "liburing"].contains(args[1]), ["read", "write"].contains(args[2]),
       let depth = Int(args[3]), depth > 0, let count = Int(args[4]), count > 0 else {
-    fputs("usage: ublk-bench-profile loop|liburing read|write DEPTH COUNT\n", stderr)
+    let usage = "usage: ublk-bench-profile loop|liburing read|write DEPTH COUNT\n"
+    _ = write(2, usage, usage.utf8.count)
     exit(2)
 }
 let operation: BenchOperation = args[2] == "read" ? .read : .write

@@ -1,7 +1,6 @@
 // Small C helpers for what Swift cannot reach directly:
-// - GNU-only libc API (O_DIRECT, fallocate, thread affinity/names, gettid, block ioctls),
-//   which Swift's Glibc module does not expose;
-// - the SQE's command area, a flexible array member that imports as `()`.
+// - GNU-only libc API (O_DIRECT, fallocate, thread affinity/names, block ioctls, spawn flags),
+//   which Swift's Glibc module does not expose.
 #ifndef CUBLK_SYS_H
 #define CUBLK_SYS_H
 
@@ -11,24 +10,16 @@
 
 #include "ublk_uapi.h"
 
-struct io_uring_sqe;
-
-/// `sqe->cmd`: start of the 16-byte (80 with SQE128) command area.
-void *cublk_sqe_cmd(struct io_uring_sqe *sqe);
-
 int cublk_o_direct(void);
 int cublk_fallocate(int fd, int mode, int64_t offset, int64_t length);
-int cublk_set_affinity_cpu(int cpu);
 /// Pins the calling thread to the CPUs set in a kernel cpumask (`bytes` long).
 int cublk_set_affinity_mask(const void *mask, size_t bytes);
 int cublk_set_thread_name(const char *name);
-pid_t cublk_gettid(void);
 /// Size in bytes of a block device; 0 or -errno.
 int cublk_block_device_size(int fd, uint64_t *bytes);
 /// Logical and physical block size of a block device; 0 or -errno.
 int cublk_block_device_sector_sizes(int fd, uint32_t *logical, uint32_t *physical);
 /// POSIX_SPAWN_SETSID (glibc, _GNU_SOURCE only).
 short cublk_posix_spawn_setsid(void);
-int cublk_errno(void);
 
 #endif

@@ -1,0 +1,52 @@
+import Glibc
+import UblkControl
+import UblkSystem
+import UblkTargets
+
+/// Why a device could not be brought up, served or recovered. The underlying typed
+/// error (with its errno and failing call) is kept; `description` is the one sentence
+/// for the user, saying what to do.
+public enum ServerError: Error, CustomStringConvertible {
+    case controlDevice(ControlDeviceError)
+    case control(ControlError)
+    case system(SystemError)
+    case target(TargetError)
+    /// A queue thread could not set its queue up (ring, mapping, the target's handler).
+    case queueSetup(any Error)
+    /// The kernel's ublk_drv cannot keep a device for a new server (features, if known).
+    case noUserRecovery(FeatureFlags?)
+    case notRecoverable(UInt32)
+    case stillServed(UInt32)
+    case notReadable(String, SystemError)
+    case characterDeviceMissing(String)
+    case queueFailed(UInt32, any Error)
+
+    /// The errno behind the failure, if a system call or ublk command failed.
+    public var errno: Int32? {
+        switch self {
+        case .controlDevice(.system(let error)), .system(let error), .notReadable(_, let error): error.errno
+        case .control(let error): error.errno
+        case .target(let error): error.systemError?.errno
+        case .queueSetup(let error), .queueFailed(_, let error): (error as? SystemError)?.errno
+        default: nil
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .controlDevice(let error): "\(error)"
+        case .control(let error): "\(error)"
+        case .system(let error): "\(error)"
+        case .target(let error): "\(error)"
+        case .queueSetup(let error): "\(error)"
+        case .noUserRecovery(let features?): "this kernel's ublk_drv has no user recovery (features: \(features)): leave out --recovery"
+        case .noUserRecovery(nil): "this kernel's ublk_drv has no user recovery: leave out --recovery"
+        case .notRecoverable(let id):
+            "device \(id) was not added with --recovery: it cannot be recovered, only deleted (ublk del --id \(id))"
+        case .stillServed(let id): "device \(id) is still served by a live server: nothing to recover"
+        case let .notReadable(path, error): "\(path) is not readable after START_DEV: \(error)"
+        case .characterDeviceMissing(let path): "\(path) did not appear: is devtmpfs or udev running?"
+        case let .queueFailed(id, error): "device \(id) stopped after a queue failed: \(error)"
+        }
+    }
+}

@@ -1,0 +1,72 @@
+import Glibc
+import UblkSystem
+
+/// Why `auto` direct I/O fell back to buffered I/O (or `on` failed).
+public enum DirectIOFallback: Equatable, Sendable, CustomStringConvertible {
+    /// O_DIRECT needs I/O aligned to the backing's logical block.
+    case misaligned(backingBlock: Int, blockSize: Int, offset: UInt64)
+    /// The backing refused O_DIRECT (tmpfs, some network file systems).
+    case refused(String, SystemError)
+
+    public var description: String {
+        switch self {
+        case let .misaligned(backingBlock, blockSize, offset):
+            "direct I/O needs \(backingBlock)-byte alignment, but the block size is \(blockSize) and the offset \(offset)"
+        case let .refused(path, error):
+            "\(path) cannot be opened with O_DIRECT (\(error.reason))"
+        }
+    }
+}
+
+/// Why a target could not be set up. The failing call and its errno are kept where
+/// there was one; `description` is the one sentence for the user, saying what to do.
+public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
+    case cannotOpen(String, SystemError)
+    case isDirectory(String)
+    case notFileOrDevice(String)
+    case directIOUnavailable(DirectIOFallback)
+    case notWritable(String, SystemError)
+    case cannotMeasure(String, SystemError)
+    case empty(String)
+    case unsupportedBlockSize(Int)
+    case offsetMisaligned(offset: UInt64, blockSize: Int)
+    case offsetBeyondEnd(offset: UInt64, path: String, backingSize: UInt64)
+    case sizeMisaligned(size: UInt64, blockSize: Int)
+    case sizeBeyondEnd(size: UInt64, offset: UInt64, path: String, backingSize: UInt64)
+    case smallerThanBlock(String, blockSize: Int)
+
+    /// The system call that failed, if one did.
+    public var systemError: SystemError? {
+        switch self {
+        case .cannotOpen(_, let error), .notWritable(_, let error), .cannotMeasure(_, let error): error
+        case .directIOUnavailable(.refused(_, let error)): error
+        default: nil
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case let .cannotOpen(path, error):
+            switch error.errno {
+            case ENOENT: "backing file \(path) does not exist: create it first (e.g. truncate -s 1G \(path))"
+            case EACCES, EPERM: "backing file \(path) is not readable: check its permissions"
+            default: "cannot open backing file \(path): \(error.reason)"
+            }
+        case .isDirectory(let path): "backing file \(path) is a directory: give a regular file or a block device"
+        case .notFileOrDevice(let path): "backing file \(path) is neither a regular file nor a block device"
+        case .directIOUnavailable(let fallback): "\(fallback): use --direct-io off or auto"
+        case let .notWritable(path, error):
+            "backing file \(path) cannot be opened for writing (\(error.reason)): use --read-only"
+        case let .cannotMeasure(path, error): "cannot read the size of \(path): \(error)"
+        case .empty(let path): "backing file \(path) is empty: give it a size (e.g. truncate -s 1G \(path))"
+        case .unsupportedBlockSize(let size): "block size \(size) is not one of 512, 1024, 2048, 4096"
+        case let .offsetMisaligned(offset, block): "offset \(offset) is not a multiple of the block size \(block)"
+        case let .offsetBeyondEnd(offset, path, backing):
+            "offset \(offset) is beyond the end of \(path) (\(backing) bytes)"
+        case let .sizeMisaligned(size, block): "size \(size) is not a positive multiple of the block size \(block)"
+        case let .sizeBeyondEnd(size, offset, path, backing):
+            "size \(size) at offset \(offset) goes beyond the end of \(path) (\(backing) bytes)"
+        case let .smallerThanBlock(path, block): "backing file \(path) is smaller than one \(block)-byte block"
+        }
+    }
+}

@@ -1,0 +1,68 @@
+import UblkQueue
+
+/// What a device is backed by and how: the one description of a target that the
+/// command line, config files, the records under /run/ublk and recovery all share.
+/// New targets add a case.
+public enum TargetSpec: Sendable, Equatable, Codable {
+    case loop(LoopConfiguration)
+    case null(NullConfiguration)
+
+    /// Short name (`loop`, `null`), as `ublk list` shows it.
+    public var name: String {
+        switch self {
+        case .loop: "loop"
+        case .null: "null"
+        }
+    }
+
+    /// The backing file, if the target has one.
+    public var backing: String? {
+        switch self {
+        case .loop(let configuration): configuration.path
+        case .null: nil
+        }
+    }
+
+    /// Opens the target the spec describes (the backing is opened and probed).
+    public func makeTarget() throws(TargetError) -> any SpecifiedTarget {
+        switch self {
+        case .loop(let configuration): try LoopTarget(configuration)
+        case .null(let configuration): NullTarget(configuration)
+        }
+    }
+
+    private enum CodingKeys: String, CodingKey {
+        case kind, loop, null
+    }
+
+    // {"kind": "loop", "loop": {...}}: the kind readable on its own, the settings beside it.
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        let kind = try container.decode(String.self, forKey: .kind)
+        switch kind {
+        case "loop": self = .loop(try container.decode(LoopConfiguration.self, forKey: .loop))
+        case "null": self = .null(try container.decode(NullConfiguration.self, forKey: .null))
+        default: throw DecodingError.dataCorruptedError(forKey: .kind, in: container, debugDescription: "unknown target \(kind)")
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(name, forKey: .kind)
+        switch self {
+        case .loop(let configuration): try container.encode(configuration, forKey: .loop)
+        case .null(let configuration): try container.encode(configuration, forKey: .null)
+        }
+    }
+}
+
+/// A target made from a `TargetSpec`: what the server records about it besides `Target`.
+public protocol SpecifiedTarget: Target {
+    /// The spec that makes this same device again: what was asked, with what the target
+    /// settled on filled in (the block size). Recovery rebuilds the target from it.
+    var spec: TargetSpec { get }
+    /// O_DIRECT on the backing: "on", "off", or "-" without a backing (`ublk list`'s DIO).
+    var directIOState: String { get }
+    /// One line for the user when the target chose less than was asked, else nil.
+    var note: String? { get }
+}

@@ -1,0 +1,65 @@
+import FoundationEssentials
+import Glibc
+import Testing
+import UblkSystem
+import UblkTargets
+@testable import UblkServer
+
+/// The device record: the target spec goes through JSON and back unchanged, and errors
+/// keep the errno of the call that failed.
+@Suite struct RecordTests {
+    func roundTrip(_ record: DeviceRecord) throws -> DeviceRecord {
+        try JSONDecoder().decode(DeviceRecord.self, from: JSONEncoder().encode(record))
+    }
+
+    @Test func loopAndNullRecordsRoundTrip() throws {
+        var loop = LoopConfiguration(path: "/srv/disk.img")
+        loop.directIO = .on
+        loop.readOnly = true
+        loop.offset = 1 << 20
+        loop.size = 64 << 20
+        loop.logicalBlockSize = 4096
+        let records = [
+            DeviceRecord(id: 3, pid: 42, name: "data", spec: .loop(loop), queues: 2, depth: 64, directIO: "on", recovery: true),
+            DeviceRecord(id: 4, pid: 43, name: nil, spec: .null(NullConfiguration(size: 1 << 30, logicalBlockSize: 512)),
+                         queues: 1, depth: 128, directIO: "-", recovery: false),
+        ]
+        for record in records { #expect(try roundTrip(record) == record) }
+        let json = String(decoding: try JSONEncoder().encode(records[0]), as: UTF8.self)
+        #expect(json.contains(#""kind":"loop""#))
+    }
+
+    @Test func anUnknownTargetKindIsRefused() {
+        let json = #"{"id":1,"pid":1,"spec":{"kind":"nbd"},"queues":1,"depth":1,"directIO":"-","recovery":false}"#
+        #expect(throws: DecodingError.self) { try JSONDecoder().decode(DeviceRecord.self, from: Data(json.utf8)) }
+    }
+
+    /// The spec a loop target reports pins the block size it settled on, so recovery makes the same device.
+    @Test func aLoopTargetsSpecPinsItsBlockSize() throws {
+        var template = Array("/tmp/ublk-record-XXXXXX".utf8CString)
+        let fd = mkstemp(&template)
+        let path = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        defer { unlink(path) }
+        #expect(ftruncate(fd, 1 << 20) == 0)
+        close(fd)
+        let target = try TargetSpec.loop(LoopConfiguration(path: path)).makeTarget()
+        guard case .loop(let resolved) = target.spec else { Issue.record("not a loop spec"); return }
+        #expect(resolved.logicalBlockSize == target.properties.logicalBlockSize)
+        #expect(resolved.path == path && target.spec.backing == path && target.spec.name == "loop")
+    }
+
+    @Test func errorsKeepTheirErrno() {
+        let missing = TargetError.cannotOpen("/nonexistent", SystemError("open /nonexistent", errno: ENOENT))
+        #expect(missing.systemError?.errno == ENOENT)
+        #expect(missing.description.contains("does not exist"))
+        #expect(ServerError.target(missing).errno == ENOENT)
+        #expect(ServerError.target(missing).description == missing.description)
+        #expect(ServerError.stillServed(3).errno == nil)
+        do {
+            _ = try TargetSpec.loop(LoopConfiguration(path: "/nonexistent/disk.img")).makeTarget()
+            Issue.record("a missing backing was accepted")
+        } catch {
+            #expect(error.systemError?.errno == ENOENT)
+        }
+    }
+}
