@@ -45,7 +45,7 @@ struct DeviceOptions: ParsableArguments {
     @Option(name: .long, help: "Device id N for /dev/ublkbN (default: the kernel picks).")
     var id: UInt32?
 
-    @Option(name: .long, help: "Hardware queues, one thread each (default: one per CPU, at most 4; here \(ServerOptions.defaultQueues)).")
+    @Option(name: .long, help: "Hardware queues, one thread each (default: one per 4 CPUs, 1 to 4; here \(ServerOptions.defaultQueues)).")
     var queues: Int?
 
     @Option(name: .long, help: "Requests in flight per queue, 1 to 4096.")

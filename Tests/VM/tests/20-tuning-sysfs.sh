@@ -47,11 +47,15 @@ check 2 64 1024 1 --read-only
 check 1 4096 2048 0 --direct-io off
 check 1 1 512 0
 
-# Without --queues: one queue per CPU (at most 4).
+# Without --queues: one queue per 4 CPUs (1 to 4).
 dev=$("$UBLK" add --file "$dir/disk.img")
-expect_eq "$(ls /sys/block/${dev#/dev/}/mq | wc -l)" "$(($(nproc) < 4 ? $(nproc) : 4))" "default queue count"
+quarter=$(($(nproc) / 4))
+expect_eq "$(ls /sys/block/${dev#/dev/}/mq | wc -l)" "$((quarter < 1 ? 1 : quarter > 4 ? 4 : quarter))" "default queue count"
+"$UBLK" del --id "${dev#/dev/ublkb}"
+wait_gone "$dev" 5
 
 # Each queue thread runs on the CPUs the block layer maps to its queue.
+dev=$("$UBLK" add --file "$dir/disk.img" --queues "$(nproc)")
 pid=$(list_field "${dev#/dev/ublkb}" pid)
 for task in /proc/$pid/task/*; do
 	name=$(cat "$task/comm")
