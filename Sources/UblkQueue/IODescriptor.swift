@@ -46,6 +46,9 @@ public struct IOFlags: OptionSet, Sendable {
     public static let failFastDevice = IOFlags(rawValue: UBLK_IO_F_FAILFAST_DEV)
     public static let meta = IOFlags(rawValue: UBLK_IO_F_META)
     public static let swap = IOFlags(rawValue: UBLK_IO_F_SWAP)
+    /// Zero copy: the driver could not register the request's pages at the tag's index
+    /// (UBLK_AUTO_BUF_REG_FALLBACK): the server registers them itself.
+    public static let needsBufferRegistration = IOFlags(rawValue: UBLK_IO_F_NEED_REG_BUF)
 }
 
 /// One request, decoded from the `ublksrv_io_desc` the driver wrote for a tag.

@@ -53,6 +53,13 @@ public struct IORing: ~Copyable {
         }
         guard result == 0 else { throw SystemError("io_uring_register_files", errno: result) }
     }
+
+    /// An empty buffer table of `count` slots, for buffers the kernel registers itself
+    /// (ublk's UBLK_F_AUTO_BUF_REG puts each request's pages at its tag's slot).
+    public func registerSparseBuffers(_ count: Int) throws(SystemError) {
+        let result = io_uring_register_buffers_sparse(handle.ring, UInt32(count))
+        guard result == 0 else { throw SystemError("io_uring_register_buffers_sparse", errno: result) }
+    }
 }
 
 extension IORing {
@@ -89,12 +96,13 @@ extension IORing {
         /// and returns its command area: 16 bytes at byte 48 of the SQE (80 with SQE128),
         /// written inline here rather than through a C helper on the hot path.
         @inlinable
-        public func prepareCommand(fd: Int32, fixedFile: Bool, opcode: UInt32,
-                                   userData: UInt64) throws(SystemError) -> UnsafeMutableRawPointer {
+        public func prepareCommand(fd: Int32, fixedFile: Bool, opcode: UInt32, userData: UInt64,
+                                   address: UInt64 = 0) throws(SystemError) -> UnsafeMutableRawPointer {
             let sqe = try prepare(userData: userData)
             sqe.pointee.opcode = UInt8(IORING_OP_URING_CMD.rawValue)
             sqe.pointee.fd = fd
             sqe.pointee.cmd_op = opcode
+            sqe.pointee.addr = address
             if fixedFile { sqe.pointee.flags = UInt8(1 << IOSQE_FIXED_FILE_BIT) }
             return UnsafeMutableRawPointer(sqe) + IORing.commandAreaOffset
         }
