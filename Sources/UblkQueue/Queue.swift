@@ -64,6 +64,11 @@ public protocol CommandSource: AnyObject {
     /// Gives the pages registered by `registerBuffer` back (UNREGISTER_IO_BUF; step
     /// `CommandStep.unregistered`), before the request is committed.
     func unregisterBuffer(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError)
+    /// A FETCH or COMMIT_AND_FETCH of `tag` completed with UBLK_IO_RES_OK: is there a new
+    /// request to start? The driver completes one only with the tag's next request (true);
+    /// the offline source's stand-in commit completes without one (the caller starts the
+    /// tag's next request itself).
+    func requestArrived(tag: Int) -> Bool
 }
 
 /// The `step` of a `.command` completion (`UserData`): which ublk command of the tag it was.
@@ -83,6 +88,10 @@ extension CommandSource {
     public func unregisterBuffer(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError) {
         throw SystemError("UNREGISTER_IO_BUF", errno: EOPNOTSUPP)
     }
+
+    /// The ublk driver's case: a command completes when the tag's next request is there.
+    @inlinable
+    public func requestArrived(tag: Int) -> Bool { true }
 }
 
 /// The queue engine: one hardware queue's ring, per-tag requests and buffers, and its
@@ -200,7 +209,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
             live -= 1
             return
         }
-        try arrived(tag: tag)
+        if source.requestArrived(tag: tag) { try arrived(tag: tag) }
     }
 
     /// The request the source holds for `tag` is new: decode it, refuse what the device

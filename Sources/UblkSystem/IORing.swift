@@ -107,6 +107,13 @@ extension IORing {
             return UnsafeMutableRawPointer(sqe) + IORing.commandAreaOffset
         }
 
+        /// Prepares an `IORING_OP_NOP`, which completes with result 0 and `userData`
+        /// (the offline queue's stand-in for a ublk command, and ring tests).
+        @inlinable
+        public func prepareNop(userData: UInt64) throws(SystemError) {
+            try prepare(userData: userData).pointee.opcode = UInt8(IORING_OP_NOP.rawValue)
+        }
+
         /// Hands every prepared SQE to the kernel.
         @inlinable @discardableResult
         public func submit() throws(SystemError) -> Int {

@@ -1,7 +1,8 @@
 // The loop target's side of the host benchmark: 4k requests through LoopTarget's
 // queue handler driven by UblkTesting.OfflineQueue (descriptor validation, the
-// handler's start/complete state machine, BackingSubmitter, the ring), kept `depth`
-// in flight exactly as UringBaseline.PlainRingLoop keeps its plain SQEs.
+// handler's start/complete state machine, BackingSubmitter, the ring, and a NOP
+// per request standing in for COMMIT_AND_FETCH), kept `depth` in flight exactly as
+// UringBaseline.PlainRingLoop keeps its READ/WRITE + NOP pairs.
 import Glibc
 import UblkQueue
 import UblkTargets
@@ -36,12 +37,7 @@ public final class OfflineLoopDriver {
         let sector = random.next() &* UInt64(ScratchFile.blockSize / 512)
         let descriptor = IODescriptor(operation: operation == .read ? .read : .write,
                                       startSector: sector, sectorCount: UInt32(ScratchFile.blockSize / 512))
-        try queue.start(tag: tag, descriptor) { tag, result in
-            // Finished at once (refused): count it and let the tag go idle again.
-            if result != Int32(ScratchFile.blockSize) { self.failures += 1 }
-            self.idle[self.idleCount] = tag
-            self.idleCount += 1
-        }
+        try queue.start(tag: tag, descriptor)
     }
 
     /// Performs `count` requests, `queue.depth` at a time.
