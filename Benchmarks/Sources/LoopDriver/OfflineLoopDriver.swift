@@ -13,11 +13,14 @@ import UringBaseline
 public final class OfflineLoopDriver {
     public let queue: OfflineQueue<LoopTarget>
     public let operation: BenchOperation
-    private var random: RandomBlocks
+    // The driver's own counters are touched only by `run`'s thread, never with
+    // overlapping accesses: no dynamic exclusivity checks, which would be counted
+    // against the engine (PlainRingLoop's are unchecked the same way).
+    @exclusivity(unchecked) private var random: RandomBlocks
     private let idle: UnsafeMutableBufferPointer<Int>
-    private var idleCount = 0
+    @exclusivity(unchecked) private var idleCount = 0
     /// Requests that did not move 4096 bytes (should stay 0).
-    public private(set) var failures = 0
+    @exclusivity(unchecked) public private(set) var failures = 0
 
     public init(file: ScratchFile, depth: Int, operation: BenchOperation) throws {
         var configuration = LoopConfiguration(path: file.path)

@@ -112,9 +112,11 @@ public final class PlainRingLoop {
     private let buffers: UnsafeMutableRawPointer
     public let depth: Int
     public let operation: BenchOperation
-    private var random: RandomBlocks
+    // Touched only by `run`'s thread, never with overlapping accesses: no dynamic
+    // exclusivity checks (a bare loop has none; OfflineLoopDriver's are unchecked too).
+    @exclusivity(unchecked) private var random: RandomBlocks
     /// Requests that did not move 4096 bytes (should stay 0).
-    public private(set) var failures = 0
+    @exclusivity(unchecked) public private(set) var failures = 0
 
     /// The flags of `IORing.singleThreadFlags` in the root package.
     static let flags: UInt32 = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_DEFER_TASKRUN
