@@ -53,15 +53,15 @@ public final class OfflineQueue<T: Target> {
 
     /// Submits what was pending and reaps completions until at least one request finished
     /// (or nothing is in flight); `completed` gets each finished tag and its result, one at
-    /// a time, so it may start new requests.
+    /// a time, so it may start new requests (and throw what starting them threw).
     @inlinable
-    public func reap(completed: (Int, Int32) -> Void) throws {
+    public func reap(completed: (Int, Int32) throws -> Void) throws {
         while pending > 0 && commands.finishedCount == 0 { try queue.turn() }
         while commands.finishedCount > 0 {
             commands.finishedCount -= 1
             pending -= 1
             let tag = commands.finished[commands.finishedCount]
-            completed(tag, commands.results[tag])
+            try completed(tag, commands.results[tag])
         }
     }
 

@@ -17,8 +17,6 @@ public final class OfflineLoopDriver {
     // overlapping accesses: no dynamic exclusivity checks, which would be counted
     // against the engine (PlainRingLoop's are unchecked the same way).
     @exclusivity(unchecked) private var random: RandomBlocks
-    private let idle: UnsafeMutableBufferPointer<Int>
-    @exclusivity(unchecked) private var idleCount = 0
     /// Requests that did not move 4096 bytes (should stay 0).
     @exclusivity(unchecked) public private(set) var failures = 0
 
@@ -29,11 +27,8 @@ public final class OfflineLoopDriver {
         queue = try OfflineQueue(target: target, depth: depth)
         self.operation = operation
         random = RandomBlocks(blocks: UInt64(file.size / ScratchFile.blockSize))
-        idle = .allocate(capacity: depth)
         for tag in 0..<depth { queue.buffer(tag: tag).initializeMemory(as: UInt8.self, repeating: 0x5A, count: 4096) }
     }
-
-    deinit { idle.deallocate() }
 
     @inline(__always)
     private func start(tag: Int) throws {
@@ -43,27 +38,20 @@ public final class OfflineLoopDriver {
         try queue.start(tag: tag, descriptor)
     }
 
-    /// Performs `count` requests, `queue.depth` at a time.
+    /// Performs `count` requests, `queue.depth` at a time: each finished tag restarts at
+    /// once, submitted by the next loop turn (as PlainRingLoop does).
     public func run(count: Int) throws {
         var issued = 0
         var done = 0
-        idleCount = 0
         while issued < min(queue.depth, count) {
             try start(tag: issued)
             issued += 1
         }
         while done < count {
             try queue.reap { tag, result in
-                if result != Int32(ScratchFile.blockSize) { self.failures += 1 }
-                self.idle[self.idleCount] = tag
-                self.idleCount += 1
-            }
-            // Tags finished in this batch: restart them (submitted by the next reap).
-            while idleCount > 0 {
-                idleCount -= 1
+                if result != Int32(ScratchFile.blockSize) { failures += 1 }
                 done += 1
                 if issued < count {
-                    let tag = idle[idleCount]
                     try start(tag: tag)
                     issued += 1
                 }
