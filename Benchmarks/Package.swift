@@ -29,7 +29,7 @@ let package = Package(
             "UringBaseline", .product(name: "Ublk", package: "ublk-swift"),
             .product(name: "UblkTesting", package: "ublk-swift"),
         ], path: "Sources/LoopDriver"),
-        // Both loops without the harness, for callgrind/perf (Benchmarks/profile).
+        // Both loops without the harness, for callgrind/perf (Benchmarks/instructions).
         .executableTarget(name: "ublk-bench-profile", dependencies: ["LoopDriver", "UringBaseline"],
                           path: "Sources/ublk-bench-profile"),
         .executableTarget(

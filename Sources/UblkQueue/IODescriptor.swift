@@ -7,6 +7,7 @@ public enum IOOperation: Sendable, Equatable {
     /// Anything else (zoned operations, WRITE_SAME): refused with EOPNOTSUPP.
     case unsupported(UInt8)
 
+    @inlinable
     init(_ raw: UInt8) {
         switch Int(raw) {
         case UBLK_IO_OP_READ: self = .read
@@ -19,6 +20,7 @@ public enum IOOperation: Sendable, Equatable {
     }
 
     /// The `UBLK_IO_OP_*` number.
+    @inlinable
     public var rawValue: UInt8 {
         switch self {
         case .read: UInt8(UBLK_IO_OP_READ)
@@ -31,21 +33,27 @@ public enum IOOperation: Sendable, Equatable {
     }
 
     /// The operation moves data through the tag's buffer.
+    @inlinable
     public var usesBuffer: Bool { self == .read || self == .write }
 }
 
-/// Request flags (`UBLK_IO_F_*`, bits 8-31 of `op_flags`).
+/// Request flags (`UBLK_IO_F_*`, bits 8-31 of `op_flags`). The flags are inlinable computed
+/// constants, not `static let`s: a global `let` from another module is read through a
+/// lazy-initialisation accessor call, which the engine would pay per request.
 public struct IOFlags: OptionSet, Sendable {
     public let rawValue: UInt32
-    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    @inlinable public init(rawValue: UInt32) { self.rawValue = rawValue }
 
     /// Forced unit access: the write must be durable when it completes.
-    public static let fua = IOFlags(rawValue: UBLK_IO_F_FUA)
+    @inlinable public static var fua: IOFlags { IOFlags(rawValue: UBLK_IO_F_FUA) }
     /// WRITE_ZEROES must not deallocate (so zero the range, don't punch it).
-    public static let noUnmap = IOFlags(rawValue: UBLK_IO_F_NOUNMAP)
-    public static let failFastDevice = IOFlags(rawValue: UBLK_IO_F_FAILFAST_DEV)
-    public static let meta = IOFlags(rawValue: UBLK_IO_F_META)
-    public static let swap = IOFlags(rawValue: UBLK_IO_F_SWAP)
+    @inlinable public static var noUnmap: IOFlags { IOFlags(rawValue: UBLK_IO_F_NOUNMAP) }
+    @inlinable public static var failFastDevice: IOFlags { IOFlags(rawValue: UBLK_IO_F_FAILFAST_DEV) }
+    @inlinable public static var meta: IOFlags { IOFlags(rawValue: UBLK_IO_F_META) }
+    @inlinable public static var swap: IOFlags { IOFlags(rawValue: UBLK_IO_F_SWAP) }
+    /// Zero copy: the driver could not register the request's pages at the tag's index
+    /// (UBLK_AUTO_BUF_REG_FALLBACK): the server registers them itself.
+    @inlinable public static var needsBufferRegistration: IOFlags { IOFlags(rawValue: UBLK_IO_F_NEED_REG_BUF) }
 }
 
 /// One request, decoded from the `ublksrv_io_desc` the driver wrote for a tag.
@@ -55,6 +63,7 @@ public struct IODescriptor: Sendable, Equatable {
     public var startSector: UInt64
     public var sectorCount: UInt32
 
+    @inlinable
     public init(operation: IOOperation, flags: IOFlags = [], startSector: UInt64, sectorCount: UInt32) {
         self.operation = operation
         self.flags = flags
@@ -63,6 +72,7 @@ public struct IODescriptor: Sendable, Equatable {
     }
 
     /// Decodes the raw descriptor. Nothing is trusted yet: see `validated(for:)`.
+    @inlinable
     public init(raw: ublksrv_io_desc) {
         operation = IOOperation(UInt8(truncatingIfNeeded: raw.op_flags))
         flags = IOFlags(rawValue: raw.op_flags & ~0xff)
@@ -71,6 +81,7 @@ public struct IODescriptor: Sendable, Equatable {
     }
 
     /// The descriptor as the driver would write it (for requests made up by tests and benchmarks).
+    @inlinable
     public var raw: ublksrv_io_desc {
         var raw = ublksrv_io_desc()
         raw.op_flags = UInt32(operation.rawValue) | flags.rawValue
@@ -80,9 +91,9 @@ public struct IODescriptor: Sendable, Equatable {
     }
 
     /// Byte offset on the device (meaningful once `validated(for:)` bounded the sector).
-    public var byteOffset: Int64 { Int64(bitPattern: startSector &<< 9) }
+    @inlinable public var byteOffset: Int64 { Int64(bitPattern: startSector &<< 9) }
     /// Length in bytes.
-    public var byteCount: Int { Int(sectorCount) << 9 }
+    @inlinable public var byteCount: Int { Int(sectorCount) << 9 }
 }
 
 /// What a descriptor may ask of this device; anything outside is refused before it
@@ -93,6 +104,7 @@ public struct DeviceLimits: Sendable, Equatable {
     /// Size of each tag's buffer: the longest read or write.
     public var maxIOBytes: Int
 
+    @inlinable
     public init(sectors: UInt64, maxIOBytes: Int) {
         self.sectors = sectors
         self.maxIOBytes = maxIOBytes
@@ -125,6 +137,7 @@ public enum DescriptorError: Error, Equatable, CustomStringConvertible, Sendable
 extension IODescriptor {
     /// Checks the descriptor against the device before anything acts on it: the sector
     /// range must lie inside the device (no overflow) and a transfer must fit the buffer.
+    @inlinable
     public func validated(for limits: DeviceLimits) -> Result<IODescriptor, DescriptorError> {
         switch operation {
         case .unsupported(let op):

@@ -32,8 +32,20 @@ public enum TagBufferMode: Sendable, Equatable {
     /// (the device's max_io_buf_bytes), whose address FETCH and COMMIT carry. The
     /// buffers are one anonymous mapping: pages are allocated when first touched.
     case copy(bytesPerTag: Int)
-    // Zero copy (UBLK_F_AUTO_BUF_REG) will be a second case: no buffers, and FETCH/COMMIT
-    // carry the registration in `addr` instead (see `CommandSource`).
+    /// Zero copy (UBLK_F_AUTO_BUF_REG): no buffers. Before a FETCH or COMMIT_AND_FETCH
+    /// completes, the driver registers the request's pages in the ring's buffer table at
+    /// the tag's index; targets reach them with READ_FIXED/WRITE_FIXED. With `fallback`
+    /// (the device also has UBLK_F_SUPPORT_ZERO_COPY) a request the driver could not
+    /// register arrives flagged, and the queue registers it itself (REGISTER_IO_BUF).
+    case autoRegister(fallback: Bool)
+
+    /// The buffer each tag needs in this mode (none with zero copy).
+    public var bytesPerTag: Int {
+        switch self {
+        case .copy(let bytes): bytes
+        case .autoRegister: 0
+        }
+    }
 }
 
 /// Where a queue's requests come from and where their results go: the one seam between
@@ -46,6 +58,40 @@ public protocol CommandSource: AnyObject {
     func descriptor(tag: Int) -> ublksrv_io_desc
     /// Completes `request` with `result` and asks for the tag's next (COMMIT_AND_FETCH_REQ).
     func commit(_ request: IORequest, result: Int32, _ ring: IORing.Handle) throws(SystemError)
+    /// Zero-copy fallback: registers the request's pages at its tag's index (REGISTER_IO_BUF;
+    /// completes as a `.command` with step `CommandStep.registered`).
+    func registerBuffer(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError)
+    /// Gives the pages registered by `registerBuffer` back (UNREGISTER_IO_BUF; step
+    /// `CommandStep.unregistered`), before the request is committed.
+    func unregisterBuffer(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError)
+    /// A FETCH or COMMIT_AND_FETCH of `tag` completed with UBLK_IO_RES_OK: is there a new
+    /// request to start? The driver completes one only with the tag's next request (true);
+    /// the offline source's stand-in commit completes without one (the caller starts the
+    /// tag's next request itself).
+    func requestArrived(tag: Int) -> Bool
+}
+
+/// The `step` of a `.command` completion (`UserData`): which ublk command of the tag it was.
+public enum CommandStep {
+    /// FETCH_REQ or COMMIT_AND_FETCH_REQ.
+    public static let fetch: UInt16 = 0
+    public static let registered: UInt16 = 1
+    public static let unregistered: UInt16 = 2
+}
+
+extension CommandSource {
+    /// Sources without zero copy never see a request that needs registering.
+    public func registerBuffer(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError) {
+        throw SystemError("REGISTER_IO_BUF", errno: EOPNOTSUPP)
+    }
+
+    public func unregisterBuffer(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError) {
+        throw SystemError("UNREGISTER_IO_BUF", errno: EOPNOTSUPP)
+    }
+
+    /// The ublk driver's case: a command completes when the tag's next request is there.
+    @inlinable
+    public func requestArrived(tag: Int) -> Bool { true }
 }
 
 /// The queue engine: one hardware queue's ring, per-tag requests and buffers, and its
@@ -66,6 +112,10 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     @usableFromInline let handlerReference: Unmanaged<Handler>
     @usableFromInline let buffers: AlignedBuffer
     @usableFromInline let requests: UnsafeMutableBufferPointer<IORequest>
+    /// Zero-copy fallback, per tag: the queue registered the request's pages itself, and
+    /// the result to commit once they are unregistered.
+    @usableFromInline let registeredByQueue: UnsafeMutableBufferPointer<Bool>
+    @usableFromInline let resultAfterUnregister: UnsafeMutableBufferPointer<Int32>
     @usableFromInline let limits: DeviceLimits
     @usableFromInline let queueID: UInt16
     @usableFromInline let logger: Logger
@@ -77,14 +127,20 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// A queue on `ring` (its fixed files already registered: 0 is /dev/ublkcN, then the target's).
     public init(ring: consuming IORing, source: Source, handler: Handler, queueID: UInt16, depth: Int,
                 buffers mode: TagBufferMode, limits: DeviceLimits, logger: Logger) throws(SystemError) {
-        guard case .copy(let bytesPerTag) = mode else { preconditionFailure("unknown buffer mode") }
+        let bytesPerTag = mode.bytesPerTag
         buffers = try AlignedBuffer(count: depth * bytesPerTag)
         requests = .allocate(capacity: depth)
         for tag in 0..<depth {
+            let data: RequestData = bytesPerTag > 0
+                ? .buffer(buffers.base + tag * bytesPerTag) : .registered(index: UInt16(tag), offset: 0)
             (requests.baseAddress! + tag).initialize(to: IORequest(
                 tag: UInt16(tag), descriptor: IODescriptor(operation: .flush, startSector: 0, sectorCount: 0),
-                buffer: buffers.base + tag * bytesPerTag))
+                data: data))
         }
+        registeredByQueue = .allocate(capacity: depth)
+        registeredByQueue.initialize(repeating: false)
+        resultAfterUnregister = .allocate(capacity: depth)
+        resultAfterUnregister.initialize(repeating: 0)
         self.ring = ring
         self.source = source
         self.handler = handler
@@ -96,9 +152,13 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         live = depth
     }
 
-    deinit { requests.deallocate() }
+    deinit {
+        requests.deallocate()
+        registeredByQueue.deallocate()
+        resultAfterUnregister.deallocate()
+    }
 
-    /// The buffer of `tag`.
+    /// The buffer of `tag` (copy mode).
     public func buffer(tag: Int) -> UnsafeMutableRawPointer { requests[tag].buffer }
 
     /// Fetches every tag and hands the fetches to the kernel. START_DEV waits for exactly this.
@@ -129,8 +189,10 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         let tag = Int(userData.tag)
         guard tag < depth else { return }
         switch userData.kind {
-        case .command:
+        case .command where userData.step == CommandStep.fetch:
             try commandCompleted(tag: tag, result: result)
+        case .command:
+            try bufferCommandCompleted(tag: tag, step: userData.step, result: result)
         case .target:
             try step(tag: tag, backingResult: result)
         case .queue, nil:
@@ -147,7 +209,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
             live -= 1
             return
         }
-        try arrived(tag: tag)
+        if source.requestArrived(tag: tag) { try arrived(tag: tag) }
     }
 
     /// The request the source holds for `tag` is new: decode it, refuse what the device
@@ -160,8 +222,41 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
             try source.commit(requests[tag], result: -error.errno, ring.handle)
         case .success(let descriptor):
             requests[tag].descriptor = descriptor
+            if descriptor.flags.contains(.needsBufferRegistration) {
+                try source.registerBuffer(requests[tag], ring.handle)
+                return
+            }
             try step(tag: tag, backingResult: nil)
         }
+    }
+
+    /// Zero-copy fallback: the queue's own REGISTER_IO_BUF (then the request starts) or
+    /// UNREGISTER_IO_BUF (then it is committed) completed.
+    @usableFromInline
+    func bufferCommandCompleted(tag: Int, step commandStep: UInt16, result: Int32) throws(SystemError) {
+        if commandStep == CommandStep.registered {
+            if result < 0 {
+                logger.error("queue \(queueID) tag \(tag): REGISTER_IO_BUF failed: \(SystemError("", errno: result).reason)")
+                return try source.commit(requests[tag], result: result, ring.handle)
+            }
+            registeredByQueue[tag] = true
+            return try step(tag: tag, backingResult: nil)
+        }
+        if result < 0 {
+            logger.error("queue \(queueID) tag \(tag): UNREGISTER_IO_BUF failed: \(SystemError("", errno: result).reason)")
+        }
+        try source.commit(requests[tag], result: resultAfterUnregister[tag], ring.handle)
+    }
+
+    /// Completes the tag's request: a commit, after unregistering pages the queue registered itself.
+    @inlinable
+    func finish(tag: Int, result: Int32) throws(SystemError) {
+        if registeredByQueue[tag] {
+            registeredByQueue[tag] = false
+            resultAfterUnregister[tag] = result
+            return try source.unregisterBuffer(requests[tag], ring.handle)
+        }
+        try source.commit(requests[tag], result: result, ring.handle)
     }
 
     /// Runs one step of the tag's request: its start (`backingResult` nil) or the
@@ -186,7 +281,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
             result = -error.errno
         }
         if result < 0 { logFailure(tag: tag, result: result) }
-        try source.commit(requests[tag], result: result, ring.handle)
+        try finish(tag: tag, result: result)
     }
 
     @usableFromInline
@@ -213,10 +308,13 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
 }
 
 extension Queue {
-    /// A queue's ring, with fixed file 0 (/dev/ublkcN, or a stand-in) and then the target's files.
-    public static func ring<T: Target>(depth: Int, firstFile: Int32, target: T) throws(SystemError) -> IORing {
+    /// A queue's ring, with fixed file 0 (/dev/ublkcN, or a stand-in) and then the target's
+    /// files; with zero copy, an empty buffer table with a slot per tag.
+    public static func ring<T: Target>(depth: Int, firstFile: Int32, target: T,
+                                       buffers: TagBufferMode = .copy(bytesPerTag: 0)) throws(SystemError) -> IORing {
         let ring = try IORing(entries: UInt32(depth), preferredFlags: IORing.singleThreadFlags)
         try ring.registerFiles([firstFile] + target.fixedFiles)
+        if case .autoRegister = buffers { try ring.registerSparseBuffers(depth) }
         return ring
     }
 }
@@ -227,9 +325,9 @@ extension Queue where Source == UblkCommands {
     public convenience init<T: Target>(_ configuration: QueueConfiguration, characterDevice: Int32, target: T,
                                        logger: Logger) throws where T.Handler == Handler {
         let depth = configuration.depth
-        let ring = try Self.ring(depth: depth, firstFile: characterDevice, target: target)
+        let ring = try Self.ring(depth: depth, firstFile: characterDevice, target: target, buffers: configuration.buffers)
         let source = try UblkCommands(characterDevice: characterDevice, queueID: configuration.queueID, depth: depth,
-                                      encoding: configuration.encoding)
+                                      encoding: configuration.encoding, buffers: configuration.buffers)
         try self.init(ring: ring, source: source,
                       handler: try target.makeQueueHandler(queueID: Int(configuration.queueID), depth: depth),
                       queueID: configuration.queueID, depth: depth, buffers: configuration.buffers,

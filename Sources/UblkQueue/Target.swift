@@ -24,17 +24,48 @@ public struct TargetProperties: Sendable, Equatable {
     public init(size: UInt64) { self.size = size }
 }
 
-/// A request handed to a target: the tag it arrived on, what it asks, and the tag's buffer.
+/// Where a request's data lives.
+public enum RequestData {
+    /// Copy mode: the tag's buffer, which the driver copies the request's pages to or from.
+    case buffer(UnsafeMutableRawPointer)
+    /// Zero copy: the request's own pages, registered in the queue ring's buffer table at
+    /// `index`; ring operations reach them with READ_FIXED/WRITE_FIXED, `offset` bytes in.
+    case registered(index: UInt16, offset: Int)
+
+    /// The same data, `bytes` further on (the rest of a short transfer).
+    @inlinable
+    public func advanced(by bytes: Int) -> RequestData {
+        switch self {
+        case .buffer(let address): .buffer(address + bytes)
+        case .registered(let index, let offset): .registered(index: index, offset: offset + bytes)
+        }
+    }
+}
+
+/// A request handed to a target: the tag it arrived on, what it asks, and where its data is.
 public struct IORequest {
     public var tag: UInt16
     public var descriptor: IODescriptor
-    /// The tag's buffer: data to write, or room for data read (`descriptor.byteCount` bytes used).
-    public var buffer: UnsafeMutableRawPointer
+    /// The request's data: the tag's buffer, or (zero copy) its registered pages.
+    public var data: RequestData
 
-    public init(tag: UInt16, descriptor: IODescriptor, buffer: UnsafeMutableRawPointer) {
+    public init(tag: UInt16, descriptor: IODescriptor, data: RequestData) {
         self.tag = tag
         self.descriptor = descriptor
-        self.buffer = buffer
+        self.data = data
+    }
+
+    public init(tag: UInt16, descriptor: IODescriptor, buffer: UnsafeMutableRawPointer) {
+        self.init(tag: tag, descriptor: descriptor, data: .buffer(buffer))
+    }
+
+    /// The tag's buffer: data to write, or room for data read (`descriptor.byteCount` bytes
+    /// used). Only in copy mode; a target that must see the data (encryption, a network
+    /// protocol) does not take zero copy (`Target.supportsZeroCopy`).
+    @inlinable
+    public var buffer: UnsafeMutableRawPointer {
+        guard case .buffer(let address) = data else { preconditionFailure("zero-copy requests have no buffer") }
+        return address
     }
 }
 
@@ -57,6 +88,9 @@ public protocol Target: AnyObject, Sendable {
     func makeQueueHandler(queueID: Int, depth: Int) throws -> Handler
     /// Makes every completed write durable; called once when the device stops.
     func sync() throws
+    /// The handler moves data only with ring operations that take `RequestData`, never
+    /// touching it, so requests may keep their own pages (zero copy).
+    var supportsZeroCopy: Bool { get }
     /// Serves one queue on the calling thread until the device stops; `fetched` runs once
     /// every tag is fetched. Leave it to the default, which runs the queue engine
     /// specialised for `Handler`.
@@ -65,6 +99,9 @@ public protocol Target: AnyObject, Sendable {
 }
 
 extension Target {
+    /// Most targets look at the data (or have not been checked for zero copy): copy mode.
+    public var supportsZeroCopy: Bool { false }
+
     @inlinable
     public func serveQueue(_ configuration: QueueConfiguration, characterDevice: Int32, logger: Logger,
                            fetched: () -> Void) throws {
@@ -120,6 +157,42 @@ public struct BackingSubmitter {
         let sqe = try prepare()
         io_uring_prep_rw(Int32(IORING_OP_READ.rawValue), sqe, file, buffer, UInt32(count), UInt64(offset))
         fixed(sqe)
+    }
+
+    /// Reads `count` bytes at `offset` of fixed file `file` into a request's data: its
+    /// buffer (READ), or its registered pages (READ_FIXED, zero copy).
+    @inlinable
+    public func read(file: Int32, into data: RequestData, count: Int, offset: Int64) throws(SystemError) {
+        switch data {
+        case .buffer(let address): try read(file: file, into: address, count: count, offset: offset)
+        case .registered(let index, let bufferOffset):
+            try fixedBuffer(IORING_OP_READ_FIXED, file: file, index: index, bufferOffset: bufferOffset, count: count, offset: offset)
+        }
+    }
+
+    /// Writes a request's data (WRITE, or WRITE_FIXED from its registered pages).
+    @inlinable
+    public func write(file: Int32, from data: RequestData, count: Int, offset: Int64, dsync: Bool) throws(SystemError) {
+        switch data {
+        case .buffer(let address): try write(file: file, from: address, count: count, offset: offset, dsync: dsync)
+        case .registered(let index, let bufferOffset):
+            let sqe = try fixedBuffer(IORING_OP_WRITE_FIXED, file: file, index: index, bufferOffset: bufferOffset,
+                                      count: count, offset: offset)
+            if dsync { sqe.pointee.rw_flags = Self.rwfDsync }
+        }
+    }
+
+    /// READ_FIXED/WRITE_FIXED on registered buffer `index`: for buffers the kernel
+    /// registered (a request's pages), the address is the offset into the buffer.
+    @inlinable @discardableResult
+    func fixedBuffer(_ op: io_uring_op, file: Int32, index: UInt16, bufferOffset: Int, count: Int,
+                     offset: Int64) throws(SystemError) -> UnsafeMutablePointer<io_uring_sqe> {
+        let sqe = try prepare()
+        io_uring_prep_rw(Int32(op.rawValue), sqe, file, UnsafeRawPointer(bitPattern: bufferOffset), UInt32(count),
+                         UInt64(offset))
+        sqe.pointee.buf_index = index
+        fixed(sqe)
+        return sqe
     }
 
     /// Writes; `dsync` makes this write durable before it completes (FUA).

@@ -5,6 +5,9 @@ import UblkSystem
 public enum IOCommand: UInt32, Sendable {
     case fetch = 0x20
     case commitAndFetch = 0x21
+    /// Zero copy by hand (UBLK_F_SUPPORT_ZERO_COPY): only in ioctl encoding.
+    case registerBuffer = 0x23
+    case unregisterBuffer = 0x24
 
     public var opcode: UblkOpcode {
         UblkOpcode(number: rawValue, direction: .readWrite, payloadSize: MemoryLayout<ublksrv_io_cmd>.size)
@@ -18,12 +21,22 @@ public final class UblkCommands: CommandSource {
     @usableFromInline let queueID: UInt16
     @usableFromInline let fetchOpcode: UInt32
     @usableFromInline let commitOpcode: UInt32
+    /// Zero copy: the `ublk_auto_buf_reg` flags every FETCH/COMMIT carries (with the tag as
+    /// index) in the SQE's own `addr`; nil in copy mode, where the command's `addr` is the buffer.
+    @usableFromInline let autoRegistration: UInt64?
 
-    public init(characterDevice: Int32, queueID: UInt16, depth: Int, encoding: OpcodeEncoding) throws(SystemError) {
+    public init(characterDevice: Int32, queueID: UInt16, depth: Int, encoding: OpcodeEncoding,
+                buffers: TagBufferMode = .copy(bytesPerTag: 0)) throws(SystemError) {
         descriptors = try DescriptorArray(characterDevice: characterDevice, queueID: Int(queueID), depth: depth)
         self.queueID = queueID
         fetchOpcode = IOCommand.fetch.opcode.encoded(encoding)
         commitOpcode = IOCommand.commitAndFetch.opcode.encoded(encoding)
+        if case .autoRegister(let fallback) = buffers {
+            // struct ublk_auto_buf_reg: index u16 (bits 0-15), flags u8 (16-23), reserved zero.
+            autoRegistration = fallback ? UInt64(UBLK_AUTO_BUF_REG_FALLBACK) << 16 : 0
+        } else {
+            autoRegistration = nil
+        }
     }
 
     @inlinable
@@ -39,12 +52,36 @@ public final class UblkCommands: CommandSource {
         try send(commitOpcode, request, result: result, ring)
     }
 
-    /// The 16-byte `ublksrv_io_cmd`, written straight into the SQE's command area.
+    public func registerBuffer(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError) {
+        try bufferCommand(.registerBuffer, request, step: CommandStep.registered, ring)
+    }
+
+    public func unregisterBuffer(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError) {
+        try bufferCommand(.unregisterBuffer, request, step: CommandStep.unregistered, ring)
+    }
+
+    /// The 16-byte `ublksrv_io_cmd`, written straight into the SQE's command area. With zero
+    /// copy the command's `addr` must be 0 and the SQE's carries the registration instead.
     @inlinable
     func send(_ opcode: UInt32, _ request: IORequest, result: Int32, _ ring: IORing.Handle) throws(SystemError) {
-        let command = ublksrv_io_cmd(q_id: queueID, tag: request.tag, result: result,
-                                     addr: UInt64(UInt(bitPattern: request.buffer)))
-        try ring.prepareCommand(fd: 0, fixedFile: true, opcode: opcode, userData: UserData(.command, tag: request.tag).rawValue)
+        let buffer: UInt64
+        let registration: UInt64
+        if let autoRegistration {
+            (buffer, registration) = (0, autoRegistration | UInt64(request.tag))
+        } else {
+            (buffer, registration) = (UInt64(UInt(bitPattern: request.buffer)), 0)
+        }
+        let command = ublksrv_io_cmd(q_id: queueID, tag: request.tag, result: result, addr: buffer)
+        try ring.prepareCommand(fd: 0, fixedFile: true, opcode: opcode, userData: UserData(.command, tag: request.tag).rawValue,
+                                address: registration)
             .storeBytes(of: command, as: ublksrv_io_cmd.self)
+    }
+
+    /// REGISTER_IO_BUF / UNREGISTER_IO_BUF of the request's pages at its tag's index.
+    func bufferCommand(_ command: IOCommand, _ request: IORequest, step: UInt16, _ ring: IORing.Handle) throws(SystemError) {
+        let payload = ublksrv_io_cmd(q_id: queueID, tag: request.tag, result: 0, addr: UInt64(request.tag))
+        try ring.prepareCommand(fd: 0, fixedFile: true, opcode: command.opcode.encoded(.ioctl),
+                                userData: UserData(.command, tag: request.tag, step: step).rawValue)
+            .storeBytes(of: payload, as: ublksrv_io_cmd.self)
     }
 }

@@ -22,6 +22,8 @@ public struct ServerOptions: Sendable {
     public var pinQueues = true
     /// Config name, when started by `ublk start NAME` (kept in the device record).
     public var name: String?
+    /// Zero copy (UBLK_F_AUTO_BUF_REG): requests' pages go straight to the target's ring I/O.
+    public var zeroCopy: ZeroCopyMode = .auto
 
     public init(id: UInt32? = nil, queues: Int, depth: Int) {
         self.id = id
@@ -36,6 +38,17 @@ public struct ServerOptions: Sendable {
     /// two in every cell, by up to 1.6x at 4k qd32; the kernel loop driver also has one
     /// hardware queue. More queues pay off only with CPUs to spare: `--queues N`.
     public static var defaultQueues: Int { max(1, min(4, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))) / 4)) }
+}
+
+/// Whether requests' pages are handed to the target's ring I/O directly (zero copy) or
+/// copied through a buffer per tag.
+public enum ZeroCopyMode: String, Sendable, CaseIterable, Codable {
+    /// Zero copy where the kernel has UBLK_F_AUTO_BUF_REG and the target can use it.
+    case auto
+    /// Zero copy, or fail in one line naming what is missing.
+    case on
+    /// Always copy.
+    case off
 }
 
 /// Brings one ublk device up, serves it with one thread per queue, and takes it down.
@@ -107,22 +120,49 @@ public final class DeviceServer {
         if let failure { throw .queueFailed(id, failure) }
     }
 
-    /// ADD_DEV, with user recovery when asked (and refused if the kernel lacks it).
+    /// ADD_DEV, with user recovery and zero copy when asked (and refused if the kernel lacks them).
+    /// What the device got is read back from the flags ADD_DEV returns.
     private func createDevice(_ control: borrowing ControlDevice) throws(ServerError) -> DeviceInfo {
         var flags: FeatureFlags = []
         if options.recovery {
             flags = [.userRecovery, .userRecoveryReissue]
             if let features = control.features, !features.isSuperset(of: flags) { throw .noUserRecovery(features) }
         }
+        flags.formUnion(try zeroCopyFlags(features: control.features))
         let request = DeviceInfo(id: options.id, queueCount: UInt16(options.queues), queueDepth: UInt16(options.depth),
                                  maxIOBufferBytes: UInt32(options.maxIOBytes), flags: flags)
         let info: DeviceInfo
         do { info = try control.addDevice(request) } catch { throw .control(error) }
-        if options.recovery && !info.flags.contains(.userRecovery) {
+        logger.debug("ADD_DEV: device \(info.id!) has flags \(info.flags)")
+        var missing: ServerError?
+        if options.recovery && !info.flags.contains(.userRecovery) { missing = .noUserRecovery(nil) }
+        if options.zeroCopy == .on && !info.flags.contains(.autoBufferRegistration) { missing = .noZeroCopy(nil) }
+        if let missing {
             try? control.deleteDevice(info.id!)
-            throw .noUserRecovery(nil)
+            throw missing
         }
         return info
+    }
+
+    /// The ADD_DEV flags zero copy needs: AUTO_BUF_REG, plus SUPPORT_ZERO_COPY where the
+    /// kernel has it (so a request the driver could not register is registered by hand).
+    private func zeroCopyFlags(features: FeatureFlags?) throws(ServerError) -> FeatureFlags {
+        let kernelHasIt = features?.contains(.autoBufferRegistration) ?? false
+        switch options.zeroCopy {
+        case .off: return []
+        case .on where !target.supportsZeroCopy: throw .targetNeedsCopy(target.name)
+        case .on where !kernelHasIt: throw .noZeroCopy(features)
+        case .on, .auto:
+            guard kernelHasIt && target.supportsZeroCopy else { return [] }
+            return features!.contains(.zeroCopy) ? [.autoBufferRegistration, .zeroCopy] : [.autoBufferRegistration]
+        }
+    }
+
+    /// How the queues hold request data, from the device's own flags (a recovered device
+    /// keeps the flags it was added with).
+    static func bufferMode(_ info: DeviceInfo) -> TagBufferMode {
+        info.flags.contains(.autoBufferRegistration)
+            ? .autoRegister(fallback: info.flags.contains(.zeroCopy)) : .copy(bytesPerTag: Int(info.maxIOBufferBytes))
     }
 
     /// Takes device `id` over from a dead server: START_USER_RECOVERY.
@@ -149,7 +189,7 @@ public final class DeviceServer {
             for queue in 0..<Int(info.queueCount) {
                 let mask = options.pinQueues ? try? control.queueAffinity(id, queue: UInt16(queue)) : nil
                 let configuration = QueueConfiguration(queueID: UInt16(queue), depth: Int(info.queueDepth),
-                                                       buffers: .copy(bytesPerTag: Int(info.maxIOBufferBytes)),
+                                                       buffers: Self.bufferMode(info),
                                                        limits: limits, encoding: control.encoding, cpuMask: mask)
                 threads.append(try QueueThread.start(configuration, characterDevice: characterDevice,
                                                      target: target, logger: logger))

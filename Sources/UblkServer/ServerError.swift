@@ -20,6 +20,10 @@ public enum ServerError: Error, CustomStringConvertible {
     case notReadable(String, SystemError)
     case characterDeviceMissing(String)
     case queueFailed(UInt32, any Error)
+    /// `--zero-copy on`, and the kernel has no UBLK_F_AUTO_BUF_REG (features, if known).
+    case noZeroCopy(FeatureFlags?)
+    /// `--zero-copy on` for a target that must see the data.
+    case targetNeedsCopy(String)
 
     /// The errno behind the failure, if a system call or ublk command failed.
     public var errno: Int32? {
@@ -47,6 +51,10 @@ public enum ServerError: Error, CustomStringConvertible {
         case let .notReadable(path, error): "\(path) is not readable after START_DEV: \(error)"
         case .characterDeviceMissing(let path): "\(path) did not appear: is devtmpfs or udev running?"
         case let .queueFailed(id, error): "device \(id) stopped after a queue failed: \(error)"
+        case .noZeroCopy(let features):
+            "zero copy needs UBLK_F_AUTO_BUF_REG, which this kernel's ublk_drv lacks (features: \(features.map { "\($0)" } ?? "unknown")): use --zero-copy auto or off"
+        case .targetNeedsCopy(let name):
+            "the \(name) target must see the data, so it cannot use zero copy: use --zero-copy auto or off"
         }
     }
 }

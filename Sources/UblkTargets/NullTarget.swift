@@ -21,6 +21,8 @@ public final class NullTarget: SpecifiedTarget {
     public let configuration: NullConfiguration
     public let properties: TargetProperties
     public let fixedFiles: [Int32] = []
+    /// Requests complete without their data: zero copy is the runtime alone.
+    public var supportsZeroCopy: Bool { true }
 
     public init(_ configuration: NullConfiguration) {
         self.configuration = configuration
@@ -66,13 +68,16 @@ public final class NullQueueHandler: QueueHandler {
         let descriptor = request.descriptor
         switch descriptor.operation {
         case .read:
+            // Zero copy: the reader's own pages, left as they are (as null_blk leaves them).
+            guard case .buffer(let buffer) = request.data else { return Int32(descriptor.byteCount) }
             let tag = Int(request.tag)
             if dirtyBytes[tag] > 0 {
-                request.buffer.initializeMemory(as: UInt8.self, repeating: 0, count: dirtyBytes[tag])
+                buffer.initializeMemory(as: UInt8.self, repeating: 0, count: dirtyBytes[tag])
                 dirtyBytes[tag] = 0
             }
             return Int32(descriptor.byteCount)
         case .write:
+            guard case .buffer = request.data else { return Int32(descriptor.byteCount) }
             let tag = Int(request.tag)
             dirtyBytes[tag] = max(dirtyBytes[tag], descriptor.byteCount)
             return Int32(descriptor.byteCount)

@@ -28,6 +28,7 @@ struct ByteCount: ExpressibleByArgument, Sendable, Equatable {
 }
 
 extension DirectIOMode: ExpressibleByArgument {}
+extension ZeroCopyMode: ExpressibleByArgument {}
 
 /// The target kinds `ublk add` knows.
 enum TargetKind: String, ExpressibleByArgument, CaseIterable, Sendable {
@@ -68,6 +69,9 @@ struct DeviceOptions: ParsableArguments {
 
     @Flag(name: .long, help: "Keep the device when the server dies, so `ublk recover` can take it over (UBLK_F_USER_RECOVERY).")
     var recovery = false
+
+    @Option(name: .customLong("zero-copy"), help: "Requests' pages straight to the backing I/O, no copy (UBLK_F_AUTO_BUF_REG): auto (where the kernel and target allow it), on (or fail), off.")
+    var zeroCopy: ZeroCopyMode = .auto
 
     init() {}
 
@@ -128,6 +132,7 @@ struct DeviceOptions: ParsableArguments {
     var serverOptions: ServerOptions {
         var options = ServerOptions(id: id, queues: queues ?? ServerOptions.defaultQueues, depth: depth)
         options.recovery = recovery
+        options.zeroCopy = zeroCopy
         return options
     }
 }

@@ -67,7 +67,7 @@ import UblkTesting
         for tag in 0..<depth { memset(queue.buffer(tag: tag), Int32(tag + 1), 4096) }
         var results = [Int32](repeating: 0, count: depth)
         for tag in 0..<depth {
-            try queue.start(tag: tag, IODescriptor(operation: .write, startSector: UInt64(tag * 8), sectorCount: 8)) { results[$0] = $1 }
+            try queue.start(tag: tag, IODescriptor(operation: .write, startSector: UInt64(tag * 8), sectorCount: 8))
         }
         while queue.inFlight > 0 { try queue.reap { results[$0] = $1 } }
         #expect(results.allSatisfy { $0 == 4096 })

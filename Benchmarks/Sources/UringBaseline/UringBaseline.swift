@@ -101,19 +101,27 @@ public final class ScratchFile: Sendable {
 
 /// A plain liburing loop: `depth` 4k requests in flight on a ring set up with the same
 /// flags as ublk-swift's queue rings, the file registered as fixed file 0, one
-/// `io_uring_submit_and_wait(1)` per batch, each finished tag restarted at once.
+/// `io_uring_submit_and_wait(1)` per loop turn. Each request is the ring work a ublk
+/// server does per request, with the same stand-in for the ublk command as
+/// `OfflineQueue`: a READ or WRITE, then, once it completed, a NOP in place of
+/// COMMIT_AND_FETCH; when the NOP completes, the tag starts its next request.
+/// Completions are reaped in batches (`io_uring_peek_batch_cqe`, one `io_uring_cq_advance`).
 public final class PlainRingLoop {
     private let ring: UnsafeMutablePointer<io_uring>
     private let fd: Int32
     private let buffers: UnsafeMutableRawPointer
     public let depth: Int
     public let operation: BenchOperation
-    private var random: RandomBlocks
+    // Touched only by `run`'s thread, never with overlapping accesses: no dynamic
+    // exclusivity checks (a bare loop has none; OfflineLoopDriver's are unchecked too).
+    @exclusivity(unchecked) private var random: RandomBlocks
     /// Requests that did not move 4096 bytes (should stay 0).
-    public private(set) var failures = 0
+    @exclusivity(unchecked) public private(set) var failures = 0
 
     /// The flags of `IORing.singleThreadFlags` in the root package.
     static let flags: UInt32 = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_DEFER_TASKRUN
+    /// Bit of `user_data` that marks a tag's NOP (its READ/WRITE carries just the tag).
+    static let nopBit: UInt64 = 1 << 63
 
     public init(file: ScratchFile, depth: Int, operation: BenchOperation) throws {
         self.depth = depth
@@ -150,6 +158,13 @@ public final class PlainRingLoop {
         io_uring_sqe_set_data64(sqe, UInt64(tag))
     }
 
+    @inline(__always)
+    private func prepareNop(tag: Int) {
+        guard let sqe = io_uring_get_sqe(ring) else { fatalError("SQ ring full at depth \(depth)") }
+        io_uring_prep_nop(sqe)
+        io_uring_sqe_set_data64(sqe, UInt64(tag) | Self.nopBit)
+    }
+
     /// Performs `count` requests, `depth` at a time.
     public func run(count: Int) {
         var issued = 0
@@ -158,20 +173,31 @@ public final class PlainRingLoop {
             prepare(tag: issued)
             issued += 1
         }
+        let batch = UnsafeMutablePointer<UnsafeMutablePointer<io_uring_cqe>?>.allocate(capacity: 32)
+        defer { batch.deallocate() }
         while done < count {
             var result: Int32
             repeat { result = io_uring_submit_and_wait(ring, 1) } while result == -EINTR
             if result < 0 { fatalError("io_uring_submit_and_wait: \(result)") }
-            var cqe: UnsafeMutablePointer<io_uring_cqe>?
-            while io_uring_peek_cqe(ring, &cqe) == 0, let c = cqe {
-                let tag = Int(c.pointee.user_data)
-                if c.pointee.res != Int32(ScratchFile.blockSize) { failures += 1 }
-                io_uring_cqe_seen(ring, c)
-                done += 1
-                if issued < count {
-                    prepare(tag: tag)
-                    issued += 1
+            while true {
+                let ready = Int(io_uring_peek_batch_cqe(ring, batch, 32))
+                for i in 0..<ready {
+                    let cqe = batch[i].unsafelyUnwrapped
+                    let (userData, res) = (cqe.pointee.user_data, cqe.pointee.res)
+                    let tag = Int(truncatingIfNeeded: userData & ~Self.nopBit)
+                    if userData & Self.nopBit == 0 {
+                        if res != Int32(ScratchFile.blockSize) { failures += 1 }
+                        prepareNop(tag: tag)
+                        continue
+                    }
+                    done += 1
+                    if issued < count {
+                        prepare(tag: tag)
+                        issued += 1
+                    }
                 }
+                io_uring_cq_advance(ring, UInt32(ready))
+                if ready < 32 { break }
             }
         }
     }

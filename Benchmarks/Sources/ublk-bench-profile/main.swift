@@ -6,7 +6,7 @@
 //
 // Instructions per request under callgrind: run it with two COUNTs and divide the
 // difference of the totals by the difference of the counts (setup cancels out);
-// Benchmarks/profile does exactly that.
+// Benchmarks/instructions does exactly that.
 import Glibc
 import LoopDriver
 import UringBaseline

@@ -166,6 +166,10 @@ struct ublksrv_io_cmd {
     uint64_t addr;         // the tag's buffer (zone_append_lba for zone append)
 };
 
+/// UBLK_F_AUTO_BUF_REG: what FETCH/COMMIT carry in the SQE's `addr` (8 bytes): the
+/// buffer-table index for the request's pages, flags, and zeros.
+#define UBLK_AUTO_BUF_REG_FALLBACK (1 << 0)
+
 // MARK: Parameters (SET_PARAMS / GET_PARAMS)
 #define UBLK_ATTR_READ_ONLY      (1 << 0)
 #define UBLK_ATTR_ROTATIONAL     (1 << 1)

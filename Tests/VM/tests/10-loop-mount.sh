@@ -2,7 +2,8 @@
 # 10-loop-mount — a file becomes a disk: 256 MiB file -> ublk add -> mkfs.ext4 ->
 # mount -> random files -> umount -> ublk del. The node is gone, the backing passes
 # e2fsck, and through the kernel's own loop driver the files read back identical.
-# (40-legacy-opcodes runs this same script with the legacy opcodes forced.)
+# (40-legacy-opcodes runs this same script with the legacy opcodes forced, 24-zero-copy
+# with UBLK_TEST_ADD_ARGS="--zero-copy on": extra options for ublk add.)
 # timeout: 300
 . "$(dirname "$0")/../lib.sh"
 need_ublk
@@ -11,7 +12,8 @@ dir=$(mktempdir)
 img=$dir/disk.img
 truncate -s 256M "$img"
 
-dev=$("$UBLK" add --file "$img")
+# shellcheck disable=SC2086  # the extra options are split on purpose
+dev=$("$UBLK" add --file "$img" ${UBLK_TEST_ADD_ARGS:-})
 [[ $dev =~ ^/dev/ublkb[0-9]+$ ]] || fail "ublk add printed '$dev', not a device path"
 at_exit "$UBLK" del --id "${dev#/dev/ublkb}"
 [[ -b $dev ]] || fail "$dev is not a block device right after ublk add returned"
