@@ -178,7 +178,7 @@ extension Ublk {
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Show the ublk devices: id, state, target, backing, size, queues, depth, direct I/O, server pid.")
+        static let configuration = CommandConfiguration(abstract: "Show the ublk devices: id, state, target, size, queues, depth, direct I/O, data path (zero-copy or copy), server pid, backing.")
 
         @Flag(name: .long, help: "JSON output for scripts.")
         var json = false
