@@ -15,6 +15,9 @@ public struct QueueConfiguration: Sendable {
     public var encoding: OpcodeEncoding
     /// Pin the thread to these CPUs (a kernel cpumask, from GET_QUEUE_AFFINITY), if set.
     public var cpuMask: [UInt8]?
+    /// The device size as it changes while the queue runs (`ublk resize`); overrides
+    /// `limits.sectors` when set.
+    public var capacity: DeviceCapacity?
 
     public init(deviceID: UInt32, queueID: UInt16, depth: Int, bufferSize: Int, limits: DeviceLimits,
                 encoding: OpcodeEncoding, cpuMask: [UInt8]? = nil) {
@@ -139,7 +142,9 @@ public final class Queue {
             return
         }
         let descriptor = IODescriptor(raw: descriptors[tag])
-        switch descriptor.validated(for: configuration.limits) {
+        var limits = configuration.limits
+        if let capacity = configuration.capacity { limits.sectors = capacity.sectors }
+        switch descriptor.validated(for: limits) {
         case .failure(let error):
             logger.error("queue \(configuration.queueID) tag \(tag): refused request: \(error)")
             try commit(tag: tag, result: -error.errno)

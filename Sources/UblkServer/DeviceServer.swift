@@ -15,8 +15,8 @@ public struct ServerOptions: Sendable {
     public var depth: Int
     /// Largest request in bytes; also each tag's buffer size.
     public var maxIOBytes: Int = 512 * 1024
-    /// UBLK_F_USER_RECOVERY (+ reissue): the device survives a crashed server.
-    public var recovery = false
+    /// UBLK_F_USER_RECOVERY (reissue or fail-io): the device survives a crashed server.
+    public var recovery: RecoveryPolicy = .off
     /// Pin each queue thread to the CPUs the block layer maps to its queue.
     public var pinQueues = true
 
@@ -74,17 +74,11 @@ public final class DeviceServer {
         let info: DeviceInfo
         switch mode {
         case .create:
-            var flags: FeatureFlags = []
-            if options.recovery {
-                flags = [.userRecovery, .userRecoveryReissue]
-                if let features = control.features, !features.isSuperset(of: flags) {
-                    throw ServerError("this kernel's ublk_drv has no user recovery (features: \(features)): leave out --recovery")
-                }
-            }
+            let flags = try options.recovery.deviceFlags(features: control.features)
             let request = DeviceInfo(id: options.id, queueCount: UInt16(options.queues), queueDepth: UInt16(options.depth),
                                      maxIOBufferBytes: UInt32(options.maxIOBytes), flags: flags)
             do { info = try control.addDevice(request) } catch { throw ServerError("\(error)") }
-            if options.recovery && !info.flags.contains(.userRecovery) {
+            if options.recovery.isEnabled && !info.flags.contains(.userRecovery) {
                 try? control.deleteDevice(info.id!)
                 throw ServerError("this kernel's ublk_drv has no user recovery: leave out --recovery")
             }
@@ -117,6 +111,7 @@ public final class DeviceServer {
 
         let characterDevice = try openCharacterDevice(info.characterDevicePath)
         let limits = DeviceLimits(sectors: parameters.sectors, maxIOBytes: Int(info.maxIOBufferBytes))
+        let capacity = DeviceCapacity(sectors: parameters.sectors)
 
         // Signals are taken by one watcher thread (sigwait); queue threads inherit the mask.
         let watcher = SignalWatcher(deviceID: id, logger: logger)
@@ -125,9 +120,10 @@ public final class DeviceServer {
         do {
             for queue in 0..<Int(info.queueCount) {
                 let mask = options.pinQueues ? try? control.queueAffinity(id, queue: UInt16(queue)) : nil
-                let configuration = QueueConfiguration(deviceID: id, queueID: UInt16(queue), depth: Int(info.queueDepth),
+                var configuration = QueueConfiguration(deviceID: id, queueID: UInt16(queue), depth: Int(info.queueDepth),
                                                        bufferSize: Int(info.maxIOBufferBytes), limits: limits,
                                                        encoding: control.encoding, cpuMask: mask)
+                configuration.capacity = capacity
                 threads.append(try QueueThread.start(configuration, characterDevice: characterDevice.rawValue,
                                                      target: target, logger: logger))
             }
@@ -150,9 +146,14 @@ public final class DeviceServer {
         useNoScheduler(id)
         let live: DeviceInfo = (try? control.deviceInfo(id)) ?? info
         let liveParameters = (try? control.parameters(id)) ?? parameters
-        if let record = describe(live, liveParameters) {
+        let record = describe(live, liveParameters)
+        if let record {
             do { try RuntimeDirectory.save(record) } catch { logger.warning("cannot write the device record: \(error)") }
         }
+        // Requests from `ublk resize` and `ublk upgrade`.
+        let requests = ServerControl(deviceID: id, capacity: capacity, target: target, record: record, logger: logger)
+        requests.start()
+        defer { requests.stop() }
         do { try onLive(live, liveParameters) } catch {
             logger.error("\(error)")
             watcher.requestStop()
@@ -166,6 +167,11 @@ public final class DeviceServer {
                 failure = failure ?? error
                 try? control.stopDevice(id)
             }
+        }
+        if requests.keepsDevice && failure == nil {
+            // Quiesced for `ublk upgrade`: the device and its record stay for the new server.
+            requests.stop()
+            return handOver(id, characterDevice: characterDevice, control: control)
         }
         SystemdNotifier.notify("STOPPING=1\nSTATUS=Removing /dev/ublkb\(id)")
         do { try target.sync() } catch { logger.error("sync of the backing failed: \(error)") }

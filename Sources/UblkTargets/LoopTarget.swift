@@ -46,7 +46,7 @@ public final class LoopTarget: Target {
     public let directIO: Bool
     /// Set when `auto` fell back to buffered I/O: the one-line reason.
     public let directIONote: String?
-    private let file: FileDescriptor
+    let file: FileDescriptor
 
     public var fixedFiles: [Int32] { [file.rawValue] }
 
