@@ -89,6 +89,9 @@ public final class DeviceServer {
                     throw ServerError("device \(id) was not added with --recovery: it cannot be recovered, only deleted (ublk del --id \(id))")
                 }
                 try Self.startUserRecovery(control, id)
+                // Run by `ublk upgrade` under a service manager, this process is the service's
+                // main process from here on: say so before the old server exits.
+                SystemdNotifier.notify("MAINPID=\(getpid())")
                 info = existing
             } catch let error as ControlError {
                 if error.errno == EBUSY {

@@ -56,8 +56,9 @@ enum DeviceRemoval {
         } catch where error.errno == ENODEV || error.errno == ENOENT {
             // The server deleted it already.
         } catch { throw CLIError("\(error)") }
-        // The server syncs and exits once its openers let go; do not wait for that.
-        for _ in 0..<300 where RuntimeDirectory.isAlive(pid) && pid != getpid() { usleep(10_000) }
+        // An idle server exits within moments; one whose disk is still mounted stays until
+        // the unmount: give it a second, not more.
+        for _ in 0..<100 where RuntimeDirectory.isAlive(pid) && pid != getpid() { usleep(10_000) }
         RuntimeDirectory.remove(id)
     }
 }

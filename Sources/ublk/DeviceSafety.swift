@@ -72,7 +72,7 @@ enum DeviceSafety {
                   let backing = record.backing, backingIdentity(backing) == identity else { continue }
             let (otherStart, otherEnd) = (record.offset, record.offset + record.size)
             guard start < otherEnd, otherStart < end else { continue }
-            let range = "bytes \(DeviceListing.humanSize(otherStart))-\(DeviceListing.humanSize(otherEnd))"
+            let range = "bytes \(otherStart == 0 ? "0" : DeviceListing.humanSize(otherStart))-\(DeviceListing.humanSize(otherEnd))"
             throw CLIError("ublk device \(record.id) already serves \(backing) read-write (\(range)): use --read-only, another --offset/--size range, or --force")
         }
     }
