@@ -129,6 +129,31 @@ public struct ControlDevice: ~Copyable {
         _ = try execute(.endUserRecovery, device: id, data: UInt64(UInt32(bitPattern: serverPID)))
     }
 
+    /// DEL_DEV_ASYNC (6.9+): removes the device without waiting for its last opener (a
+    /// mounted file system) to let go; the id is freed once that happens.
+    public func deleteDeviceAsync(_ id: UInt32) throws(ControlError) {
+        _ = try execute(.deleteDeviceAsync, device: id)
+    }
+
+    /// UPDATE_SIZE (UBLK_F_UPDATE_SIZE): the disk's capacity becomes `sectors` 512-byte
+    /// sectors, announced with a RESIZE uevent. The kernel checks neither size nor alignment.
+    public func updateSize(_ id: UInt32, sectors: UInt64) throws(ControlError) {
+        _ = try execute(.updateSize, device: id, data: sectors)
+    }
+
+    /// QUIESCE_DEV (UBLK_F_QUIESCE, device added with USER_RECOVERY): waits up to
+    /// `timeoutMilliseconds` (0: forever) until every queue is idle, then aborts the
+    /// server's parked fetches; the device waits for a new server as after a crash.
+    public func quiesceDevice(_ id: UInt32, timeoutMilliseconds: UInt64) throws(ControlError) {
+        _ = try execute(.quiesceDevice, device: id, data: timeoutMilliseconds)
+    }
+
+    /// TRY_STOP_DEV (UBLK_F_SAFE_STOP_DEV): STOP_DEV only if nobody has the disk open,
+    /// else EBUSY; the check and the stop are one step in the kernel (no race with an open).
+    public func tryStopDevice(_ id: UInt32) throws(ControlError) {
+        _ = try execute(.tryStopDevice, device: id)
+    }
+
     /// GET_QUEUE_AFFINITY: the CPUs whose I/O lands on `queue`, as a kernel cpumask.
     public func queueAffinity(_ id: UInt32, queue: UInt16) throws(ControlError) -> [UInt8] {
         // Room for 1024 CPUs, a multiple of 8 bytes.

@@ -14,6 +14,9 @@ public struct QueueConfiguration: Sendable {
     public var encoding: OpcodeEncoding
     /// Pin the thread to these CPUs (a kernel cpumask, from GET_QUEUE_AFFINITY), if set.
     public var cpuMask: [UInt8]?
+    /// The device size as it changes while the queue runs (`ublk resize`); overrides
+    /// `limits.sectors` when set.
+    public var capacity: DeviceCapacity?
 
     public init(queueID: UInt16, depth: Int, buffers: TagBufferMode, limits: DeviceLimits,
                 encoding: OpcodeEncoding, cpuMask: [UInt8]? = nil) {
@@ -117,6 +120,8 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     @usableFromInline let registeredByQueue: UnsafeMutableBufferPointer<Bool>
     @usableFromInline let resultAfterUnregister: UnsafeMutableBufferPointer<Int32>
     @usableFromInline let limits: DeviceLimits
+    /// The device size as `ublk resize` changes it; overrides `limits.sectors` when set.
+    @usableFromInline let capacity: DeviceCapacity?
     @usableFromInline let queueID: UInt16
     @usableFromInline let logger: Logger
     /// Tags the kernel has not retired yet. (Only the queue's thread touches it, never with
@@ -126,7 +131,8 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
 
     /// A queue on `ring` (its fixed files already registered: 0 is /dev/ublkcN, then the target's).
     public init(ring: consuming IORing, source: Source, handler: Handler, queueID: UInt16, depth: Int,
-                buffers mode: TagBufferMode, limits: DeviceLimits, logger: Logger) throws(SystemError) {
+                buffers mode: TagBufferMode, limits: DeviceLimits, capacity: DeviceCapacity? = nil,
+                logger: Logger) throws(SystemError) {
         let bytesPerTag = mode.bytesPerTag
         buffers = try AlignedBuffer(count: depth * bytesPerTag)
         requests = .allocate(capacity: depth)
@@ -148,6 +154,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         self.queueID = queueID
         self.depth = depth
         self.limits = limits
+        self.capacity = capacity
         self.logger = logger
         live = depth
     }
@@ -216,6 +223,8 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// cannot hold, else hand it to the target.
     @inlinable
     public func arrived(tag: Int) throws(SystemError) {
+        var limits = self.limits
+        if let capacity { limits.sectors = capacity.sectors }
         switch IODescriptor(raw: source.descriptor(tag: tag)).validated(for: limits) {
         case .failure(let error):
             logRefusal(tag: tag, error)
@@ -331,6 +340,6 @@ extension Queue where Source == UblkCommands {
         try self.init(ring: ring, source: source,
                       handler: try target.makeQueueHandler(queueID: Int(configuration.queueID), depth: depth),
                       queueID: configuration.queueID, depth: depth, buffers: configuration.buffers,
-                      limits: configuration.limits, logger: logger)
+                      limits: configuration.limits, capacity: configuration.capacity, logger: logger)
     }
 }

@@ -16,8 +16,8 @@ public struct ServerOptions: Sendable {
     public var depth: Int
     /// Largest request in bytes; also each tag's buffer size.
     public var maxIOBytes: Int = 512 * 1024
-    /// UBLK_F_USER_RECOVERY (+ reissue): the device survives a crashed server.
-    public var recovery = false
+    /// UBLK_F_USER_RECOVERY (reissue or fail-io): the device survives a crashed server.
+    public var recovery: RecoveryPolicy = .off
     /// Pin each queue thread to the CPUs the block layer maps to its queue.
     public var pinQueues = true
     /// Config name, when started by `ublk start NAME` (kept in the device record).
@@ -103,13 +103,21 @@ public final class DeviceServer {
             do { try control.setParameters(id, parameters) } catch { throw .control(error) }
         }
         let characterDevice = try openCharacterDevice(info.characterDevicePath)
+        // The size the queues enforce, which `ublk resize` changes while they run.
+        let capacity = DeviceCapacity(sectors: parameters.sectors)
         // Signals are taken by one watcher thread (sigwait); queue threads inherit the mask.
         let watcher = SignalWatcher(deviceID: id, logger: logger)
         let threads = try startQueues(info, parameters: parameters, mode: mode, control: control,
-                                      characterDevice: characterDevice.rawValue)
+                                      characterDevice: characterDevice.rawValue, capacity: capacity)
         isLive = true
-        goLive(info, parameters: parameters, control: control, watcher: watcher, onLive: onLive)
+        let requests = goLive(info, parameters: parameters, control: control, watcher: watcher, capacity: capacity,
+                              onLive: onLive)
         let failure = waitForQueues(threads, id: id, control: control)
+        requests.stop()
+        if requests.keepsDevice && failure == nil {
+            // Quiesced for `ublk upgrade`: the device and its record stay for the new server.
+            return handOver(id, characterDevice: characterDevice, control: control)
+        }
         SystemdNotifier.notify("STOPPING=1\nSTATUS=Removing /dev/ublkb\(id)")
         do { try target.sync() } catch { logger.error("sync of the backing failed: \(error)") }
         _ = consume characterDevice
@@ -123,11 +131,7 @@ public final class DeviceServer {
     /// ADD_DEV, with user recovery and zero copy when asked (and refused if the kernel lacks them).
     /// What the device got is read back from the flags ADD_DEV returns.
     private func createDevice(_ control: borrowing ControlDevice) throws(ServerError) -> DeviceInfo {
-        var flags: FeatureFlags = []
-        if options.recovery {
-            flags = [.userRecovery, .userRecoveryReissue]
-            if let features = control.features, !features.isSuperset(of: flags) { throw .noUserRecovery(features) }
-        }
+        var flags = try options.recovery.deviceFlags(features: control.features)
         flags.formUnion(try zeroCopyFlags(features: control.features))
         let request = DeviceInfo(id: options.id, queueCount: UInt16(options.queues), queueDepth: UInt16(options.depth),
                                  maxIOBufferBytes: UInt32(options.maxIOBytes), flags: flags)
@@ -135,7 +139,7 @@ public final class DeviceServer {
         do { info = try control.addDevice(request) } catch { throw .control(error) }
         logger.debug("ADD_DEV: device \(info.id!) has flags \(info.flags)")
         var missing: ServerError?
-        if options.recovery && !info.flags.contains(.userRecovery) { missing = .noUserRecovery(nil) }
+        if options.recovery.isEnabled && !info.flags.contains(.userRecovery) { missing = .noUserRecovery(nil) }
         if options.zeroCopy == .on && !info.flags.contains(.autoBufferRegistration) { missing = .noZeroCopy(nil) }
         if let missing {
             try? control.deleteDevice(info.id!)
@@ -171,6 +175,9 @@ public final class DeviceServer {
             let existing = try control.deviceInfo(id)
             guard existing.flags.contains(.userRecovery) else { throw ServerError.notRecoverable(id) }
             try Self.startUserRecovery(control, id)
+            // Run by `ublk upgrade` under a service manager, this process is the service's
+            // main process from here on: say so before the old server exits.
+            SystemdNotifier.notify("MAINPID=\(getpid())")
             return existing
         } catch let error as ControlError {
             throw error.errno == EBUSY ? .stillServed(id) : .control(error)
@@ -181,16 +188,18 @@ public final class DeviceServer {
 
     /// One thread per queue, each fetching every tag; then START_DEV (or END_USER_RECOVERY).
     private func startQueues(_ info: DeviceInfo, parameters: DeviceParameters, mode: Mode,
-                             control: borrowing ControlDevice, characterDevice: Int32) throws(ServerError) -> [QueueThread] {
+                             control: borrowing ControlDevice, characterDevice: Int32,
+                             capacity: DeviceCapacity) throws(ServerError) -> [QueueThread] {
         let id = info.id!
         let limits = DeviceLimits(sectors: parameters.sectors, maxIOBytes: Int(info.maxIOBufferBytes))
         var threads: [QueueThread] = []
         do {
             for queue in 0..<Int(info.queueCount) {
                 let mask = options.pinQueues ? try? control.queueAffinity(id, queue: UInt16(queue)) : nil
-                let configuration = QueueConfiguration(queueID: UInt16(queue), depth: Int(info.queueDepth),
+                var configuration = QueueConfiguration(queueID: UInt16(queue), depth: Int(info.queueDepth),
                                                        buffers: Self.bufferMode(info),
                                                        limits: limits, encoding: control.encoding, cpuMask: mask)
+                configuration.capacity = capacity
                 threads.append(try QueueThread.start(configuration, characterDevice: characterDevice,
                                                      target: target, logger: logger))
             }
@@ -207,9 +216,11 @@ public final class DeviceServer {
         }
     }
 
-    /// Waits for /dev/ublkbN to read, writes the record, runs `onLive`, then lets signals stop the device.
+    /// Waits for /dev/ublkbN to read, writes the record, opens the request channel (resize,
+    /// upgrade), runs `onLive`, then lets signals stop the device.
     private func goLive(_ info: DeviceInfo, parameters: DeviceParameters, control: borrowing ControlDevice,
-                        watcher: SignalWatcher, onLive: (DeviceInfo, DeviceParameters) throws -> Void) {
+                        watcher: SignalWatcher, capacity: DeviceCapacity,
+                        onLive: (DeviceInfo, DeviceParameters) throws -> Void) -> ServerControl {
         let id = info.id!
         do { try waitUntilReadable(info.blockDevicePath) } catch {
             logger.error("\(error)")
@@ -218,17 +229,24 @@ public final class DeviceServer {
         useNoScheduler(id)
         let live: DeviceInfo = (try? control.deviceInfo(id)) ?? info
         let liveParameters = (try? control.parameters(id)) ?? parameters
+        var record: DeviceRecord?
         if let target = target as? any SpecifiedTarget {
-            let record = DeviceRecord(id: id, pid: getpid(), name: options.name, spec: target.spec,
-                                      queues: Int(live.queueCount), depth: Int(live.queueDepth),
-                                      directIO: target.directIOState, recovery: options.recovery)
+            record = DeviceRecord(id: id, pid: getpid(), name: options.name, spec: target.spec,
+                                  queues: Int(live.queueCount), depth: Int(live.queueDepth),
+                                  directIO: target.directIOState, recovery: options.recovery.isEnabled)
+        }
+        if let record {
             do { try RuntimeDirectory.save(record) } catch { logger.warning("cannot write the device record: \(error)") }
         }
+        // Requests from `ublk resize` and `ublk upgrade`.
+        let requests = ServerControl(deviceID: id, capacity: capacity, target: target, record: record, logger: logger)
+        requests.start()
         do { try onLive(live, liveParameters) } catch {
             logger.error("\(error)")
             watcher.requestStop()
         }
         watcher.start()
+        return requests
     }
 
     /// Joins every queue thread; a queue that ended early stops the device. Returns the first failure.

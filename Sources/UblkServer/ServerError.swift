@@ -20,6 +20,18 @@ public enum ServerError: Error, CustomStringConvertible {
     case notReadable(String, SystemError)
     case characterDeviceMissing(String)
     case queueFailed(UInt32, any Error)
+    /// `--recovery fail-io` on a kernel without UBLK_F_USER_RECOVERY_FAIL_IO.
+    case noFailIO
+    /// `ublk resize`: the target's size is fixed, or the kernel has no UPDATE_SIZE.
+    case notResizable(String)
+    case noUpdateSize
+    /// `ublk upgrade`: the device was added without QUIESCE.
+    case notUpgradable(UInt32)
+    /// The request channel of device `id`'s server (`ublk resize`, `ublk upgrade`) failed.
+    case noRequestChannel(UInt32, path: String, SystemError)
+    case noAnswer(UInt32, seconds: Int)
+    /// What the server answered to a request it refused (its own one-line sentence).
+    case refusedByServer(String)
     /// `--zero-copy on`, and the kernel has no UBLK_F_AUTO_BUF_REG (features, if known).
     case noZeroCopy(FeatureFlags?)
     /// `--zero-copy on` for a target that must see the data.
@@ -51,6 +63,17 @@ public enum ServerError: Error, CustomStringConvertible {
         case let .notReadable(path, error): "\(path) is not readable after START_DEV: \(error)"
         case .characterDeviceMissing(let path): "\(path) did not appear: is devtmpfs or udev running?"
         case let .queueFailed(id, error): "device \(id) stopped after a queue failed: \(error)"
+        case .noFailIO:
+            "this kernel's ublk_drv has no UBLK_F_USER_RECOVERY_FAIL_IO (Linux 6.13+): use --recovery (I/O waits for the new server) or leave it out"
+        case .notResizable(let name): "the \(name) target cannot be resized"
+        case .noUpdateSize:
+            "this kernel's ublk_drv has no UPDATE_SIZE (UBLK_F_UPDATE_SIZE, Linux 6.16+): the device keeps its size"
+        case .notUpgradable(let id):
+            "device \(id) was added without QUIESCE (it needs --recovery and Linux 6.16+): it cannot be upgraded in place"
+        case let .noRequestChannel(id, path, error):
+            "the server of device \(id) does not answer at \(path) (\(error.reason)): is it a server from before this version? Restart it"
+        case let .noAnswer(id, seconds): "the server of device \(id) gave no answer within \(seconds) s"
+        case .refusedByServer(let line): line
         case .noZeroCopy(let features):
             "zero copy needs UBLK_F_AUTO_BUF_REG, which this kernel's ublk_drv lacks (features: \(features.map { "\($0)" } ?? "unknown")): use --zero-copy auto or off"
         case .targetNeedsCopy(let name):

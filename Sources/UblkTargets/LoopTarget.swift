@@ -40,7 +40,7 @@ public final class LoopTarget: SpecifiedTarget {
     public let directIO: Bool
     /// Set when `auto` fell back to buffered I/O: why.
     public let directIOFallback: DirectIOFallback?
-    private let file: FileDescriptor
+    let file: FileDescriptor
     /// Reads past the end of a backing that shrank return zeros; with zero copy the queue
     /// cannot write the request's pages itself, so they are read from here.
     private let zeros: FileDescriptor

@@ -34,6 +34,8 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
     case sizeMisaligned(size: UInt64, blockSize: Int)
     case sizeBeyondEnd(size: UInt64, offset: UInt64, path: String, backingSize: UInt64)
     case smallerThanBlock(String, blockSize: Int)
+    /// `ublk resize` without --size on a target with no backing to measure.
+    case sizeRequired(String)
 
     /// The system call that failed, if one did.
     public var systemError: SystemError? {
@@ -67,6 +69,7 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .sizeBeyondEnd(size, offset, path, backing):
             "size \(size) at offset \(offset) goes beyond the end of \(path) (\(backing) bytes)"
         case let .smallerThanBlock(path, block): "backing file \(path) is smaller than one \(block)-byte block"
+        case .sizeRequired(let name): "the \(name) target has no backing to take the size from: give --size"
         }
     }
 }

@@ -23,6 +23,18 @@ public enum TargetSpec: Sendable, Equatable, Codable {
         }
     }
 
+    /// The same target after `ublk resize`: `size` bytes (nil: to the end of the backing).
+    public func resized(to size: UInt64?) -> TargetSpec {
+        switch self {
+        case .loop(var configuration):
+            configuration.size = size
+            return .loop(configuration)
+        case .null(var configuration):
+            if let size { configuration.size = size }
+            return .null(configuration)
+        }
+    }
+
     /// Opens the target the spec describes (the backing is opened and probed).
     public func makeTarget() throws(TargetError) -> any SpecifiedTarget {
         switch self {

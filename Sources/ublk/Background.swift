@@ -15,9 +15,10 @@ enum Background {
         (getenv("UBLK_RUN_DIR").map { String(cString: $0) } ?? "/run/ublk") + "/server.log"
     }
 
-    /// Spawns `arguments` (after the program name) and waits for the server's report.
+    /// Spawns `program` (this binary by default) with `arguments` (after the program name)
+    /// and waits for the server's report.
     /// Returns the device path; throws the server's error line.
-    static func launch(_ arguments: [String]) throws -> String {
+    static func launch(_ arguments: [String], program: String = executable) throws -> String {
         // Say "not loaded" or "not permitted" here, in one line, rather than from a child.
         _ = try ControlDevice()
 
@@ -46,7 +47,7 @@ enum Background {
         var cArguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
         defer { for argument in cArguments { free(argument) } }
         var pid: pid_t = 0
-        let result = posix_spawn(&pid, executable, &actions, &attributes, &cArguments, environ)
+        let result = posix_spawn(&pid, program, &actions, &attributes, &cArguments, environ)
         close(writeEnd)
         guard result == 0 else { throw CLIError("cannot start the server: posix_spawn: \(String(cString: strerror(result)))") }
 

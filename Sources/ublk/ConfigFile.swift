@@ -4,8 +4,9 @@ import UblkSystem
 /// A device config file: one `ublk add` option per line, `key = value`, with `#`
 /// comments. Keys are the long option names (`file`, `queues`, `depth`, `direct-io`,
 /// `read-only`, `block-size`, `offset`, `size`, `id`, `target`, `recovery`); flags
-/// take yes/no. The file is turned into `ublk add` arguments and parsed by the same
-/// code as the command line, so both accept and refuse exactly the same things.
+/// take yes/no, `recovery` yes, reissue, fail-io or no. The file is turned into `ublk add`
+/// arguments and parsed by the same code as the command line, so both accept and refuse
+/// exactly the same things.
 ///
 ///     # /etc/ublk/data.conf
 ///     file = /srv/data.img
@@ -17,7 +18,9 @@ enum ConfigFile {
         getenv("UBLK_CONFIG_DIR").map { String(cString: $0) } ?? "/etc/ublk"
     }
 
-    static let flags: Set<String> = ["read-only", "recovery"]
+    static let flags: Set<String> = ["read-only"]
+    /// `recovery = yes|reissue|fail-io|no` (yes is reissue, as before fail-io existed).
+    static let recoveryValues = ["yes": "reissue", "reissue": "reissue", "fail-io": "fail-io", "no": nil, "off": nil] as [String: String?]
     static let options: Set<String> = ["file", "target", "id", "queues", "depth", "direct-io", "block-size", "offset", "size"]
 
     /// The `ublk add` arguments the file at `path` stands for.
@@ -40,7 +43,12 @@ enum ConfigFile {
                 throw CLIError("\(path):\(index + 1): expected `key = value`, got `\(line)`")
             }
             let (key, value) = (parts[0], parts[1])
-            if flags.contains(key) {
+            if key == "recovery" {
+                guard let policy = recoveryValues[value.lowercased()] else {
+                    throw CLIError("\(path):\(index + 1): recovery takes yes, reissue, fail-io or no, not `\(value)`")
+                }
+                if let policy { arguments.append("--recovery=\(policy)") }
+            } else if flags.contains(key) {
                 switch value.lowercased() {
                 case "yes", "true", "on", "1": arguments.append("--\(key)")
                 case "no", "false", "off", "0": break
@@ -49,7 +57,7 @@ enum ConfigFile {
             } else if options.contains(key) {
                 arguments += ["--\(key)", value]
             } else {
-                throw CLIError("\(path):\(index + 1): unknown key `\(key)`: use one of \((options.union(flags)).sorted().joined(separator: ", "))")
+                throw CLIError("\(path):\(index + 1): unknown key `\(key)`: use one of \((options.union(flags).union(["recovery"])).sorted().joined(separator: ", "))")
             }
         }
         return arguments

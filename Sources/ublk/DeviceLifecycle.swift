@@ -67,15 +67,16 @@ enum DeviceLifecycle {
     /// The target and options a recovering server needs, from the dead server's record.
     static func recoveryPlan(_ id: UInt32) throws -> (any SpecifiedTarget, ServerOptions) {
         // No such device (or no permission, or no driver) says so, before the missing record would.
-        _ = try ControlDevice().deviceInfo(id)
+        let info = try ControlDevice().deviceInfo(id)
         guard let record = RuntimeDirectory.load(id) else {
             throw CLIError("no record of device \(id) under \(RuntimeDirectory.path): cannot tell its backing file; delete it with ublk del --id \(id)")
         }
-        if RuntimeDirectory.isAlive(record.pid) {
+        // A server that handed the device over (ublk upgrade) lives until the new one has it.
+        if RuntimeDirectory.isAlive(record.pid) && info.state == .live {
             throw CLIError("device \(id) is still served by pid \(record.pid): nothing to recover")
         }
         var options = ServerOptions(id: id, queues: record.queues, depth: record.depth)
-        options.recovery = true
+        options.recovery = .reissue // the device keeps the policy it was added with
         options.name = record.name
         return (try record.spec.makeTarget(), options)
     }

@@ -29,6 +29,7 @@ struct ByteCount: ExpressibleByArgument, Sendable, Equatable {
 
 extension DirectIOMode: ExpressibleByArgument {}
 extension ZeroCopyMode: ExpressibleByArgument {}
+extension RecoveryPolicy: ExpressibleByArgument {}
 
 /// The target kinds `ublk add` knows.
 enum TargetKind: String, ExpressibleByArgument, CaseIterable, Sendable {
@@ -67,8 +68,13 @@ struct DeviceOptions: ParsableArguments {
     @Option(name: .long, help: "Device size in bytes (losetup --sizelimit; required for the null target). Suffixes K, M, G, T.")
     var size: ByteCount?
 
-    @Flag(name: .long, help: "Keep the device when the server dies, so `ublk recover` can take it over (UBLK_F_USER_RECOVERY).")
-    var recovery = false
+    @Option(name: .long, help: ArgumentHelp(
+        "Keep the device when the server dies, so `ublk recover` (and `ublk upgrade`) can take it over: `--recovery` or `--recovery reissue` makes I/O wait for the new server, `--recovery fail-io` fails it meanwhile (Linux 6.13+).",
+        valueName: "reissue|fail-io"))
+    var recovery: RecoveryPolicy = .off
+
+    @Flag(name: .long, help: "Serve a backing range that another device already serves read-write.")
+    var force = false
 
     @Option(name: .customLong("zero-copy"), help: "Requests' pages straight to the backing I/O, no copy (UBLK_F_AUTO_BUF_REG): auto (where the kernel and target allow it), on (or fail), off.")
     var zeroCopy: ZeroCopyMode = .auto
@@ -134,5 +140,27 @@ struct DeviceOptions: ParsableArguments {
         options.recovery = recovery
         options.zeroCopy = zeroCopy
         return options
+    }
+}
+
+extension DeviceOptions {
+    /// `--recovery` takes an optional value, which ArgumentParser options cannot: a bare
+    /// `--recovery` (not followed by one of the policies) becomes `--recovery=reissue`, its
+    /// meaning from before fail-io existed; `--recovery VALUE` becomes `--recovery=VALUE`.
+    static func normalizingRecovery(_ arguments: [String]) -> [String] {
+        var result: [String] = []
+        var index = 0
+        while index < arguments.count {
+            let argument = arguments[index]
+            index += 1
+            guard argument == "--recovery" else { result.append(argument); continue }
+            if index < arguments.count, RecoveryPolicy(rawValue: arguments[index]) != nil {
+                result.append("--recovery=\(arguments[index])")
+                index += 1
+            } else {
+                result.append("--recovery=reissue")
+            }
+        }
+        return result
     }
 }

@@ -12,7 +12,7 @@ struct Ublk: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ublk",
         abstract: "Userspace block devices on Linux's ublk driver: a file becomes /dev/ublkbN, as with losetup.",
-        subcommands: [Add.self, Start.self, Delete.self, List.self, Recover.self, Features.self])
+        subcommands: [Add.self, Start.self, Delete.self, List.self, Recover.self, Resize.self, Upgrade.self, Features.self])
 }
 
 /// Options every server-starting command shares.
@@ -46,6 +46,7 @@ struct ServerFlags: ParsableArguments {
         // "Not loaded" or "run as root" first: without the driver the backing does not matter.
         try reporting { _ = try ControlDevice() }
         let target = try reporting { try device.spec.makeTarget() }
+        try reporting { try DeviceSafety.refuseOverlap(target, force: device.force) }
         if let note = target.note {
             if let readyFD { Background.note(note, to: readyFD) } else { FileHandleStderr.print("ublk: \(note)") }
         }
@@ -117,7 +118,7 @@ extension Ublk {
 
         /// The device options given on this command line (without --config and the server flags).
         static func deviceArguments(from commandLine: [String] = CommandLine.arguments) -> [String] {
-            var arguments = Array(commandLine.dropFirst(2))
+            var arguments = DeviceOptions.normalizingRecovery(Array(commandLine.dropFirst(2)))
             for option in ["--config", "--ready-fd"] {
                 while let index = arguments.firstIndex(where: { $0 == option || $0.hasPrefix(option + "=") }) {
                     arguments.removeSubrange(index..<min(arguments.count, index + (arguments[index] == option ? 2 : 1)))
@@ -154,13 +155,16 @@ extension Ublk {
 
     struct Delete: ParsableCommand {
         static let configuration = CommandConfiguration(
-            commandName: "del", abstract: "Stop devices and remove them (their servers exit).")
+            commandName: "del", abstract: "Stop devices and remove them (their servers exit); a mounted or open device is refused unless --force.")
 
         @Option(name: .long, help: "The device id N of /dev/ublkbN.")
         var id: UInt32?
 
-        @Flag(name: .long, help: "Every ublk device.")
+        @Flag(name: .long, help: "Every ublk device (busy ones are kept and named, unless --force).")
         var all = false
+
+        @Flag(name: .long, help: "Remove a mounted or open device anyway, as a pulled disk: its users see I/O errors.")
+        var force = false
 
         func validate() throws {
             if (id == nil) == !all { throw ValidationError("give --id N or --all") }
@@ -171,7 +175,7 @@ extension Ublk {
             let ids = all ? ControlDevice.deviceIDs() : [id!]
             var failures: [String] = []
             for id in ids {
-                do { try DeviceLifecycle.delete(id, control: control) } catch { failures.append("\(error)") }
+                do { try DeviceRemoval.remove(id, control: control, force: force) } catch { failures.append("\(error)") }
             }
             if !failures.isEmpty { throw CLIError(failures.joined(separator: "; ")) }
         }

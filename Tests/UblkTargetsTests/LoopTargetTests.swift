@@ -140,3 +140,28 @@ import UblkTesting
 enum FileManagerless {
     static var tmp: String { getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp" }
 }
+
+/// `ublk resize`: the size a loop target can take from its backing now.
+@Suite struct LoopResizeTests {
+    @Test func takesTheBackingsNewSizeWithinItsWindow() throws {
+        let file = try LoopTargetTests.ScratchFile(size: 1 << 20)
+        var configuration = LoopConfiguration(path: file.path)
+        configuration.offset = 64 << 10
+        configuration.logicalBlockSize = 4096
+        let target = try LoopTarget(configuration)
+        #expect(try target.resizedSize(nil) == (1 << 20) - (64 << 10))
+        #expect(truncate(file.path, (2 << 20) + 1000) == 0)
+        #expect(try target.resizedSize(nil) == (2 << 20) - (64 << 10)) // the odd tail is not a block
+        #expect(try target.resizedSize(1 << 20) == 1 << 20)
+        #expect(throws: TargetError.self) { try target.resizedSize(3 << 20) }
+        #expect(throws: TargetError.self) { try target.resizedSize(1000) }
+        #expect(truncate(file.path, 4096) == 0)
+        #expect(throws: TargetError.self) { try target.resizedSize(nil) }
+    }
+
+    @Test func nullTargetNeedsASize() throws {
+        let target = NullTarget(size: 1 << 20)
+        #expect(try target.resizedSize(2 << 20) == 2 << 20)
+        #expect(throws: TargetError.self) { try target.resizedSize(nil) }
+    }
+}

@@ -30,6 +30,22 @@ import Testing
         #expect(options.readOnly && options.queues == 2 && options.directIO == .off && options.size?.value == 1 << 30)
     }
 
+    @Test func recoveryTakesAnOptionalPolicy() throws {
+        #expect(DeviceOptions.normalizingRecovery(["--recovery"]) == ["--recovery=reissue"])
+        #expect(DeviceOptions.normalizingRecovery(["--recovery", "--file", "a"]) == ["--recovery=reissue", "--file", "a"])
+        #expect(DeviceOptions.normalizingRecovery(["--recovery", "fail-io", "--file", "a"]) == ["--recovery=fail-io", "--file", "a"])
+        #expect(DeviceOptions.normalizingRecovery(["--recovery=off"]) == ["--recovery=off"])
+        let parsed = try DeviceOptions.parse(DeviceOptions.normalizingRecovery(["--file", "a", "--recovery"]))
+        #expect(parsed.recovery == .reissue && parsed.serverOptions.recovery == .reissue)
+        #expect(try DeviceOptions.parse(["--file", "a"]).recovery == .off)
+        #expect(throws: (any Error).self) { try DeviceOptions.parse(["--file", "a", "--recovery=sometimes"]) }
+        for (value, expected) in [("yes", ["--recovery=reissue"]), ("reissue", ["--recovery=reissue"]),
+                                  ("fail-io", ["--recovery=fail-io"]), ("no", [])] {
+            #expect(try ConfigFile.arguments(text: "recovery = \(value)", path: "r.conf") == expected)
+        }
+        #expect(throws: (any Error).self) { try ConfigFile.arguments(text: "recovery = maybe", path: "r.conf") }
+    }
+
     @Test func configFileMistakesNameTheLine() {
         func message(_ text: String) -> String {
             do { _ = try ConfigFile.arguments(text: text, path: "x.conf"); return "accepted" } catch { return "\(error)" }

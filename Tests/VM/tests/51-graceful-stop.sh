@@ -7,8 +7,8 @@
 #  * SIGTERM to a background server (pid from `ublk list --json`): the same, and
 #    its log says why it stopped and nothing failed; with --recovery too (a signal
 #    is a stop, not a crash: the device goes);
-#  * `ublk del` while fio hammers the device: del returns, fio ends (with errors
-#    or not) instead of hanging, and no server process is left.
+#  * `ublk del` while fio hammers the device refuses (it is open); `del --force`
+#    returns, fio ends (with errors or not) instead of hanging, and no server process is left.
 # timeout: 300
 . "$(dirname "$0")/../lib.sh"
 need_ublk
@@ -92,9 +92,14 @@ timeout -k 5 90 fio --name=busy --filename="$dev" --ioengine=io_uring --direct=1
 fio_pid=$!
 sleep 5
 kill -0 "$fio_pid" 2>/dev/null || { cat "$dir/fio.out"; fail "fio ended before the device was deleted"; }
+# Plain `del` refuses a device fio has open; --force removes it as a pulled disk.
+rc=0
+timeout 30 "$UBLK" del --id "$id" 2>"$dir/err" || rc=$?
+((rc != 0 && rc != 124)) || fail "ublk del --id $id of a device fio has open: status $rc, expected a refusal"
+grep -q "in use" "$dir/err" || fail "ublk del of an open device does not say it is in use: $(cat "$dir/err")"
 started=$SECONDS
-timeout 30 "$UBLK" del --id "$id" || fail "ublk del --id $id under load failed or hung (status $?)"
-echo "ublk del took $((SECONDS - started)) s under load"
+timeout 30 "$UBLK" del --id "$id" --force || fail "ublk del --force --id $id under load failed or hung (status $?)"
+echo "ublk del --force took $((SECONDS - started)) s under load"
 fio_rc=0
 timeout 30 tail --pid="$fio_pid" -f /dev/null || fail "fio still runs 30 s after its device was deleted"
 wait "$fio_pid" || fio_rc=$?
@@ -104,4 +109,4 @@ wait_exit "$pid" 10
 [[ ! -e $dev && ! -e /dev/ublkc$id ]] || fail "device nodes of $id left after ublk del"
 left=$(pgrep -x ublk || true)
 [[ -z $left ]] || fail "ublk processes left: $(ps -o pid,args -p "${left//$'\n'/,}")"
-echo "ok: ublk del under fio load returned; fio ended (status $fio_rc); no server left"
+echo "ok: ublk del --force under fio load returned; fio ended (status $fio_rc); no server left"

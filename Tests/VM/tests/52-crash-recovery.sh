@@ -6,7 +6,8 @@
 #    across the kill passes, a read that waited through the outage completes, a
 #    pattern written before the kill reads back, and this works twice in a row;
 #    recovering a device whose server lives is refused and changes nothing; and
-#    `ublk del` of such a device whose server died fails the waiting I/O and removes it;
+#    `ublk del --force` of such a device whose server died fails the waiting I/O and
+#    removes it (plain `del` refuses: the waiting read holds it open);
 #  * without --recovery nothing hangs: fio's requests fail (EIO), `ublk recover`
 #    refuses with a one-line message, and `ublk del` removes the device.
 # timeout: 300
@@ -99,7 +100,9 @@ dd if="$dev" of=/dev/null bs=4k count=1 iflag=direct status=none 2>"$dir/err" &
 dd_pid=$!
 sleep 2
 kill -0 "$dd_pid" 2>/dev/null || fail "a read of $dev did not wait for a server after the third crash"
-timeout 30 "$UBLK" del --id "$id" || fail "ublk del of a --recovery device with a dead server failed or hung (status $?)"
+# The waiting read holds the device open: plain del refuses, --force pulls it.
+timeout 30 "$UBLK" del --id "$id" 2>/dev/null && fail "ublk del of a device a read holds open succeeded without --force"
+timeout 30 "$UBLK" del --id "$id" --force || fail "ublk del --force of a --recovery device with a dead server failed or hung (status $?)"
 timeout 30 tail --pid="$dd_pid" -f /dev/null || fail "the waiting read still hangs 30 s after ublk del"
 rc=0
 wait "$dd_pid" || rc=$?

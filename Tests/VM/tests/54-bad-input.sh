@@ -57,8 +57,10 @@ expect_error "--foreground with a missing file" "does not exist" -- "$UBLK" add 
 dev=$("$UBLK" add --file "$dir/ok.img" --id 7)
 expect_eq "$dev" /dev/ublkb7 "device added with --id 7"
 pid=$("$UBLK" list --json | python3 -c 'import json, sys; print(json.load(sys.stdin)[0]["pid"])')
-KEEP_ID=7 expect_error "--id already in use" "already in use.*(another --id|leave it out)" -- "$UBLK" add --file "$dir/ok.img" --id 7
-KEEP_ID=7 expect_error "--id already in use, --foreground" "already in use" -- "$UBLK" add --file "$dir/ok.img" --id 7 --foreground
+# (Another backing file: ok.img itself is refused earlier, as served read-write by device 7.)
+truncate -s 64M "$dir/other.img"
+KEEP_ID=7 expect_error "--id already in use" "already in use.*(another --id|leave it out)" -- "$UBLK" add --file "$dir/other.img" --id 7
+KEEP_ID=7 expect_error "--id already in use, --foreground" "already in use" -- "$UBLK" add --file "$dir/other.img" --id 7 --foreground
 [[ -b /dev/ublkb7 ]] && kill -0 "$pid" || problem "--id already in use: the device that had id 7 (pid $pid) is gone"
 dd if=/dev/ublkb7 of=/dev/null bs=4k count=16 iflag=direct status=none || problem "--id already in use: /dev/ublkb7 no longer reads"
 "$UBLK" del --id 7

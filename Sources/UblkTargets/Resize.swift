@@ -1,0 +1,43 @@
+import UblkQueue
+import UblkSystem
+
+/// A target whose device can change size while it is served (`ublk resize`).
+public protocol ResizableTarget: Target {
+    /// The device size in bytes to take now: `requested`, or (nil) everything the backing
+    /// holds, as `losetup -c` does. A multiple of the logical block size, never beyond the
+    /// backing; the error says what to do.
+    func resizedSize(_ requested: UInt64?) throws(TargetError) -> UInt64
+}
+
+extension LoopTarget: ResizableTarget {
+    public func resizedSize(_ requested: UInt64?) throws(TargetError) -> UInt64 {
+        let path = configuration.path
+        let backing: UInt64
+        do {
+            let status = try file.status()
+            backing = status.isBlockDevice ? try file.blockDeviceSize() : UInt64(status.size)
+        } catch { throw .cannotMeasure(path, error) }
+        let offset = configuration.offset
+        guard backing > offset else { throw .offsetBeyondEnd(offset: offset, path: path, backingSize: backing) }
+        let block = UInt64(properties.logicalBlockSize)
+        guard let requested else {
+            let size = (backing - offset) - (backing - offset) % block
+            if size == 0 { throw .smallerThanBlock(path, blockSize: Int(block)) }
+            return size
+        }
+        if requested == 0 || requested % block != 0 { throw .sizeMisaligned(size: requested, blockSize: Int(block)) }
+        if requested > backing - offset {
+            throw .sizeBeyondEnd(size: requested, offset: offset, path: path, backingSize: backing)
+        }
+        return requested
+    }
+}
+
+extension NullTarget: ResizableTarget {
+    public func resizedSize(_ requested: UInt64?) throws(TargetError) -> UInt64 {
+        guard let requested else { throw .sizeRequired(name) }
+        let block = UInt64(properties.logicalBlockSize)
+        if requested == 0 || requested % block != 0 { throw .sizeMisaligned(size: requested, blockSize: Int(block)) }
+        return requested
+    }
+}

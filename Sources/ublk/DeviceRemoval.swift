@@ -1,0 +1,64 @@
+import Glibc
+import UblkControl
+import UblkServer
+
+/// `ublk del`: a device that is mounted or open is refused, naming what holds it, as
+/// one removes a disk only once nothing uses it; `--force` pulls it out anyway.
+enum DeviceRemoval {
+    /// Removes device `id`. Without `force` a busy device is refused (CLIError naming the
+    /// holder); with it, the device is stopped at once and deleted without waiting for its
+    /// openers: the file system on it sees I/O errors, and the command returns.
+    static func remove(_ id: UInt32, control: borrowing ControlDevice, force: Bool) throws {
+        do { _ = try control.deviceInfo(id) } catch { throw CLIError("\(error)") }
+        guard let holders = try busyHolders(id, control: control) else {
+            // Not busy (and, where the kernel has TRY_STOP_DEV, already stopped).
+            return try DeviceLifecycle.delete(id, control: control)
+        }
+        guard force else {
+            let what = holders.isEmpty ? "open" : holders.joined(separator: ", ")
+            throw CLIError("ublk device \(id) is in use (\(what)): unmount or close it first, or remove it as a pulled disk with --force")
+        }
+        try pull(id, control: control)
+    }
+
+    /// nil when nothing holds the device, else what holds it (empty: the kernel says it is
+    /// open, but not by whom). With SAFE_STOP_DEV the kernel decides, and stops the device
+    /// in the same step (no open can slip in between); otherwise the block device's
+    /// holders, mounts and openers are looked up.
+    static func busyHolders(_ id: UInt32, control: borrowing ControlDevice) throws -> [String]? {
+        guard control.features?.contains(.safeStop) == true else {
+            let holders = DeviceSafety.holders(of: id)
+            return holders.isEmpty ? nil : holders
+        }
+        do {
+            try control.tryStopDevice(id)
+            return nil
+        } catch where error.errno == EBUSY {
+            return DeviceSafety.holders(of: id)
+        } catch where error.errno == ENODEV {
+            // No disk (its server died without recovery, or it never started): nobody can hold it.
+            return nil
+        } catch { throw CLIError("\(error)") }
+    }
+
+    /// STOP_DEV (in-flight requests finish, the disk goes, its users see I/O errors), then
+    /// DEL_DEV_ASYNC, which does not wait for the last opener as DEL_DEV does. A kernel
+    /// without DEL_DEV_ASYNC leaves the deletion to the server on its way out.
+    static func pull(_ id: UInt32, control: borrowing ControlDevice) throws {
+        let pid = RuntimeDirectory.load(id)?.pid ?? -1
+        do { try control.stopDevice(id) } catch where error.errno == ENODEV || error.errno == ENOENT {
+            throw CLIError("\(error)")
+        } catch {
+            // Already stopped: deletion still applies.
+        }
+        do { try control.deleteDeviceAsync(id) } catch where [EOPNOTSUPP, EINVAL, ENOTTY].contains(error.errno) {
+            // No DEL_DEV_ASYNC here: the server deletes the device once its queues ended.
+        } catch where error.errno == ENODEV || error.errno == ENOENT {
+            // The server deleted it already.
+        } catch { throw CLIError("\(error)") }
+        // An idle server exits within moments; one whose disk is still mounted stays until
+        // the unmount: give it a second, not more.
+        for _ in 0..<100 where RuntimeDirectory.isAlive(pid) && pid != getpid() { usleep(10_000) }
+        RuntimeDirectory.remove(id)
+    }
+}

@@ -1,0 +1,101 @@
+import Glibc
+import UblkControl
+import UblkQueue
+import UblkServer
+import UblkSystem
+import UblkTargets
+
+/// What keeps a ublk block device in use, and whether a new device would write where a
+/// served one already does: the checks behind `del` refusing a busy device and `add`
+/// refusing an overlapping read-write device, as losetup and the loop driver refuse them.
+enum DeviceSafety {
+    /// Who holds /dev/ublkbN or one of its partitions: devices stacked on it (dm, md),
+    /// mounts, and processes that have it open. Empty when nothing visible holds it (a
+    /// holder in another mount namespace, or an open the kernel alone knows of, is missed:
+    /// TRY_STOP_DEV, where the kernel has it, makes the final decision).
+    static func holders(of id: UInt32) -> [String] {
+        let disk = "ublkb\(id)"
+        let names = [disk] + SmallFile.entries(of: "/sys/block/\(disk)").filter { $0.hasPrefix(disk + "p") }
+        var found: [String] = []
+        for name in names {
+            found += SmallFile.entries(of: "/sys/class/block/\(name)/holders").map { "used by /dev/\($0)" }
+        }
+        let numbers = Set(names.compactMap { SmallFile.text("/sys/class/block/\($0)/dev")?.trimmingSpaces.trimmingNewline })
+        found += mountPoints(of: numbers).map { "mounted on \($0)" }
+        found += openers(of: Set(names.map { "/dev/\($0)" }))
+        return found
+    }
+
+    /// Mount points whose source is one of the block devices `numbers` ("major:minor").
+    static func mountPoints(of numbers: Set<String>) -> [String] {
+        guard let text = SmallFile.text("/proc/self/mountinfo") else { return [] }
+        return text.split(separator: "\n").compactMap { line in
+            let fields = line.split(separator: " ")
+            guard fields.count > 4, numbers.contains(String(fields[2])) else { return nil }
+            return String(fields[4]).replacingOctalSpaces
+        }
+    }
+
+    /// "open by pid N (command)" for every other process with one of `paths` open.
+    static func openers(of paths: Set<String>) -> [String] {
+        var found: [String] = []
+        let me = getpid()
+        for entry in SmallFile.entries(of: "/proc") {
+            guard let pid = Int32(entry), pid != me else { continue }
+            let fds = SmallFile.entries(of: "/proc/\(pid)/fd")
+            if fds.contains(where: { linkTarget("/proc/\(pid)/fd/\($0)").map(paths.contains) ?? false }) {
+                let command = SmallFile.text("/proc/\(pid)/comm")?.trimmingNewline ?? "?"
+                found.append("open by pid \(pid) (\(command))")
+            }
+        }
+        return found
+    }
+
+    static func linkTarget(_ path: String) -> String? {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let count = readlink(path, &buffer, buffer.count - 1)
+        guard count > 0 else { return nil }
+        return String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    /// Refuses a read-write loop device over a backing range that a live device already
+    /// serves read-write (the same file or block device, overlapping bytes), naming that
+    /// device: two writers that each cache the other's blocks corrupt the data.
+    static func refuseOverlap(_ target: any Target, force: Bool) throws {
+        guard !force, let loop = target as? LoopTarget, !loop.configuration.readOnly,
+              let identity = backingIdentity(loop.configuration.path) else { return }
+        let start = loop.configuration.offset
+        let end = start + loop.properties.size
+        let existing = Set(ControlDevice.deviceIDs())
+        let control = try ControlDevice()
+        for record in RuntimeDirectory.all() {
+            guard case .loop(let other) = record.spec, !other.readOnly, existing.contains(record.id),
+                  RuntimeDirectory.isAlive(record.pid), backingIdentity(other.path) == identity else { continue }
+            // The size the device has now (it may have been resized since the record was made).
+            let size = (try? control.parameters(record.id)).map { $0.sectors << 9 } ?? other.size ?? UInt64.max - other.offset
+            let (backing, otherStart, otherEnd) = (other.path, other.offset, other.offset + size)
+            guard start < otherEnd, otherStart < end else { continue }
+            let range = "bytes \(otherStart == 0 ? "0" : DeviceListing.humanSize(otherStart))-\(DeviceListing.humanSize(otherEnd))"
+            throw CLIError("ublk device \(record.id) already serves \(backing) read-write (\(range)): use --read-only, another --offset/--size range, or --force")
+        }
+    }
+
+    /// What names a backing: the block device itself, or the file's (device, inode).
+    static func backingIdentity(_ path: String) -> [UInt64]? {
+        guard let status = try? FileDescriptor(path: path, flags: O_RDONLY | O_NONBLOCK).status() else { return nil }
+        return status.isBlockDevice ? [status.rdev] : [status.device, status.inode]
+    }
+}
+
+extension String {
+    var trimmingNewline: String {
+        var s = Substring(self)
+        while s.last == "\n" { s.removeLast() }
+        return String(s)
+    }
+
+    /// mountinfo writes a space in a path as `\040`.
+    var replacingOctalSpaces: String {
+        split(separator: "\\040", omittingEmptySubsequences: false).joined(separator: " ")
+    }
+}

@@ -1,0 +1,76 @@
+import ArgumentParser
+import Glibc
+import UblkControl
+import UblkServer
+
+extension Ublk {
+    struct Upgrade: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Replace a device's server by a new one (another binary) without an I/O error or an unmount (QUIESCE_DEV, Linux 6.16+).",
+            discussion: """
+            The running server is quiesced (requests in flight finish, new ones wait) and
+            exits, keeping the device; the new server takes it over through user recovery.
+            Needs a device added with --recovery. `systemctl reload ublk@NAME` runs this.
+            """)
+
+        @Option(name: .long, help: "The device id N of /dev/ublkbN.")
+        var id: UInt32?
+
+        @Option(name: .long, help: "The device started by `ublk start NAME` (what ublk@NAME.service runs).")
+        var name: String?
+
+        @Option(name: .long, help: "The new server's program (default: this ublk binary, e.g. the one just installed).")
+        var binary: String?
+
+        func validate() throws {
+            if (id == nil) == (name == nil) { throw ValidationError("give --id N or --name NAME") }
+        }
+
+        func run() throws {
+            let id = try deviceID()
+            let control: ControlDevice
+            do { control = try ControlDevice() } catch { throw CLIError("\(error)") }
+            let info: DeviceInfo
+            do { info = try control.deviceInfo(id) } catch { throw CLIError("\(error)") }
+            try Self.checkUpgradable(id, info: info, features: control.features)
+            let oldPID = try ServedDevice.requireServer(id)
+            let program = binary ?? Background.executable
+            guard access(program, X_OK) == 0 else { throw CLIError("cannot execute \(program): give --binary PATH of a ublk binary") }
+
+            do { _ = try ServerControl.request(id, "quiesce") } catch { throw CLIError("\(error)") }
+            // The kernel marks the device quiesced once the old server closed /dev/ublkcN.
+            for _ in 0..<300 where (try? control.deviceInfo(id))?.state == .live { usleep(100_000) }
+            let path: String
+            do { path = try Background.launch(["recover", "--id", "\(id)"], program: program) } catch {
+                throw CLIError("\(error) (device \(id) is quiesced and waits for a server: ublk recover --id \(id))")
+            }
+            for _ in 0..<300 where RuntimeDirectory.isAlive(oldPID) { usleep(100_000) }
+            let newPID = RuntimeDirectory.load(id)?.pid ?? -1
+            print("\(path): served by pid \(newPID) (was \(oldPID))")
+        }
+
+        /// The one-line refusals, before anything changes.
+        static func checkUpgradable(_ id: UInt32, info: DeviceInfo, features: FeatureFlags?) throws {
+            guard features?.contains(.quiesce) == true else {
+                throw CLIError("this kernel's ublk_drv has no QUIESCE_DEV (UBLK_F_QUIESCE, Linux 6.16+): an upgrade would risk I/O errors; nothing changed")
+            }
+            guard info.flags.contains(.userRecovery) else {
+                throw CLIError("device \(id) was added without --recovery: it cannot be upgraded in place (add devices with --recovery to allow it)")
+            }
+            guard info.flags.contains(.quiesce) else {
+                throw CLIError("device \(id) was added without UBLK_F_QUIESCE (by an older server): it cannot be upgraded in place")
+            }
+            guard info.state == .live else {
+                throw CLIError("device \(id) is \(info.state), not live: bring it back with ublk recover --id \(id)")
+            }
+        }
+
+        func deviceID() throws -> UInt32 {
+            if let id { return id }
+            guard let record = RuntimeDirectory.all().first(where: { $0.name == name }) else {
+                throw CLIError("no device was started as \(name!) (ublk start \(name!)): see ublk list")
+            }
+            return record.id
+        }
+    }
+}

@@ -1,0 +1,78 @@
+#!/bin/bash
+# 60-del-busy — `ublk del` does not pull a disk out from under its users:
+#  * a mounted device: `del` exits non-zero in one line naming the mount point, the
+#    device stays and still works; an open one: the line names the pid;
+#  * `del --all` removes the idle devices, keeps the busy one and names it;
+#  * `del --force` on a mounted device returns within a few seconds (the file system
+#    sees I/O errors), and once it is unmounted the device and its server are gone.
+# Holds on kernels with TRY_STOP_DEV (SAFE_STOP_DEV) and without (a scan decides).
+# timeout: 300
+. "$(dirname "$0")/../lib.sh"
+need_ublk
+at_exit "$UBLK" del --all --force
+
+dir=$(mktempdir)
+has_feature SAFE_STOP_DEV && echo "kernel has TRY_STOP_DEV" || echo "kernel has no TRY_STOP_DEV: del scans mounts and openers"
+
+# refused ID WHAT: `ublk del --id ID` fails in one line that contains WHAT; the device stays.
+refused() {
+	local rc=0
+	timeout 30 "$UBLK" del --id "$1" >"$dir/out" 2>"$dir/err" || rc=$?
+	((rc != 0 && rc != 124)) || fail "ublk del of busy device $1: status $rc (expected a refusal)"
+	expect_eq "$(wc -l <"$dir/err")" 1 "lines of the refusal ($(cat "$dir/err"))"
+	grep -qF -- "$2" "$dir/err" || fail "the refusal does not name '$2': $(cat "$dir/err")"
+	[[ -b /dev/ublkb$1 ]] || fail "/dev/ublkb$1 is gone after a refused del"
+	expect_eq "$(list_field "$1" state)" live "state of device $1 after a refused del"
+	echo "ok: refused: $(cat "$dir/err")"
+}
+
+img=$dir/a.img
+truncate -s 128M "$img"
+dev=$("$UBLK" add --file "$img")
+id=${dev#/dev/ublkb}
+mkfs.ext4 -q -F "$dev"
+mkdir "$dir/mnt"
+mount "$dev" "$dir/mnt"
+head -c 4M /dev/urandom >"$dir/mnt/before"
+refused "$id" "mounted on $dir/mnt"
+sync
+cmp <(head -c 4M "$dir/mnt/before") "$dir/mnt/before" || fail "the file system misreads after the refused del"
+
+# del --all: the idle device goes, the mounted one stays and is named.
+idle=$("$UBLK" add --target null --size 16M)
+rc=0
+"$UBLK" del --all >"$dir/out" 2>"$dir/err" || rc=$?
+((rc != 0)) || fail "ublk del --all with a mounted device exited 0"
+grep -qF "device $id is in use" "$dir/err" || fail "del --all does not name the busy device: $(cat "$dir/err")"
+[[ ! -e $idle ]] || fail "del --all kept the idle $idle"
+[[ -b $dev ]] || fail "del --all removed the mounted $dev"
+echo "ok: del --all removed $idle and kept $dev: $(cat "$dir/err")"
+
+# Open (not mounted): the holder's pid is named.
+umount "$dir/mnt"
+sleep 600 <"$dev" &
+holder=$!
+sleep 0.5
+refused "$id" "open by pid $holder"
+kill "$holder"
+wait "$holder" 2>/dev/null || true
+
+# --force on a mounted device: returns at once; the device goes once unmounted.
+mount "$dev" "$dir/mnt"
+pid=$(list_field "$id" pid)
+started=$SECONDS
+timeout 20 "$UBLK" del --id "$id" --force || fail "ublk del --force of a mounted device failed or hung (status $?)"
+took=$((SECONDS - started))
+((took <= 5)) || fail "ublk del --force took $took s"
+echo "ok: del --force of a mounted device returned in $took s"
+wait_gone "$dev" 10
+rc=0
+dd if=/dev/urandom of="$dir/mnt/after" bs=1M count=4 conv=fsync status=none 2>"$dir/err" || rc=$?
+((rc != 0)) || fail "writing to the file system of a pulled device succeeded"
+echo "ok: the file system sees errors: $(head -n1 "$dir/err")"
+umount "$dir/mnt" || umount -l "$dir/mnt"
+wait_gone "/dev/ublkc$id" 10
+wait_exit "$pid" 10
+[[ -z $("$UBLK" list | tail -n +2) ]] || fail "ublk list still shows devices: $("$UBLK" list)"
+[[ ! -e /run/ublk/ublkb$id.json ]] || fail "the record of the pulled device is still in /run/ublk"
+echo "ok: after the unmount the device and its server (pid $pid) are gone"
