@@ -22,10 +22,10 @@ list=$("$UBLK" list)
 echo "$list"
 line() { awk -v id="$1" '$1 == id' <<<"$list"; }
 n=${null#/dev/ublkb} l=${loopdev#/dev/ublkb}
-read -r id state target size queues depth dio pid backing <<<"$(line "$n")"
+read -r id state target size queues depth dio data pid backing <<<"$(line "$n")"
 expect_eq "$state/$target/$size/$queues/$depth" "live/null/64M/1/16" "list row of $null"
 kill -0 "$pid" || fail "server pid $pid of $null is not running"
-read -r id state target size queues depth dio pid backing <<<"$(line "$l")"
+read -r id state target size queues depth dio data pid backing <<<"$(line "$l")"
 expect_eq "$state/$target/$size/$queues/$depth/$dio/$backing" "live/loop/32M/2/64/off/$dir/a.img" "list row of $loopdev"
 kill -0 "$pid" || fail "server pid $pid of $loopdev is not running"
 
