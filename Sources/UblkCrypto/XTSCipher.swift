@@ -23,6 +23,10 @@ import COpenSSL
 ///
 /// The expanded keys live in OpenSSL's heap, which it cleanses when the context is freed
 /// but does not lock; the raw key stays in `XTSKey`'s locked pages.
+///
+/// `@unchecked Sendable` (the context pointers are not Sendable) is safe: a cipher is
+/// `~Copyable` and its calls are `mutating`, so it has one owner at a time; it may be made
+/// on one thread and moved to the queue thread that then alone uses it.
 public struct XTSCipher: ~Copyable, @unchecked Sendable {
     /// Bytes per encryption unit: 512 or 4096.
     public let unitSize: Int

@@ -16,6 +16,11 @@ import UblkTargets
 ///
 ///     resize [BYTES]   the backing's current size (or BYTES) becomes the device's
 ///     quiesce          QUIESCE_DEV; the server then exits and leaves the device to a new one
+///
+/// `@unchecked Sendable` is safe: `listener` is written before the channel's thread is
+/// started (thread creation orders it) and only read there; `record` is touched only by
+/// the channel's thread once it runs; `removed` only by the server's own thread (`stop`);
+/// `keepDevice`, the one field both threads use, is an atomic.
 public final class ServerControl: @unchecked Sendable {
     private let deviceID: UInt32
     private let capacity: DeviceCapacity
