@@ -28,16 +28,14 @@ extension Ublk {
 
         func run() throws {
             let id = try deviceID()
-            let control: ControlDevice
-            do { control = try ControlDevice() } catch { throw CLIError("\(error)") }
-            let info: DeviceInfo
-            do { info = try control.deviceInfo(id) } catch { throw CLIError("\(error)") }
+            let control = try ControlDevice()
+            let info = try control.deviceInfo(id)
             try Self.checkUpgradable(id, info: info, features: control.features)
             let oldPID = try ServedDevice.requireServer(id)
             let program = binary ?? Background.executable
             guard access(program, X_OK) == 0 else { throw CLIError("cannot execute \(program): give --binary PATH of a ublk binary") }
 
-            do { _ = try ServerControl.request(id, "quiesce") } catch { throw CLIError("\(error)") }
+            _ = try ServerControl.request(id, "quiesce")
             // The kernel marks the device quiesced once the old server closed /dev/ublkcN.
             for _ in 0..<300 where (try? control.deviceInfo(id))?.state == .live { usleep(100_000) }
             let path: String
