@@ -1,5 +1,6 @@
 import CUblk
 import Glibc
+import UblkCrypto
 import UblkQueue
 import UblkSystem
 
@@ -22,8 +23,11 @@ public struct LoopConfiguration: Sendable, Equatable, Codable {
     public var offset: UInt64 = 0
     /// Length of the window in bytes (losetup --sizelimit); nil: to the end of the backing.
     public var size: UInt64?
-    /// Logical block size of the device; nil: 512 (or the backing device's, if larger).
+    /// Logical block size of the device; nil: 512 (or the backing device's, if larger,
+    /// unless encrypted). Encrypted: also the encryption sector, 512 or 4096.
     public var logicalBlockSize: Int?
+    /// Encrypt the backing as dm-crypt plain mode does; nil: plain.
+    public var encryption: EncryptionConfiguration?
 
     public init(path: String) { self.path = path }
 }
@@ -32,8 +36,13 @@ public struct LoopConfiguration: Sendable, Equatable, Codable {
 /// driver's job. Reads and writes become io_uring reads and writes at the same offset
 /// (plus the window's start), FLUSH becomes fsync, DISCARD punches a hole and
 /// WRITE_ZEROES zeroes (or punches) the range; FUA writes are RWF_DSYNC.
+///
+/// With `encryption` (and its key) the same target encrypts: the backing handling and the
+/// request state machine are this one, the handler only encrypts writes into a bounce
+/// buffer and decrypts reads in place (`QueueEncryption`). WRITE_ZEROES is then not
+/// advertised (zeroing the backing would not read back as zeros).
 public final class LoopTarget: SpecifiedTarget {
-    public let name = "loop"
+    public var name: String { key == nil ? "loop" : "loop+crypt" }
     public let configuration: LoopConfiguration
     public let properties: TargetProperties
     /// The backing is opened with O_DIRECT.
@@ -41,15 +50,22 @@ public final class LoopTarget: SpecifiedTarget {
     /// Set when `auto` fell back to buffered I/O: why.
     public let directIOFallback: DirectIOFallback?
     private let file: FileDescriptor
+    /// The encryption key when `configuration.encryption` is set, else nil.
+    private let key: EncryptionKey?
 
     public var fixedFiles: [Int32] { [file.rawValue] }
 
-    public init(_ configuration: LoopConfiguration) throws(TargetError) {
+    /// `key` is required with `configuration.encryption` and refused without it.
+    public init(_ configuration: LoopConfiguration, key: EncryptionKey? = nil) throws(TargetError) {
         self.configuration = configuration
+        try Self.checkEncryption(configuration, key: key)
+        self.key = key
         let status = try Self.inspect(configuration.path)
         // The backing's own block sizes: O_DIRECT needs I/O aligned to its logical block.
         let backingBlocks = Self.backingBlockSizes(status: status)
-        let logical = configuration.logicalBlockSize ?? max(512, backingBlocks.logical)
+        // Encrypted, the block size is the format's sector size: never taken from the backing.
+        let logical = configuration.logicalBlockSize
+            ?? (configuration.encryption == nil ? max(512, backingBlocks.logical) : 512)
         var fallback: DirectIOFallback?
         let backing = try Self.open(configuration, logical: logical, backingLogical: backingBlocks.logical,
                                     fallback: &fallback)
@@ -65,7 +81,7 @@ public final class LoopTarget: SpecifiedTarget {
         properties.rotational = backingBlocks.rotational
         let canPunch = !configuration.readOnly && Self.supportsPunchHole(backing, status: status, size: backingSize)
         properties.supportsDiscard = canPunch
-        properties.supportsWriteZeroes = canPunch
+        properties.supportsWriteZeroes = canPunch && key == nil
         properties.discardGranularity = max(logical, min(status.blockSize, 64 * 1024))
         self.properties = properties
         directIOFallback = fallback
@@ -73,8 +89,28 @@ public final class LoopTarget: SpecifiedTarget {
         file = backing
     }
 
-    public func makeQueueHandler(queueID: Int, depth: Int) -> LoopQueueHandler {
-        LoopQueueHandler(depth: depth, offset: Int64(configuration.offset), readOnly: configuration.readOnly)
+    public func makeQueueHandler(queueID: Int, depth: Int) throws -> LoopQueueHandler {
+        var encryption: QueueEncryption?
+        if let key, let settings = configuration.encryption {
+            // On the queue's thread: the cipher's contexts are this queue's alone.
+            encryption = try QueueEncryption(key: key.key, configuration: settings,
+                                             sectorSize: properties.logicalBlockSize, depth: depth)
+        }
+        return LoopQueueHandler(depth: depth, offset: Int64(configuration.offset), readOnly: configuration.readOnly,
+                                encryption: encryption)
+    }
+
+    /// An encrypted configuration needs its key, of its size, and a sector size dm-crypt uses.
+    static func checkEncryption(_ configuration: LoopConfiguration, key: EncryptionKey?) throws(TargetError) {
+        guard let encryption = configuration.encryption else {
+            if key != nil { throw .keyWithoutEncryption }
+            return
+        }
+        guard let key else { throw .keyMissing }
+        if key.size.rawValue != encryption.keySize { throw .keySizeMismatch(key: key.size.rawValue, configured: encryption.keySize) }
+        if let block = configuration.logicalBlockSize, !EncryptionConfiguration.sectorSizes.contains(block) {
+            throw .encryptionBlockSize(block)
+        }
     }
 
     public func sync() throws {
@@ -187,11 +223,14 @@ public final class LoopTarget: SpecifiedTarget {
 }
 
 /// One queue's share of a loop target: turns each request into one ring operation on
-/// the backing (fixed file 1), like loop.c's do_req_filebacked.
+/// the backing (fixed file 1), like loop.c's do_req_filebacked. Encrypting, the same
+/// state machine with `encryption` set: writes go out from its bounce buffers, reads are
+/// decrypted once complete; plain, that costs one check of a nil `let` per read or write.
 public final class LoopQueueHandler: QueueHandler {
     private let file = BackingSubmitter.firstTargetFile
     private let offset: Int64
     private let readOnly: Bool
+    private let encryption: QueueEncryption?
     // Per-tag state, touched on every request. Raw buffers rather than arrays: a
     // class's array property pays a runtime exclusivity check on each mutation
     // (about 40% of this handler's instructions, measured with callgrind).
@@ -200,9 +239,10 @@ public final class LoopQueueHandler: QueueHandler {
     /// Tags whose WRITE_ZEROES fell back from ZERO_RANGE to punching a hole.
     private let zeroRangeRefused: UnsafeMutableBufferPointer<Bool>
 
-    init(depth: Int, offset: Int64, readOnly: Bool) {
+    init(depth: Int, offset: Int64, readOnly: Bool, encryption: QueueEncryption? = nil) {
         self.offset = offset
         self.readOnly = readOnly
+        self.encryption = encryption
         transferred = .allocate(capacity: depth)
         transferred.initialize(repeating: 0)
         zeroRangeRefused = .allocate(capacity: depth)
@@ -224,8 +264,7 @@ public final class LoopQueueHandler: QueueHandler {
         case .write:
             if readOnly { return -EROFS }
             transferred[Int(request.tag)] = 0
-            try io.write(file: file, from: request.buffer, count: d.byteCount, offset: position,
-                         dsync: d.flags.contains(.fua))
+            return try write(request, from: 0, io)
         case .flush:
             try io.fsync(file: file)
         case .discard:
@@ -234,6 +273,8 @@ public final class LoopQueueHandler: QueueHandler {
                              offset: position, length: Int64(d.byteCount))
         case .writeZeroes:
             if readOnly { return -EROFS }
+            // Not advertised when encrypting: zeroed backing would read back as noise.
+            if encryption != nil { return -EOPNOTSUPP }
             // As loop.c: keep the blocks allocated only when asked to (NOUNMAP).
             zeroRangeRefused[Int(request.tag)] = false
             let mode = d.flags.contains(.noUnmap) ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE
@@ -256,19 +297,15 @@ public final class LoopQueueHandler: QueueHandler {
                 // Past the end of the backing: the rest reads as zeros (loop.c does the same).
                 let done = transferred[tag]
                 (request.buffer + done).initializeMemory(as: UInt8.self, repeating: 0, count: d.byteCount - done)
-                return Int32(d.byteCount)
+                return readDone(request)
             }
             transferred[tag] += Int(result)
             let done = transferred[tag]
-            if done >= d.byteCount { return Int32(d.byteCount) }
-            // Short transfer: ask for the rest.
-            let position = offset + d.byteOffset + Int64(done)
-            if d.operation == .read {
-                try io.read(file: file, into: request.buffer + done, count: d.byteCount - done, offset: position)
-            } else {
-                try io.write(file: file, from: request.buffer + done, count: d.byteCount - done, offset: position,
-                             dsync: d.flags.contains(.fua))
-            }
+            if done >= d.byteCount { return d.operation == .read ? readDone(request) : Int32(d.byteCount) }
+            // Short transfer (or the next chunk of an encrypted write): ask for the rest.
+            if d.operation == .write { return try write(request, from: done, io) }
+            try io.read(file: file, into: request.buffer + done, count: d.byteCount - done,
+                        offset: offset + d.byteOffset + Int64(done))
             return nil
         case .writeZeroes where result == -EOPNOTSUPP && !zeroRangeRefused[tag] && d.flags.contains(.noUnmap):
             // Some file systems (tmpfs) cannot zero a range in place; a hole reads as zeros too.
@@ -279,5 +316,27 @@ public final class LoopQueueHandler: QueueHandler {
         default:
             return result < 0 ? result : 0
         }
+    }
+
+    /// Submits the rest of a write from byte `done`: the tag's data, or its ciphertext.
+    @inline(__always)
+    private func write(_ request: IORequest, from done: Int, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+        let d = request.descriptor
+        var source = UnsafeRawPointer(request.buffer + done)
+        var count = d.byteCount - done
+        if let encryption {
+            guard let ciphertext = encryption.ciphertext(request, from: done) else { return -EIO }
+            (source, count) = ciphertext
+        }
+        try io.write(file: file, from: source, count: count, offset: offset + d.byteOffset + Int64(done),
+                     dsync: d.flags.contains(.fua))
+        return nil
+    }
+
+    /// The result of a read whose data is all in the tag's buffer: decrypted, if encrypting.
+    @inline(__always)
+    private func readDone(_ request: IORequest) -> Int32 {
+        if let encryption, !encryption.decrypt(request) { return -EIO }
+        return Int32(request.descriptor.byteCount)
     }
 }

@@ -34,6 +34,10 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
     case sizeMisaligned(size: UInt64, blockSize: Int)
     case sizeBeyondEnd(size: UInt64, offset: UInt64, path: String, backingSize: UInt64)
     case smallerThanBlock(String, blockSize: Int)
+    case keyMissing
+    case keyWithoutEncryption
+    case keySizeMismatch(key: Int, configured: Int)
+    case encryptionBlockSize(Int)
 
     /// The system call that failed, if one did.
     public var systemError: SystemError? {
@@ -67,6 +71,12 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .sizeBeyondEnd(size, offset, path, backing):
             "size \(size) at offset \(offset) goes beyond the end of \(path) (\(backing) bytes)"
         case let .smallerThanBlock(path, block): "backing file \(path) is smaller than one \(block)-byte block"
+        case .keyMissing: "an encrypted device needs its key: give --key-file PATH (or - for standard input)"
+        case .keyWithoutEncryption: "a key was given for a device that is not encrypted: leave out --key-file"
+        case let .keySizeMismatch(key, configured):
+            "the key has \(key) bits but the device is set up for \(configured): give --key-size \(configured)"
+        case .encryptionBlockSize(let size):
+            "encryption works in 512- or 4096-byte sectors, not \(size): use --block-size 512 or 4096"
         }
     }
 }

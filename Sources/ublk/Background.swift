@@ -9,7 +9,14 @@ import UblkSystem
 /// in a new session; the server reports on that pipe once /dev/ublkbN is live
 /// (`ready /dev/ublkbN`) or why it failed (`error ...`). Forking a process that
 /// might already run threads is unsafe, so posix_spawn it is.
+///
+/// `--key-file -` (the key on standard input) becomes `--key-fd 4`: the server inherits
+/// our standard input as descriptor 4 and reads the key from it straight into its locked
+/// memory, so the key passes through neither this process, argv nor the environment.
 enum Background {
+    /// The descriptor a background server reads a `--key-file -` key from.
+    static let keyDescriptor: Int32 = 4
+
     /// Where background servers' stderr goes.
     static var logPath: String {
         (getenv("UBLK_RUN_DIR").map { String(cString: $0) } ?? "/run/ublk") + "/server.log"
@@ -17,7 +24,7 @@ enum Background {
 
     /// Spawns `arguments` (after the program name) and waits for the server's report.
     /// Returns the device path; throws the server's error line.
-    static func launch(_ arguments: [String]) throws -> String {
+    static func launch(_ commandArguments: [String]) throws -> String {
         // Say "not loaded" or "not permitted" here, in one line, rather than from a child.
         _ = try ControlDevice()
 
@@ -30,9 +37,13 @@ enum Background {
         SmallFile.makeDirectory(directory)
         let log = access(directory, W_OK) == 0 ? logPath : "/dev/null"
 
+        let keyArguments = KeyOptions.handingStandardInput(commandArguments, to: keyDescriptor)
+        let arguments = keyArguments ?? commandArguments
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
+        // Before standard input becomes /dev/null in the child.
+        if keyArguments != nil { posix_spawn_file_actions_adddup2(&actions, 0, keyDescriptor) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 2, log, O_WRONLY | O_CREAT | O_APPEND, 0o640)

@@ -3,7 +3,8 @@ import UblkSystem
 
 /// A device config file: one `ublk add` option per line, `key = value`, with `#`
 /// comments. Keys are the long option names (`file`, `queues`, `depth`, `direct-io`,
-/// `read-only`, `block-size`, `offset`, `size`, `id`, `target`, `recovery`); flags
+/// `read-only`, `block-size`, `offset`, `size`, `id`, `target`, `recovery`, and for an
+/// encrypted device `encryption`, `key-file` (a path), `key-size`, `skip`); flags
 /// take yes/no. The file is turned into `ublk add` arguments and parsed by the same
 /// code as the command line, so both accept and refuse exactly the same things.
 ///
@@ -18,7 +19,8 @@ enum ConfigFile {
     }
 
     static let flags: Set<String> = ["read-only", "recovery"]
-    static let options: Set<String> = ["file", "target", "id", "queues", "depth", "direct-io", "block-size", "offset", "size"]
+    static let options: Set<String> = ["file", "target", "id", "queues", "depth", "direct-io", "block-size", "offset", "size",
+                                       "encryption", "key-file", "key-size", "skip"]
 
     /// The `ublk add` arguments the file at `path` stands for.
     static func arguments(path: String) throws -> [String] {
@@ -46,6 +48,8 @@ enum ConfigFile {
                 case "no", "false", "off", "0": break
                 default: throw CLIError("\(path):\(index + 1): \(key) takes yes or no, not `\(value)`")
                 }
+            } else if key == "key-file" && value == "-" {
+                throw CLIError("\(path):\(index + 1): key-file = - reads standard input, which a service does not have: give the key file's path")
             } else if options.contains(key) {
                 arguments += ["--\(key)", value]
             } else {
