@@ -42,7 +42,7 @@ public struct LoopConfiguration: Sendable, Equatable, Codable {
 /// buffer and decrypts reads in place (`QueueEncryption`). WRITE_ZEROES is then not
 /// advertised (zeroing the backing would not read back as zeros).
 public final class LoopTarget: SpecifiedTarget {
-    public var name: String { key == nil ? "loop" : "loop+crypt" }
+    public var name: String { spec.displayName }
     public let configuration: LoopConfiguration
     public let properties: TargetProperties
     /// The backing is opened with O_DIRECT.
