@@ -42,12 +42,13 @@ enum Background {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
-        // Before standard input becomes /dev/null in the child.
+        // In this order: the pipe's write end is usually our descriptor 4, so it must be at 3
+        // before 4 becomes standard input; and that before standard input becomes /dev/null.
+        posix_spawn_file_actions_adddup2(&actions, writeEnd, 3)
         if keyArguments != nil { posix_spawn_file_actions_adddup2(&actions, 0, keyDescriptor) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 2, log, O_WRONLY | O_CREAT | O_APPEND, 0o640)
-        posix_spawn_file_actions_adddup2(&actions, writeEnd, 3)
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
         defer { posix_spawnattr_destroy(&attributes) }

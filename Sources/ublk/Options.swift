@@ -124,7 +124,9 @@ struct DeviceOptions: ParsableArguments {
         }
         if kind == .null { throw ValidationError("the null target stores nothing to encrypt: leave out --encryption") }
         if !key.isGiven { throw ValidationError("--encryption needs the key: give --key-file PATH (or - for standard input)") }
-        if let keySize { _ = try XTSKeySize(bits: keySize) }
+        if let keySize {
+            do { _ = try XTSKeySize(bits: keySize) } catch { throw ValidationError(error.description) }
+        }
         if let blockSize, !EncryptionConfiguration.sectorSizes.contains(blockSize) {
             throw ValidationError("encryption works in 512- or 4096-byte sectors, not \(blockSize): use --block-size 512 or 4096")
         }
