@@ -1,5 +1,6 @@
 import CUblk
 import Glibc
+import UblkCrypto
 import UblkQueue
 import UblkSystem
 
@@ -22,8 +23,11 @@ public struct LoopConfiguration: Sendable, Equatable, Codable {
     public var offset: UInt64 = 0
     /// Length of the window in bytes (losetup --sizelimit); nil: to the end of the backing.
     public var size: UInt64?
-    /// Logical block size of the device; nil: 512 (or the backing device's, if larger).
+    /// Logical block size of the device; nil: 512 (or the backing device's, if larger,
+    /// unless encrypted). Encrypted: also the encryption sector, 512 or 4096.
     public var logicalBlockSize: Int?
+    /// Encrypt the backing as dm-crypt plain mode does; nil: plain.
+    public var encryption: EncryptionConfiguration?
 
     public init(path: String) { self.path = path }
 }
@@ -32,8 +36,13 @@ public struct LoopConfiguration: Sendable, Equatable, Codable {
 /// driver's job. Reads and writes become io_uring reads and writes at the same offset
 /// (plus the window's start), FLUSH becomes fsync, DISCARD punches a hole and
 /// WRITE_ZEROES zeroes (or punches) the range; FUA writes are RWF_DSYNC.
+///
+/// With `encryption` (and its key) the same target encrypts: the backing handling and the
+/// request state machine are this one, the handler only encrypts writes into a bounce
+/// buffer and decrypts reads in place (`QueueEncryption`). WRITE_ZEROES is then not
+/// advertised (zeroing the backing would not read back as zeros).
 public final class LoopTarget: SpecifiedTarget {
-    public let name = "loop"
+    public var name: String { spec.displayName }
     public let configuration: LoopConfiguration
     public let properties: TargetProperties
     /// The backing is opened with O_DIRECT.
@@ -44,17 +53,25 @@ public final class LoopTarget: SpecifiedTarget {
     /// Reads past the end of a backing that shrank return zeros; with zero copy the queue
     /// cannot write the request's pages itself, so they are read from here.
     private let zeros: FileDescriptor
+    /// The encryption key when `configuration.encryption` is set, else nil.
+    private let key: EncryptionKey?
 
     public var fixedFiles: [Int32] { [file.rawValue, zeros.rawValue] }
-    /// Every byte moves by READ/WRITE(_FIXED) on the backing: requests may keep their own pages.
-    public var supportsZeroCopy: Bool { true }
+    /// Every byte moves by READ/WRITE(_FIXED) on the backing, so requests may keep their own
+    /// pages, unless the target encrypts: then it must see the data.
+    public var supportsZeroCopy: Bool { configuration.encryption == nil }
 
-    public init(_ configuration: LoopConfiguration) throws(TargetError) {
+    /// `key` is required with `configuration.encryption` and refused without it.
+    public init(_ configuration: LoopConfiguration, key: EncryptionKey? = nil) throws(TargetError) {
         self.configuration = configuration
+        try Self.checkEncryption(configuration, key: key)
+        self.key = key
         let status = try Self.inspect(configuration.path)
         // The backing's own block sizes: O_DIRECT needs I/O aligned to its logical block.
         let backingBlocks = Self.backingBlockSizes(status: status)
-        let logical = configuration.logicalBlockSize ?? max(512, backingBlocks.logical)
+        // Encrypted, the block size is the format's sector size: never taken from the backing.
+        let logical = configuration.logicalBlockSize
+            ?? (configuration.encryption == nil ? max(512, backingBlocks.logical) : 512)
         var fallback: DirectIOFallback?
         let backing = try Self.open(configuration, logical: logical, backingLogical: backingBlocks.logical,
                                     fallback: &fallback)
@@ -70,7 +87,7 @@ public final class LoopTarget: SpecifiedTarget {
         properties.rotational = backingBlocks.rotational
         let canPunch = !configuration.readOnly && Self.supportsPunchHole(backing, status: status, size: backingSize)
         properties.supportsDiscard = canPunch
-        properties.supportsWriteZeroes = canPunch
+        properties.supportsWriteZeroes = canPunch && key == nil
         properties.discardGranularity = max(logical, min(status.blockSize, 64 * 1024))
         self.properties = properties
         directIOFallback = fallback
@@ -80,8 +97,28 @@ public final class LoopTarget: SpecifiedTarget {
         catch { throw .cannotOpen("/dev/zero", error) }
     }
 
-    public func makeQueueHandler(queueID: Int, depth: Int) -> LoopQueueHandler {
-        LoopQueueHandler(depth: depth, offset: Int64(configuration.offset), readOnly: configuration.readOnly)
+    public func makeQueueHandler(queueID: Int, depth: Int) throws -> LoopQueueHandler {
+        var encryption: QueueEncryption?
+        if let key, let settings = configuration.encryption {
+            // On the queue's thread: the cipher's contexts are this queue's alone.
+            encryption = try QueueEncryption(key: key.key, configuration: settings,
+                                             sectorSize: properties.logicalBlockSize, depth: depth)
+        }
+        return LoopQueueHandler(depth: depth, offset: Int64(configuration.offset), readOnly: configuration.readOnly,
+                                encryption: encryption)
+    }
+
+    /// An encrypted configuration needs its key, of its size, and a sector size dm-crypt uses.
+    static func checkEncryption(_ configuration: LoopConfiguration, key: EncryptionKey?) throws(TargetError) {
+        guard let encryption = configuration.encryption else {
+            if key != nil { throw .keyWithoutEncryption }
+            return
+        }
+        guard let key else { throw .keyMissing }
+        if key.size.rawValue != encryption.keySize { throw .keySizeMismatch(key: key.size.rawValue, configured: encryption.keySize) }
+        if let block = configuration.logicalBlockSize, !EncryptionConfiguration.sectorSizes.contains(block) {
+            throw .encryptionBlockSize(block)
+        }
     }
 
     public func sync() throws {
@@ -194,7 +231,9 @@ public final class LoopTarget: SpecifiedTarget {
 }
 
 /// One queue's share of a loop target: turns each request into one ring operation on
-/// the backing (fixed file 1), like loop.c's do_req_filebacked.
+/// the backing (fixed file 1), like loop.c's do_req_filebacked. Encrypting, the same
+/// state machine with `encryption` set: writes go out from its bounce buffers, reads are
+/// decrypted once complete; plain, that costs one check of a nil `let` per read or write.
 public final class LoopQueueHandler: QueueHandler {
     // Internal, not private, and the two request methods `@inlinable`: the queue engine is
     // specialised for this handler in the daemon (and the host benchmark), and a call
@@ -203,6 +242,10 @@ public final class LoopQueueHandler: QueueHandler {
     @usableFromInline let zeroFile = BackingSubmitter.firstTargetFile + 1
     @usableFromInline let offset: Int64
     @usableFromInline let readOnly: Bool
+    /// Encrypting: the per-queue cipher and bounce buffers (`encrypting` says so to the
+    /// inlined request methods, which then call the out-of-line helpers below).
+    let encryption: QueueEncryption?
+    @usableFromInline let encrypting: Bool
     // Per-tag state, touched on every request. Raw buffers rather than arrays: a
     // class's array property pays a runtime exclusivity check on each mutation
     // (about 40% of this handler's instructions, measured with callgrind).
@@ -212,9 +255,11 @@ public final class LoopQueueHandler: QueueHandler {
     /// ran past the end of the backing and is being filled from /dev/zero (zero copy).
     @usableFromInline let fellBack: UnsafeMutableBufferPointer<Bool>
 
-    init(depth: Int, offset: Int64, readOnly: Bool) {
+    init(depth: Int, offset: Int64, readOnly: Bool, encryption: QueueEncryption? = nil) {
         self.offset = offset
         self.readOnly = readOnly
+        self.encryption = encryption
+        encrypting = encryption != nil
         transferred = .allocate(capacity: depth)
         transferred.initialize(repeating: 0)
         fellBack = .allocate(capacity: depth)
@@ -238,6 +283,7 @@ public final class LoopQueueHandler: QueueHandler {
         case .write:
             if readOnly { return -EROFS }
             transferred[Int(request.tag)] = 0
+            if encrypting { return try encryptedWrite(request, from: 0, io) }
             try io.write(file: file, from: request.data, count: d.byteCount, offset: position,
                          dsync: d.flags.contains(.fua))
         case .flush:
@@ -248,6 +294,8 @@ public final class LoopQueueHandler: QueueHandler {
                              offset: position, length: Int64(d.byteCount))
         case .writeZeroes:
             if readOnly { return -EROFS }
+            // Not advertised when encrypting: zeroed backing would read back as noise.
+            if encrypting { return -EOPNOTSUPP }
             // As loop.c: keep the blocks allocated only when asked to (NOUNMAP).
             fellBack[Int(request.tag)] = false
             let mode = d.flags.contains(.noUnmap) ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE
@@ -276,12 +324,13 @@ public final class LoopQueueHandler: QueueHandler {
                     return nil
                 }
                 (buffer + done).initializeMemory(as: UInt8.self, repeating: 0, count: d.byteCount - done)
-                return Int32(d.byteCount)
+                return readDone(request)
             }
             transferred[tag] += Int(result)
             let done = transferred[tag]
-            if done >= d.byteCount { return Int32(d.byteCount) }
-            // Short transfer: ask for the rest.
+            if done >= d.byteCount { return d.operation == .read ? readDone(request) : Int32(d.byteCount) }
+            // Short transfer (or the next chunk of an encrypted write): ask for the rest.
+            if d.operation == .write && encrypting { return try encryptedWrite(request, from: done, io) }
             let position = offset + d.byteOffset + Int64(done)
             let rest = request.data.advanced(by: done)
             if d.operation == .read {
@@ -302,4 +351,25 @@ public final class LoopQueueHandler: QueueHandler {
             return result < 0 ? result : 0
         }
     }
+
+    /// Encrypting: submits the rest of a write from byte `done`, its ciphertext from the
+    /// tag's bounce buffer (a chunk at a time for writes longer than the bounce buffer).
+    @usableFromInline
+    func encryptedWrite(_ request: IORequest, from done: Int, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+        let d = request.descriptor
+        guard let encryption, let (source, count) = encryption.ciphertext(request, from: done) else { return -EIO }
+        try io.write(file: file, from: source, count: count, offset: offset + d.byteOffset + Int64(done),
+                     dsync: d.flags.contains(.fua))
+        return nil
+    }
+
+    /// The result of a read whose data is all in the tag's buffer: decrypted, if encrypting.
+    @inlinable
+    func readDone(_ request: IORequest) -> Int32 {
+        if encrypting && !decrypted(request) { return -EIO }
+        return Int32(request.descriptor.byteCount)
+    }
+
+    @usableFromInline
+    func decrypted(_ request: IORequest) -> Bool { encryption?.decrypt(request) ?? true }
 }

@@ -36,6 +36,10 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
     case smallerThanBlock(String, blockSize: Int)
     /// `ublk resize` without --size on a target with no backing to measure.
     case sizeRequired(String)
+    case keyMissing
+    case keyWithoutEncryption
+    case keySizeMismatch(key: Int, configured: Int)
+    case encryptionBlockSize(Int)
 
     /// The system call that failed, if one did.
     public var systemError: SystemError? {
@@ -70,6 +74,12 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
             "size \(size) at offset \(offset) goes beyond the end of \(path) (\(backing) bytes)"
         case let .smallerThanBlock(path, block): "backing file \(path) is smaller than one \(block)-byte block"
         case .sizeRequired(let name): "the \(name) target has no backing to take the size from: give --size"
+        case .keyMissing: "an encrypted device needs its key: give --key-file PATH (or - for standard input)"
+        case .keyWithoutEncryption: "a key was given for a device that is not encrypted: leave out --key-file"
+        case let .keySizeMismatch(key, configured):
+            "the key has \(key) bits but the device is set up for \(configured): give --key-size \(configured)"
+        case .encryptionBlockSize(let size):
+            "encryption works in 512- or 4096-byte sectors, not \(size): use --block-size 512 or 4096"
         }
     }
 }

@@ -15,6 +15,19 @@ public enum TargetSpec: Sendable, Equatable, Codable {
         }
     }
 
+    /// The name `ublk list` shows: `loop+crypt` for an encrypting loop target.
+    public var displayName: String {
+        encryption == nil ? name : "\(name)+crypt"
+    }
+
+    /// How the target encrypts, if it does (never the key).
+    public var encryption: EncryptionConfiguration? {
+        switch self {
+        case .loop(let configuration): configuration.encryption
+        case .null: nil
+        }
+    }
+
     /// The backing file, if the target has one.
     public var backing: String? {
         switch self {
@@ -35,10 +48,11 @@ public enum TargetSpec: Sendable, Equatable, Codable {
         }
     }
 
-    /// Opens the target the spec describes (the backing is opened and probed).
-    public func makeTarget() throws(TargetError) -> any SpecifiedTarget {
+    /// Opens the target the spec describes (the backing is opened and probed); `key` is the
+    /// key of an encrypted one (see `encryption`), which every server reads anew.
+    public func makeTarget(key: EncryptionKey? = nil) throws(TargetError) -> any SpecifiedTarget {
         switch self {
-        case .loop(let configuration): try LoopTarget(configuration)
+        case .loop(let configuration): try LoopTarget(configuration, key: key)
         case .null(let configuration): NullTarget(configuration)
         }
     }

@@ -9,7 +9,14 @@ import UblkSystem
 /// in a new session; the server reports on that pipe once /dev/ublkbN is live
 /// (`ready /dev/ublkbN`) or why it failed (`error ...`). Forking a process that
 /// might already run threads is unsafe, so posix_spawn it is.
+///
+/// `--key-file -` (the key on standard input) becomes `--key-fd 4`: the server inherits
+/// our standard input as descriptor 4 and reads the key from it straight into its locked
+/// memory, so the key passes through neither this process, argv nor the environment.
 enum Background {
+    /// The descriptor a background server reads a `--key-file -` key from.
+    static let keyDescriptor: Int32 = 4
+
     /// Where background servers' stderr goes.
     static var logPath: String {
         (getenv("UBLK_RUN_DIR").map { String(cString: $0) } ?? "/run/ublk") + "/server.log"
@@ -18,7 +25,7 @@ enum Background {
     /// Spawns `program` (this binary by default) with `arguments` (after the program name)
     /// and waits for the server's report.
     /// Returns the device path; throws the server's error line.
-    static func launch(_ arguments: [String], program: String = executable) throws -> String {
+    static func launch(_ commandArguments: [String], program: String = executable) throws -> String {
         // Say "not loaded" or "not permitted" here, in one line, rather than from a child.
         _ = try ControlDevice()
 
@@ -31,13 +38,18 @@ enum Background {
         SmallFile.makeDirectory(directory)
         let log = access(directory, W_OK) == 0 ? logPath : "/dev/null"
 
+        let keyArguments = KeyOptions.handingStandardInput(commandArguments, to: keyDescriptor)
+        let arguments = keyArguments ?? commandArguments
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
+        // In this order: the pipe's write end is usually our descriptor 4, so it must be at 3
+        // before 4 becomes standard input; and that before standard input becomes /dev/null.
+        posix_spawn_file_actions_adddup2(&actions, writeEnd, 3)
+        if keyArguments != nil { posix_spawn_file_actions_adddup2(&actions, 0, keyDescriptor) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 2, log, O_WRONLY | O_CREAT | O_APPEND, 0o640)
-        posix_spawn_file_actions_adddup2(&actions, writeEnd, 3)
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
         defer { posix_spawnattr_destroy(&attributes) }

@@ -22,6 +22,8 @@ struct DeviceRow: Codable {
     var readOnly: Bool
     var blockSize: Int
     var name: String?
+    /// Cipher, key size and IV skip of an encrypted device (never the key).
+    var encryption: EncryptionConfiguration?
 }
 
 /// What `del`, `list` and `recover` do with devices started by any server.
@@ -54,18 +56,19 @@ enum DeviceLifecycle {
             var state = "\(info.state)"
             if !alive { state += ",server-dead" }
             rows.append(DeviceRow(
-                id: id, state: state, target: record?.spec.name ?? "?", backing: record.map { $0.spec.backing ?? "-" } ?? "-",
+                id: id, state: state, target: record?.spec.displayName ?? "?", backing: record.map { $0.spec.backing ?? "-" } ?? "-",
                 size: (parameters?.sectors ?? 0) << 9, queues: Int(info.queueCount), depth: Int(info.queueDepth),
                 directIO: record?.directIO ?? "?",
                 dataPath: info.flags.contains(.autoBufferRegistration) ? "zero-copy" : "copy", pid: pid, serverAlive: alive,
                 readOnly: parameters?.readOnly ?? false, blockSize: parameters?.logicalBlockSize ?? 512,
-                name: record?.name))
+                name: record?.name, encryption: record?.spec.encryption))
         }
         return rows
     }
 
     /// The target and options a recovering server needs, from the dead server's record.
-    static func recoveryPlan(_ id: UInt32) throws -> (any SpecifiedTarget, ServerOptions) {
+    /// `key` says where to read an encrypted device's key from (records never hold it).
+    static func recoveryPlan(_ id: UInt32, key: KeyOptions) throws -> (any SpecifiedTarget, ServerOptions) {
         // No such device (or no permission, or no driver) says so, before the missing record would.
         let info = try ControlDevice().deviceInfo(id)
         guard let record = RuntimeDirectory.load(id) else {
@@ -78,7 +81,19 @@ enum DeviceLifecycle {
         var options = ServerOptions(id: id, queues: record.queues, depth: record.depth)
         options.recovery = .reissue // the device keeps the policy it was added with
         options.name = record.name
-        return (try record.spec.makeTarget(), options)
+        return (try record.spec.makeTarget(key: try recoveryKey(record, key)), options)
+    }
+
+    /// The key of an encrypted device, of the size its record gives; nil for a plain one.
+    static func recoveryKey(_ record: DeviceRecord, _ key: KeyOptions) throws -> EncryptionKey? {
+        guard let encryption = record.spec.encryption else {
+            if key.isGiven { throw CLIError("device \(record.id) is not encrypted: leave out --key-file") }
+            return nil
+        }
+        guard key.isGiven else {
+            throw CLIError("device \(record.id) is encrypted (\(encryption.cipher.rawValue), \(encryption.keySize)-bit key): give its key again with --key-file PATH (or - for standard input)")
+        }
+        return try key.load(bits: encryption.keySize)
     }
 }
 

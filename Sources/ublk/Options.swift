@@ -1,5 +1,7 @@
 import ArgumentParser
+import UblkCrypto
 import UblkQueue
+import UblkSystem
 import UblkServer
 import UblkTargets
 
@@ -62,8 +64,19 @@ struct DeviceOptions: ParsableArguments {
     @Option(name: .customLong("block-size"), help: "Logical block size: 512, 1024, 2048 or 4096.")
     var blockSize: Int?
 
-    @Option(name: .long, help: "Start of the device in the backing file, in bytes (losetup --offset). Suffixes K, M, G.")
+    @Option(name: .long, help: "Start of the device in the backing file, in bytes (losetup --offset; cryptsetup's --offset N is N×512 here). Suffixes K, M, G.")
     var offset: ByteCount?
+
+    @Option(name: .long, help: "Encrypt the backing as dm-crypt plain mode does: aes-xts-plain64 (the only cipher). Needs --key-file.")
+    var encryption: String?
+
+    @Option(name: .customLong("key-size"), help: "Bits of the encryption key: 512 (AES-256-XTS, the default) or 256 (AES-128-XTS).")
+    var keySize: Int?
+
+    @Option(name: .long, help: "512-byte sectors added to every encryption IV (cryptsetup --skip); moves no data.")
+    var skip: UInt64?
+
+    @OptionGroup var key: KeyOptions
 
     @Option(name: .long, help: "Device size in bytes (losetup --sizelimit; required for the null target). Suffixes K, M, G, T.")
     var size: ByteCount?
@@ -94,6 +107,7 @@ struct DeviceOptions: ParsableArguments {
         if let blockSize, ![512, 1024, 2048, 4096].contains(blockSize) {
             throw ValidationError("--block-size \(blockSize) is not a power of two from 512 to 4096: give 512, 1024, 2048 or 4096")
         }
+        try checkEncryption()
         switch kind {
         case .loop:
             guard file != nil else { throw ValidationError("no backing file: give --file PATH (or --target null --size N)") }
@@ -105,6 +119,26 @@ struct DeviceOptions: ParsableArguments {
                 throw ValidationError("--size \(size.value) is not a positive multiple of the block size \(block)")
             }
             if offset != nil { throw ValidationError("the null target has no backing file: leave out --offset") }
+        }
+    }
+
+    /// The encryption options belong together: a cipher we have, a key, a dm-crypt sector size.
+    func checkEncryption() throws {
+        guard let encryption else {
+            if key.isGiven { throw ValidationError("--key-file without --encryption: add --encryption aes-xts-plain64, or leave out the key") }
+            if keySize != nil || skip != nil { throw ValidationError("--key-size and --skip need --encryption aes-xts-plain64") }
+            return
+        }
+        if CipherName(rawValue: encryption) == nil {
+            throw ValidationError("unknown cipher \(encryption): the only one is --encryption aes-xts-plain64")
+        }
+        if kind == .null { throw ValidationError("the null target stores nothing to encrypt: leave out --encryption") }
+        if !key.isGiven { throw ValidationError("--encryption needs the key: give --key-file PATH (or - for standard input)") }
+        if let keySize {
+            do { _ = try XTSKeySize(bits: keySize) } catch { throw ValidationError(error.description) }
+        }
+        if let blockSize, !EncryptionConfiguration.sectorSizes.contains(blockSize) {
+            throw ValidationError("encryption works in 512- or 4096-byte sectors, not \(blockSize): use --block-size 512 or 4096")
         }
     }
 
@@ -131,8 +165,20 @@ struct DeviceOptions: ParsableArguments {
             configuration.offset = offset?.value ?? 0
             configuration.size = size?.value
             configuration.logicalBlockSize = blockSize
+            if encryption != nil {
+                var settings = EncryptionConfiguration()
+                settings.keySize = keySize ?? settings.keySize
+                settings.skip = skip ?? 0
+                configuration.encryption = settings
+            }
             return .loop(configuration)
         }
+    }
+
+    /// The encryption key, read from where `--key-file` says; nil when not encrypting.
+    func loadKey() throws -> EncryptionKey? {
+        guard encryption != nil else { return nil }
+        return try key.load(bits: keySize ?? XTSKeySize.standard.rawValue)
     }
 
     var serverOptions: ServerOptions {
@@ -161,6 +207,47 @@ extension DeviceOptions {
                 result.append("--recovery=reissue")
             }
         }
+        return result
+    }
+}
+
+/// Where an encryption key comes from: a file, standard input (`-`), or (hidden) a
+/// descriptor the launching CLI hands a background server. Never the key itself: a key on
+/// the command line would be in every `ps` listing.
+struct KeyOptions: ParsableArguments {
+    @Option(name: .customLong("key-file"), help: "The raw encryption key: a file whose first key-size/8 bytes are the key (as cryptsetup --key-file in plain mode), or - for standard input.")
+    var keyFile: String?
+
+    /// The launching CLI's standard input, inherited by a background server for `--key-file -`.
+    @Option(name: .customLong("key-fd"), help: .hidden)
+    var keyFD: Int32?
+
+    init() {}
+
+    var isGiven: Bool { keyFile != nil || keyFD != nil }
+
+    /// Reads the key (into locked memory); nil when none was given.
+    func load(bits: Int) throws -> EncryptionKey? {
+        let size = try XTSKeySize(bits: bits)
+        if let keyFD {
+            let descriptor = FileDescriptor(adopting: keyFD)
+            return EncryptionKey(try XTSKey(reading: descriptor, named: "standard input", size: size))
+        }
+        return try keyFile.map { path throws in EncryptionKey(try XTSKey(file: path, size: size)) }
+    }
+
+    /// The arguments a background server gets instead of `arguments`: `--key-file -` becomes
+    /// `--key-fd fd`, the descriptor the server inherits our standard input on.
+    static func handingStandardInput(_ arguments: [String], to fd: Int32) -> [String]? {
+        var result = arguments
+        if let index = result.firstIndex(of: "--key-file=-") {
+            result[index...index] = ["--key-fd", String(fd)]
+            return result
+        }
+        guard let index = result.indices.dropLast().first(where: { result[$0] == "--key-file" && result[$0 + 1] == "-" }) else {
+            return nil
+        }
+        result[index...index + 1] = ["--key-fd", String(fd)]
         return result
     }
 }

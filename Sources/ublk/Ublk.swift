@@ -45,7 +45,7 @@ struct ServerFlags: ParsableArguments {
     func start(_ device: DeviceOptions, name: String?) throws {
         // "Not loaded" or "run as root" first: without the driver the backing does not matter.
         try reporting { _ = try ControlDevice() }
-        let target = try reporting { try device.spec.makeTarget() }
+        let target = try reporting { try device.spec.makeTarget(key: try device.loadKey()) }
         try reporting { try DeviceSafety.refuseOverlap(target, force: device.force) }
         if let note = target.note {
             if let readyFD { Background.note(note, to: readyFD) } else { FileHandleStderr.print("ublk: \(note)") }
@@ -201,6 +201,9 @@ extension Ublk {
         @Option(name: .long, help: "The device id N of /dev/ublkbN.")
         var id: UInt32
 
+        /// An encrypted device's key: never recorded, so asked for again.
+        @OptionGroup var key: KeyOptions
+
         @OptionGroup var server: ServerFlags
 
         func run() throws {
@@ -208,7 +211,7 @@ extension Ublk {
                 print(try Background.launch(Array(CommandLine.arguments.dropFirst())))
                 return
             }
-            let (target, options) = try server.reporting { try DeviceLifecycle.recoveryPlan(id) }
+            let (target, options) = try server.reporting { try DeviceLifecycle.recoveryPlan(id, key: key) }
             try server.serve(target: target, options: options, mode: .recover(id))
         }
     }

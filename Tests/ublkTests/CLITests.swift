@@ -50,9 +50,49 @@ import Testing
         func message(_ text: String) -> String {
             do { _ = try ConfigFile.arguments(text: text, path: "x.conf"); return "accepted" } catch { return "\(error)" }
         }
-        #expect(message("file = /a\nqueus = 2") == "x.conf:2: unknown key `queus`: use one of block-size, depth, direct-io, file, id, offset, queues, read-only, recovery, size, target")
+        #expect(message("file = /a\nqueus = 2") == "x.conf:2: unknown key `queus`: use one of block-size, depth, direct-io, encryption, file, id, key-file, key-size, offset, queues, read-only, recovery, size, skip, target, zero-copy")
         #expect(message("read-only = maybe").hasPrefix("x.conf:1: read-only takes yes or no"))
         #expect(message("file /a").hasPrefix("x.conf:1: expected `key = value`"))
+        #expect(message("key-file = -").hasPrefix("x.conf:1: key-file = - reads standard input"))
+    }
+
+    @Test func anEncryptedConfigFileBecomesAddArguments() throws {
+        let text = "file = /srv/secret.img\nencryption = aes-xts-plain64\nkey-file = /etc/ublk/secret.key\nkey-size = 256\nskip = 8\n"
+        let options = try DeviceOptions.parse(try ConfigFile.arguments(text: text, path: "secret.conf"))
+        try options.check()
+        guard case .loop(let configuration) = options.spec else { Issue.record("not a loop spec"); return }
+        #expect(configuration.encryption?.keySize == 256 && configuration.encryption?.skip == 8)
+        #expect(options.key.keyFile == "/etc/ublk/secret.key")
+    }
+
+    @Test func encryptionOptionsGoTogether() {
+        func message(_ arguments: [String]) -> String {
+            do {
+                let options = try DeviceOptions.parse(["--file", "a"] + arguments)
+                try options.check()
+                return "accepted"
+            } catch { return DeviceOptions.message(for: error) }
+        }
+        let encrypt = ["--encryption", "aes-xts-plain64"]
+        #expect(message(encrypt + ["--key-file", "k"]) == "accepted")
+        #expect(message(encrypt + ["--key-file", "-", "--block-size", "4096", "--key-size", "256"]) == "accepted")
+        #expect(message(encrypt).contains("give --key-file PATH"))
+        #expect(message(["--key-file", "k"]).contains("add --encryption aes-xts-plain64"))
+        #expect(message(["--skip", "8"]).contains("need --encryption"))
+        #expect(message(["--encryption", "aes-cbc-essiv:sha256", "--key-file", "k"]).contains("the only one is --encryption aes-xts-plain64"))
+        #expect(message(encrypt + ["--key-file", "k", "--key-size", "384"]).contains("--key-size 512 (AES-256-XTS, the default) or --key-size 256"))
+        #expect(message(encrypt + ["--key-file", "k", "--block-size", "1024"]).contains("512 or 4096"))
+        #expect(message(encrypt + ["--key", "00112233"]).contains("Unknown option '--key'"))
+        #expect(!message(encrypt + ["--key", "00112233"]).contains("00112233"))
+    }
+
+    @Test func aKeyOnStandardInputGoesToTheServerOnADescriptor() {
+        #expect(KeyOptions.handingStandardInput(["add", "--key-file", "-", "--file", "a"], to: 4)
+                == ["add", "--key-fd", "4", "--file", "a"])
+        #expect(KeyOptions.handingStandardInput(["recover", "--id", "1", "--key-file=-"], to: 4)
+                == ["recover", "--id", "1", "--key-fd", "4"])
+        #expect(KeyOptions.handingStandardInput(["add", "--key-file", "/k", "--file", "-"], to: 4) == nil)
+        #expect(KeyOptions.handingStandardInput(["add", "--file", "a", "--key-file"], to: 4) == nil)
     }
 
     @Test func badOptionsAreRefusedWithWhatToDo() {

@@ -40,8 +40,13 @@ expect_error "--encryption without --key-file" "--key-file" -- "${add[@]}"
 expect_error "--key-file without --encryption" "--encryption" -- "$UBLK" add --file "$dir/ok.img" --key-file "$dir/key"
 
 # A key on the command line: no such option, and the key is not repeated anywhere.
+# Without --key-file the options are checked first (ArgumentParser validates before it
+# reports unknown options): "needs the key: give --key-file"; with one, "unknown option".
 hex=$(od -An -tx1 -v "$dir/key" | tr -d ' \n')
-expect_error "key on the command line" "Unknown option.*--key" -- "${add[@]}" --key "$hex"
+expect_error "key on the command line" "needs the key.*--key-file" -- "${add[@]}" --key "$hex"
+if grep -qiF "$hex" "$EXPECT_DIR/err" "$EXPECT_DIR/out"; then problem "key on the command line: the key is echoed"; fi
+expect_error "key on the command line besides a key file" "Unknown option.*--key" -- \
+	"${add[@]}" --key-file "$dir/key" --key "$hex"
 if grep -qiF "$hex" "$EXPECT_DIR/err" "$EXPECT_DIR/out"; then problem "key on the command line: the key is echoed"; fi
 
 # And after all that, a good add still works.

@@ -3,7 +3,9 @@
 # read/write with crc32c verification passes, for block size 512 (mixed request
 # sizes, many 512-byte units per request) and 4096. The data survives ublk del and
 # add with the same key (fio verifies it again), and with another key it does not
-# read back (the key really is used).
+# read back (the key really is used). A key on standard input (`--key-file -`) reaches
+# the background server, and `ublk recover` of an encrypted --recovery device whose
+# server was killed asks for the key again and serves the same data with it.
 # timeout: 600
 . "$(dirname "$0")/../lib.sh"
 need_ublk
@@ -56,3 +58,28 @@ for block in 512 4096; do
 	del "$dev"
 	echo "ok: block $block: fio crc32c verify at depth 32 on 2 queues; data kept across del/add; wrong key reads garbage"
 done
+
+# --- --key-file - and ublk recover of an encrypted device ----------------------------
+img=$dir/rec.img
+truncate -s 64M "$img"
+dev=$("$UBLK" add --file "$img" --encryption aes-xts-plain64 --key-file - --recovery <"$dir/key") ||
+	fail "ublk add with the key on standard input failed"
+id=${dev#/dev/ublkb}
+at_exit sh -c "'$UBLK' del --id $id 2>/dev/null || true"
+expect_eq "$(list_field "$id" target)" "loop+crypt" "ublk list target of an encrypted device"
+head -c 8M /dev/urandom >"$dir/pattern"
+dd if="$dir/pattern" of="$dev" bs=1M seek=8 oflag=direct conv=fsync status=none
+pid=$(list_field "$id" pid)
+tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "--key-fd 4" ||
+	fail "the background server did not get the key on an inherited descriptor: $(tr '\0' ' ' <"/proc/$pid/cmdline")"
+kill -KILL "$pid"
+wait_exit "$pid" 10
+KEEP_ID=$id expect_error "recover of an encrypted device without its key" "encrypted.*give its key again with --key-file" -- \
+	"$UBLK" recover --id "$id"
+fail_on_problems "with ublk recover of an encrypted device"
+"$UBLK" recover --id "$id" --key-file - <"$dir/key" >/dev/null || fail "ublk recover --key-file - failed"
+cmp <(dd if="$dev" bs=1M skip=8 count=8 iflag=direct status=none) "$dir/pattern" ||
+	fail "the data written before the crash does not read back after ublk recover with the key"
+! grep -rqiF "$(od -An -tx1 -v "$dir/key" | tr -d ' \n')" /run/ublk 2>/dev/null || fail "a device record holds the key"
+del "$dev"
+echo "ok: --key-file - reaches the background server; ublk recover asks for the key and serves the same data"
