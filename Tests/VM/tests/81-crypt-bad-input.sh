@@ -1,5 +1,5 @@
 #!/bin/bash
-# 63-crypt-bad-input — every mistake with the encrypting target gets ONE line on
+# 81-crypt-bad-input — every mistake with the encrypting target gets ONE line on
 # stderr that says what to do, a non-zero exit status, no crash, and leaves no device
 # behind: missing, short (for 256 and for the default 512 bits), unreadable and
 # directory key files; a key whose halves are equal; an unknown cipher; an unknown

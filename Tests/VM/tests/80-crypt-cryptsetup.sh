@@ -1,5 +1,5 @@
 #!/bin/bash
-# 62-crypt-cryptsetup — the encrypting loop target writes exactly dm-crypt's plain
+# 80-crypt-cryptsetup — the encrypting loop target writes exactly dm-crypt's plain
 # mode (cryptsetup open --type plain --cipher aes-xts-plain64): for block size 512
 # and 4096 (cryptsetup --sector-size) and key sizes 512 and 256 bits, an ext4 written
 # through `ublk add --encryption aes-xts-plain64 --key-file K` mounts through losetup +

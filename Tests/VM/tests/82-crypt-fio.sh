@@ -1,5 +1,5 @@
 #!/bin/bash
-# 64-crypt-fio — an encrypted device with 2 queues at depth 32: fio random
+# 82-crypt-fio — an encrypted device with 2 queues at depth 32: fio random
 # read/write with crc32c verification passes, for block size 512 (mixed request
 # sizes, many 512-byte units per request) and 4096. The data survives ublk del and
 # add with the same key (fio verifies it again), and with another key it does not
