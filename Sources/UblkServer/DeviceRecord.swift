@@ -12,18 +12,21 @@ public struct DeviceRecord: Codable, Sendable, Equatable {
     /// Config name, when started by `ublk start NAME`.
     public var name: String?
     public var spec: TargetSpec
+    /// The device's size in bytes as the server last set it (after `ublk resize` too).
+    public var size: UInt64
     public var queues: Int
     public var depth: Int
     /// O_DIRECT on the backing as the server got it: "on", "off", or "-" without a backing.
     public var directIO: String
     public var recovery: Bool
 
-    public init(id: UInt32, pid: Int32, name: String?, spec: TargetSpec, queues: Int, depth: Int, directIO: String,
-                recovery: Bool) {
+    public init(id: UInt32, pid: Int32, name: String?, spec: TargetSpec, size: UInt64, queues: Int, depth: Int,
+                directIO: String, recovery: Bool) {
         self.id = id
         self.pid = pid
         self.name = name
         self.spec = spec
+        self.size = size
         self.queues = queues
         self.depth = depth
         self.directIO = directIO

@@ -232,7 +232,7 @@ public final class DeviceServer {
         var record: DeviceRecord?
         if let target = target as? any SpecifiedTarget {
             record = DeviceRecord(id: id, pid: getpid(), name: options.name, spec: target.spec,
-                                  queues: Int(live.queueCount), depth: Int(live.queueDepth),
+                                  size: liveParameters.sectors << 9, queues: Int(live.queueCount), depth: Int(live.queueDepth),
                                   directIO: target.directIOState, recovery: options.recovery.isEnabled)
         }
         if let record {

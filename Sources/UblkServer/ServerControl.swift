@@ -127,6 +127,7 @@ public final class ServerControl: @unchecked Sendable {
         logger.info("/dev/ublkb\(deviceID) resized from \(old << 9) to \(bytes) bytes")
         if var record {
             record.spec = record.spec.resized(to: requested)
+            record.size = bytes
             do { try RuntimeDirectory.save(record) } catch { logger.warning("cannot rewrite the device record: \(error)") }
             self.record = record
         }
