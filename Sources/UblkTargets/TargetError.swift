@@ -1,4 +1,5 @@
 import Glibc
+import UblkNBD
 import UblkSystem
 
 /// Why `auto` direct I/O fell back to buffered I/O (or `on` failed).
@@ -34,6 +35,8 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
     case sizeMisaligned(size: UInt64, blockSize: Int)
     case sizeBeyondEnd(size: UInt64, offset: UInt64, path: String, backingSize: UInt64)
     case smallerThanBlock(String, blockSize: Int)
+    /// The NBD export could not be reached, negotiated or served (its message says what to do).
+    case nbd(NBDError)
 
     /// The system call that failed, if one did.
     public var systemError: SystemError? {
@@ -67,6 +70,7 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .sizeBeyondEnd(size, offset, path, backing):
             "size \(size) at offset \(offset) goes beyond the end of \(path) (\(backing) bytes)"
         case let .smallerThanBlock(path, block): "backing file \(path) is smaller than one \(block)-byte block"
+        case .nbd(let error): error.message
         }
     }
 }

@@ -6,12 +6,14 @@ import UblkQueue
 public enum TargetSpec: Sendable, Equatable, Codable {
     case loop(LoopConfiguration)
     case null(NullConfiguration)
+    case nbd(NBDConfiguration)
 
     /// Short name (`loop`, `null`), as `ublk list` shows it.
     public var name: String {
         switch self {
         case .loop: "loop"
         case .null: "null"
+        case .nbd: "nbd"
         }
     }
 
@@ -20,6 +22,7 @@ public enum TargetSpec: Sendable, Equatable, Codable {
         switch self {
         case .loop(let configuration): configuration.path
         case .null: nil
+        case .nbd(let configuration): configuration.uri
         }
     }
 
@@ -28,11 +31,12 @@ public enum TargetSpec: Sendable, Equatable, Codable {
         switch self {
         case .loop(let configuration): try LoopTarget(configuration)
         case .null(let configuration): NullTarget(configuration)
+        case .nbd(let configuration): try NBDTarget(configuration)
         }
     }
 
     private enum CodingKeys: String, CodingKey {
-        case kind, loop, null
+        case kind, loop, null, nbd
     }
 
     // {"kind": "loop", "loop": {...}}: the kind readable on its own, the settings beside it.
@@ -42,6 +46,7 @@ public enum TargetSpec: Sendable, Equatable, Codable {
         switch kind {
         case "loop": self = .loop(try container.decode(LoopConfiguration.self, forKey: .loop))
         case "null": self = .null(try container.decode(NullConfiguration.self, forKey: .null))
+        case "nbd": self = .nbd(try container.decode(NBDConfiguration.self, forKey: .nbd))
         default: throw DecodingError.dataCorruptedError(forKey: .kind, in: container, debugDescription: "unknown target \(kind)")
         }
     }
@@ -52,6 +57,7 @@ public enum TargetSpec: Sendable, Equatable, Codable {
         switch self {
         case .loop(let configuration): try container.encode(configuration, forKey: .loop)
         case .null(let configuration): try container.encode(configuration, forKey: .null)
+        case .nbd(let configuration): try container.encode(configuration, forKey: .nbd)
         }
     }
 }
@@ -65,4 +71,10 @@ public protocol SpecifiedTarget: Target {
     var directIOState: String { get }
     /// One line for the user when the target chose less than was asked, else nil.
     var note: String? { get }
+    /// The most queues the target can serve, and why, when it cannot serve any number.
+    var queueLimit: (queues: Int, reason: String)? { get }
+}
+
+extension SpecifiedTarget {
+    public var queueLimit: (queues: Int, reason: String)? { nil }
 }

@@ -3,7 +3,8 @@ import UblkSystem
 
 /// A device config file: one `ublk add` option per line, `key = value`, with `#`
 /// comments. Keys are the long option names (`file`, `queues`, `depth`, `direct-io`,
-/// `read-only`, `block-size`, `offset`, `size`, `id`, `target`, `recovery`); flags
+/// `read-only`, `block-size`, `offset`, `size`, `id`, `target`, `uri`, `reconnect-timeout`,
+/// `recovery`); flags
 /// take yes/no. The file is turned into `ublk add` arguments and parsed by the same
 /// code as the command line, so both accept and refuse exactly the same things.
 ///
@@ -18,7 +19,8 @@ enum ConfigFile {
     }
 
     static let flags: Set<String> = ["read-only", "recovery"]
-    static let options: Set<String> = ["file", "target", "id", "queues", "depth", "direct-io", "block-size", "offset", "size"]
+    static let options: Set<String> = ["file", "target", "id", "queues", "depth", "direct-io", "block-size", "offset", "size",
+                                       "uri", "reconnect-timeout"]
 
     /// The `ublk add` arguments the file at `path` stands for.
     static func arguments(path: String) throws -> [String] {

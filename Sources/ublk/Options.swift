@@ -1,6 +1,7 @@
 import ArgumentParser
 import UblkQueue
 import UblkServer
+import UblkNBD
 import UblkTargets
 
 /// A byte count written with an optional binary suffix: 4096, 512K, 256M, 1G, 2T.
@@ -31,7 +32,7 @@ extension DirectIOMode: ExpressibleByArgument {}
 
 /// The target kinds `ublk add` knows.
 enum TargetKind: String, ExpressibleByArgument, CaseIterable, Sendable {
-    case loop, null
+    case loop, null, nbd
 }
 
 /// Everything `ublk add` takes; also what a device config file holds.
@@ -39,8 +40,14 @@ struct DeviceOptions: ParsableArguments {
     @Option(name: .long, help: "Backing file or block device (loop target).")
     var file: String?
 
-    @Option(name: .long, help: "Target: loop (a backing file) or null (no backing, reads return zeros).")
+    @Option(name: .long, help: "Target: loop (a backing file), null (no backing, reads return zeros) or nbd (an NBD export, --uri).")
     var target: TargetKind?
+
+    @Option(name: .long, help: "NBD export (nbd target): nbd://HOST[:PORT]/EXPORT (port 10809 by default) or nbd+unix:///EXPORT?socket=PATH.")
+    var uri: String?
+
+    @Option(name: .customLong("reconnect-timeout"), help: "Seconds I/O waits for a lost NBD connection to come back before failing with EIO (default 30).")
+    var reconnectTimeout: Int?
 
     @Option(name: .long, help: "Device id N for /dev/ublkbN (default: the kernel picks).")
     var id: UInt32?
@@ -71,7 +78,7 @@ struct DeviceOptions: ParsableArguments {
 
     init() {}
 
-    var kind: TargetKind { target ?? .loop }
+    var kind: TargetKind { target ?? (uri != nil ? .nbd : .loop) }
 
     /// Checks what can be checked without touching the backing or the kernel.
     func check() throws {
@@ -84,6 +91,10 @@ struct DeviceOptions: ParsableArguments {
         if let blockSize, ![512, 1024, 2048, 4096].contains(blockSize) {
             throw ValidationError("--block-size \(blockSize) is not a power of two from 512 to 4096: give 512, 1024, 2048 or 4096")
         }
+        if kind != .nbd {
+            if uri != nil { throw ValidationError("--uri is for the nbd target: give --target nbd") }
+            if reconnectTimeout != nil { throw ValidationError("--reconnect-timeout is for the nbd target: give --target nbd") }
+        }
         switch kind {
         case .loop:
             guard file != nil else { throw ValidationError("no backing file: give --file PATH (or --target null --size N)") }
@@ -95,7 +106,22 @@ struct DeviceOptions: ParsableArguments {
                 throw ValidationError("--size \(size.value) is not a positive multiple of the block size \(block)")
             }
             if offset != nil { throw ValidationError("the null target has no backing file: leave out --offset") }
+        case .nbd:
+            try checkNBD()
         }
+    }
+
+    /// The nbd target takes its size and block size from the export, and has no file.
+    func checkNBD() throws {
+        guard let uri else { throw ValidationError("the nbd target needs an export: give --uri nbd://HOST[:PORT]/EXPORT") }
+        for (name, given) in [("--file", file != nil), ("--offset", offset != nil), ("--size", size != nil),
+                              ("--block-size", blockSize != nil)] where given {
+            throw ValidationError("the nbd target takes its size and block size from the export: leave out \(name)")
+        }
+        if let reconnectTimeout, reconnectTimeout < 0 || reconnectTimeout > 86400 {
+            throw ValidationError("--reconnect-timeout \(reconnectTimeout) is out of range: give 0 to 86400 seconds")
+        }
+        do { _ = try NBDAddress(uri: uri) } catch { throw ValidationError(error.message) }
     }
 
     /// Options from a config file, overridden by `overrides` (command-line arguments).
@@ -112,6 +138,11 @@ struct DeviceOptions: ParsableArguments {
     /// The target these options describe.
     var spec: TargetSpec {
         switch kind {
+        case .nbd:
+            var configuration = NBDConfiguration(uri: uri!)
+            configuration.readOnly = readOnly
+            configuration.reconnectTimeout = reconnectTimeout ?? NBDConfiguration.defaultReconnectTimeout
+            return .nbd(configuration)
         case .null:
             return .null(NullConfiguration(size: size!.value, logicalBlockSize: blockSize ?? 512))
         case .loop:
