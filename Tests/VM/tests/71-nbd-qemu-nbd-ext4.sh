@@ -1,0 +1,47 @@
+#!/bin/bash
+# 71-nbd-qemu-nbd-ext4 — the nbd target against qemu-nbd (export "disk", no
+# CAN_MULTI_CONN), started from a config file with `ublk start`: asking for 2 queues
+# gets one, said once; mkfs.ext4, mount, fill, unmount, `ublk del`; the export then
+# passes e2fsck and its files have the checksums written.
+# timeout: 300
+. "$(dirname "$0")/../lib.sh"
+need_ublk
+
+dir=$(mktempdir)
+truncate -s 128M "$dir/export.img"
+qemu-nbd -t -f raw -b 127.0.0.1 -p 10810 -x disk "$dir/export.img" 2>"$dir/qemu-nbd.log" &
+server=$!
+at_exit kill "$server"
+wait_port 10810
+
+mkdir "$dir/conf"
+cat >"$dir/conf/nbdtest.conf" <<CONF
+# an NBD export served as a device
+target = nbd
+uri = nbd://127.0.0.1:10810/disk
+queues = 2
+depth = 32
+reconnect-timeout = 20
+CONF
+dev=$(UBLK_CONFIG_DIR=$dir/conf "$UBLK" start nbdtest 2>"$dir/start.err")
+id=${dev#/dev/ublkb}
+at_exit "$UBLK" del --id "$id"
+expect_eq "$(grep -c 'CAN_MULTI_CONN' "$dir/start.err")" 1 "the one-queue note, said once"
+expect_eq "$(ls "/sys/block/ublkb$id/mq" | wc -l)" 1 "hardware queues (qemu-nbd -e 1: no multi-conn)"
+expect_eq "$(list_field "$id" name)" nbdtest "config name in ublk list"
+
+mkfs.ext4 -q -F "$dev"
+mkdir "$dir/mnt"
+mount "$dev" "$dir/mnt"
+for i in 1 2 3 4 5 6; do head -c 3M /dev/urandom >"$dir/mnt/f$i"; done
+(cd "$dir/mnt" && sha256sum f*) >"$dir/written.sums"
+umount "$dir/mnt"
+"$UBLK" del --id "$id"
+wait_gone "$dev"
+
+e2fsck -fn "$dir/export.img" >"$dir/fsck.out" 2>&1 || { cat "$dir/fsck.out"; fail "e2fsck found problems in the export"; }
+for i in 1 2 3 4 5 6; do
+	echo "$(debugfs -R "cat /f$i" "$dir/export.img" 2>/dev/null | sha256sum | cut -d' ' -f1)  f$i"
+done >"$dir/export.sums"
+diff "$dir/written.sums" "$dir/export.sums" || fail "the files in the export differ from what was written"
+echo "ok: ext4 on nbd (qemu-nbd, ublk start, 1 queue): e2fsck clean, 6 files match"
