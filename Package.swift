@@ -69,7 +69,7 @@ let package = Package(
         .testTarget(name: "UblkNBDTests", dependencies: ["UblkNBD", "UblkSystem", "UblkTargets", "UblkQueue", "UblkTesting"]),
         .testTarget(name: "UblkServerTests", dependencies: ["UblkServer", "UblkControl", "UblkQueue", "UblkTargets", "UblkSystem"]),
         .testTarget(name: "ublkTests", dependencies: [
-            "ublk", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "ublk", "UblkTargets", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
     ],
     swiftLanguageModes: [.v6]
