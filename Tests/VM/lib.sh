@@ -16,6 +16,9 @@
 #   at_exit CMD...                 run CMD at exit (last registered first);
 #                                  use it instead of "trap ... EXIT"
 #   sha FILE                       sha256 of FILE (hex only)
+#   ext4_through DEV ID IMAGE DIR  mkfs.ext4 on DEV (device ID), mount, write files,
+#                                  unmount, ublk del; then IMAGE (what DEV was backed
+#                                  by) must pass e2fsck and hold the same files (debugfs)
 #   list_field ID NAME             field NAME of device ID in `ublk list --json`
 #                                  (empty if there is no such device)
 #   wait_exit PID SECS             wait until PID (not our child) is gone or a zombie
@@ -87,6 +90,23 @@ mktempdir() {
 at_exit() { printf '%q ' "$@" >>"$_LIB_AT_EXIT" && echo >>"$_LIB_AT_EXIT"; }
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
+
+ext4_through() {
+	local dev=$1 id=$2 image=$3 dir=$4 i
+	mkfs.ext4 -q -F "$dev"
+	mkdir -p "$dir/mnt"
+	mount "$dev" "$dir/mnt"
+	for i in 1 2 3 4 5 6; do head -c 3M /dev/urandom >"$dir/mnt/f$i"; done
+	(cd "$dir/mnt" && sha256sum f*) >"$dir/written.sums"
+	umount "$dir/mnt"
+	"$UBLK" del --id "$id"
+	wait_gone "$dev"
+	e2fsck -fn "$image" >"$dir/fsck.out" 2>&1 || { cat "$dir/fsck.out"; fail "e2fsck found problems in $image"; }
+	for i in 1 2 3 4 5 6; do
+		echo "$(debugfs -R "cat /f$i" "$image" 2>/dev/null | sha256sum | cut -d' ' -f1)  f$i"
+	done >"$dir/image.sums"
+	diff "$dir/written.sums" "$dir/image.sums" || fail "the files in $image differ from what was written"
+}
 
 list_field() {
 	"$UBLK" list --json | python3 -c '

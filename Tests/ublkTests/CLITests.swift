@@ -4,6 +4,15 @@ import UblkTargets
 @testable import ublk
 
 @Suite struct CLITests {
+    /// What `ublk add ARGUMENTS` says: "accepted", or the message of its refusal.
+    func message(_ arguments: [String]) -> String {
+        do {
+            let options = try DeviceOptions.parse(arguments)
+            try options.check()
+            return "accepted"
+        } catch { return DeviceOptions.message(for: error) }
+    }
+
     @Test func byteCountsTakeBinarySuffixes() {
         #expect(ByteCount(argument: "4096")?.value == 4096)
         #expect(ByteCount(argument: "512K")?.value == 512 << 10)
@@ -41,13 +50,6 @@ import UblkTargets
     }
 
     @Test func badOptionsAreRefusedWithWhatToDo() {
-        func message(_ arguments: [String]) -> String {
-            do {
-                let options = try DeviceOptions.parse(arguments)
-                try options.check()
-                return "accepted"
-            } catch { return DeviceOptions.message(for: error) }
-        }
         #expect(message(["--file", "a", "--depth", "0"]).contains("give 1 to 4096"))
         #expect(message(["--file", "a", "--depth", "4097"]).contains("give 1 to 4096"))
         #expect(message(["--file", "a", "--queues", "0"]).contains("out of range"))
@@ -60,13 +62,6 @@ import UblkTargets
     }
 
     @Test func nbdOptionsMakeAnNBDSpec() throws {
-        func message(_ arguments: [String]) -> String {
-            do {
-                let options = try DeviceOptions.parse(arguments)
-                try options.check()
-                return "accepted"
-            } catch { return DeviceOptions.message(for: error) }
-        }
         #expect(message(["--target", "nbd"]).contains("give --uri"))
         #expect(message(["--uri", "nbds://h/x"]).contains("TLS is not supported"))
         #expect(message(["--uri", "nbd://h:x/e"]).contains("bad NBD URI"))

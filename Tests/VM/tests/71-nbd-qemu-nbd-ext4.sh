@@ -30,18 +30,5 @@ expect_eq "$(grep -c 'CAN_MULTI_CONN' "$dir/start.err")" 1 "the one-queue note, 
 expect_eq "$(ls "/sys/block/ublkb$id/mq" | wc -l)" 1 "hardware queues (qemu-nbd -e 1: no multi-conn)"
 expect_eq "$(list_field "$id" name)" nbdtest "config name in ublk list"
 
-mkfs.ext4 -q -F "$dev"
-mkdir "$dir/mnt"
-mount "$dev" "$dir/mnt"
-for i in 1 2 3 4 5 6; do head -c 3M /dev/urandom >"$dir/mnt/f$i"; done
-(cd "$dir/mnt" && sha256sum f*) >"$dir/written.sums"
-umount "$dir/mnt"
-"$UBLK" del --id "$id"
-wait_gone "$dev"
-
-e2fsck -fn "$dir/export.img" >"$dir/fsck.out" 2>&1 || { cat "$dir/fsck.out"; fail "e2fsck found problems in the export"; }
-for i in 1 2 3 4 5 6; do
-	echo "$(debugfs -R "cat /f$i" "$dir/export.img" 2>/dev/null | sha256sum | cut -d' ' -f1)  f$i"
-done >"$dir/export.sums"
-diff "$dir/written.sums" "$dir/export.sums" || fail "the files in the export differ from what was written"
+ext4_through "$dev" "$id" "$dir/export.img" "$dir"
 echo "ok: ext4 on nbd (qemu-nbd, ublk start, 1 queue): e2fsck clean, 6 files match"
