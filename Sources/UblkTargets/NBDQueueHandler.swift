@@ -300,9 +300,12 @@ public final class NBDQueueHandler: QueueHandler {
     func receiveCompleted(_ result: Int32, _ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
         receiving = false
         guard case .up = connection else { return try closeIfDrained(io) }
-        if result <= 0 {
-            let why = result == 0 ? "the server closed the connection" : "receive failed: \(SystemError("", errno: -result).reason)"
-            return try drop(why, io, &finished)
+        if result < 0 { return try drop("receive failed: \(SystemError("", errno: -result).reason)", io, &finished) }
+        if result == 0 {
+            do throws(NBDProtocolViolation) { try parser.endOfStream() } catch {
+                return try drop("\(error)", io, &finished)
+            }
+            return try drop("the server closed the connection", io, &finished)
         }
         var replies = Replies(handler: self)
         do {
