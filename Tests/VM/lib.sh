@@ -9,7 +9,9 @@
 #   expect_eq ACTUAL EXPECTED WHAT fail unless equal
 #   wait_for_path PATH [SECS]      wait (default 10 s) until PATH exists
 #   wait_gone PATH [SECS]          wait (default 10 s) until PATH is gone
-#   wait_port PORT [SECS]          wait (default 10 s) until 127.0.0.1:PORT accepts
+#   wait_port PORT [SECS [LOG]]    wait (default 10 s) until 127.0.0.1:PORT accepts;
+#                                  on failure LOG (the server's) is shown
+#   need_loopback                  bring up lo (the guest starts without it) for local servers
 #   mktempdir                      new dir /scratch/ublk-test.XXXXXX; at exit
 #                                  what is mounted in it is unmounted, then
 #                                  the at_exit commands run, then it goes
@@ -67,10 +69,13 @@ _wait_until() {
 }
 wait_for_path() { _wait_until "${2:-10}" -e "$1" || fail "$1 did not appear within ${2:-10} s"; }
 wait_gone() { _wait_until "${2:-10}" ! -e "$1" || fail "$1 still exists after ${2:-10} s"; }
+need_loopback() {
+	ip link set lo up || fail "cannot bring up the loopback interface"
+}
 wait_port() {
 	local deadline=$((SECONDS + ${2:-10}))
 	until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do
-		((SECONDS < deadline)) || fail "nothing listens on 127.0.0.1:$1 after ${2:-10} s"
+		((SECONDS < deadline)) || fail "nothing listens on 127.0.0.1:$1 after ${2:-10} s${3:+: $(cat "$3" 2>&1)}"
 		sleep 0.1
 	done
 }

@@ -6,13 +6,14 @@
 # timeout: 300
 . "$(dirname "$0")/../lib.sh"
 need_ublk
+need_loopback
 
 dir=$(mktempdir)
 truncate -s 128M "$dir/export.img"
 nbdkit -f -i 127.0.0.1 -p 10809 file "$dir/export.img" 2>"$dir/nbdkit.log" &
 server=$!
 at_exit kill "$server"
-wait_port 10809
+wait_port 10809 10 "$dir/nbdkit.log"
 
 dev=$("$UBLK" add --target nbd --uri nbd://127.0.0.1/disk --queues 2 --depth 32)
 id=${dev#/dev/ublkb}

@@ -6,13 +6,14 @@
 # timeout: 300
 . "$(dirname "$0")/../lib.sh"
 need_ublk
+need_loopback
 
 dir=$(mktempdir)
 truncate -s 128M "$dir/export.img"
 qemu-nbd -t -f raw -b 127.0.0.1 -p 10810 -x disk "$dir/export.img" 2>"$dir/qemu-nbd.log" &
 server=$!
 at_exit kill "$server"
-wait_port 10810
+wait_port 10810 10 "$dir/qemu-nbd.log"
 
 mkdir "$dir/conf"
 cat >"$dir/conf/nbdtest.conf" <<CONF

@@ -6,13 +6,14 @@
 # timeout: 400
 . "$(dirname "$0")/../lib.sh"
 need_ublk
+need_loopback
 
 dir=$(mktempdir)
 truncate -s 64M "$dir/export.img"
 start_server() {
 	nbdkit -f -i 127.0.0.1 -p 10809 file "$dir/export.img" 2>>"$dir/nbdkit.log" &
 	server=$!
-	wait_port 10809
+	wait_port 10809 10 "$dir/nbdkit.log"
 }
 start_server
 at_exit bash -c 'kill $(cat '"$dir"'/server.pid) 2>/dev/null'

@@ -5,13 +5,14 @@
 # timeout: 300
 . "$(dirname "$0")/../lib.sh"
 need_ublk
+need_loopback
 at_exit "$UBLK" del --all
 
 dir=$(mktempdir)
 truncate -s 16M "$dir/export.img"
 qemu-nbd -t -f raw -b 127.0.0.1 -p 10810 -x disk "$dir/export.img" 2>"$dir/qemu-nbd.log" &
 at_exit kill $!
-wait_port 10810
+wait_port 10810 10 "$dir/qemu-nbd.log"
 
 expect_error "nothing listens" "cannot connect.*is the NBD server running" -- "$UBLK" add --target nbd --uri nbd://127.0.0.1:1/disk
 expect_error "nothing listens, --foreground" "cannot connect.*is the NBD server running" -- "$UBLK" add --target nbd --uri nbd://127.0.0.1:1/disk --foreground
