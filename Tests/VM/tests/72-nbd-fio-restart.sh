@@ -19,7 +19,7 @@ start_server
 at_exit bash -c 'kill $(cat '"$dir"'/server.pid) 2>/dev/null'
 echo "$server" >"$dir/server.pid"
 
-dev=$("$UBLK" add --target nbd --uri nbd://127.0.0.1/disk --queues 2 --depth 32 --reconnect-timeout 8)
+dev=$("$UBLK" add --target nbd --uri nbd://127.0.0.1/disk --queues 2 --depth 32 --reconnect-timeout 15)
 id=${dev#/dev/ublkb}
 at_exit "$UBLK" del --id "$id"
 pid=$(list_field "$id" pid)
@@ -39,7 +39,7 @@ echo "$server" >"$dir/server.pid"
 wait "$fio" || { cat "$dir/fio.out"; fail "fio verify failed across the server restart"; }
 echo "ok: fio crc32c verify passed with the server killed and restarted in the middle"
 
-# The server stays down: I/O fails once the reconnect timeout (8 s) has passed.
+# The server stays down: I/O fails once the reconnect timeout (15 s) has passed.
 kill -9 "$server"
 wait "$server" 2>/dev/null || true
 start=$SECONDS
