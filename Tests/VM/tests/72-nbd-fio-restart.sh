@@ -37,6 +37,8 @@ sleep 2
 start_server
 echo "$server" >"$dir/server.pid"
 wait "$fio" || { cat "$dir/fio.out"; fail "fio verify failed across the server restart"; }
+grep -q "reconnected to 127.0.0.1:10809" "${UBLK_RUN_DIR:-/run/ublk}/server.log" ||
+	fail "the server log shows no reconnect: $(tail -5 "${UBLK_RUN_DIR:-/run/ublk}/server.log")"
 echo "ok: fio crc32c verify passed with the server killed and restarted in the middle"
 
 # The server stays down: I/O fails once the reconnect timeout (15 s) has passed.
