@@ -45,16 +45,7 @@ import UblkTesting
 
     /// The handshake, then replies to requests: honest, or with `lie` to the first READ.
     static func serve(_ client: Int32, lie: Lie?) {
-        let greeting = ByteWriter().u64(NBDHandshake.greetingMagic).u64(NBDHandshake.optionMagic).u16(3).bytes
-        guard send(client, greeting), let _ = receive(client, 4), let option = receive(client, 16) else { return }
-        let length = Int(UInt32(bigEndian: option.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 12, as: UInt32.self) }))
-        guard receive(client, length) != nil else { return }
-        let flags: UInt16 = 1 | 4 // HAS_FLAGS, SEND_FLUSH
-        let info = ByteWriter().u16(0).u64(size).u16(flags).bytes
-        let reply = { (type: UInt32, data: [UInt8]) in
-            ByteWriter().u64(NBDHandshake.optionReplyMagic).u32(7).u32(type).u32(UInt32(data.count)).raw(data).bytes
-        }
-        guard send(client, reply(3, info) + reply(1, [])) else { return }
+        guard handshake(client) else { return }
         while let request = receive(client, NBDRequest.headerSize) {
             let cookie = request.withUnsafeBytes { UInt64(bigEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self)) }
             let count = Int(request.withUnsafeBytes { UInt32(bigEndian: $0.loadUnaligned(fromByteOffset: 24, as: UInt32.self)) })
@@ -77,6 +68,74 @@ import UblkTesting
                 return
             }
         }
+    }
+
+    /// The server's side of the handshake: an export of `size` bytes with SEND_FLUSH.
+    static func handshake(_ client: Int32) -> Bool {
+        let greeting = ByteWriter().u64(NBDHandshake.greetingMagic).u64(NBDHandshake.optionMagic).u16(3).bytes
+        guard send(client, greeting), receive(client, 4) != nil, let option = receive(client, 16) else { return false }
+        let length = Int(UInt32(bigEndian: option.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 12, as: UInt32.self) }))
+        guard receive(client, length) != nil else { return false }
+        let flags: UInt16 = 1 | 4 // HAS_FLAGS, SEND_FLUSH
+        let info = ByteWriter().u16(0).u64(size).u16(flags).bytes
+        let reply = { (type: UInt32, data: [UInt8]) in
+            ByteWriter().u64(NBDHandshake.optionReplyMagic).u32(7).u32(type).u32(UInt32(data.count)).raw(data).bytes
+        }
+        return send(client, reply(3, info) + reply(1, []))
+    }
+
+    /// A FLUSH that arrives while a WRITE is unanswered waits for that answer: the server
+    /// holds the WRITE's reply for 300 ms and sees nothing else meanwhile.
+    @Test func aFlushWaitsForTheWritesBeforeIt() throws {
+        let listener = try SilentListener(backlog: 4)
+        let fd = listener.fd
+        let seen = UnsafeMutablePointer<Int32>.allocate(capacity: 1) // -1: nothing early; else the command
+        seen.initialize(to: -2)
+        defer { seen.deallocate() }
+        let address = UInt(bitPattern: seen)
+        let server = try OSThread {
+            let client = accept(fd, nil, nil)
+            guard client >= 0 else { return }
+            defer { close(client) }
+            UnsafeMutablePointer<Int32>(bitPattern: address)!.pointee = Self.commandAfterHeldWrite(client)
+        }
+        try writeThenFlush(port: listener.port)
+        server.join()
+        #expect(seen.pointee == Int32(NBDCommand.flush.rawValue), "-1: the FLUSH was sent before the WRITE was answered")
+    }
+
+    /// Serves a WRITE, holds its reply 300 ms, then answers the next request: returns that
+    /// request's command, or -1 if anything arrived while the WRITE was unanswered.
+    static func commandAfterHeldWrite(_ client: Int32) -> Int32 {
+        guard handshake(client), let write = receive(client, NBDRequest.headerSize) else { return -2 }
+        let length = Int(write.withUnsafeBytes { UInt32(bigEndian: $0.loadUnaligned(fromByteOffset: 24, as: UInt32.self)) })
+        guard receive(client, length) != nil else { return -2 }
+        var poller = pollfd(fd: client, events: Int16(POLLIN), revents: 0)
+        let early = poll(&poller, 1, 300) > 0
+        guard reply(client, to: write), let next = receive(client, NBDRequest.headerSize), reply(client, to: next) else {
+            return -2
+        }
+        _ = receive(client, NBDRequest.headerSize) // DISC, or the end
+        return early ? -1 : Int32(next.withUnsafeBytes { UInt16(bigEndian: $0.loadUnaligned(fromByteOffset: 6, as: UInt16.self)) })
+    }
+
+    /// A successful simple reply (no data) to `request`.
+    static func reply(_ client: Int32, to request: [UInt8]) -> Bool {
+        let cookie = request.withUnsafeBytes { UInt64(bigEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self)) }
+        var header = [UInt8](repeating: 0, count: NBDSimpleReplyHeader.size)
+        header.withUnsafeMutableBytes { NBDSimpleReplyHeader(error: 0, cookie: cookie).encode(into: $0) }
+        return send(client, header)
+    }
+
+    /// A WRITE and, while it is in flight, a FLUSH, through the nbd target.
+    func writeThenFlush(port: UInt16) throws {
+        let queue = try OfflineQueue(target: try NBDTarget(NBDConfiguration(uri: "nbd://127.0.0.1:\(port)/x")), depth: 2,
+                                     bufferSize: 64 * 1024)
+        var results: [Int: Int32] = [:]
+        try queue.start(tag: 0, IODescriptor(operation: .write, startSector: 0, sectorCount: 8)) { results[$0] = $1 }
+        try queue.start(tag: 1, IODescriptor(operation: .flush, startSector: 0, sectorCount: 0)) { results[$0] = $1 }
+        while results.count < 2 { try queue.reap { results[$0] = $1 } }
+        #expect(results == [0: 4096, 1: 0])
     }
 
     static func send(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
