@@ -11,7 +11,7 @@
 //   UblkCrypto  - dm-crypt plain-mode aes-xts-plain64: locked key memory and the sector cipher
 //   UblkControl - /dev/ublk-control: add, set params, start, stop, delete, info, features, recovery
 //   UblkQueue   - one thread per hardware queue: descriptors, buffers, FETCH/COMMIT loop, `Target`
-//   UblkTargets - loop (file-backed, optionally encrypted) and null targets
+//   UblkTargets - loop (file-backed, optionally encrypted), null and nbd (network) targets
 //   UblkNBD     - the NBD client protocol: URIs, connect + handshake, wire format, reply parser
 //   UblkServer  - brings a device up and down: control plane + queues + target + signals
 //   UblkTesting - the queue engine fed by the caller instead of the driver (host tests, Benchmarks/)
@@ -47,7 +47,7 @@ let package = Package(
         ]),
         .target(name: "UblkNBD", dependencies: ["UblkSystem"]),
         .target(name: "UblkTargets", dependencies: [
-            "UblkQueue", "UblkSystem", "UblkCrypto", "CUblk", "CLiburing", .product(name: "Logging", package: "swift-log"),
+            "UblkQueue", "UblkNBD", "UblkSystem", "UblkCrypto", "CUblk", "CLiburing", .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "UblkTesting", dependencies: [
             "UblkQueue", "UblkSystem", "CUblk", .product(name: "Logging", package: "swift-log"),
@@ -57,7 +57,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "ublk", dependencies: [
-            "UblkServer", "UblkTargets", "UblkCrypto", "UblkQueue", "UblkControl", "UblkSystem", "CUblk",
+            "UblkServer", "UblkTargets", "UblkNBD", "UblkCrypto", "UblkQueue", "UblkControl", "UblkSystem", "CUblk",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -65,11 +65,11 @@ let package = Package(
         .testTarget(name: "UblkCryptoTests", dependencies: ["UblkCrypto", "UblkSystem", "COpenSSL"]),
         .testTarget(name: "UblkControlTests", dependencies: ["UblkControl", "CUblk"]),
         .testTarget(name: "UblkQueueTests", dependencies: ["UblkQueue", "UblkSystem", "UblkTesting", "UblkTargets", "CUblk"]),
-        .testTarget(name: "UblkTargetsTests", dependencies: ["UblkTargets", "UblkQueue", "UblkSystem", "UblkTesting", "UblkCrypto"]),
-        .testTarget(name: "UblkNBDTests", dependencies: ["UblkNBD", "UblkSystem"]),
+        .testTarget(name: "UblkTargetsTests", dependencies: ["UblkTargets", "UblkQueue", "UblkNBD", "UblkSystem", "UblkTesting", "UblkCrypto"]),
+        .testTarget(name: "UblkNBDTests", dependencies: ["UblkNBD", "UblkSystem", "UblkTargets", "UblkQueue", "UblkTesting"]),
         .testTarget(name: "UblkServerTests", dependencies: ["UblkServer", "UblkControl", "UblkQueue", "UblkTargets", "UblkSystem"]),
         .testTarget(name: "ublkTests", dependencies: [
-            "ublk", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "ublk", "UblkTargets", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
     ],
     swiftLanguageModes: [.v6]

@@ -127,6 +127,8 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// Tags the kernel has not retired yet. (Only the queue's thread touches it, never with
     /// overlapping accesses: no dynamic exclusivity check needed.)
     @usableFromInline @exclusivity(unchecked) var live: Int
+    /// Room for the requests one `.queue` completion finishes (`FinishedRequests`).
+    @usableFromInline let finishedStorage: UnsafeMutableBufferPointer<(tag: UInt16, result: Int32)>
     public let depth: Int
 
     /// A queue on `ring` (its fixed files already registered: 0 is /dev/ublkcN, then the target's).
@@ -157,12 +159,14 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         self.capacity = capacity
         self.logger = logger
         live = depth
+        finishedStorage = .allocate(capacity: depth)
     }
 
     deinit {
         requests.deallocate()
         registeredByQueue.deallocate()
         resultAfterUnregister.deallocate()
+        finishedStorage.deallocate()
     }
 
     /// The buffer of `tag` (copy mode).
@@ -194,17 +198,37 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     @inlinable
     func completed(_ userData: UserData, result: Int32) throws(SystemError) {
         let tag = Int(userData.tag)
-        guard tag < depth else { return }
         switch userData.kind {
-        case .command where userData.step == CommandStep.fetch:
+        case .command where tag < depth && userData.step == CommandStep.fetch:
             try commandCompleted(tag: tag, result: result)
-        case .command:
+        case .command where tag < depth:
             try bufferCommandCompleted(tag: tag, step: userData.step, result: result)
-        case .target:
+        case .target where tag < depth:
             try step(tag: tag, backingResult: result)
-        case .queue, nil:
-            break // no target submits operations of the queue itself yet
+        case .queue:
+            try queueOperationCompleted(step: userData.step, result: result)
+        case .command, .target, nil:
+            break
         }
+    }
+
+    /// A handler's operation of the queue itself completed: the handler says which
+    /// requests it finished, and they are committed here.
+    @inlinable
+    func queueOperationCompleted(step: UInt16, result: Int32) throws(SystemError) {
+        let io = BackingSubmitter(ring: ring.handle, userData: UserData(.queue, tag: 0, step: step))
+        var finished = FinishedRequests(storage: finishedStorage)
+        let outcome = handlerReference._withUnsafeGuaranteedRef { handler in
+            Result { () throws(SystemError) in
+                try handler.queueOperationCompleted(step: step, result: result, io, finished: &finished)
+            }
+        }
+        for index in 0..<finished.count {
+            let (tag, value) = finished.storage[index]
+            if value < 0 { logFailure(tag: Int(tag), result: value) }
+            try source.commit(requests[Int(tag)], result: value, ring.handle)
+        }
+        try outcome.get()
     }
 
     /// A FETCH or COMMIT_AND_FETCH completed: a new request, or the end of the tag

@@ -20,6 +20,10 @@ public struct TargetProperties: Sendable, Equatable {
     public var supportsWriteZeroes = false
     /// Discard granularity in bytes.
     public var discardGranularity: Int = 4096
+    /// FUA writes are honoured (with a volatile cache); without, the kernel sends a FLUSH instead.
+    public var supportsFUA = true
+    /// Largest read or write the backing takes in one piece; the device's requests are capped to it.
+    public var maximumTransferBytes: Int = .max
 
     public init(size: UInt64) { self.size = size }
 }
@@ -119,16 +123,49 @@ extension Target {
 /// completions comes back through `complete`, which again finishes or resubmits.
 /// Results are bytes transferred (reads/writes) or 0, or a negative errno. A thrown
 /// error (no SQE could be had) finishes the request with that errno.
+///
+/// A handler may also submit operations of the queue itself (`BackingSubmitter.forQueue`,
+/// kind `.queue`: a network target's receive of the next reply, which may answer any
+/// tag). Their completions come to `queueOperationCompleted`, which reports the requests
+/// they finished in `finished`.
 public protocol QueueHandler: AnyObject {
     func start(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> Int32?
     func complete(_ request: IORequest, backingResult: Int32, _ io: BackingSubmitter) throws(SystemError) -> Int32?
+    /// An operation submitted through `io.forQueue(step:)` completed with `result`. A
+    /// thrown error ends the queue (the handler's own state can no longer be trusted).
+    func queueOperationCompleted(step: UInt16, result: Int32, _ io: BackingSubmitter,
+                                 finished: inout FinishedRequests) throws(SystemError)
+}
+
+extension QueueHandler {
+    /// Handlers that submit only per-request operations never get here.
+    public func queueOperationCompleted(step: UInt16, result: Int32, _ io: BackingSubmitter,
+                                        finished: inout FinishedRequests) throws(SystemError) {}
+}
+
+/// Requests a `.queue` completion finished, each with its result; the queue commits them
+/// once the handler returns. Room for every tag once (a tag is finished at most once).
+public struct FinishedRequests {
+    @usableFromInline let storage: UnsafeMutableBufferPointer<(tag: UInt16, result: Int32)>
+    @usableFromInline var count = 0
+
+    @inlinable
+    init(storage: UnsafeMutableBufferPointer<(tag: UInt16, result: Int32)>) { self.storage = storage }
+
+    /// Finishes the request on `tag` with `result` (bytes transferred, 0, or a negative errno).
+    @inlinable
+    public mutating func append(tag: UInt16, result: Int32) {
+        precondition(count < storage.count, "a request was finished twice")
+        storage[count] = (tag, result)
+        count += 1
+    }
 }
 
 /// Submits a target's backing I/O on the queue's ring, tagged (`UserData.Kind.target`)
 /// so the completion returns to the right request.
 public struct BackingSubmitter {
     @usableFromInline let ring: IORing.Handle
-    @usableFromInline let tag: UInt16
+    @usableFromInline let userData: UserData
 
     /// Fixed-file index of the target's first file (0 is /dev/ublkcN).
     public static let firstTargetFile: Int32 = 1
@@ -136,13 +173,26 @@ public struct BackingSubmitter {
     @inlinable
     init(ring: IORing.Handle, tag: UInt16) {
         self.ring = ring
-        self.tag = tag
+        userData = UserData(.target, tag: tag)
     }
 
-    /// A cleared SQE carrying this tag, for an operation on a fixed file.
+    @inlinable
+    init(ring: IORing.Handle, userData: UserData) {
+        self.ring = ring
+        self.userData = userData
+    }
+
+    /// A submitter for operations of the queue itself (kind `.queue`), whose completion
+    /// goes to `QueueHandler.queueOperationCompleted` with `step`.
+    @inlinable
+    public func forQueue(step: UInt16) -> BackingSubmitter {
+        BackingSubmitter(ring: ring, userData: UserData(.queue, tag: 0, step: step))
+    }
+
+    /// A cleared SQE carrying this submitter's user data.
     @inlinable
     func prepare() throws(SystemError) -> UnsafeMutablePointer<io_uring_sqe> {
-        try ring.prepare(userData: UserData(.target, tag: tag).rawValue)
+        try ring.prepare(userData: userData.rawValue)
     }
 
     /// Marks the prepared SQE's file as a fixed-file index (liburing's prep calls clear the flags).
@@ -219,6 +269,30 @@ public struct BackingSubmitter {
         let sqe = try prepare()
         io_uring_prep_fallocate(sqe, file, mode, off_t(offset), off_t(length))
         fixed(sqe)
+    }
+
+    /// `sendmsg` on a socket (a plain descriptor: a socket is replaced on reconnect, so it
+    /// is not a fixed file). MSG_NOSIGNAL is always added: a dropped peer is an EPIPE
+    /// result, not a signal. `message` must stay valid until the completion.
+    @inlinable
+    public func sendMessage(socket: Int32, _ message: UnsafePointer<msghdr>, flags: Int32 = 0) throws(SystemError) {
+        let sqe = try prepare()
+        io_uring_prep_sendmsg(sqe, socket, message, UInt32(bitPattern: flags | Int32(MSG_NOSIGNAL)))
+    }
+
+    /// `recv` of up to `count` bytes from a socket (a plain descriptor) into `buffer`.
+    @inlinable
+    public func receive(socket: Int32, into buffer: UnsafeMutableRawPointer, count: Int,
+                        flags: Int32 = 0) throws(SystemError) {
+        let sqe = try prepare()
+        io_uring_prep_recv(sqe, socket, buffer, count, flags)
+    }
+
+    /// A timer: completes with -ETIME once `duration` (which must stay valid until then) passed.
+    @inlinable
+    public func timeout(_ duration: UnsafeMutablePointer<__kernel_timespec>) throws(SystemError) {
+        let sqe = try prepare()
+        io_uring_prep_timeout(sqe, duration, 0, 0)
     }
 
     /// `RWF_DSYNC` from linux/fs.h (a cast macro, so not imported).

@@ -134,7 +134,8 @@ public final class DeviceServer {
         var flags = try options.recovery.deviceFlags(features: control.features)
         flags.formUnion(try zeroCopyFlags(features: control.features))
         let request = DeviceInfo(id: options.id, queueCount: UInt16(options.queues), queueDepth: UInt16(options.depth),
-                                 maxIOBufferBytes: UInt32(options.maxIOBytes), flags: flags)
+                                 maxIOBufferBytes: UInt32(min(options.maxIOBytes, target.properties.maximumTransferBytes)),
+                                 flags: flags)
         let info: DeviceInfo
         do { info = try control.addDevice(request) } catch { throw .control(error) }
         logger.debug("ADD_DEV: device \(info.id!) has flags \(info.flags)")
@@ -274,7 +275,7 @@ public final class DeviceServer {
         parameters.readOnly = properties.readOnly
         parameters.rotational = properties.rotational
         parameters.volatileCache = properties.volatileCache
-        parameters.fua = properties.volatileCache
+        parameters.fua = properties.volatileCache && properties.supportsFUA
         if properties.supportsDiscard {
             parameters.discard = .init(granularity: UInt32(properties.discardGranularity),
                                        maxDiscardSectors: UInt32.max >> 9,

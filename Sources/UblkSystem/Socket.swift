@@ -71,6 +71,9 @@ extension FileDescriptor {
     /// `send(2)` (never raises SIGPIPE): may send fewer bytes than given.
     public func send(_ buffer: UnsafeRawBufferPointer) throws -> Int { try Syscalls.send(rawValue, buffer) }
 
+    /// Ends both directions of the connection now: pending receives see its end, sends fail.
+    public func shutdown() { Syscalls.shutdown(rawValue) }
+
     /// `recv(2)`: may return fewer bytes than asked; 0 means the peer closed the connection.
     public func receive(into buffer: UnsafeMutableRawBufferPointer) throws -> Int { try Syscalls.receive(rawValue, buffer) }
 }

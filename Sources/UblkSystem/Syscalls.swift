@@ -187,6 +187,12 @@ extension Syscalls {
         try retryingOnInterrupt("send") { Glibc.send(fd, buffer.baseAddress, buffer.count, Int32(MSG_NOSIGNAL)) }
     }
 
+    /// `shutdown(2)` of both directions: operations pending on the socket (an io_uring
+    /// recv, a send) end at once, before the descriptor is closed.
+    static func shutdown(_ fd: Int32) {
+        _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
+    }
+
     /// `recv(2)`: 0 means the peer closed the connection.
     static func receive(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         try retryingOnInterrupt("recv") { Glibc.recv(fd, buffer.baseAddress, buffer.count, 0) }

@@ -1,4 +1,5 @@
 import Glibc
+import UblkNBD
 import UblkSystem
 
 /// Why `auto` direct I/O fell back to buffered I/O (or `on` failed).
@@ -40,6 +41,8 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
     case keyWithoutEncryption
     case keySizeMismatch(key: Int, configured: Int)
     case encryptionBlockSize(Int)
+    /// The NBD export could not be reached, negotiated or served (its message says what to do).
+    case nbd(NBDError)
 
     /// The system call that failed, if one did.
     public var systemError: SystemError? {
@@ -80,6 +83,7 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
             "the key has \(key) bits but the device is set up for \(configured): give --key-size \(configured)"
         case .encryptionBlockSize(let size):
             "encryption works in 512- or 4096-byte sectors, not \(size): use --block-size 512 or 4096"
+        case .nbd(let error): error.message
         }
     }
 }

@@ -6,12 +6,14 @@ import UblkQueue
 public enum TargetSpec: Sendable, Equatable, Codable {
     case loop(LoopConfiguration)
     case null(NullConfiguration)
+    case nbd(NBDConfiguration)
 
     /// Short name (`loop`, `null`), as `ublk list` shows it.
     public var name: String {
         switch self {
         case .loop: "loop"
         case .null: "null"
+        case .nbd: "nbd"
         }
     }
 
@@ -24,7 +26,7 @@ public enum TargetSpec: Sendable, Equatable, Codable {
     public var encryption: EncryptionConfiguration? {
         switch self {
         case .loop(let configuration): configuration.encryption
-        case .null: nil
+        case .null, .nbd: nil
         }
     }
 
@@ -33,6 +35,7 @@ public enum TargetSpec: Sendable, Equatable, Codable {
         switch self {
         case .loop(let configuration): configuration.path
         case .null: nil
+        case .nbd(let configuration): configuration.uri
         }
     }
 
@@ -45,6 +48,8 @@ public enum TargetSpec: Sendable, Equatable, Codable {
         case .null(var configuration):
             if let size { configuration.size = size }
             return .null(configuration)
+        case .nbd:
+            return self // the export's size is the server's
         }
     }
 
@@ -54,11 +59,12 @@ public enum TargetSpec: Sendable, Equatable, Codable {
         switch self {
         case .loop(let configuration): try LoopTarget(configuration, key: key)
         case .null(let configuration): NullTarget(configuration)
+        case .nbd(let configuration): try NBDTarget(configuration)
         }
     }
 
     private enum CodingKeys: String, CodingKey {
-        case kind, loop, null
+        case kind, loop, null, nbd
     }
 
     // {"kind": "loop", "loop": {...}}: the kind readable on its own, the settings beside it.
@@ -68,6 +74,7 @@ public enum TargetSpec: Sendable, Equatable, Codable {
         switch kind {
         case "loop": self = .loop(try container.decode(LoopConfiguration.self, forKey: .loop))
         case "null": self = .null(try container.decode(NullConfiguration.self, forKey: .null))
+        case "nbd": self = .nbd(try container.decode(NBDConfiguration.self, forKey: .nbd))
         default: throw DecodingError.dataCorruptedError(forKey: .kind, in: container, debugDescription: "unknown target \(kind)")
         }
     }
@@ -78,6 +85,7 @@ public enum TargetSpec: Sendable, Equatable, Codable {
         switch self {
         case .loop(let configuration): try container.encode(configuration, forKey: .loop)
         case .null(let configuration): try container.encode(configuration, forKey: .null)
+        case .nbd(let configuration): try container.encode(configuration, forKey: .nbd)
         }
     }
 }
@@ -91,4 +99,10 @@ public protocol SpecifiedTarget: Target {
     var directIOState: String { get }
     /// One line for the user when the target chose less than was asked, else nil.
     var note: String? { get }
+    /// The most queues the target can serve, and why, when it cannot serve any number.
+    var queueLimit: (queues: Int, reason: String)? { get }
+}
+
+extension SpecifiedTarget {
+    public var queueLimit: (queues: Int, reason: String)? { nil }
 }

@@ -3,6 +3,7 @@ import UblkCrypto
 import UblkQueue
 import UblkSystem
 import UblkServer
+import UblkNBD
 import UblkTargets
 
 /// A byte count written with an optional binary suffix: 4096, 512K, 256M, 1G, 2T.
@@ -35,7 +36,7 @@ extension RecoveryPolicy: ExpressibleByArgument {}
 
 /// The target kinds `ublk add` knows.
 enum TargetKind: String, ExpressibleByArgument, CaseIterable, Sendable {
-    case loop, null
+    case loop, null, nbd
 }
 
 /// Everything `ublk add` takes; also what a device config file holds.
@@ -43,8 +44,14 @@ struct DeviceOptions: ParsableArguments {
     @Option(name: .long, help: "Backing file or block device (loop target).")
     var file: String?
 
-    @Option(name: .long, help: "Target: loop (a backing file) or null (no backing, reads return zeros).")
+    @Option(name: .long, help: "Target: loop (a backing file), null (no backing, reads return zeros) or nbd (an NBD export, --uri).")
     var target: TargetKind?
+
+    @Option(name: .long, help: "NBD export (nbd target): nbd://HOST[:PORT]/EXPORT (port 10809 by default) or nbd+unix:///EXPORT?socket=PATH.")
+    var uri: String?
+
+    @Option(name: .customLong("reconnect-timeout"), help: "Seconds I/O waits for a lost NBD connection to come back before failing with EIO (default 30).")
+    var reconnectTimeout: Int?
 
     @Option(name: .long, help: "Device id N for /dev/ublkbN (default: the kernel picks).")
     var id: UInt32?
@@ -94,7 +101,7 @@ struct DeviceOptions: ParsableArguments {
 
     init() {}
 
-    var kind: TargetKind { target ?? .loop }
+    var kind: TargetKind { target ?? (uri != nil ? .nbd : .loop) }
 
     /// Checks what can be checked without touching the backing or the kernel.
     func check() throws {
@@ -108,6 +115,10 @@ struct DeviceOptions: ParsableArguments {
             throw ValidationError("--block-size \(blockSize) is not a power of two from 512 to 4096: give 512, 1024, 2048 or 4096")
         }
         try checkEncryption()
+        if kind != .nbd {
+            if uri != nil { throw ValidationError("--uri is for the nbd target: give --target nbd") }
+            if reconnectTimeout != nil { throw ValidationError("--reconnect-timeout is for the nbd target: give --target nbd") }
+        }
         switch kind {
         case .loop:
             guard file != nil else { throw ValidationError("no backing file: give --file PATH (or --target null --size N)") }
@@ -119,6 +130,8 @@ struct DeviceOptions: ParsableArguments {
                 throw ValidationError("--size \(size.value) is not a positive multiple of the block size \(block)")
             }
             if offset != nil { throw ValidationError("the null target has no backing file: leave out --offset") }
+        case .nbd:
+            try checkNBD()
         }
     }
 
@@ -132,7 +145,7 @@ struct DeviceOptions: ParsableArguments {
         if CipherName(rawValue: encryption) == nil {
             throw ValidationError("unknown cipher \(encryption): the only one is --encryption aes-xts-plain64")
         }
-        if kind == .null { throw ValidationError("the null target stores nothing to encrypt: leave out --encryption") }
+        if kind != .loop { throw ValidationError("only the loop target encrypts (the \(kind.rawValue) target stores nothing of its own): leave out --encryption") }
         if !key.isGiven { throw ValidationError("--encryption needs the key: give --key-file PATH (or - for standard input)") }
         if let keySize {
             do { _ = try XTSKeySize(bits: keySize) } catch { throw ValidationError(error.description) }
@@ -140,6 +153,19 @@ struct DeviceOptions: ParsableArguments {
         if let blockSize, !EncryptionConfiguration.sectorSizes.contains(blockSize) {
             throw ValidationError("encryption works in 512- or 4096-byte sectors, not \(blockSize): use --block-size 512 or 4096")
         }
+    }
+
+    /// The nbd target takes its size and block size from the export, and has no file.
+    func checkNBD() throws {
+        guard let uri else { throw ValidationError("the nbd target needs an export: give --uri nbd://HOST[:PORT]/EXPORT") }
+        for (name, given) in [("--file", file != nil), ("--offset", offset != nil), ("--size", size != nil),
+                              ("--block-size", blockSize != nil)] where given {
+            throw ValidationError("the nbd target takes its size and block size from the export: leave out \(name)")
+        }
+        if let reconnectTimeout, reconnectTimeout < 0 || reconnectTimeout > 86400 {
+            throw ValidationError("--reconnect-timeout \(reconnectTimeout) is out of range: give 0 to 86400 seconds")
+        }
+        do { _ = try NBDAddress(uri: uri) } catch { throw ValidationError(error.message) }
     }
 
     /// Options from a config file, overridden by `overrides` (command-line arguments).
@@ -156,6 +182,11 @@ struct DeviceOptions: ParsableArguments {
     /// The target these options describe.
     var spec: TargetSpec {
         switch kind {
+        case .nbd:
+            var configuration = NBDConfiguration(uri: uri!)
+            configuration.readOnly = readOnly
+            configuration.reconnectTimeout = reconnectTimeout ?? NBDConfiguration.defaultReconnectTimeout
+            return .nbd(configuration)
         case .null:
             return .null(NullConfiguration(size: size!.value, logicalBlockSize: blockSize ?? 512))
         case .loop:

@@ -52,6 +52,10 @@ struct ServerFlags: ParsableArguments {
         }
         var options = device.serverOptions
         options.name = name
+        if let limit = target.queueLimit, options.queues > limit.queues {
+            options.queues = limit.queues
+            if let readyFD { Background.note(limit.reason, to: readyFD) } else { FileHandleStderr.print("ublk: \(limit.reason)") }
+        }
         try serve(target: target, options: options, mode: .create)
     }
 
@@ -89,6 +93,8 @@ extension Ublk {
               ublk add --file disk.img            # loop target, O_DIRECT if possible
               ublk add --file disk.img --queues 2 --depth 64 --direct-io off
               ublk add --target null --size 1G
+              ublk add --target nbd --uri nbd://127.0.0.1/disk --queues 2
+              ublk add --target nbd --uri 'nbd+unix:///disk?socket=/run/nbd.sock'
             """)
 
         @OptionGroup var device: DeviceOptions

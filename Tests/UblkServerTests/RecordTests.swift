@@ -29,8 +29,20 @@ import UblkTargets
         #expect(json.contains(#""kind":"loop""#))
     }
 
+    @Test func nbdRecordsRoundTrip() throws {
+        var nbd = NBDConfiguration(uri: "nbd+unix:///disk?socket=/run/nbd.sock")
+        nbd.readOnly = true
+        nbd.reconnectTimeout = 7
+        let record = DeviceRecord(id: 5, pid: 44, name: nil, spec: .nbd(nbd), size: 1 << 30, queues: 1, depth: 32, directIO: "-",
+                                  recovery: true)
+        #expect(try roundTrip(record) == record)
+        #expect(record.spec.name == "nbd" && record.spec.backing == nbd.uri)
+        let json = String(decoding: try JSONEncoder().encode(record), as: UTF8.self)
+        #expect(json.contains(#""kind":"nbd""#))
+    }
+
     @Test func anUnknownTargetKindIsRefused() {
-        let json = #"{"id":1,"pid":1,"spec":{"kind":"nbd"},"queues":1,"depth":1,"directIO":"-","recovery":false}"#
+        let json = #"{"id":1,"pid":1,"spec":{"kind":"iscsi"},"queues":1,"depth":1,"directIO":"-","recovery":false}"#
         #expect(throws: DecodingError.self) { try JSONDecoder().decode(DeviceRecord.self, from: Data(json.utf8)) }
     }
 

@@ -9,12 +9,18 @@
 #   expect_eq ACTUAL EXPECTED WHAT fail unless equal
 #   wait_for_path PATH [SECS]      wait (default 10 s) until PATH exists
 #   wait_gone PATH [SECS]          wait (default 10 s) until PATH is gone
+#   wait_port PORT [SECS [LOG]]    wait (default 10 s) until 127.0.0.1:PORT accepts;
+#                                  on failure LOG (the server's) is shown
+#   need_loopback                  bring up lo (the guest starts without it) for local servers
 #   mktempdir                      new dir /scratch/ublk-test.XXXXXX; at exit
 #                                  what is mounted in it is unmounted, then
 #                                  the at_exit commands run, then it goes
 #   at_exit CMD...                 run CMD at exit (last registered first);
 #                                  use it instead of "trap ... EXIT"
 #   sha FILE                       sha256 of FILE (hex only)
+#   ext4_through DEV ID IMAGE DIR  mkfs.ext4 on DEV (device ID), mount, write files,
+#                                  unmount, ublk del; then IMAGE (what DEV was backed
+#                                  by) must pass e2fsck and hold the same files (debugfs)
 #   list_field ID NAME             field NAME of device ID in `ublk list --json`
 #                                  (empty if there is no such device)
 #   wait_exit PID SECS             wait until PID (not our child) is gone or a zombie
@@ -63,6 +69,16 @@ _wait_until() {
 }
 wait_for_path() { _wait_until "${2:-10}" -e "$1" || fail "$1 did not appear within ${2:-10} s"; }
 wait_gone() { _wait_until "${2:-10}" ! -e "$1" || fail "$1 still exists after ${2:-10} s"; }
+need_loopback() {
+	ip link set lo up || fail "cannot bring up the loopback interface"
+}
+wait_port() {
+	local deadline=$((SECONDS + ${2:-10}))
+	until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do
+		((SECONDS < deadline)) || fail "nothing listens on 127.0.0.1:$1 after ${2:-10} s${3:+: $(cat "$3" 2>&1)}"
+		sleep 0.1
+	done
+}
 
 # The dirs and exit commands are listed in files, so mktempdir works inside
 # $(...) subshells too ($$ is the test's pid there as well).
@@ -79,6 +95,23 @@ mktempdir() {
 at_exit() { printf '%q ' "$@" >>"$_LIB_AT_EXIT" && echo >>"$_LIB_AT_EXIT"; }
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
+
+ext4_through() {
+	local dev=$1 id=$2 image=$3 dir=$4 i
+	mkfs.ext4 -q -F "$dev"
+	mkdir -p "$dir/mnt"
+	mount "$dev" "$dir/mnt"
+	for i in 1 2 3 4 5 6; do head -c 3M /dev/urandom >"$dir/mnt/f$i"; done
+	(cd "$dir/mnt" && sha256sum f*) >"$dir/written.sums"
+	umount "$dir/mnt"
+	"$UBLK" del --id "$id"
+	wait_gone "$dev"
+	e2fsck -fn "$image" >"$dir/fsck.out" 2>&1 || { cat "$dir/fsck.out"; fail "e2fsck found problems in $image"; }
+	for i in 1 2 3 4 5 6; do
+		echo "$(debugfs -R "cat /f$i" "$image" 2>/dev/null | sha256sum | cut -d' ' -f1)  f$i"
+	done >"$dir/image.sums"
+	diff "$dir/written.sums" "$dir/image.sums" || fail "the files in $image differ from what was written"
+}
 
 list_field() {
 	"$UBLK" list --json | python3 -c '

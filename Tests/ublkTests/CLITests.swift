@@ -1,8 +1,18 @@
 import ArgumentParser
 import Testing
+import UblkTargets
 @testable import ublk
 
 @Suite struct CLITests {
+    /// What `ublk add ARGUMENTS` says: "accepted", or the message of its refusal.
+    func message(_ arguments: [String]) -> String {
+        do {
+            let options = try DeviceOptions.parse(arguments)
+            try options.check()
+            return "accepted"
+        } catch { return DeviceOptions.message(for: error) }
+    }
+
     @Test func byteCountsTakeBinarySuffixes() {
         #expect(ByteCount(argument: "4096")?.value == 4096)
         #expect(ByteCount(argument: "512K")?.value == 512 << 10)
@@ -50,7 +60,7 @@ import Testing
         func message(_ text: String) -> String {
             do { _ = try ConfigFile.arguments(text: text, path: "x.conf"); return "accepted" } catch { return "\(error)" }
         }
-        #expect(message("file = /a\nqueus = 2") == "x.conf:2: unknown key `queus`: use one of block-size, depth, direct-io, encryption, file, id, key-file, key-size, offset, queues, read-only, recovery, size, skip, target, zero-copy")
+        #expect(message("file = /a\nqueus = 2") == "x.conf:2: unknown key `queus`: use one of block-size, depth, direct-io, encryption, file, id, key-file, key-size, offset, queues, read-only, reconnect-timeout, recovery, size, skip, target, uri, zero-copy")
         #expect(message("read-only = maybe").hasPrefix("x.conf:1: read-only takes yes or no"))
         #expect(message("file /a").hasPrefix("x.conf:1: expected `key = value`"))
         #expect(message("key-file = -").hasPrefix("x.conf:1: key-file = - reads standard input"))
@@ -96,13 +106,6 @@ import Testing
     }
 
     @Test func badOptionsAreRefusedWithWhatToDo() {
-        func message(_ arguments: [String]) -> String {
-            do {
-                let options = try DeviceOptions.parse(arguments)
-                try options.check()
-                return "accepted"
-            } catch { return DeviceOptions.message(for: error) }
-        }
         #expect(message(["--file", "a", "--depth", "0"]).contains("give 1 to 4096"))
         #expect(message(["--file", "a", "--depth", "4097"]).contains("give 1 to 4096"))
         #expect(message(["--file", "a", "--queues", "0"]).contains("out of range"))
@@ -112,6 +115,24 @@ import Testing
         #expect(message(["--target", "null"]).contains("give --size"))
         #expect(message(["--target", "null", "--size", "1000"]).contains("not a positive multiple"))
         #expect(message(["--file", "a", "--queues", "2", "--depth", "64"]) == "accepted")
+    }
+
+    @Test func nbdOptionsMakeAnNBDSpec() throws {
+        #expect(message(["--target", "nbd"]).contains("give --uri"))
+        #expect(message(["--uri", "nbds://h/x"]).contains("TLS is not supported"))
+        #expect(message(["--uri", "nbd://h:x/e"]).contains("bad NBD URI"))
+        #expect(message(["--uri", "nbd://h/e", "--file", "a"]).contains("leave out --file"))
+        #expect(message(["--uri", "nbd://h/e", "--block-size", "4096"]).contains("leave out --block-size"))
+        #expect(message(["--file", "a", "--uri", "nbd://h/e", "--target", "loop"]).contains("--uri is for the nbd target"))
+        #expect(message(["--uri", "nbd://h/e", "--reconnect-timeout=-1"]).contains("0 to 86400"))
+        let arguments = try ConfigFile.arguments(text: "target = nbd\nuri = nbd://h/e\nreconnect-timeout = 5\nread-only = yes",
+                                                 path: "n.conf")
+        let options = try DeviceOptions.parse(arguments)
+        try options.check()
+        var expected = NBDConfiguration(uri: "nbd://h/e")
+        expected.reconnectTimeout = 5
+        expected.readOnly = true
+        #expect(options.spec == .nbd(expected))
     }
 
     @Test func addArgumentsWithoutServerFlags() {

@@ -1,0 +1,446 @@
+import CLiburing
+import Glibc
+import Logging
+import UblkNBD
+import UblkQueue
+import UblkSystem
+
+/// One queue's connection to an NBD export: requests go out and replies come back on
+/// the queue's own ring, as `.queue` operations (a reply may answer any tag).
+///
+/// - Sends are one at a time, in arrival order: a request header (and a WRITE's data)
+///   must reach the stream whole, and two sends in flight on one socket could interleave
+///   when one is short.
+/// - One receive is always in flight: the next reply header, or the data of a READ
+///   straight into that request's buffer (`NBDReplyParser.pendingReadData`). Replies
+///   are matched by cookie: the tag, and in the upper bits a per-tag sequence, so a
+///   stale or duplicate reply is an unknown cookie.
+/// - A FLUSH is held until every write, trim and write-zeroes that arrived before it
+///   has been answered: a FLUSH covers only answered writes.
+/// - If the connection drops (an error, the end of the stream, or a reply that breaks
+///   the protocol), the socket is shut down and, once its operations are back, closed;
+///   then reconnects are tried with backoff (a timeout SQE between attempts, so the
+///   ring keeps turning and a stopping device is noticed), and every unanswered
+///   request is sent again on the new connection. Past the reconnect timeout the
+///   waiting requests fail with EIO, as does new I/O, while retries go on.
+public final class NBDQueueHandler: QueueHandler {
+    /// The `.queue` operations, told apart by their step.
+    enum Step: UInt16 {
+        case send = 1, receive, retry
+    }
+
+    enum Phase: Equatable {
+        case idle
+        /// A FLUSH waiting for the mutations numbered below `barrier` to be answered.
+        case heldFlush(barrier: UInt64)
+        /// Waiting for its turn to be sent (or for a connection).
+        case queued
+        case sending
+        case awaitingReply
+        /// The reply came before the send's own completion was reaped: finished then.
+        case repliedWhileSending(errno: Int32)
+    }
+
+    struct Slot {
+        var phase = Phase.idle
+        var request: IORequest?
+        var command = NBDRequest(.read, cookie: 0)
+        /// Bumped per request on the tag: the upper bits of the cookie.
+        var sequence: UInt64 = 0
+        /// For writes, trims and write-zeroes: their arrival number (FLUSH barriers).
+        var mutation: UInt64 = 0
+        var isMutation = false
+        /// Bytes of header and data already sent.
+        var sent = 0
+        var cookie: UInt64 { UInt64(command.cookie) }
+    }
+
+    enum Connection {
+        case up
+        /// Shut down; closed once its send and receive are back.
+        case draining
+        /// Closed; a retry timer is pending.
+        case down(NBDReconnectBackoff)
+        /// Down past the reconnect timeout: I/O fails at once, retries go on.
+        case failed
+    }
+
+    let target: NBDTarget
+    let queueID: Int
+    let logger = Logger(label: "ublk")
+    let budget: Duration
+    var socket: FileDescriptor?
+    var socketNumber: Int32
+    var connection = Connection.up
+    var parser = NBDReplyParser()
+    var slots: [Slot]
+    /// Tags waiting to be sent, oldest first (a ring of `depth` entries).
+    var sendQueue: [UInt16]
+    var sendHead = 0, sendCount = 0
+    var sending = false, receiving = false, receivingReadData = false
+    /// Header bytes the parser still needs for the reply it is reading.
+    var headerMissing = NBDSimpleReplyHeader.size
+    var nextMutation: UInt64 = 0
+    var heldFlushes = 0
+    // Memory the kernel reads or writes while an operation is in flight: never moves.
+    let headers: UnsafeMutableRawPointer
+    let replyHeader: UnsafeMutableRawPointer
+    let message: UnsafeMutablePointer<msghdr>
+    let vectors: UnsafeMutablePointer<iovec>
+    let timer: UnsafeMutablePointer<__kernel_timespec>
+    var started = false
+
+    init(socket: consuming FileDescriptor, target: NBDTarget, queueID: Int, depth: Int) {
+        socketNumber = socket.rawValue
+        self.socket = consume socket
+        self.target = target
+        self.queueID = queueID
+        budget = .seconds(target.configuration.reconnectTimeout)
+        slots = Array(repeating: Slot(), count: depth)
+        sendQueue = Array(repeating: 0, count: depth)
+        headers = .allocate(byteCount: depth * 32, alignment: 8)
+        replyHeader = .allocate(byteCount: NBDSimpleReplyHeader.size, alignment: 8)
+        message = .allocate(capacity: 1)
+        message.initialize(to: msghdr())
+        vectors = .allocate(capacity: 2)
+        vectors.initialize(repeating: iovec(), count: 2)
+        timer = .allocate(capacity: 1)
+        timer.initialize(to: __kernel_timespec())
+    }
+
+    deinit {
+        if case .up = connection, let socket = socket.take() { try? NBDTarget.disconnect(socket) }
+        headers.deallocate()
+        replyHeader.deallocate()
+        message.deallocate()
+        vectors.deallocate()
+        timer.deallocate()
+    }
+
+    // MARK: Requests
+
+    public func start(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+        if !started {
+            // The first request is the first chance to use the ring: start receiving.
+            started = true
+            try receiveNext(io.forQueue(step: Step.receive.rawValue))
+        }
+        if case .failed = connection { return -EIO }
+        let tag = Int(request.tag)
+        guard let command = command(for: request, tag: tag) else {
+            return request.descriptor.operation == .write && target.properties.readOnly ? -EROFS : -EOPNOTSUPP
+        }
+        slots[tag].request = request
+        slots[tag].command = command
+        slots[tag].isMutation = command.command != .read && command.command != .flush
+        if slots[tag].isMutation {
+            slots[tag].mutation = nextMutation
+            nextMutation += 1
+        }
+        if command.command == .flush && oldestMutationInFlight() != nil {
+            slots[tag].phase = .heldFlush(barrier: nextMutation)
+            heldFlushes += 1
+            return nil
+        }
+        try enqueue(tag: tag, io.forQueue(step: Step.send.rawValue))
+        return nil
+    }
+
+    public func complete(_ request: IORequest, backingResult: Int32, _ io: BackingSubmitter) -> Int32? {
+        backingResult // no per-request operations: everything goes through the connection
+    }
+
+    /// The NBD request for a ublk request, with a fresh cookie; nil when the export cannot take it.
+    func command(for request: IORequest, tag: Int) -> NBDRequest? {
+        let d = request.descriptor
+        let operation: BlockRequest.Operation
+        switch d.operation {
+        case .read: operation = .read
+        case .write: operation = .write
+        case .flush: operation = .flush
+        case .discard: operation = .discard
+        case .writeZeroes: operation = .writeZeroes
+        case .unsupported: return nil
+        }
+        if operation != .read && target.properties.readOnly { return nil }
+        guard d.byteCount <= Int(UInt32.max) else { return nil }
+        var flags: BlockRequest.Flags = []
+        if d.flags.contains(.fua) { flags.insert(.fua) }
+        if d.flags.contains(.noUnmap) { flags.insert(.noUnmap) }
+        slots[tag].sequence &+= 1
+        let cookie = UInt64(tag) | slots[tag].sequence << 16
+        let block = BlockRequest(operation, flags: flags, offset: UInt64(d.byteOffset), length: UInt32(d.byteCount))
+        return target.export.request(for: block, cookie: cookie)
+    }
+
+    /// The arrival number of the oldest write, trim or write-zeroes not yet answered.
+    func oldestMutationInFlight() -> UInt64? {
+        var oldest: UInt64?
+        for slot in slots where slot.isMutation && slot.phase != .idle {
+            oldest = min(oldest ?? slot.mutation, slot.mutation)
+        }
+        return oldest
+    }
+
+    /// Marks `tag` ready to send and sends it if the connection is idle.
+    func enqueue(tag: Int, _ io: BackingSubmitter) throws(SystemError) {
+        slots[tag].phase = .queued
+        guard case .up = connection else { return } // sent when the connection is back
+        sendQueue[(sendHead + sendCount) % sendQueue.count] = UInt16(tag)
+        sendCount += 1
+        try sendNext(io)
+    }
+
+    /// The result a finished request completes with.
+    func result(tag: Int, errno: Int32) -> Int32 {
+        if errno != 0 { return -errno }
+        let command = slots[tag].command.command
+        return command == .read || command == .write ? Int32(slots[tag].command.length) : 0
+    }
+
+    /// Finishes `tag`: its request completes, and FLUSHes it held back may go.
+    func finish(tag: Int, errno: Int32, _ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
+        finished.append(tag: UInt16(tag), result: result(tag: tag, errno: errno))
+        slots[tag].phase = .idle
+        slots[tag].request = nil
+        if slots[tag].isMutation && heldFlushes > 0 { try releaseFlushes(io) }
+    }
+
+    /// Sends the held FLUSHes whose writes have all been answered.
+    func releaseFlushes(_ io: BackingSubmitter) throws(SystemError) {
+        let oldest = oldestMutationInFlight() ?? .max
+        for tag in slots.indices {
+            guard case .heldFlush(let barrier) = slots[tag].phase, oldest >= barrier else { continue }
+            heldFlushes -= 1
+            try enqueue(tag: tag, io.forQueue(step: Step.send.rawValue))
+        }
+    }
+
+    // MARK: The connection's operations
+
+    public func queueOperationCompleted(step: UInt16, result: Int32, _ io: BackingSubmitter,
+                                        finished: inout FinishedRequests) throws(SystemError) {
+        switch Step(rawValue: step) {
+        case .send: try sendCompleted(result, io, &finished)
+        case .receive: try receiveCompleted(result, io, &finished)
+        case .retry: try retry(io, &finished)
+        case nil: break
+        }
+    }
+
+    /// Starts sending the oldest queued request, unless a send is in flight.
+    func sendNext(_ io: BackingSubmitter) throws(SystemError) {
+        guard case .up = connection, !sending, sendCount > 0 else { return }
+        let tag = Int(sendQueue[sendHead])
+        let header = headers + tag * 32
+        slots[tag].command.encode(into: UnsafeMutableRawBufferPointer(start: header, count: NBDRequest.headerSize))
+        slots[tag].phase = .sending
+        slots[tag].sent = 0
+        try submitSend(tag: tag, io.forQueue(step: Step.send.rawValue))
+    }
+
+    /// Sends what is left of `tag`'s header and data.
+    func submitSend(tag: Int, _ io: BackingSubmitter) throws(SystemError) {
+        let command = slots[tag].command
+        let sent = slots[tag].sent
+        var count = 0
+        if sent < NBDRequest.headerSize {
+            vectors[0] = iovec(iov_base: headers + tag * 32 + sent, iov_len: NBDRequest.headerSize - sent)
+            count = 1
+        }
+        if command.carriesData, let buffer = slots[tag].request?.buffer {
+            let dataSent = max(0, sent - NBDRequest.headerSize)
+            vectors[count] = iovec(iov_base: buffer + dataSent, iov_len: Int(command.length) - dataSent)
+            count += 1
+        }
+        message.pointee = msghdr()
+        message.pointee.msg_iov = vectors
+        message.pointee.msg_iovlen = count
+        sending = true
+        try io.sendMessage(socket: socketNumber, message, flags: Int32(MSG_WAITALL))
+    }
+
+    func sendCompleted(_ result: Int32, _ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
+        sending = false
+        guard case .up = connection else { return try closeIfDrained(io) }
+        if result < 0 { return try drop("send failed: \(SystemError("", errno: -result).reason)", io, &finished) }
+        let tag = Int(sendQueue[sendHead])
+        slots[tag].sent += Int(result)
+        let total = NBDRequest.headerSize + (slots[tag].command.carriesData ? Int(slots[tag].command.length) : 0)
+        if slots[tag].sent < total {
+            if case .repliedWhileSending = slots[tag].phase {
+                return try drop("the server answered a request before it was sent whole", io, &finished)
+            }
+            return try submitSend(tag: tag, io)
+        }
+        sendHead = (sendHead + 1) % sendQueue.count
+        sendCount -= 1
+        if case .repliedWhileSending(let errno) = slots[tag].phase {
+            try finish(tag: tag, errno: errno, io, &finished)
+        } else {
+            slots[tag].phase = .awaitingReply
+        }
+        try sendNext(io)
+    }
+
+    /// Receives the rest of the current reply header, or the current READ's data.
+    func receiveNext(_ io: BackingSubmitter) throws(SystemError) {
+        guard case .up = connection, !receiving else { return }
+        receiving = true
+        if let data = parser.pendingReadData {
+            receivingReadData = true
+            try io.receive(socket: socketNumber, into: data.baseAddress!, count: data.count, flags: Int32(MSG_WAITALL))
+        } else {
+            receivingReadData = false
+            let offset = NBDSimpleReplyHeader.size - headerMissing
+            try io.receive(socket: socketNumber, into: replyHeader + offset, count: headerMissing, flags: Int32(MSG_WAITALL))
+        }
+    }
+
+    func receiveCompleted(_ result: Int32, _ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
+        receiving = false
+        guard case .up = connection else { return try closeIfDrained(io) }
+        if result < 0 { return try drop("receive failed: \(SystemError("", errno: -result).reason)", io, &finished) }
+        if result == 0 {
+            do throws(NBDProtocolViolation) { try parser.endOfStream() } catch {
+                return try drop("\(error)", io, &finished)
+            }
+            return try drop("the server closed the connection", io, &finished)
+        }
+        var replies = Replies(handler: self)
+        do {
+            if receivingReadData {
+                parser.readDataArrived(Int(result), to: &replies)
+            } else {
+                let offset = NBDSimpleReplyHeader.size - headerMissing
+                headerMissing -= Int(result)
+                if headerMissing == 0 { headerMissing = NBDSimpleReplyHeader.size }
+                try parser.feed(UnsafeRawBufferPointer(start: replyHeader + offset, count: Int(result)), to: &replies)
+            }
+        } catch {
+            try complete(replies.answered, io, &finished)
+            return try drop("\(error)", io, &finished)
+        }
+        try complete(replies.answered, io, &finished)
+        try receiveNext(io)
+    }
+
+    /// Finishes the requests a receive answered (at most one: a receive ends at a reply's end).
+    func complete(_ answered: (tag: Int, errno: Int32)?, _ io: BackingSubmitter,
+                  _ finished: inout FinishedRequests) throws(SystemError) {
+        guard let (tag, errno) = answered else { return }
+        if slots[tag].phase == .sending {
+            slots[tag].phase = .repliedWhileSending(errno: errno)
+        } else {
+            try finish(tag: tag, errno: errno, io, &finished)
+        }
+    }
+
+    /// The parser's view of the requests in flight.
+    struct Replies: NBDInFlightRequests {
+        unowned let handler: NBDQueueHandler
+        var answered: (tag: Int, errno: Int32)?
+
+        mutating func expectedReply(cookie: UInt64) -> NBDExpectedReply? {
+            let tag = Int(cookie & 0xffff)
+            guard tag < handler.slots.count, handler.slots[tag].cookie == cookie,
+                  handler.slots[tag].phase == .sending || handler.slots[tag].phase == .awaitingReply,
+                  let request = handler.slots[tag].request else { return nil }
+            let command = handler.slots[tag].command
+            guard command.command == .read else { return .noData }
+            return .readData(into: UnsafeMutableRawBufferPointer(start: request.buffer, count: Int(command.length)))
+        }
+
+        mutating func replyCompleted(cookie: UInt64, errno: Int32) {
+            answered = (Int(cookie & 0xffff), errno)
+        }
+    }
+}
+
+// MARK: Losing and regaining the connection
+
+extension NBDQueueHandler {
+    /// The connection is unusable: shut it down (its pending operations come back) and
+    /// keep every unanswered request for the next connection.
+    func drop(_ reason: String, _ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
+        logger.warning("queue \(queueID): connection to \(target.address.endpoint) lost: \(reason): reconnecting")
+        socket?.shutdown()
+        connection = .draining
+        sendCount = 0
+        for tag in slots.indices {
+            switch slots[tag].phase {
+            case .sending, .awaitingReply: slots[tag].phase = .queued
+            case .repliedWhileSending(let errno): try finish(tag: tag, errno: errno, io, &finished)
+            default: break
+            }
+        }
+        try closeIfDrained(io)
+    }
+
+    /// Once no operation uses the old socket: close it and wait before the first reconnect.
+    func closeIfDrained(_ io: BackingSubmitter) throws(SystemError) {
+        guard case .draining = connection, !sending, !receiving else { return }
+        socket = nil
+        var backoff = NBDReconnectBackoff(from: .now, budget: budget)
+        let delay = backoff.delay(at: .now) ?? .zero
+        connection = .down(backoff)
+        try schedule(after: delay, io)
+    }
+
+    func schedule(after delay: Duration, _ io: BackingSubmitter) throws(SystemError) {
+        let (seconds, attoseconds) = delay.components
+        timer.pointee = __kernel_timespec(tv_sec: seconds, tv_nsec: attoseconds / 1_000_000_000)
+        try io.forQueue(step: Step.retry.rawValue).timeout(timer)
+    }
+
+    /// The retry timer fired: one connect (bounded, a few seconds at most), then either
+    /// resend everything or wait again; past the budget, fail what waits.
+    func retry(_ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
+        var backoff: NBDReconnectBackoff?
+        if case .down(let state) = connection { backoff = state }
+        let left = backoff.map { ContinuousClock.now.duration(to: $0.deadline) } ?? .seconds(2)
+        do throws(NBDError) {
+            reconnected(try target.connectAgain(timeout: max(.milliseconds(500), min(.seconds(2), left))))
+        } catch {
+            if !error.isTransient { logger.error("queue \(queueID): \(error)") }
+        }
+        if case .up = connection {
+            logger.notice("queue \(queueID): reconnected to \(target.address.endpoint)")
+            return try resend(io)
+        }
+        if var state = backoff, let delay = state.delay(at: .now) {
+            connection = .down(state)
+            return try schedule(after: delay, io)
+        }
+        if backoff != nil {
+            logger.error("queue \(queueID): \(target.address.endpoint) unreachable for \(budget): failing I/O with EIO until it is back")
+            connection = .failed
+            for tag in slots.indices where slots[tag].phase != .idle {
+                if case .heldFlush = slots[tag].phase { heldFlushes -= 1 }
+                finished.append(tag: UInt16(tag), result: -EIO)
+                slots[tag].phase = .idle
+                slots[tag].request = nil
+            }
+        }
+        try schedule(after: .seconds(5), io)
+    }
+
+    func reconnected(_ newSocket: consuming FileDescriptor) {
+        socketNumber = newSocket.rawValue
+        socket = consume newSocket
+        connection = .up
+        parser = NBDReplyParser()
+        headerMissing = NBDSimpleReplyHeader.size
+        sendHead = 0
+        sendCount = 0
+    }
+
+    /// Sends again every request that was not answered, oldest mutation first.
+    func resend(_ io: BackingSubmitter) throws(SystemError) {
+        let waiting = slots.indices.filter { slots[$0].phase == .queued }
+            .sorted { (slots[$0].isMutation ? slots[$0].mutation : .max) < (slots[$1].isMutation ? slots[$1].mutation : .max) }
+        for tag in waiting { try enqueue(tag: tag, io.forQueue(step: Step.send.rawValue)) }
+        if heldFlushes > 0 { try releaseFlushes(io) }
+        try receiveNext(io.forQueue(step: Step.receive.rawValue))
+    }
+}

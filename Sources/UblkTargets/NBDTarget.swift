@@ -1,0 +1,128 @@
+import Glibc
+import Synchronization
+import UblkNBD
+import UblkQueue
+import UblkSystem
+
+/// An NBD export to serve as a device (`ublk add --target nbd --uri ...`).
+public struct NBDConfiguration: Sendable, Equatable, Codable {
+    /// `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
+    public var uri: String
+    /// Refuse writes even when the export takes them.
+    public var readOnly = false
+    /// Seconds I/O waits for a dropped connection to come back before failing with EIO.
+    public var reconnectTimeout = NBDConfiguration.defaultReconnectTimeout
+
+    public static let defaultReconnectTimeout = 30
+
+    public init(uri: String) { self.uri = uri }
+}
+
+/// A block device backed by an NBD export: each queue has its own connection (one
+/// queue only, unless the server allows several connections with CAN_MULTI_CONN),
+/// on which requests and replies travel through the queue's ring (`NBDQueueHandler`).
+///
+/// The handshake is done here, blocking, before the device exists: an unreachable
+/// server or an unknown export fails `ublk add` with one line and leaves no device.
+public final class NBDTarget: SpecifiedTarget {
+    public let name = "nbd"
+    public let configuration: NBDConfiguration
+    public let address: NBDAddress
+    /// What the first handshake agreed; later connections must offer the same (`replacementProblem`).
+    public let export: NBDExport
+    public let properties: TargetProperties
+    public let fixedFiles: [Int32] = []
+    /// The first connection, kept for the first queue handler that asks.
+    private let firstSocket: Mutex<FileDescriptor?>
+
+    public init(_ configuration: NBDConfiguration) throws(TargetError) {
+        self.configuration = configuration
+        guard configuration.reconnectTimeout >= 0 else { throw .nbd(Self.badTimeout(configuration.reconnectTimeout)) }
+        do {
+            address = try NBDAddress(uri: configuration.uri)
+            let connection = try NBDClient.connect(to: address)
+            export = connection.export
+            properties = try Self.properties(of: export, readOnly: configuration.readOnly)
+            firstSocket = Mutex(connection.takeSocket())
+        } catch {
+            throw .nbd(error)
+        }
+    }
+
+    static func badTimeout(_ seconds: Int) -> NBDError {
+        NBDError(.badURI, "--reconnect-timeout \(seconds) is negative: give seconds, 0 or more")
+    }
+
+    /// The device's attributes from the export's flags and block sizes.
+    static func properties(of export: NBDExport, readOnly: Bool) throws(NBDError) -> TargetProperties {
+        let capabilities = try export.deviceCapabilities()
+        let logical = UInt64(capabilities.logicalBlockSize)
+        let size = export.size / logical * logical
+        guard size > 0 else {
+            throw NBDError(.unusable, "export \(export.name) is smaller than one \(logical)-byte block: give it a size")
+        }
+        var properties = TargetProperties(size: size)
+        properties.logicalBlockSize = Int(capabilities.logicalBlockSize)
+        properties.physicalBlockSize = Int(capabilities.physicalBlockSize)
+        properties.readOnly = readOnly || capabilities.readOnly
+        properties.rotational = capabilities.rotational
+        properties.volatileCache = capabilities.volatileCache
+        properties.supportsFUA = capabilities.fua
+        properties.supportsDiscard = !properties.readOnly && capabilities.discard
+        properties.supportsWriteZeroes = !properties.readOnly && capabilities.writeZeroes
+        properties.discardGranularity = Int(capabilities.physicalBlockSize)
+        properties.maximumTransferBytes = Int(capabilities.maximumTransferBytes)
+        return properties
+    }
+
+    /// One queue unless the server lets several connections share the export.
+    public var queueLimit: (queues: Int, reason: String)? {
+        if export.allowsMultipleConnections { return nil }
+        return (1, "the NBD server does not allow several connections (no CAN_MULTI_CONN): serving with one queue")
+    }
+
+    public func makeQueueHandler(queueID: Int, depth: Int) throws -> NBDQueueHandler {
+        let socket = try firstSocket.withLock { $0.take() } ?? connectAgain()
+        return NBDQueueHandler(socket: socket, target: self, queueID: queueID, depth: depth)
+    }
+
+    /// A further connection to the same export, which must still be the one the device describes.
+    func connectAgain(timeout: Duration = NBDClient.defaultTimeout) throws(NBDError) -> FileDescriptor {
+        let connection = try NBDClient.connect(to: address, timeout: timeout)
+        if let problem = export.replacementProblem(connection.export) { throw problem }
+        return connection.takeSocket()
+    }
+
+    /// A FLUSH on a connection of its own once the queues are gone: every write the
+    /// device completed is then on the server's stable storage.
+    public func sync() throws {
+        guard !properties.readOnly && export.flags.contains(.sendFlush) else { return }
+        let socket = try connectAgain(timeout: .seconds(5))
+        try socket.setStreamTimeout(.seconds(30))
+        try Self.exchange(NBDRequest(.flush, cookie: 1), on: socket)
+        try? Self.disconnect(socket)
+    }
+
+    /// Sends `request` (no data) and waits for its reply, blocking.
+    static func exchange(_ request: NBDRequest, on socket: borrowing FileDescriptor) throws {
+        var bytes = [UInt8](repeating: 0, count: NBDRequest.headerSize)
+        bytes.withUnsafeMutableBytes { request.encode(into: $0) }
+        try bytes.withUnsafeBytes { try socket.sendAll($0) }
+        var reply = [UInt8](repeating: 0, count: NBDSimpleReplyHeader.size)
+        guard try reply.withUnsafeMutableBytes({ try socket.receiveAll(into: $0) }),
+              let header = reply.withUnsafeBytes({ NBDSimpleReplyHeader(decoding: $0) }), header.cookie == request.cookie
+        else { throw NBDError(.closed, "the NBD server did not answer a FLUSH") }
+        if header.errno != 0 { throw SystemError("NBD FLUSH", errno: header.errno) }
+    }
+
+    /// NBD_CMD_DISC: the polite end of a session (no reply).
+    static func disconnect(_ socket: borrowing FileDescriptor) throws {
+        var bytes = [UInt8](repeating: 0, count: NBDRequest.headerSize)
+        bytes.withUnsafeMutableBytes { NBDRequest(.disconnect, cookie: 0).encode(into: $0) }
+        try bytes.withUnsafeBytes { try socket.sendAll($0) }
+    }
+
+    public var spec: TargetSpec { .nbd(configuration) }
+    public var directIOState: String { "-" }
+    public var note: String? { nil }
+}

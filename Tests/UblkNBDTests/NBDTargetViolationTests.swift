@@ -1,0 +1,150 @@
+import Glibc
+import Testing
+import UblkQueue
+import UblkSystem
+import UblkTargets
+import UblkTesting
+@testable import UblkNBD
+
+/// A server that breaks the protocol on its first connection (bad magic, an unknown
+/// cookie, a reply cut short) and answers properly on the next: the nbd target drops
+/// the bad connection, reconnects, sends the READ again, and completes it only with the
+/// good connection's data.
+@Suite struct NBDTargetViolationTests {
+    enum Lie: CaseIterable { case badMagic, unknownCookie, cutShort }
+
+    static let size: UInt64 = 1 << 20
+    static let good: UInt8 = 0x5A
+
+    @Test(arguments: Lie.allCases) func aLyingReplyNeverCompletesARequest(lie: Lie) throws {
+        let listener = try SilentListener(backlog: 4)
+        let fd = listener.fd
+        let server = try OSThread {
+            for connection in 0..<2 {
+                let client = accept(fd, nil, nil)
+                guard client >= 0 else { return }
+                Self.serve(client, lie: connection == 0 ? lie : nil)
+                if connection == 0 { close(client) }
+            }
+        }
+        let data = try readThroughTarget(port: listener.port)
+        shutdown(fd, Int32(SHUT_RDWR))
+        server.join()
+        #expect(data == [UInt8](repeating: Self.good, count: 8192), "\(lie): the read completed with data of the bad reply")
+    }
+
+    /// One READ of 8 KiB through the nbd target (its queue and connection gone on return).
+    func readThroughTarget(port: UInt16) throws -> [UInt8] {
+        var configuration = NBDConfiguration(uri: "nbd://127.0.0.1:\(port)/x")
+        configuration.reconnectTimeout = 10
+        let queue = try OfflineQueue(target: try NBDTarget(configuration), depth: 2, bufferSize: 64 * 1024)
+        memset(queue.buffer(tag: 0), 0, 8192)
+        #expect(try queue.perform(IODescriptor(operation: .read, startSector: 8, sectorCount: 16)) == 8192)
+        return Array(UnsafeRawBufferPointer(start: queue.buffer(tag: 0), count: 8192))
+    }
+
+    /// The handshake, then replies to requests: honest, or with `lie` to the first READ.
+    static func serve(_ client: Int32, lie: Lie?) {
+        guard handshake(client) else { return }
+        while let request = receive(client, NBDRequest.headerSize) {
+            let cookie = request.withUnsafeBytes { UInt64(bigEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self)) }
+            let count = Int(request.withUnsafeBytes { UInt32(bigEndian: $0.loadUnaligned(fromByteOffset: 24, as: UInt32.self)) })
+            var header = [UInt8](repeating: 0, count: 16)
+            header.withUnsafeMutableBytes { NBDSimpleReplyHeader(error: 0, cookie: cookie).encode(into: $0) }
+            let data = [UInt8](repeating: good, count: count)
+            switch lie {
+            case nil:
+                guard send(client, header + data) else { return }
+            case .badMagic:
+                header[0] ^= 0xFF
+                _ = send(client, header + [UInt8](repeating: 0xEE, count: count))
+                return
+            case .unknownCookie:
+                header.withUnsafeMutableBytes { NBDSimpleReplyHeader(error: 0, cookie: cookie ^ 0xFFFF_0000).encode(into: $0) }
+                _ = send(client, header + [UInt8](repeating: 0xEE, count: count))
+                return
+            case .cutShort:
+                _ = send(client, header + [UInt8](repeating: 0xEE, count: count / 2))
+                return
+            }
+        }
+    }
+
+    /// The server's side of the handshake: an export of `size` bytes with SEND_FLUSH.
+    static func handshake(_ client: Int32) -> Bool {
+        let greeting = ByteWriter().u64(NBDHandshake.greetingMagic).u64(NBDHandshake.optionMagic).u16(3).bytes
+        guard send(client, greeting), receive(client, 4) != nil, let option = receive(client, 16) else { return false }
+        let length = Int(UInt32(bigEndian: option.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 12, as: UInt32.self) }))
+        guard receive(client, length) != nil else { return false }
+        let flags: UInt16 = 1 | 4 // HAS_FLAGS, SEND_FLUSH
+        let info = ByteWriter().u16(0).u64(size).u16(flags).bytes
+        let reply = { (type: UInt32, data: [UInt8]) in
+            ByteWriter().u64(NBDHandshake.optionReplyMagic).u32(7).u32(type).u32(UInt32(data.count)).raw(data).bytes
+        }
+        return send(client, reply(3, info) + reply(1, []))
+    }
+
+    /// A FLUSH that arrives while a WRITE is unanswered waits for that answer: the server
+    /// holds the WRITE's reply for 300 ms and sees nothing else meanwhile.
+    @Test func aFlushWaitsForTheWritesBeforeIt() throws {
+        let listener = try SilentListener(backlog: 4)
+        let fd = listener.fd
+        let seen = UnsafeMutablePointer<Int32>.allocate(capacity: 1) // -1: nothing early; else the command
+        seen.initialize(to: -2)
+        defer { seen.deallocate() }
+        let address = UInt(bitPattern: seen)
+        let server = try OSThread {
+            let client = accept(fd, nil, nil)
+            guard client >= 0 else { return }
+            defer { close(client) }
+            UnsafeMutablePointer<Int32>(bitPattern: address)!.pointee = Self.commandAfterHeldWrite(client)
+        }
+        try writeThenFlush(port: listener.port)
+        server.join()
+        #expect(seen.pointee == Int32(NBDCommand.flush.rawValue), "-1: the FLUSH was sent before the WRITE was answered")
+    }
+
+    /// Serves a WRITE, holds its reply 300 ms, then answers the next request: returns that
+    /// request's command, or -1 if anything arrived while the WRITE was unanswered.
+    static func commandAfterHeldWrite(_ client: Int32) -> Int32 {
+        guard handshake(client), let write = receive(client, NBDRequest.headerSize) else { return -2 }
+        let length = Int(write.withUnsafeBytes { UInt32(bigEndian: $0.loadUnaligned(fromByteOffset: 24, as: UInt32.self)) })
+        guard receive(client, length) != nil else { return -2 }
+        var poller = pollfd(fd: client, events: Int16(POLLIN), revents: 0)
+        let early = poll(&poller, 1, 300) > 0
+        guard reply(client, to: write), let next = receive(client, NBDRequest.headerSize), reply(client, to: next) else {
+            return -2
+        }
+        _ = receive(client, NBDRequest.headerSize) // DISC, or the end
+        return early ? -1 : Int32(next.withUnsafeBytes { UInt16(bigEndian: $0.loadUnaligned(fromByteOffset: 6, as: UInt16.self)) })
+    }
+
+    /// A successful simple reply (no data) to `request`.
+    static func reply(_ client: Int32, to request: [UInt8]) -> Bool {
+        let cookie = request.withUnsafeBytes { UInt64(bigEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self)) }
+        var header = [UInt8](repeating: 0, count: NBDSimpleReplyHeader.size)
+        header.withUnsafeMutableBytes { NBDSimpleReplyHeader(error: 0, cookie: cookie).encode(into: $0) }
+        return send(client, header)
+    }
+
+    /// A WRITE and, while it is in flight, a FLUSH, through the nbd target.
+    func writeThenFlush(port: UInt16) throws {
+        let queue = try OfflineQueue(target: try NBDTarget(NBDConfiguration(uri: "nbd://127.0.0.1:\(port)/x")), depth: 2,
+                                     bufferSize: 64 * 1024)
+        var results: [Int: Int32] = [:]
+        try queue.start(tag: 0, IODescriptor(operation: .write, startSector: 0, sectorCount: 8))
+        try queue.start(tag: 1, IODescriptor(operation: .flush, startSector: 0, sectorCount: 0))
+        while results.count < 2 { try queue.reap { results[$0] = $1 } }
+        #expect(results == [0: 4096, 1: 0])
+    }
+
+    static func send(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
+        bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) == $0.count }
+    }
+
+    static func receive(_ fd: Int32, _ count: Int) -> [UInt8]? {
+        var bytes = [UInt8](repeating: 0, count: count)
+        let got = count == 0 ? 0 : bytes.withUnsafeMutableBytes { recv(fd, $0.baseAddress, count, Int32(MSG_WAITALL)) }
+        return got == count ? bytes : nil
+    }
+}
