@@ -17,8 +17,7 @@ import UblkTargets
 ///     resize [BYTES]   the backing's current size (or BYTES) becomes the device's
 ///     quiesce          QUIESCE_DEV; the server then exits and leaves the device to a new one
 ///
-/// `@unchecked Sendable` is safe: `listener` is written before the channel's thread is
-/// started (thread creation orders it) and only read there; `record` is touched only by
+/// `@unchecked Sendable` is safe: `record` is touched only by
 /// the channel's thread once it runs; `removed` only by the server's own thread (`stop`);
 /// `keepDevice`, the one field both threads use, is an atomic.
 public final class ServerControl: @unchecked Sendable {
@@ -30,7 +29,6 @@ public final class ServerControl: @unchecked Sendable {
     /// touches it once the channel runs.
     private var record: DeviceRecord?
     private let keepDevice = Atomic<Bool>(false)
-    private var listener: Int32 = -1
 
     init(deviceID: UInt32, capacity: DeviceCapacity, target: any Target, record: DeviceRecord?, logger: Logger) {
         self.deviceID = deviceID
@@ -49,41 +47,30 @@ public final class ServerControl: @unchecked Sendable {
     /// Opens the socket and starts serving it; without it the device still works, only
     /// resize and upgrade do not (logged).
     func start() {
-        let path = Self.socketPath(deviceID)
-        SmallFile.remove(path)
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0, var address = UnixAddress(path) else { return logger.warning("no request channel: socket failed") }
-        let previous = umask(0o077)
-        let bound = address.withSockaddr { bind(fd, $0, $1) } == 0
-        umask(previous)
-        guard bound, listen(fd, 4) == 0 else {
-            logger.warning("no request channel at \(path): \(String(cString: strerror(errno)))")
-            Glibc.close(fd)
-            return
+        let listener: UnixListener
+        do { listener = try UnixListener(path: Self.socketPath(deviceID)) } catch {
+            return logger.warning("no request channel: \(error)")
         }
-        listener = fd
-        do { try OSThread { self.serve() }.detach() } catch { logger.warning("no request channel thread: \(error)") }
+        do { try OSThread { self.serve(listener) }.detach() } catch { logger.warning("no request channel thread: \(error)") }
     }
 
     /// Removes the socket (the thread ends with the process). Once only: after a hand-over
     /// the path may already be the new server's.
     func stop() {
-        if listener >= 0 && !removed { SmallFile.remove(Self.socketPath(deviceID)) }
+        if !removed { SmallFile.remove(Self.socketPath(deviceID)) }
         removed = true
     }
     private var removed = false
 
-    private func serve() {
+    private func serve(_ listener: UnixListener) {
         while true {
-            let client = accept(listener, nil, nil) // the server never execs: no CLOEXEC needed
-            if client < 0 {
-                if errno == EINTR || errno == ECONNABORTED { continue }
-                return logger.error("request channel: accept: \(String(cString: strerror(errno)))")
+            let client: FileDescriptor
+            do { client = try listener.accept() } catch {
+                return logger.error("request channel: \(error)")
             }
             let request = UnixLine.read(client)
             let answer = handle(request)
             UnixLine.write(answer, to: client)
-            Glibc.close(client)
             if answer == "ok" && request == "quiesce" { return }
         }
     }
@@ -153,18 +140,15 @@ public final class ServerControl: @unchecked Sendable {
     /// returns what follows `ok`, or throws the server's error.
     public static func request(_ id: UInt32, _ line: String, seconds: Int = 60) throws -> String {
         let path = socketPath(id)
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0, var address = UnixAddress(path) else {
-            throw ServerError.noRequestChannel(id, path: path, SystemError("socket", errno: errno))
+        let answer: String
+        do {
+            let socket = try FileDescriptor.connect(to: .unix(path: path), timeout: .seconds(5))
+            try socket.setStreamTimeout(.seconds(seconds))
+            UnixLine.write(line, to: socket)
+            answer = UnixLine.read(socket)
+        } catch let error as SystemError {
+            throw ServerError.noRequestChannel(id, path: path, error)
         }
-        defer { Glibc.close(fd) }
-        var timeout = timeval(tv_sec: seconds, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        guard address.withSockaddr({ connect(fd, $0, $1) }) == 0 else {
-            throw ServerError.noRequestChannel(id, path: path, SystemError("connect", errno: errno))
-        }
-        UnixLine.write(line, to: fd)
-        let answer = UnixLine.read(fd)
         if answer == "ok" { return "" }
         if answer.hasPrefix("ok ") { return String(answer.dropFirst(3)) }
         if answer.hasPrefix("error ") { throw ServerError.refusedByServer(String(answer.dropFirst(6))) }
@@ -172,46 +156,25 @@ public final class ServerControl: @unchecked Sendable {
     }
 }
 
-/// A filesystem-path `sockaddr_un`.
-struct UnixAddress {
-    private var address = sockaddr_un()
-    private let length: socklen_t
-
-    init?(_ path: String) {
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { return nil }
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: bytes) }
-        length = socklen_t(MemoryLayout<sa_family_t>.size + bytes.count + 1)
-    }
-
-    mutating func withSockaddr<T>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> T) -> T {
-        let length = length
-        return withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, length) } }
-    }
-}
-
 /// One newline-terminated line each way on a stream socket.
 enum UnixLine {
-    static func write(_ line: String, to fd: Int32) {
+    /// Best effort: a peer that went away has no one to tell.
+    static func write(_ line: String, to socket: borrowing FileDescriptor) {
         let bytes = Array((line + "\n").utf8)
         var sent = 0
         while sent < bytes.count {
-            let count = bytes[sent...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            if count < 0 && errno == EINTR { continue }
-            if count <= 0 { return }
+            guard let count = try? bytes[sent...].withUnsafeBytes({ try socket.send($0) }), count > 0 else { return }
             sent += count
         }
     }
 
     /// Up to the first newline (at most 4 KiB), without it; "" on EOF, error or timeout.
-    static func read(_ fd: Int32) -> String {
+    static func read(_ socket: borrowing FileDescriptor) -> String {
         var bytes: [UInt8] = []
         var byte: UInt8 = 0
         while bytes.count < 4096 {
-            let count = recv(fd, &byte, 1, 0)
-            if count < 0 && errno == EINTR { continue }
-            if count <= 0 || byte == UInt8(ascii: "\n") { break }
+            guard let count = try? withUnsafeMutableBytes(of: &byte, { try socket.receive(into: $0) }),
+                  count > 0, byte != UInt8(ascii: "\n") else { break }
             bytes.append(byte)
         }
         return String(decoding: bytes, as: UTF8.self)

@@ -77,3 +77,22 @@ extension FileDescriptor {
     /// `recv(2)`: may return fewer bytes than asked; 0 means the peer closed the connection.
     public func receive(into buffer: UnsafeMutableRawBufferPointer) throws -> Int { try Syscalls.receive(rawValue, buffer) }
 }
+
+/// A listening Unix stream socket at a path (owner only: root's requests, like the
+/// control device). A class, so the thread that accepts on it can share it with the
+/// thread that made it; it closes the socket when the last reference goes. The socket
+/// file is not removed then: the path may be another process's by that time.
+public final class UnixListener: Sendable {
+    private let socket: FileDescriptor
+    public let path: String
+
+    public init(path: String, backlog: Int32 = 4) throws(SystemError) {
+        socket = FileDescriptor(adopting: try Syscalls.listenUnix(path, backlog: backlog))
+        self.path = path
+    }
+
+    /// The next connection (blocking).
+    public func accept() throws(SystemError) -> FileDescriptor {
+        FileDescriptor(adopting: try Syscalls.accept(socket.rawValue))
+    }
+}

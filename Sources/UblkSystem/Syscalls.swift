@@ -182,6 +182,42 @@ extension Syscalls {
         }
     }
 
+    /// A Unix stream socket bound to `path` (replacing a stale socket file there) and
+    /// listening. The file gets no access for group or others: `umask` is the one way to have `bind`
+    /// create it so, with no moment in which another user could connect (umask is
+    /// process-wide, so this runs before the threads that create files exist or beside
+    /// ones that do not).
+    static func listenUnix(_ path: String, backlog: Int32) throws(SystemError) -> Int32 {
+        guard let address = unixAddress(path) else { throw SystemError("bind \(path)", errno: ENAMETOOLONG) }
+        let type = Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue)
+        let fd = try retryingOnInterrupt("socket") { Glibc.socket(AF_UNIX, type, 0) }
+        Glibc.unlink(path)
+        let previous = umask(0o077)
+        let bound = address.bytes.withUnsafeBytes {
+            Glibc.bind(fd, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), socklen_t($0.count))
+        }
+        umask(previous)
+        if bound != 0 || Glibc.listen(fd, backlog) != 0 {
+            let error = SystemError.last(bound != 0 ? "bind \(path)" : "listen \(path)")
+            close(fd)
+            throw error
+        }
+        return fd
+    }
+
+    /// `accept(2)` of the next connection, made close-on-exec (Glibc's module has no
+    /// `accept4`); a connection the peer dropped before it was accepted (ECONNABORTED) is skipped.
+    static func accept(_ fd: Int32) throws(SystemError) -> Int32 {
+        while true {
+            let client = Glibc.accept(fd, nil, nil)
+            if client >= 0 {
+                _ = fcntl(client, F_SETFD, FD_CLOEXEC)
+                return client
+            }
+            if Glibc.errno != EINTR && Glibc.errno != ECONNABORTED { throw SystemError.last("accept") }
+        }
+    }
+
     /// `send(2)` without SIGPIPE (a peer that hung up is an EPIPE error, not a dead process).
     static func send(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) throws -> Int {
         try retryingOnInterrupt("send") { Glibc.send(fd, buffer.baseAddress, buffer.count, Int32(MSG_NOSIGNAL)) }
