@@ -295,7 +295,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// Runs one step of the tag's request: its start (`backingResult` nil) or the
     /// completion of its backing I/O. Commits the request if the step finished it; a step
     /// that could not get an SQE finishes the request with that errno.
-    @inlinable
+    @inlinable @inline(__always)
     func step(tag: Int, backingResult: Int32?) throws(SystemError) {
         let io = BackingSubmitter(ring: ring.handle, tag: UInt16(tag))
         let request = requests[tag]
