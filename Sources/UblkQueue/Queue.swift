@@ -246,8 +246,9 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     }
 
     /// The request the source holds for `tag` is new: decode it, refuse what the device
-    /// cannot hold, else hand it to the target.
-    @inlinable
+    /// cannot hold, else hand it to the target. Always inlined: once per request, into the
+    /// command completion of the turn loop (and the offline queue's `start`).
+    @inlinable @inline(__always)
     public func arrived(tag: Int) throws(SystemError) {
         var limits = self.limits
         if let capacity { limits.sectors = capacity.sectors }
@@ -300,11 +301,11 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     @inlinable @inline(__always)
     func step(tag: Int, backingResult: Int32?) throws(SystemError) {
         let io = BackingSubmitter(ring: ring.handle, tag: UInt16(tag))
-        let request = requests[tag]
+        let requests = self.requests
         let outcome = handlerReference._withUnsafeGuaranteedRef { handler in
             Result { () throws(SystemError) -> Int32? in
-                if let backingResult { return try handler.complete(request, backingResult: backingResult, io) }
-                return try handler.start(request, io)
+                if let backingResult { return try handler.complete(requests[tag], backingResult: backingResult, io) }
+                return try handler.start(requests[tag], io)
             }
         }
         let result: Int32

@@ -189,10 +189,12 @@ public struct BackingSubmitter {
         BackingSubmitter(ring: ring, userData: UserData(.queue, tag: 0, step: step))
     }
 
-    /// A cleared SQE carrying this submitter's user data (always inlined, as `IORing.Handle.prepare`).
+    /// An SQE carrying this submitter's user data, for a liburing `io_uring_prep_*` call to
+    /// fill: every method here makes one, which writes the whole SQE, so it is not zeroed
+    /// first (always inlined, as `IORing.Handle.prepare`).
     @inlinable @inline(__always)
     func prepare() throws(SystemError) -> UnsafeMutablePointer<io_uring_sqe> {
-        try ring.prepare(userData: userData.rawValue)
+        try ring.prepare(userData: userData.rawValue, zeroed: false)
     }
 
     /// Marks the prepared SQE's file as a fixed-file index (liburing's prep calls clear the flags).
