@@ -43,8 +43,9 @@ public final class OfflineQueue<T: Target> {
     public func buffer(tag: Int) -> UnsafeMutableRawPointer { queue.buffer(tag: tag) }
 
     /// Starts `descriptor` on `tag` (which must be idle): what the driver's FETCH completion
-    /// does. Every request, refused ones too, is reported by a later `reap`.
-    @inlinable
+    /// does. Every request, refused ones too, is reported by a later `reap`. Always inlined,
+    /// like `reap`: in the daemon `Queue.arrived` runs inlined in the turn loop, not as a call.
+    @inlinable @inline(__always)
     public func start(tag: Int, _ descriptor: IODescriptor) throws {
         commands.descriptors[tag] = descriptor.raw
         pending += 1
