@@ -186,8 +186,10 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     }
 
     /// One turn of the loop: one `io_uring_enter` that submits what is queued and waits
-    /// for a completion, then every ready completion, reaped in batches.
-    @inlinable
+    /// for a completion, then every ready completion, reaped in batches. Always inlined
+    /// into the loop that repeats it (`run`, the offline queue's `reap`): at queue depth 1
+    /// there are two turns per request, and a call per turn costs its prologue and spills.
+    @inlinable @inline(__always)
     public func turn() throws(SystemError) {
         try ring.handle.submit(waitingFor: 1)
         try ring.handle.reap { (userData, result) throws(SystemError) in
@@ -244,8 +246,9 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     }
 
     /// The request the source holds for `tag` is new: decode it, refuse what the device
-    /// cannot hold, else hand it to the target.
-    @inlinable
+    /// cannot hold, else hand it to the target. Always inlined: once per request, into the
+    /// command completion of the turn loop (and the offline queue's `start`).
+    @inlinable @inline(__always)
     public func arrived(tag: Int) throws(SystemError) {
         var limits = self.limits
         if let capacity { limits.sectors = capacity.sectors }
@@ -295,14 +298,14 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// Runs one step of the tag's request: its start (`backingResult` nil) or the
     /// completion of its backing I/O. Commits the request if the step finished it; a step
     /// that could not get an SQE finishes the request with that errno.
-    @inlinable
+    @inlinable @inline(__always)
     func step(tag: Int, backingResult: Int32?) throws(SystemError) {
         let io = BackingSubmitter(ring: ring.handle, tag: UInt16(tag))
-        let request = requests[tag]
+        let requests = self.requests
         let outcome = handlerReference._withUnsafeGuaranteedRef { handler in
             Result { () throws(SystemError) -> Int32? in
-                if let backingResult { return try handler.complete(request, backingResult: backingResult, io) }
-                return try handler.start(request, io)
+                if let backingResult { return try handler.complete(requests[tag], backingResult: backingResult, io) }
+                return try handler.start(requests[tag], io)
             }
         }
         let result: Int32

@@ -189,10 +189,12 @@ public struct BackingSubmitter {
         BackingSubmitter(ring: ring, userData: UserData(.queue, tag: 0, step: step))
     }
 
-    /// A cleared SQE carrying this submitter's user data.
-    @inlinable
+    /// An SQE carrying this submitter's user data, for a liburing `io_uring_prep_*` call to
+    /// fill: every method here makes one, which writes the whole SQE, so it is not zeroed
+    /// first (always inlined, as `IORing.Handle.prepare`).
+    @inlinable @inline(__always)
     func prepare() throws(SystemError) -> UnsafeMutablePointer<io_uring_sqe> {
-        try ring.prepare(userData: userData.rawValue)
+        try ring.prepare(userData: userData.rawValue, zeroed: false)
     }
 
     /// Marks the prepared SQE's file as a fixed-file index (liburing's prep calls clear the flags).
@@ -202,7 +204,7 @@ public struct BackingSubmitter {
     }
 
     /// Reads `count` bytes at `offset` of fixed file `file` into `buffer`.
-    @inlinable
+    @inlinable @inline(__always)
     public func read(file: Int32, into buffer: UnsafeMutableRawPointer, count: Int, offset: Int64) throws(SystemError) {
         let sqe = try prepare()
         io_uring_prep_rw(Int32(IORING_OP_READ.rawValue), sqe, file, buffer, UInt32(count), UInt64(offset))
@@ -211,7 +213,7 @@ public struct BackingSubmitter {
 
     /// Reads `count` bytes at `offset` of fixed file `file` into a request's data: its
     /// buffer (READ), or its registered pages (READ_FIXED, zero copy).
-    @inlinable
+    @inlinable @inline(__always)
     public func read(file: Int32, into data: RequestData, count: Int, offset: Int64) throws(SystemError) {
         switch data {
         case .buffer(let address): try read(file: file, into: address, count: count, offset: offset)
@@ -221,7 +223,7 @@ public struct BackingSubmitter {
     }
 
     /// Writes a request's data (WRITE, or WRITE_FIXED from its registered pages).
-    @inlinable
+    @inlinable @inline(__always)
     public func write(file: Int32, from data: RequestData, count: Int, offset: Int64, dsync: Bool) throws(SystemError) {
         switch data {
         case .buffer(let address): try write(file: file, from: address, count: count, offset: offset, dsync: dsync)
@@ -246,7 +248,7 @@ public struct BackingSubmitter {
     }
 
     /// Writes; `dsync` makes this write durable before it completes (FUA).
-    @inlinable
+    @inlinable @inline(__always)
     public func write(file: Int32, from buffer: UnsafeRawPointer, count: Int, offset: Int64,
                       dsync: Bool) throws(SystemError) {
         let sqe = try prepare()

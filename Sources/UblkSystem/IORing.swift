@@ -75,8 +75,13 @@ extension IORing {
         /// The next free SQE, zeroed, with `userData` set (the only place that sets it).
         /// When the ring is full, what is queued is submitted first; a failure of that
         /// submission is thrown, not ignored.
-        @inlinable
-        public func prepare(userData: UInt64) throws(SystemError) -> UnsafeMutablePointer<io_uring_sqe> {
+        /// `zeroed: false` is for callers that fill the SQE with a liburing `io_uring_prep_*`
+        /// call, which writes every field of the 64-byte SQE but `user_data` itself (they all
+        /// go through `io_uring_prep_rw`): clearing it first would store each word twice.
+        /// Always inlined: every SQE of the hot path comes from here, and a call per SQE
+        /// (with the spills around it) costs more than its body.
+        @inlinable @inline(__always)
+        public func prepare(userData: UInt64, zeroed: Bool = true) throws(SystemError) -> UnsafeMutablePointer<io_uring_sqe> {
             var sqe = io_uring_get_sqe(ring)
             if sqe == nil {
                 _ = try submit()
@@ -85,9 +90,11 @@ extension IORing {
             guard let sqe else { throw SystemError("io_uring_get_sqe", errno: EBUSY) }
             // 64 bytes, 128 on `IORING_SETUP_SQE128` rings: eight (or sixteen) stores the
             // compiler unrolls, where a count known only at run time is a memset call per SQE.
-            let words = UnsafeMutableRawPointer(sqe).assumingMemoryBound(to: UInt64.self)
-            for word in 0..<8 { words[word] = 0 }
-            if ring.pointee.flags & IORING_SETUP_SQE128 != 0 { for word in 8..<16 { words[word] = 0 } }
+            if zeroed {
+                let words = UnsafeMutableRawPointer(sqe).assumingMemoryBound(to: UInt64.self)
+                for word in 0..<8 { words[word] = 0 }
+                if ring.pointee.flags & IORING_SETUP_SQE128 != 0 { for word in 8..<16 { words[word] = 0 } }
+            }
             sqe.pointee.user_data = userData
             return sqe
         }

@@ -310,6 +310,19 @@ public final class LoopQueueHandler: QueueHandler {
     public func complete(_ request: IORequest, backingResult result: Int32,
                          _ io: BackingSubmitter) throws(SystemError) -> Int32? {
         let d = request.descriptor
+        // The common case, a read or write that moved all its bytes (at once unless the
+        // backing ended early or the transfer was short), in a few lines the specialised
+        // queue engine inlines; `completeRequest`, out of line, handles every case itself.
+        if d.operation.usesBuffer && result > 0 && transferred[Int(request.tag)] + Int(result) >= d.byteCount {
+            return d.operation == .read ? readDone(request) : Int32(d.byteCount)
+        }
+        return try completeRequest(request, backingResult: result, io)
+    }
+
+    @usableFromInline
+    func completeRequest(_ request: IORequest, backingResult result: Int32,
+                         _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+        let d = request.descriptor
         let tag = Int(request.tag)
         switch d.operation {
         case .read, .write:

@@ -43,8 +43,9 @@ public final class OfflineQueue<T: Target> {
     public func buffer(tag: Int) -> UnsafeMutableRawPointer { queue.buffer(tag: tag) }
 
     /// Starts `descriptor` on `tag` (which must be idle): what the driver's FETCH completion
-    /// does. Every request, refused ones too, is reported by a later `reap`.
-    @inlinable
+    /// does. Every request, refused ones too, is reported by a later `reap`. Always inlined,
+    /// like `reap`: in the daemon `Queue.arrived` runs inlined in the turn loop, not as a call.
+    @inlinable @inline(__always)
     public func start(tag: Int, _ descriptor: IODescriptor) throws {
         commands.descriptors[tag] = descriptor.raw
         pending += 1
@@ -53,8 +54,10 @@ public final class OfflineQueue<T: Target> {
 
     /// Submits what was pending and reaps completions until at least one request finished
     /// (or nothing is in flight); `completed` gets each finished tag and its result, one at
-    /// a time, so it may start new requests (and throw what starting them threw).
-    @inlinable
+    /// a time, so it may start new requests (and throw what starting them threw). Always
+    /// inlined, as `Queue.run` inlines the turns: then `completed` is too, and capturing
+    /// the caller's state costs no closure context or retain per call.
+    @inlinable @inline(__always)
     public func reap(completed: (Int, Int32) throws -> Void) throws {
         while pending > 0 && commands.finishedCount == 0 { try queue.turn() }
         while commands.finishedCount > 0 {
