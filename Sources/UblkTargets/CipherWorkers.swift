@@ -54,8 +54,9 @@ struct CipherJob {
 final class CipherWorkers {
     /// One record per tag.
     let jobs: UnsafeMutableBufferPointer<CipherJob>
-    /// Each worker's ring, where jobs are posted.
-    private(set) var rings: [Int32] = []
+    /// Each worker's ring, where jobs are posted. (Settable for a test that points one at
+    /// a descriptor that is no ring, to see failed handoffs handled.)
+    var rings: [Int32] = []
     private var threads: [OSThread] = []
     /// Sends the stop messages, from whatever thread ends the pool (not single-issuer).
     private let control: IORing
@@ -93,6 +94,7 @@ final class CipherWorkers {
     func stop() {
         guard !threads.isEmpty else { return }
         var unsent = Array(rings.indices)
+        var reached = Array(repeating: true, count: rings.count)
         while !unsent.isEmpty {
             do {
                 for index in unsent {
@@ -101,17 +103,25 @@ final class CipherWorkers {
                 }
                 unsent = []
                 try control.handle.submit(waitingFor: 0)
-                // Only failed sends complete (CQE_SKIP_SUCCESS): send those again.
-                control.handle.reap { (userData, _) in unsent.append(Int(userData)) }
+                // Only failed sends complete (CQE_SKIP_SUCCESS): those the kernel was short of memory for go again.
+                control.handle.reap { (userData, result) in
+                    if CipherWorker.isTransient(result) { unsent.append(Int(userData)) } else { reached[Int(userData)] = false }
+                }
             } catch {
-                // No SQE or no submit: the ring is unusable, which leaves no way to reach them.
-                CipherWorker.logger.critical("cipher workers: cannot send the stop message: \(error)")
+                Self.unreachable(error)
                 return
             }
         }
-        for thread in threads { thread.join() }
+        for (index, thread) in threads.enumerated() {
+            // A worker the stop cannot reach cannot be joined: leave it (and say so) rather than hang.
+            if reached[index] { thread.join() } else { Self.unreachable(SystemError("IORING_OP_MSG_RING", errno: EBADFD)) }
+        }
         threads = []
         rings = []
+    }
+
+    private static func unreachable(_ error: Error) {
+        CipherWorker.logger.critical("cipher workers: cannot send the stop message: \(error)")
     }
 }
 
@@ -188,6 +198,11 @@ enum CipherWorker {
         }
     }
 
+    /// A MSG_RING that failed for want of memory (or CQ room), and may be sent again.
+    static func isTransient(_ result: Int32) -> Bool {
+        result == -ENOMEM || result == -EOVERFLOW || result == -EAGAIN
+    }
+
     /// Posts the tag's answer to the queue ring.
     static func answer(_ tag: Int, done: Bool, _ ring: IORing.Handle,
                        _ jobs: UnsafeMutablePointer<CipherJob>) throws(SystemError) {
@@ -201,7 +216,7 @@ enum CipherWorker {
     static func answerFailed(_ userData: UInt64, result: Int32, _ ring: IORing.Handle,
                              _ jobs: UnsafeMutablePointer<CipherJob>) throws(SystemError) {
         let tag = Int(truncatingIfNeeded: userData & 0xffff)
-        guard result == -ENOMEM || result == -EOVERFLOW || result == -EAGAIN else {
+        guard isTransient(result) else {
             let reason = SystemError("IORING_OP_MSG_RING", errno: -result)
             logger.critical("cipher worker: answer for tag \(tag) lost: \(reason)")
             return

@@ -79,7 +79,7 @@ final class QueueEncryption {
     let chunk: Int
     private let skip: UInt64
     /// Nil: every job runs on the queue thread.
-    private let workers: CipherWorkers?
+    let workers: CipherWorkers?
     /// Per tag: the worker its job is with, or -1.
     private let handedTo: UnsafeMutableBufferPointer<Int>
     /// Per tag: a read or write is in flight; `active` counts them.
@@ -87,6 +87,8 @@ final class QueueEncryption {
     private var active = 0
     /// The last lane a job went to: 0 the queue thread, 1... the workers.
     private var lane = 0
+    /// Jobs handed to workers so far (for tests: the workers were used).
+    private(set) var handOffs = 0
     /// A job was handed off since the last submit of ours (it may still sit in the SQ).
     private var unsent = false
 
@@ -180,6 +182,7 @@ final class QueueEncryption {
                 try io.message(toRing: workers.rings[lane - 1], data: UInt64(tag))
                 handedTo[tag] = lane - 1
                 unsent = true
+                handOffs += 1
                 return .handedOff
             }
             if unsent {
