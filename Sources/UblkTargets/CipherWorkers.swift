@@ -154,6 +154,8 @@ enum CipherWorker {
         let start = Start()
         let thread = try OSThread {
             _ = cublk_set_thread_name("ublk-crypt\(index)")
+            // Made on a queue thread pinned to its queue's CPUs: the point is other CPUs.
+            _ = cublk_use_process_affinity()
             do {
                 // CQ of 2 × depth: room for a job and a failed answer per tag, and the stop.
                 let ring = try IORing(entries: UInt32(max(depth, 8)), preferredFlags: IORing.singleIssuerFlag)
