@@ -85,11 +85,11 @@ import UblkSystem
         return try LoopTarget(configuration, key: try key.key())
     }
 
-    /// `operation` of 16 KiB on every tag at once, tag t at sector 64 × t; returns each result.
+    /// `operation` of 32 KiB on every tag at once, tag t at sector 64 × t; returns each result.
     func allAtOnce(_ queue: OfflineQueue<LoopTarget>, _ operation: IOOperation) throws -> [Int32] {
         var results = [Int32](repeating: 1, count: queue.depth)
         for tag in 0..<queue.depth {
-            try queue.start(tag: tag, IODescriptor(operation: operation, startSector: UInt64(64 * tag), sectorCount: 32))
+            try queue.start(tag: tag, IODescriptor(operation: operation, startSector: UInt64(64 * tag), sectorCount: 64))
         }
         while queue.inFlight > 0 { try queue.reap { results[$0] = $1 } }
         return results
@@ -103,7 +103,7 @@ import UblkSystem
         let key = try KeyFile()
         let queue = try OfflineQueue(target: try encrypted(file, key, threads: threads), depth: 16, bufferSize: 64 * 1024)
         #expect(encryption(queue).workerCount == threads)
-        let count = 16 * 1024
+        let count = 32 * 1024
         let plaintexts = (0..<16).map { EncryptedLoopTests.pattern(count, seed: $0 + 5) }
         for tag in 0..<16 { plaintexts[tag].withUnsafeBytes { queue.buffer(tag: tag).copyMemory(from: $0.baseAddress!, byteCount: count) } }
         #expect(try allAtOnce(queue, .write) == Array(repeating: Int32(count), count: 16))
@@ -120,12 +120,22 @@ import UblkSystem
         }
     }
 
+    @Test func smallJobsAreCipheredOnTheQueueThread() throws {
+        let file = try ScratchFile(size: 1 << 20)
+        let queue = try OfflineQueue(target: try encrypted(file, try KeyFile(), threads: 2), depth: 8, bufferSize: 64 * 1024)
+        for tag in 0..<8 {
+            try queue.start(tag: tag, IODescriptor(operation: .write, startSector: UInt64(8 * tag), sectorCount: 8))
+        }
+        while queue.inFlight > 0 { try queue.reap { #expect($1 == 4096) } }
+        #expect(encryption(queue).handOffs == 0)
+    }
+
     @Test func aLoneRequestIsCipheredOnTheQueueThread() throws {
         let file = try ScratchFile(size: 1 << 20)
         let queue = try OfflineQueue(target: try encrypted(file, try KeyFile(), threads: 2), depth: 4, bufferSize: 64 * 1024)
         for _ in 0..<4 {
-            #expect(try queue.perform(IODescriptor(operation: .write, startSector: 8, sectorCount: 8), tag: 1) == 4096)
-            #expect(try queue.perform(IODescriptor(operation: .read, startSector: 8, sectorCount: 8), tag: 2) == 4096)
+            #expect(try queue.perform(IODescriptor(operation: .write, startSector: 8, sectorCount: 64), tag: 1) == 32768)
+            #expect(try queue.perform(IODescriptor(operation: .read, startSector: 8, sectorCount: 64), tag: 2) == 32768)
         }
         #expect(encryption(queue).handOffs == 0)
     }
@@ -139,7 +149,7 @@ import UblkSystem
         let ring = workers.rings[0]
         workers.rings[0] = notARing.rawValue
         defer { workers.rings[0] = ring }
-        let count = 16 * 1024
+        let count = 32 * 1024
         let plaintexts = (0..<8).map { EncryptedLoopTests.pattern(count, seed: $0 + 9) }
         for tag in 0..<8 { plaintexts[tag].withUnsafeBytes { queue.buffer(tag: tag).copyMemory(from: $0.baseAddress!, byteCount: count) } }
         #expect(try allAtOnce(queue, .write) == Array(repeating: Int32(count), count: 8))
