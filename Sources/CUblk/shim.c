@@ -31,6 +31,12 @@ int cublk_set_affinity_mask(const void *mask, size_t bytes) {
     return pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 }
 
+int cublk_use_process_affinity(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(getpid(), sizeof(set), &set) != 0) return -errno;
+    return pthread_setaffinity_np(pthread_self(), sizeof(set), &set) == 0 ? 0 : -EINVAL;
+}
+
 int cublk_block_device_size(int fd, uint64_t *bytes) {
     return ioctl(fd, BLKGETSIZE64, bytes) == 0 ? 0 : -errno;
 }

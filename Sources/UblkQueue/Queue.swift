@@ -163,6 +163,8 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     }
 
     deinit {
+        // First, while the ring and the tag buffers are still there.
+        handler.queueEnding()
         requests.deallocate()
         registeredByQueue.deallocate()
         resultAfterUnregister.deallocate()

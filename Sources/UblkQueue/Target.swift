@@ -135,12 +135,19 @@ public protocol QueueHandler: AnyObject {
     /// thrown error ends the queue (the handler's own state can no longer be trusted).
     func queueOperationCompleted(step: UInt16, result: Int32, _ io: BackingSubmitter,
                                  finished: inout FinishedRequests) throws(SystemError)
+    /// The queue is going away (its loop ended, or failed): called while its ring and tag
+    /// buffers still exist, so a handler with threads of its own can stop and join them
+    /// before anything they might still touch is freed.
+    func queueEnding()
 }
 
 extension QueueHandler {
     /// Handlers that submit only per-request operations never get here.
     public func queueOperationCompleted(step: UInt16, result: Int32, _ io: BackingSubmitter,
                                         finished: inout FinishedRequests) throws(SystemError) {}
+
+    /// Handlers without threads of their own have nothing to stop.
+    public func queueEnding() {}
 }
 
 /// Requests a `.queue` completion finished, each with its result; the queue commits them
@@ -296,6 +303,27 @@ public struct BackingSubmitter {
         let sqe = try prepare()
         io_uring_prep_timeout(sqe, duration, 0, 0)
     }
+
+    /// The queue ring's descriptor, for a thread that answers this request by MSG_RING.
+    @inlinable
+    public var ringDescriptor: Int32 { ring.descriptor }
+
+    /// The user data a completion for this request carries (a MSG_RING answer posts it).
+    @inlinable
+    public var requestUserData: UInt64 { userData.rawValue }
+
+    /// Posts a completion with `data` and result 0 on the ring `ring` (another thread's),
+    /// by MSG_RING on this queue's ring: it goes out with the queue's next submit. Only a
+    /// failed send completes here, as this request's completion with the send's errno.
+    @inlinable
+    public func message(toRing ring: Int32, data: UInt64) throws(SystemError) {
+        try self.ring.prepareMessage(toRing: ring, data: data, result: 0, userData: userData.rawValue)
+    }
+
+    /// Submits what is prepared now rather than at the queue's next turn (so another thread
+    /// starts on a message while this one goes on working).
+    @inlinable
+    public func submitNow() throws(SystemError) { try ring.submit() }
 
     /// `RWF_DSYNC` from linux/fs.h (a cast macro, so not imported).
     public static let rwfDsync: UInt32 = 0x2

@@ -19,10 +19,17 @@ public struct IORing: ~Copyable {
     /// The setup flags the ring was created with (the kernel may have refused the preferred ones).
     public var flags: UInt32 { handle.ring.pointee.flags }
 
+    /// The ring's descriptor: where another ring's MSG_RING posts a completion to this one.
+    public var descriptor: Int32 { handle.descriptor }
+
     /// Flags that make a single-thread ring cheaper when the kernel knows them: one
     /// submitter, completions run when we enter the kernel to wait instead of by IPI.
     public static let singleThreadFlags: UInt32 =
         IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_DEFER_TASKRUN
+
+    /// One submitter only (a thread that posts and reaps on its own ring), without deferring
+    /// completions: another ring's MSG_RING then posts straight into the CQ, no task work.
+    public static let singleIssuerFlag: UInt32 = IORING_SETUP_SINGLE_ISSUER
 
     /// Sets up a ring with `entries` submission slots. `flags` are `IORING_SETUP_*`;
     /// if the kernel rejects `preferredFlags` (older kernel: EINVAL) the ring is set up
@@ -72,6 +79,9 @@ extension IORing {
 
         init(ring: UnsafeMutablePointer<io_uring>) { self.ring = ring }
 
+        /// The ring's descriptor (the target of another ring's MSG_RING).
+        @inlinable public var descriptor: Int32 { ring.pointee.ring_fd }
+
         /// The next free SQE, zeroed, with `userData` set (the only place that sets it).
         /// When the ring is full, what is queued is submitted first; a failure of that
         /// submission is thrown, not ignored.
@@ -119,6 +129,21 @@ extension IORing {
         @inlinable
         public func prepareNop(userData: UInt64) throws(SystemError) {
             try prepare(userData: userData).pointee.opcode = UInt8(IORING_OP_NOP.rawValue)
+        }
+
+        /// Prepares an `IORING_OP_MSG_RING` that posts a completion with `data` as its user
+        /// data and `result` as its result on the ring `ring` (a descriptor), from any thread:
+        /// no lock, no extra system call (it goes out with the next submit). With
+        /// IOSQE_CQE_SKIP_SUCCESS, so only a failed send completes here, with `userData`.
+        ///
+        /// Memory written before the submit is visible to the thread that reaps the posted
+        /// completion: the kernel publishes a CQE with a release store of the CQ tail, and
+        /// liburing reads the tail with an acquire load.
+        @inlinable
+        public func prepareMessage(toRing ring: Int32, data: UInt64, result: Int32, userData: UInt64) throws(SystemError) {
+            let sqe = try prepare(userData: userData)
+            io_uring_prep_msg_ring(sqe, ring, UInt32(bitPattern: result), data, 0)
+            sqe.pointee.flags |= UInt8(1 << IOSQE_CQE_SKIP_SUCCESS_BIT)
         }
 
         /// Hands every prepared SQE to the kernel.

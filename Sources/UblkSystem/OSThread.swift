@@ -32,3 +32,39 @@ public struct OSThread: Sendable {
     /// Lets the thread end on its own; it cannot be joined afterwards.
     public func detach() { pthread_detach(handle) }
 }
+
+/// A counting semaphore on a pthread mutex and condition (no Foundation, no Dispatch).
+/// The pthread objects live on the heap: they must not move once initialised.
+/// `@unchecked Sendable` is safe: `count` is only touched with `mutex` held, and the
+/// pointers themselves never change.
+public final class Semaphore: @unchecked Sendable {
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private var count = 0
+
+    public init() {
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(condition, nil)
+    }
+
+    deinit {
+        pthread_cond_destroy(condition)
+        pthread_mutex_destroy(mutex)
+        condition.deallocate()
+        mutex.deallocate()
+    }
+
+    public func signal() {
+        pthread_mutex_lock(mutex)
+        count += 1
+        pthread_cond_signal(condition)
+        pthread_mutex_unlock(mutex)
+    }
+
+    public func wait() {
+        pthread_mutex_lock(mutex)
+        while count == 0 { pthread_cond_wait(condition, mutex) }
+        count -= 1
+        pthread_mutex_unlock(mutex)
+    }
+}

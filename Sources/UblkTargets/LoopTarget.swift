@@ -100,8 +100,9 @@ public final class LoopTarget: SpecifiedTarget {
     public func makeQueueHandler(queueID: Int, depth: Int) throws -> LoopQueueHandler {
         var encryption: QueueEncryption?
         if let key, let settings = configuration.encryption {
-            // On the queue's thread: the cipher's contexts are this queue's alone.
-            encryption = try QueueEncryption(key: key.key, configuration: settings,
+            // On the queue's thread: the cipher's contexts are this queue's alone; its
+            // workers start here and end with the queue (`queueEnding`).
+            encryption = try QueueEncryption(key: key, configuration: settings,
                                              sectorSize: properties.logicalBlockSize, depth: depth)
         }
         return LoopQueueHandler(depth: depth, offset: Int64(configuration.offset), readOnly: configuration.readOnly,
@@ -273,6 +274,23 @@ public final class LoopQueueHandler: QueueHandler {
 
     @inlinable
     public func start(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+        if encrypting { return try tracked(request, starting: true) { () throws(SystemError) in try begin(request, io) } }
+        return try begin(request, io)
+    }
+
+    @inlinable
+    public func complete(_ request: IORequest, backingResult result: Int32,
+                         _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+        if encrypting { return try tracked(request, starting: false) { () throws(SystemError) in try encryptedStep(request, result, io) } }
+        return try proceed(request, backingResult: result, io)
+    }
+
+    /// The workers end with the queue, before its buffers and ring do.
+    public func queueEnding() { encryption?.stop() }
+
+    /// The first step of a request.
+    @inlinable
+    func begin(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
         let d = request.descriptor
         let position = offset + d.byteOffset
         switch d.operation {
@@ -306,9 +324,10 @@ public final class LoopQueueHandler: QueueHandler {
         return nil
     }
 
+    /// The next step of a request whose backing operation completed with `result`.
     @inlinable
-    public func complete(_ request: IORequest, backingResult result: Int32,
-                         _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+    func proceed(_ request: IORequest, backingResult result: Int32,
+                 _ io: BackingSubmitter) throws(SystemError) -> Int32? {
         let d = request.descriptor
         // The common case, a read or write that moved all its bytes (at once unless the
         // backing ended early or the transfer was short), in a few lines the specialised
@@ -337,11 +356,11 @@ public final class LoopQueueHandler: QueueHandler {
                     return nil
                 }
                 (buffer + done).initializeMemory(as: UInt8.self, repeating: 0, count: d.byteCount - done)
-                return readDone(request)
+                return try readDone(request, io)
             }
             transferred[tag] += Int(result)
             let done = transferred[tag]
-            if done >= d.byteCount { return d.operation == .read ? readDone(request) : Int32(d.byteCount) }
+            if done >= d.byteCount { return d.operation == .read ? try readDone(request, io) : Int32(d.byteCount) }
             // Short transfer (or the next chunk of an encrypted write): ask for the rest.
             if d.operation == .write && encrypting { return try encryptedWrite(request, from: done, io) }
             let position = offset + d.byteOffset + Int64(done)
@@ -365,24 +384,79 @@ public final class LoopQueueHandler: QueueHandler {
         }
     }
 
+    /// Encrypting: counts the reads and writes in flight around one step of a request
+    /// (where the cipher runs depends on it).
+    @usableFromInline
+    func tracked(_ request: IORequest, starting: Bool,
+                 _ step: () throws(SystemError) -> Int32?) throws(SystemError) -> Int32? {
+        let (tag, encryption) = (Int(request.tag), encryption.unsafelyUnwrapped)
+        if starting { encryption.began(tag) }
+        do {
+            let result = try step()
+            if result != nil { encryption.ended(tag) }
+            return result
+        } catch {
+            encryption.ended(tag)
+            throw error
+        }
+    }
+
     /// Encrypting: submits the rest of a write from byte `done`, its ciphertext from the
-    /// tag's bounce buffer (a chunk at a time for writes longer than the bounce buffer).
+    /// tag's bounce buffer (a chunk at a time for writes longer than the bounce buffer),
+    /// once the chunk that starts there is encrypted.
     @usableFromInline
     func encryptedWrite(_ request: IORequest, from done: Int, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+        guard let encryption else { return -EIO }
+        if done % encryption.chunk == 0 {
+            switch try encryption.encrypt(request, from: done, io) {
+            case .done: break
+            case .failed: return -EIO
+            case .handedOff: return nil
+            }
+        }
+        return try writeCiphertext(request, from: done, io)
+    }
+
+    /// Submits the write of the tag's ciphertext from byte `done` to the end of its chunk.
+    func writeCiphertext(_ request: IORequest, from done: Int, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
         let d = request.descriptor
-        guard let encryption, let (source, count) = encryption.ciphertext(request, from: done) else { return -EIO }
+        guard let (source, count) = encryption?.ciphertext(request, from: done) else { return -EIO }
         try io.write(file: file, from: source, count: count, offset: offset + d.byteOffset + Int64(done),
                      dsync: d.flags.contains(.fua))
         return nil
     }
 
-    /// The result of a read whose data is all in the tag's buffer: decrypted, if encrypting.
+    /// Encrypting: a completion of the request is a worker's answer if its cipher job was
+    /// handed off, else its backing operation's.
+    @usableFromInline
+    func encryptedStep(_ request: IORequest, _ result: Int32, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+        if encryption.unsafelyUnwrapped.isHandedOff(Int(request.tag)) { return try cipherCompleted(request, result: result, io) }
+        return try proceed(request, backingResult: result, io)
+    }
+
+    /// A worker answered for the request's cipher job (or the handoff failed, and the job
+    /// ran here): a read is done, a write's chunk goes to the backing.
+    @usableFromInline
+    func cipherCompleted(_ request: IORequest, result: Int32, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+        guard let encryption, encryption.handOffCompleted(Int(request.tag), result: result) else { return -EIO }
+        if request.descriptor.operation == .read { return Int32(request.descriptor.byteCount) }
+        return try writeCiphertext(request, from: transferred[Int(request.tag)], io)
+    }
+
+    /// The result of a read whose data is all in the tag's buffer: decrypted first, if
+    /// encrypting (nil: a worker is decrypting it).
     @inlinable
-    func readDone(_ request: IORequest) -> Int32 {
-        if encrypting && !decrypted(request) { return -EIO }
+    func readDone(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+        if encrypting { return try decrypted(request, io) }
         return Int32(request.descriptor.byteCount)
     }
 
     @usableFromInline
-    func decrypted(_ request: IORequest) -> Bool { encryption?.decrypt(request) ?? true }
+    func decrypted(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+        switch try encryption.unsafelyUnwrapped.decrypt(request, io) {
+        case .done: return Int32(request.descriptor.byteCount)
+        case .failed: return -EIO
+        case .handedOff: return nil
+        }
+    }
 }

@@ -83,6 +83,9 @@ struct DeviceOptions: ParsableArguments {
     @Option(name: .long, help: "512-byte sectors added to every encryption IV (cryptsetup --skip); moves no data.")
     var skip: UInt64?
 
+    @Option(name: .customLong("cipher-threads"), help: "Threads per queue that encrypt and decrypt besides the queue's own, 0 to \(EncryptionConfiguration.maximumCipherThreads) (0: all on the queue thread; default: one per other CPU, at most 4).")
+    var cipherThreads: Int?
+
     @OptionGroup var key: KeyOptions
 
     @Option(name: .long, help: "Device size in bytes (losetup --sizelimit; required for the null target). Suffixes K, M, G, T.")
@@ -139,7 +142,9 @@ struct DeviceOptions: ParsableArguments {
     func checkEncryption() throws {
         guard let encryption else {
             if key.isGiven { throw ValidationError("--key-file without --encryption: add --encryption aes-xts-plain64, or leave out the key") }
-            if keySize != nil || skip != nil { throw ValidationError("--key-size and --skip need --encryption aes-xts-plain64") }
+            if keySize != nil || skip != nil || cipherThreads != nil {
+                throw ValidationError("--key-size, --skip and --cipher-threads need --encryption aes-xts-plain64")
+            }
             return
         }
         if CipherName(rawValue: encryption) == nil {
@@ -149,6 +154,9 @@ struct DeviceOptions: ParsableArguments {
         if !key.isGiven { throw ValidationError("--encryption needs the key: give --key-file PATH (or - for standard input)") }
         if let keySize {
             do { _ = try XTSKeySize(bits: keySize) } catch { throw ValidationError(error.description) }
+        }
+        if let cipherThreads, !(0...EncryptionConfiguration.maximumCipherThreads).contains(cipherThreads) {
+            throw ValidationError("--cipher-threads \(cipherThreads) is out of range: give 0 to \(EncryptionConfiguration.maximumCipherThreads) (about one per CPU)")
         }
         if let blockSize, !EncryptionConfiguration.sectorSizes.contains(blockSize) {
             throw ValidationError("encryption works in 512- or 4096-byte sectors, not \(blockSize): use --block-size 512 or 4096")
@@ -200,6 +208,7 @@ struct DeviceOptions: ParsableArguments {
                 var settings = EncryptionConfiguration()
                 settings.keySize = keySize ?? settings.keySize
                 settings.skip = skip ?? 0
+                settings.cipherThreads = cipherThreads
                 configuration.encryption = settings
             }
             return .loop(configuration)

@@ -60,18 +60,19 @@ import UblkTargets
         func message(_ text: String) -> String {
             do { _ = try ConfigFile.arguments(text: text, path: "x.conf"); return "accepted" } catch { return "\(error)" }
         }
-        #expect(message("file = /a\nqueus = 2") == "x.conf:2: unknown key `queus`: use one of block-size, depth, direct-io, encryption, file, id, key-file, key-size, offset, queues, read-only, reconnect-timeout, recovery, size, skip, target, uri, zero-copy")
+        #expect(message("file = /a\nqueus = 2") == "x.conf:2: unknown key `queus`: use one of block-size, cipher-threads, depth, direct-io, encryption, file, id, key-file, key-size, offset, queues, read-only, reconnect-timeout, recovery, size, skip, target, uri, zero-copy")
         #expect(message("read-only = maybe").hasPrefix("x.conf:1: read-only takes yes or no"))
         #expect(message("file /a").hasPrefix("x.conf:1: expected `key = value`"))
         #expect(message("key-file = -").hasPrefix("x.conf:1: key-file = - reads standard input"))
     }
 
     @Test func anEncryptedConfigFileBecomesAddArguments() throws {
-        let text = "file = /srv/secret.img\nencryption = aes-xts-plain64\nkey-file = /etc/ublk/secret.key\nkey-size = 256\nskip = 8\n"
+        let text = "file = /srv/secret.img\nencryption = aes-xts-plain64\nkey-file = /etc/ublk/secret.key\nkey-size = 256\nskip = 8\ncipher-threads = 3\n"
         let options = try DeviceOptions.parse(try ConfigFile.arguments(text: text, path: "secret.conf"))
         try options.check()
         guard case .loop(let configuration) = options.spec else { Issue.record("not a loop spec"); return }
         #expect(configuration.encryption?.keySize == 256 && configuration.encryption?.skip == 8)
+        #expect(configuration.encryption?.cipherThreads == 3)
         #expect(options.key.keyFile == "/etc/ublk/secret.key")
     }
 
@@ -89,9 +90,12 @@ import UblkTargets
         #expect(message(encrypt).contains("give --key-file PATH"))
         #expect(message(["--key-file", "k"]).contains("add --encryption aes-xts-plain64"))
         #expect(message(["--skip", "8"]).contains("need --encryption"))
+        #expect(message(["--cipher-threads", "2"]).contains("need --encryption"))
         #expect(message(["--encryption", "aes-cbc-essiv:sha256", "--key-file", "k"]).contains("the only one is --encryption aes-xts-plain64"))
         #expect(message(encrypt + ["--key-file", "k", "--key-size", "384"]).contains("--key-size 512 (AES-256-XTS, the default) or --key-size 256"))
         #expect(message(encrypt + ["--key-file", "k", "--block-size", "1024"]).contains("512 or 4096"))
+        #expect(message(encrypt + ["--key-file", "k", "--cipher-threads", "0"]) == "accepted")
+        #expect(message(encrypt + ["--key-file", "k", "--cipher-threads", "65"]).contains("give 0 to 64"))
         #expect(message(encrypt + ["--key", "00112233"]).contains("Unknown option '--key'"))
         #expect(!message(encrypt + ["--key", "00112233"]).contains("00112233"))
     }

@@ -15,6 +15,9 @@ int cublk_fallocate(int fd, int mode, int64_t offset, int64_t length);
 /// Pins the calling thread to the CPUs set in a kernel cpumask (`bytes` long).
 int cublk_set_affinity_mask(const void *mask, size_t bytes);
 int cublk_set_thread_name(const char *name);
+/// Lets the calling thread run on every CPU the process's main thread may (undoing a
+/// queue thread's pinning it inherited); 0 or -errno.
+int cublk_use_process_affinity(void);
 /// Size in bytes of a block device; 0 or -errno.
 int cublk_block_device_size(int fd, uint64_t *bytes);
 /// Logical and physical block size of a block device; 0 or -errno.

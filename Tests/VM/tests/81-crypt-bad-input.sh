@@ -37,6 +37,10 @@ expect_error "--key-size 384" "--key-size 512.*--key-size 256" -- "${add[@]}" --
 expect_error "--block-size 1024 with encryption" "512 or 4096" -- \
 	"${add[@]}" --key-file "$dir/key" --block-size 1024
 expect_error "--encryption without --key-file" "--key-file" -- "${add[@]}"
+expect_error "--cipher-threads 65" "--cipher-threads 65 is out of range: give 0 to 64" -- \
+	"${add[@]}" --key-file "$dir/key" --cipher-threads 65
+expect_error "--cipher-threads without --encryption" "--cipher-threads need --encryption" -- \
+	"$UBLK" add --file "$dir/ok.img" --cipher-threads 1
 expect_error "--key-file without --encryption" "--encryption" -- "$UBLK" add --file "$dir/ok.img" --key-file "$dir/key"
 
 # A key on the command line: no such option, and the key is not repeated anywhere.

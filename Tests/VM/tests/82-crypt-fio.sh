@@ -14,11 +14,12 @@ dir=$(mktempdir)
 head -c 64 /dev/urandom >"$dir/key"
 head -c 64 /dev/urandom >"$dir/other-key"
 
-# add IMAGE KEY BLOCK: prints the device of IMAGE through the encrypting target.
+# add IMAGE KEY BLOCK [CIPHER-THREADS]: prints the device of IMAGE through the encrypting target.
 add() {
-	local dev
+	local dev threads=()
+	if (($# > 3)); then threads=(--cipher-threads "$4"); fi
 	dev=$("$UBLK" add --file "$1" --encryption aes-xts-plain64 --key-file "$2" --block-size "$3" \
-		--queues 2 --depth 32)
+		--queues 2 --depth 32 "${threads[@]}")
 	at_exit sh -c "'$UBLK' del --id ${dev#/dev/ublkb} 2>/dev/null || true"
 	echo "$dev"
 }
@@ -40,23 +41,45 @@ verify() {
 		"${mode[@]}" >"$dir/fio.out" 2>&1
 }
 
+# cipher_ticks DEVICE: the count of the server's cipher worker threads, and the CPU
+# ticks they used (utime + stime).
+cipher_ticks() {
+	local pid task count=0 ticks=0 stat fields
+	pid=$(list_field "${1#/dev/ublkb}" pid)
+	for task in /proc/"$pid"/task/*; do
+		[[ $(cat "$task/comm") == ublk-crypt* ]] || continue
+		stat=$(cat "$task/stat")
+		stat=${stat##*) }
+		read -r -a fields <<<"$stat"
+		count=$((count + 1))
+		ticks=$((ticks + fields[11] + fields[12]))
+	done
+	echo "$count $ticks"
+}
+
 for block in 512 4096; do
 	img=$dir/disk-$block.img
 	truncate -s 128M "$img"
-	dev=$(add "$img" "$dir/key" "$block")
+	# Written with two cipher threads per queue (they must do some of the AES), read
+	# back with none (all on the queue threads): both make the same ciphertext.
+	dev=$(add "$img" "$dir/key" "$block" 2)
 	expect_eq "$(ls "/sys/block/${dev#/dev/}/mq" | wc -l)" 2 "hardware queues"
 	expect_eq "$(blockdev --getss "$dev")" "$block" "logical block size"
 	verify "$dev" "$block" WRITE || { cat "$dir/fio.out"; fail "block $block: fio randwrite+verify failed"; }
+	read -r threads ticks < <(cipher_ticks "$dev")
+	expect_eq "$threads" 4 "cipher worker threads (2 queues x --cipher-threads 2)"
+	((ticks > 0)) || fail "block $block: the cipher workers did no work at depth 32"
 	del "$dev"
 
-	dev=$(add "$img" "$dir/key" "$block")
+	dev=$(add "$img" "$dir/key" "$block" 0)
+	expect_eq "$(cipher_ticks "$dev")" "0 0" "cipher worker threads with --cipher-threads 0"
 	verify "$dev" "$block" CHECK || { cat "$dir/fio.out"; fail "block $block: the data did not verify after del and add"; }
 	del "$dev"
 
 	dev=$(add "$img" "$dir/other-key" "$block")
 	if verify "$dev" "$block" CHECK; then fail "block $block: the data verified with another key"; fi
 	del "$dev"
-	echo "ok: block $block: fio crc32c verify at depth 32 on 2 queues; data kept across del/add; wrong key reads garbage"
+	echo "ok: block $block: fio crc32c verify at depth 32 on 2 queues with cipher workers ($ticks ticks), read back with none; data kept across del/add; wrong key reads garbage"
 done
 
 # --- --key-file - and ublk recover of an encrypted device ----------------------------
