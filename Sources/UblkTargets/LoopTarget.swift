@@ -333,7 +333,7 @@ public final class LoopQueueHandler: QueueHandler {
         // backing ended early or the transfer was short), in a few lines the specialised
         // queue engine inlines; `completeRequest`, out of line, handles every case itself.
         if d.operation.usesBuffer && result > 0 && transferred[Int(request.tag)] + Int(result) >= d.byteCount {
-            return d.operation == .read ? readDone(request) : Int32(d.byteCount)
+            return d.operation == .read ? try readDone(request, io) : Int32(d.byteCount)
         }
         return try completeRequest(request, backingResult: result, io)
     }
