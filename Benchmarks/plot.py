@@ -62,7 +62,7 @@ def main():
         script = f"""
 set terminal pngcairo size 1400,700 font "sans,11"
 set output "{dst}"
-set title "ublk-swift / kernel IOPS (loop configs vs kernel loop --direct-io=on; null vs null_blk)\\n{subtitle}" noenhanced
+set title "ublk-swift / kernel IOPS (each config vs the kernel device of its group: loop, buffered loop, null_blk, dm-crypt on loop, nbd)\\n{subtitle}" noenhanced
 set datafile missing "-"
 set key autotitle columnheader
 set style data histogram
