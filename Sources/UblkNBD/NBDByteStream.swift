@@ -9,21 +9,5 @@ public protocol NBDByteStream: ~Copyable {
     func receiveAll(into buffer: UnsafeMutableRawBufferPointer) throws -> Bool
 }
 
-extension FileDescriptor: NBDByteStream {
-    public func sendAll(_ bytes: UnsafeRawBufferPointer) throws {
-        var sent = 0
-        while sent < bytes.count {
-            sent += try send(UnsafeRawBufferPointer(rebasing: bytes[sent...]))
-        }
-    }
-
-    public func receiveAll(into buffer: UnsafeMutableRawBufferPointer) throws -> Bool {
-        var filled = 0
-        while filled < buffer.count {
-            let count = try receive(into: UnsafeMutableRawBufferPointer(rebasing: buffer[filled...]))
-            if count == 0 { return false }
-            filled += count
-        }
-        return true
-    }
-}
+/// A socket is one as it is: `FileDescriptor.sendAll`/`receiveAll` (UblkSystem).
+extension FileDescriptor: NBDByteStream {}

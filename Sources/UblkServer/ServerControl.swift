@@ -160,12 +160,7 @@ public final class ServerControl: @unchecked Sendable {
 enum UnixLine {
     /// Best effort: a peer that went away has no one to tell.
     static func write(_ line: String, to socket: borrowing FileDescriptor) {
-        let bytes = Array((line + "\n").utf8)
-        var sent = 0
-        while sent < bytes.count {
-            guard let count = try? bytes[sent...].withUnsafeBytes({ try socket.send($0) }), count > 0 else { return }
-            sent += count
-        }
+        _ = try? Array((line + "\n").utf8).withUnsafeBytes { try socket.sendAll($0) }
     }
 
     /// Up to the first newline (at most 4 KiB), without it; "" on EOF, error or timeout.

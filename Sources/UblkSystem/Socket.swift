@@ -76,6 +76,25 @@ extension FileDescriptor {
 
     /// `recv(2)`: may return fewer bytes than asked; 0 means the peer closed the connection.
     public func receive(into buffer: UnsafeMutableRawBufferPointer) throws -> Int { try Syscalls.receive(rawValue, buffer) }
+
+    /// Sends every byte of `bytes` (as many `send` calls as it takes), or throws.
+    public func sendAll(_ bytes: UnsafeRawBufferPointer) throws {
+        var sent = 0
+        while sent < bytes.count {
+            sent += try send(UnsafeRawBufferPointer(rebasing: bytes[sent...]))
+        }
+    }
+
+    /// Fills all of `buffer`; false when the peer closed the connection first.
+    public func receiveAll(into buffer: UnsafeMutableRawBufferPointer) throws -> Bool {
+        var filled = 0
+        while filled < buffer.count {
+            let count = try receive(into: UnsafeMutableRawBufferPointer(rebasing: buffer[filled...]))
+            if count == 0 { return false }
+            filled += count
+        }
+        return true
+    }
 }
 
 /// A listening Unix stream socket at a path (owner only: root's requests, like the
