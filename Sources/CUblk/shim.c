@@ -34,7 +34,7 @@ int cublk_set_affinity_mask(const void *mask, size_t bytes) {
 int cublk_use_process_affinity(void) {
     cpu_set_t set;
     if (sched_getaffinity(getpid(), sizeof(set), &set) != 0) return -errno;
-    return pthread_setaffinity_np(pthread_self(), sizeof(set), &set) == 0 ? 0 : -EINVAL;
+    return -pthread_setaffinity_np(pthread_self(), sizeof(set), &set); /* it returns the errno */
 }
 
 int cublk_block_device_size(int fd, uint64_t *bytes) {

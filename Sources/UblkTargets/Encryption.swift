@@ -80,8 +80,9 @@ final class QueueEncryption {
     private let skip: UInt64
     /// Nil: every job runs on the queue thread.
     let workers: CipherWorkers?
-    /// Per tag: the worker its job is with, or -1.
-    private let handedTo: UnsafeMutableBufferPointer<Int>
+    /// Per tag: its cipher job is with a worker (which one does not matter: the answer
+    /// comes back as the request's completion either way).
+    private let handedOff: UnsafeMutableBufferPointer<Bool>
     /// Per tag: a read or write is in flight; `active` counts them.
     private let inFlight: UnsafeMutableBufferPointer<Bool>
     private var active = 0
@@ -110,8 +111,8 @@ final class QueueEncryption {
         self.chunk = chunk
         skip = configuration.skip
         bounce = .allocate(byteCount: depth * chunk, alignment: 4096)
-        handedTo = .allocate(capacity: depth)
-        handedTo.initialize(repeating: -1)
+        handedOff = .allocate(capacity: depth)
+        handedOff.initialize(repeating: false)
         inFlight = .allocate(capacity: depth)
         inFlight.initialize(repeating: false)
     }
@@ -120,7 +121,7 @@ final class QueueEncryption {
         // The workers first: they may still be writing into the bounce buffers.
         workers?.stop()
         bounce.deallocate()
-        handedTo.deallocate()
+        handedOff.deallocate()
         inFlight.deallocate()
     }
 
@@ -187,7 +188,7 @@ final class QueueEncryption {
                 (sent.replyRing, sent.replyData) = (io.ringDescriptor, io.requestUserData)
                 workers.jobs[tag] = sent
                 try io.message(toRing: workers.rings[lane - 1], data: UInt64(tag))
-                handedTo[tag] = lane - 1
+                handedOff[tag] = true
                 unsent = true
                 handOffs += 1
                 return .handedOff
@@ -201,12 +202,12 @@ final class QueueEncryption {
     }
 
     /// The tag's job is with a worker: its answer is the request's next completion.
-    func isHandedOff(_ tag: Int) -> Bool { handedTo[tag] >= 0 }
+    func isHandedOff(_ tag: Int) -> Bool { handedOff[tag] }
 
     /// The worker answered for `tag` with `result`: 0 done, else the job was not done (the
     /// send failed, or the worker's cipher did) and runs here now. True if it is done.
     func handOffCompleted(_ tag: Int, result: Int32) -> Bool {
-        handedTo[tag] = -1
+        handedOff[tag] = false
         guard let workers, result != 0 else { return result == 0 }
         return workers.jobs[tag].run(&cipher)
     }
