@@ -19,7 +19,7 @@ import UblkTargets
 ///
 /// `@unchecked Sendable` is safe: `record` is touched only by
 /// the channel's thread once it runs; `removed` only by the server's own thread (`stop`);
-/// `keepDevice`, the one field both threads use, is an atomic.
+/// `keepDevice` and `queuesEnded`, the fields both threads use, are atomics.
 public final class ServerControl: @unchecked Sendable {
     private let deviceID: UInt32
     private let capacity: DeviceCapacity
@@ -29,6 +29,8 @@ public final class ServerControl: @unchecked Sendable {
     /// touches it once the channel runs.
     private var record: DeviceRecord?
     private let keepDevice = Atomic<Bool>(false)
+    /// Set by `stop`, once every queue thread ended.
+    private let queuesEnded = Atomic<Bool>(false)
 
     init(deviceID: UInt32, capacity: DeviceCapacity, target: any Target, record: DeviceRecord?, logger: Logger) {
         self.deviceID = deviceID
@@ -57,6 +59,7 @@ public final class ServerControl: @unchecked Sendable {
     /// Removes the socket (the thread ends with the process). Once only: after a hand-over
     /// the path may already be the new server's.
     func stop() {
+        queuesEnded.store(true, ordering: .releasing)
         if !removed { SmallFile.remove(Self.socketPath(deviceID)) }
         removed = true
     }
@@ -121,8 +124,8 @@ public final class ServerControl: @unchecked Sendable {
         return bytes
     }
 
-    /// QUIESCE_DEV: the kernel waits for the requests in flight to finish, parks new ones,
-    /// and aborts the queues' fetches; the server then exits without deleting the device.
+    /// QUIESCE_DEV: the kernel parks new requests and aborts the queues' fetches; the
+    /// server then exits without deleting the device. Answers once the queues ended.
     private func quiesce() throws {
         let control = try DeviceServer.openControl()
         let info: DeviceInfo
@@ -134,6 +137,21 @@ public final class ServerControl: @unchecked Sendable {
             throw ServerError.control(error)
         }
         logger.info("/dev/ublkb\(deviceID) quiesced: leaving it to a new server")
+        abortRefetches(control)
+    }
+
+    /// QUIESCE_DEV aborts the fetches parked in the driver at that moment. A request the
+    /// server held then is committed later, and its commit parks the tag's fetch again,
+    /// which nothing aborts: the queue would wait for that tag forever. So until every
+    /// queue ended (at most 30 s), QUIESCE_DEV again every 200 ms: the device is still
+    /// live and canceling, and the driver aborts each fetch it has not aborted before.
+    private func abortRefetches(_ control: borrowing ControlDevice) {
+        for round in 1...600 {
+            if queuesEnded.load(ordering: .acquiring) { return }
+            usleep(50_000)
+            if round % 4 == 0 { try? control.quiesceDevice(deviceID, timeoutMilliseconds: 1_000) }
+        }
+        logger.warning("/dev/ublkb\(deviceID): the queues did not end within 30 s of QUIESCE_DEV")
     }
 
     /// Asks the server of device `id` (one line), waiting at most `seconds` for the answer;

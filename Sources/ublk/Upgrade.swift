@@ -38,6 +38,9 @@ extension Ublk {
             _ = try ServerControl.request(id, "quiesce")
             // The kernel marks the device quiesced once the old server closed /dev/ublkcN.
             for _ in 0..<300 where (try? control.deviceInfo(id))?.state == .live { usleep(100_000) }
+            guard (try? control.deviceInfo(id))?.state != .live else {
+                throw CLIError("the old server (pid \(oldPID)) has not left device \(id) within 30 s of QUIESCE_DEV (see \(Background.logPath)): once it has, ublk recover --id \(id)")
+            }
             let path: String
             do { path = try Background.launch(["recover", "--id", "\(id)"], program: program) } catch {
                 throw CLIError("\(error) (device \(id) is quiesced and waits for a server: ublk recover --id \(id))")

@@ -1,7 +1,8 @@
 #!/bin/bash
 # 64-upgrade — `ublk upgrade` (QUIESCE_DEV + user recovery) replaces a device's server
 # while fio writes and verifies (crc32c) on a mounted ext4: twice in a row, no I/O
-# error, the verify passes, the server pid changes each time. A device added without
+# error, the verify passes, the server pid changes each time. The second upgrade runs
+# under a burst of reads at depth 32, so that the server holds requests when quiesced. A device added without
 # --recovery is refused in one line. Kernels without QUIESCE refuse in one line and
 # nothing changes.
 # timeout: 400
@@ -46,7 +47,19 @@ fio_pid=$!
 sleep 4
 for round in 1 2; do
 	kill -0 "$fio_pid" 2>/dev/null || { cat "$dir/fio.out"; fail "fio ended before upgrade $round"; }
-	out=$(timeout 90 "$UBLK" upgrade --id "$id" 2>"$dir/err") || fail "ublk upgrade $round failed (status $?): $(cat "$dir/err")"
+	if ((round == 2)); then
+		# Requests held by the server at QUIESCE_DEV: their commits park fetches the
+		# driver's cancel has passed already (the server must cancel again).
+		timeout -k 5 120 fio --name=burst --filename="$dev" --readonly --direct=1 --ioengine=io_uring \
+			--rw=randread --bs=4k --iodepth=32 --time_based --runtime=15 --minimal >"$dir/burst.out" 2>&1 &
+		burst_pid=$!
+		sleep 2
+	fi
+	out=$(timeout 90 "$UBLK" upgrade --id "$id" 2>"$dir/err") || {
+		rc=$?
+		tail -n 30 /run/ublk/server.log 2>/dev/null | sed 's/^/server.log: /'
+		fail "ublk upgrade $round failed (status $rc): $(cat "$dir/err")"
+	}
 	new=$(list_field "$id" pid)
 	[[ $new != "$pid" ]] && kill -0 "$new" || fail "upgrade $round: pid '$new' (was $pid) is not a new live server"
 	wait_exit "$pid" 10
@@ -56,6 +69,8 @@ for round in 1 2; do
 	sleep 3
 done
 rc=0
+wait "$burst_pid" || rc=$?
+((rc == 0)) || { cat "$dir/burst.out"; fail "the read burst across upgrade 2 failed (status $rc)"; }
 wait "$fio_pid" || rc=$?
 ((rc == 0)) || { cat "$dir/fio.out"; fail "fio across the upgrades failed (status $rc)"; }
 umount "$dir/mnt"
