@@ -60,7 +60,9 @@ public protocol CommandSource: AnyObject {
     /// The raw descriptor of the request that has just arrived on `tag`.
     func descriptor(tag: Int) -> ublksrv_io_desc
     /// Completes `request` with `result` and asks for the tag's next (COMMIT_AND_FETCH_REQ).
-    func commit(_ request: IORequest, result: Int32, _ ring: IORing.Handle) throws(SystemError)
+    /// `step` goes into the completion's user data: `CommandStep.fetch`, or `.linkedCommit`
+    /// for a commit linked behind the request's last backing operation.
+    func commit(_ request: IORequest, result: Int32, step: UInt16, _ ring: IORing.Handle) throws(SystemError)
     /// Zero-copy fallback: registers the request's pages at its tag's index (REGISTER_IO_BUF;
     /// completes as a `.command` with step `CommandStep.registered`).
     func registerBuffer(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError)
@@ -80,6 +82,9 @@ public enum CommandStep {
     public static let fetch: UInt16 = 0
     public static let registered: UInt16 = 1
     public static let unregistered: UInt16 = 2
+    /// A COMMIT_AND_FETCH_REQ linked behind the request's backing operation
+    /// (`RequestStep.finishing`): as `fetch`, except that -ECANCELED means the link broke.
+    public static let linkedCommit: UInt16 = 3
 }
 
 extension CommandSource {
@@ -129,6 +134,9 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     @usableFromInline @exclusivity(unchecked) var live: Int
     /// Room for the requests one `.queue` completion finishes (`FinishedRequests`).
     @usableFromInline let finishedStorage: UnsafeMutableBufferPointer<(tag: UInt16, result: Int32)>
+    /// Commits are linked behind a request's last backing operation (`RequestStep.finishing`)
+    /// only where the kernel copies a linked command's SQE at submission.
+    @usableFromInline let linksCommits = IORing.copiesLinkedCommands
     public let depth: Int
 
     /// A queue on `ring` (its fixed files already registered: 0 is /dev/ublkcN, then the target's).
@@ -205,6 +213,11 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         switch userData.kind {
         case .command where tag < depth && userData.step == CommandStep.fetch:
             try commandCompleted(tag: tag, result: result)
+        case .command where tag < depth && userData.step == CommandStep.linkedCommit:
+            // Canceled: the backing operation ended short or failed, and its own completion
+            // carries the request on. (Kernels post none for the canceled commit: the skip
+            // of the failed operation's completion passes on to its links.)
+            if result != -ECANCELED { try commandCompleted(tag: tag, result: result) }
         case .command where tag < depth:
             try bufferCommandCompleted(tag: tag, step: userData.step, result: result)
         case .target where tag < depth:
@@ -230,7 +243,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         for index in 0..<finished.count {
             let (tag, value) = finished.storage[index]
             if value < 0 { logFailure(tag: Int(tag), result: value) }
-            try source.commit(requests[Int(tag)], result: value, ring.handle)
+            try source.commit(requests[Int(tag)], result: value, step: CommandStep.fetch, ring.handle)
         }
         try outcome.get()
     }
@@ -257,7 +270,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         switch IODescriptor(raw: source.descriptor(tag: tag)).validated(for: limits) {
         case .failure(let error):
             logRefusal(tag: tag, error)
-            try source.commit(requests[tag], result: -error.errno, ring.handle)
+            try source.commit(requests[tag], result: -error.errno, step: CommandStep.fetch, ring.handle)
         case .success(let descriptor):
             requests[tag].descriptor = descriptor
             if descriptor.flags.contains(.needsBufferRegistration) {
@@ -275,7 +288,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         if commandStep == CommandStep.registered {
             if result < 0 {
                 logger.error("queue \(queueID) tag \(tag): REGISTER_IO_BUF failed: \(SystemError("", errno: result).reason)")
-                return try source.commit(requests[tag], result: result, ring.handle)
+                return try source.commit(requests[tag], result: result, step: CommandStep.fetch, ring.handle)
             }
             registeredByQueue[tag] = true
             return try step(tag: tag, backingResult: nil)
@@ -283,7 +296,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         if result < 0 {
             logger.error("queue \(queueID) tag \(tag): UNREGISTER_IO_BUF failed: \(SystemError("", errno: result).reason)")
         }
-        try source.commit(requests[tag], result: resultAfterUnregister[tag], ring.handle)
+        try source.commit(requests[tag], result: resultAfterUnregister[tag], step: CommandStep.fetch, ring.handle)
     }
 
     /// Completes the tag's request: a commit, after unregistering pages the queue registered itself.
@@ -294,26 +307,31 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
             resultAfterUnregister[tag] = result
             return try source.unregisterBuffer(requests[tag], ring.handle)
         }
-        try source.commit(requests[tag], result: result, ring.handle)
+        try source.commit(requests[tag], result: result, step: CommandStep.fetch, ring.handle)
     }
 
     /// Runs one step of the tag's request: its start (`backingResult` nil) or the
-    /// completion of its backing I/O. Commits the request if the step finished it; a step
-    /// that could not get an SQE finishes the request with that errno.
+    /// completion of its backing I/O. Commits the request if the step finished it, or links
+    /// the commit behind the backing operation that will; a step that could not get an SQE
+    /// finishes the request with that errno.
     @inlinable @inline(__always)
     func step(tag: Int, backingResult: Int32?) throws(SystemError) {
         let io = BackingSubmitter(ring: ring.handle, tag: UInt16(tag))
         let requests = self.requests
         let outcome = handlerReference._withUnsafeGuaranteedRef { handler in
-            Result { () throws(SystemError) -> Int32? in
+            Result { () throws(SystemError) -> RequestStep in
                 if let backingResult { return try handler.complete(requests[tag], backingResult: backingResult, io) }
                 return try handler.start(requests[tag], io)
             }
         }
         let result: Int32
         switch outcome {
-        case .success(nil): return
-        case .success(let value?): result = value
+        case .success(.submitted): return
+        case .success(.finishing(let expected)):
+            // Pages the queue registered itself go back before the commit: no link then.
+            guard linksCommits, !registeredByQueue[tag], ring.handle.linkLastPrepared() else { return }
+            return try source.commit(requests[tag], result: expected, step: CommandStep.linkedCommit, ring.handle)
+        case .success(.done(let value)): result = value
         case .failure(let error):
             logSubmissionFailure(tag: tag, error)
             result = -error.errno
@@ -350,7 +368,8 @@ extension Queue {
     /// files; with zero copy, an empty buffer table with a slot per tag.
     public static func ring<T: Target>(depth: Int, firstFile: Int32, target: T,
                                        buffers: TagBufferMode = .copy(bytesPerTag: 0)) throws(SystemError) -> IORing {
-        let ring = try IORing(entries: UInt32(depth), preferredFlags: IORing.singleThreadFlags)
+        // Two SQEs per request: a backing operation and the commit linked behind it.
+        let ring = try IORing(entries: UInt32(2 * depth), preferredFlags: IORing.singleThreadFlags)
         try ring.registerFiles([firstFile] + target.fixedFiles)
         if case .autoRegister = buffers { try ring.registerSparseBuffers(depth) }
         return ring

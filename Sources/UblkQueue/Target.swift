@@ -119,7 +119,7 @@ extension Target {
 /// The per-queue half of a target: turns requests into backing I/O on the queue's ring.
 ///
 /// Each request is a small state machine owned by its tag: `start` either finishes it
-/// at once (returning its result) or submits backing I/O and returns nil; each of those
+/// at once (`.done`) or submits backing I/O (`.submitted`, `.finishing`); each of those
 /// completions comes back through `complete`, which again finishes or resubmits.
 /// Results are bytes transferred (reads/writes) or 0, or a negative errno. A thrown
 /// error (no SQE could be had) finishes the request with that errno.
@@ -129,8 +129,8 @@ extension Target {
 /// tag). Their completions come to `queueOperationCompleted`, which reports the requests
 /// they finished in `finished`.
 public protocol QueueHandler: AnyObject {
-    func start(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> Int32?
-    func complete(_ request: IORequest, backingResult: Int32, _ io: BackingSubmitter) throws(SystemError) -> Int32?
+    func start(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> RequestStep
+    func complete(_ request: IORequest, backingResult: Int32, _ io: BackingSubmitter) throws(SystemError) -> RequestStep
     /// An operation submitted through `io.forQueue(step:)` completed with `result`. A
     /// thrown error ends the queue (the handler's own state can no longer be trusted).
     func queueOperationCompleted(step: UInt16, result: Int32, _ io: BackingSubmitter,
@@ -148,6 +148,26 @@ extension QueueHandler {
 
     /// Handlers without threads of their own have nothing to stop.
     public func queueEnding() {}
+}
+
+/// Where a request stands after a handler's `start` or `complete`.
+public enum RequestStep: Equatable {
+    /// Finished with this result: the queue commits it.
+    case done(Int32)
+    /// Backing I/O is submitted; its completion comes back to `complete`.
+    case submitted
+    /// The one backing operation just submitted finishes the request if it completes with
+    /// exactly `result`: a read or write that moves all its bytes, an fsync or fallocate
+    /// that returns 0. The queue then links the commit behind it in the same submission
+    /// (IOSQE_IO_LINK) and skips its completion (IOSQE_CQE_SKIP_SUCCESS): the request
+    /// needs no turn of the queue between its backing I/O and its commit, which is one
+    /// `io_uring_enter` per request at queue depth 1. A short or failed result cancels the
+    /// commit, and the completion comes to `complete` as after `.submitted`; so does every
+    /// completion when the queue cannot link (a kernel that reads a linked command's SQE
+    /// late, `IORing.copiesLinkedCommands`; no room left in the submission queue; pages the
+    /// queue registered itself to give back first). The handler must not need to see
+    /// the request again once it returns this.
+    case finishing(result: Int32)
 }
 
 /// Requests a `.queue` completion finished, each with its result; the queue commits them

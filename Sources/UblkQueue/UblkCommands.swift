@@ -41,15 +41,15 @@ public final class UblkCommands: CommandSource {
 
     @inlinable
     public func fetch(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError) {
-        try send(fetchOpcode, request, result: 0, ring)
+        try send(fetchOpcode, request, result: 0, step: CommandStep.fetch, ring)
     }
 
     @inlinable
     public func descriptor(tag: Int) -> ublksrv_io_desc { descriptors[tag] }
 
     @inlinable
-    public func commit(_ request: IORequest, result: Int32, _ ring: IORing.Handle) throws(SystemError) {
-        try send(commitOpcode, request, result: result, ring)
+    public func commit(_ request: IORequest, result: Int32, step: UInt16, _ ring: IORing.Handle) throws(SystemError) {
+        try send(commitOpcode, request, result: result, step: step, ring)
     }
 
     public func registerBuffer(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError) {
@@ -63,7 +63,8 @@ public final class UblkCommands: CommandSource {
     /// The 16-byte `ublksrv_io_cmd`, written straight into the SQE's command area. With zero
     /// copy the command's `addr` must be 0 and the SQE's carries the registration instead.
     @inlinable
-    func send(_ opcode: UInt32, _ request: IORequest, result: Int32, _ ring: IORing.Handle) throws(SystemError) {
+    func send(_ opcode: UInt32, _ request: IORequest, result: Int32, step: UInt16,
+              _ ring: IORing.Handle) throws(SystemError) {
         let buffer: UInt64
         let registration: UInt64
         if let autoRegistration {
@@ -72,8 +73,7 @@ public final class UblkCommands: CommandSource {
             (buffer, registration) = (UInt64(UInt(bitPattern: request.buffer)), 0)
         }
         let command = ublksrv_io_cmd(q_id: queueID, tag: request.tag, result: result, addr: buffer)
-        try ring.prepareCommand(fd: 0, fixedFile: true, opcode: opcode, userData: UserData(.command, tag: request.tag).rawValue,
-                                address: registration)
+        try ring.prepareCommand(fd: 0, fixedFile: true, opcode: opcode, userData: UserData(.command, tag: request.tag, step: step).rawValue, address: registration)
             .storeBytes(of: command, as: ublksrv_io_cmd.self)
     }
 

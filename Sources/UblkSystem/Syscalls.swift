@@ -235,6 +235,29 @@ extension Syscalls {
     }
 }
 
+// The kernel probe of `IORing.copiesLinkedCommands`.
+extension Syscalls {
+    /// `pipe(2)`, both ends close-on-exec: (read end, write end).
+    static func pipe() throws(SystemError) -> (Int32, Int32) {
+        var ends: [Int32] = [-1, -1]
+        guard Glibc.pipe(&ends) == 0 else { throw SystemError("pipe", errno: errno) }
+        for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
+        return (ends[0], ends[1])
+    }
+
+    /// An unbound Unix datagram socket.
+    static func datagramSocket() throws(SystemError) -> Int32 {
+        let fd = Glibc.socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw SystemError("socket AF_UNIX SOCK_DGRAM", errno: errno) }
+        return fd
+    }
+
+    /// `write(2)` at the descriptor's position (a pipe).
+    static func write(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) throws -> Int {
+        try retryingOnInterrupt("write") { Glibc.write(fd, buffer.baseAddress, buffer.count) }
+    }
+}
+
 // Memory that holds secrets (keys): locked, kept out of core dumps, wiped.
 extension Syscalls {
     /// `read(2)` from the descriptor's current position: pipes and stdin have no offset for pread.

@@ -273,14 +273,14 @@ public final class LoopQueueHandler: QueueHandler {
     }
 
     @inlinable
-    public func start(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+    public func start(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> RequestStep {
         if encrypting { return try tracked(request, starting: true) { () throws(SystemError) in try begin(request, io) } }
         return try begin(request, io)
     }
 
     @inlinable
     public func complete(_ request: IORequest, backingResult result: Int32,
-                         _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+                         _ io: BackingSubmitter) throws(SystemError) -> RequestStep {
         if encrypting { return try tracked(request, starting: false) { () throws(SystemError) in try encryptedStep(request, result, io) } }
         return try proceed(request, backingResult: result, io)
     }
@@ -290,7 +290,7 @@ public final class LoopQueueHandler: QueueHandler {
 
     /// The first step of a request.
     @inlinable
-    func begin(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+    func begin(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> RequestStep {
         let d = request.descriptor
         let position = offset + d.byteOffset
         switch d.operation {
@@ -298,69 +298,72 @@ public final class LoopQueueHandler: QueueHandler {
             transferred[Int(request.tag)] = 0
             fellBack[Int(request.tag)] = false
             try io.read(file: file, into: request.data, count: d.byteCount, offset: position)
+            // Encrypted data must be deciphered first (`tracked` keeps it from linking).
+            return .finishing(result: Int32(d.byteCount))
         case .write:
-            if readOnly { return -EROFS }
+            if readOnly { return .done(-EROFS) }
             transferred[Int(request.tag)] = 0
             if encrypting { return try encryptedWrite(request, from: 0, io) }
             try io.write(file: file, from: request.data, count: d.byteCount, offset: position,
                          dsync: d.flags.contains(.fua))
+            return .finishing(result: Int32(d.byteCount))
         case .flush:
             try io.fsync(file: file)
         case .discard:
-            if readOnly { return -EROFS }
+            if readOnly { return .done(-EROFS) }
             try io.fallocate(file: file, mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                              offset: position, length: Int64(d.byteCount))
         case .writeZeroes:
-            if readOnly { return -EROFS }
+            if readOnly { return .done(-EROFS) }
             // Not advertised when encrypting: zeroed backing would read back as noise.
-            if encrypting { return -EOPNOTSUPP }
+            if encrypting { return .done(-EOPNOTSUPP) }
             // As loop.c: keep the blocks allocated only when asked to (NOUNMAP).
             fellBack[Int(request.tag)] = false
             let mode = d.flags.contains(.noUnmap) ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE
             try io.fallocate(file: file, mode: mode | FALLOC_FL_KEEP_SIZE, offset: position, length: Int64(d.byteCount))
         case .unsupported:
-            return -EOPNOTSUPP
+            return .done(-EOPNOTSUPP)
         }
-        return nil
+        return .finishing(result: 0)
     }
 
     /// The next step of a request whose backing operation completed with `result`.
     @inlinable
     func proceed(_ request: IORequest, backingResult result: Int32,
-                 _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+                 _ io: BackingSubmitter) throws(SystemError) -> RequestStep {
         let d = request.descriptor
         // The common case, a read or write that moved all its bytes (at once unless the
         // backing ended early or the transfer was short), in a few lines the specialised
         // queue engine inlines; `completeRequest`, out of line, handles every case itself.
         if d.operation.usesBuffer && result > 0 && transferred[Int(request.tag)] + Int(result) >= d.byteCount {
-            return d.operation == .read ? try readDone(request, io) : Int32(d.byteCount)
+            return d.operation == .read ? try readDone(request, io) : .done(Int32(d.byteCount))
         }
         return try completeRequest(request, backingResult: result, io)
     }
 
     @usableFromInline
     func completeRequest(_ request: IORequest, backingResult result: Int32,
-                         _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+                         _ io: BackingSubmitter) throws(SystemError) -> RequestStep {
         let d = request.descriptor
         let tag = Int(request.tag)
         switch d.operation {
         case .read, .write:
-            if result < 0 { return result }
+            if result < 0 { return .done(result) }
             if result == 0 {
-                guard d.operation == .read, !fellBack[tag] else { return -EIO }
+                guard d.operation == .read, !fellBack[tag] else { return .done(-EIO) }
                 // Past the end of the backing: the rest reads as zeros (loop.c does the same).
                 let done = transferred[tag]
                 guard case .buffer(let buffer) = request.data else {
                     fellBack[tag] = true
                     try io.read(file: zeroFile, into: request.data.advanced(by: done), count: d.byteCount - done, offset: 0)
-                    return nil
+                    return .submitted
                 }
                 (buffer + done).initializeMemory(as: UInt8.self, repeating: 0, count: d.byteCount - done)
                 return try readDone(request, io)
             }
             transferred[tag] += Int(result)
             let done = transferred[tag]
-            if done >= d.byteCount { return d.operation == .read ? try readDone(request, io) : Int32(d.byteCount) }
+            if done >= d.byteCount { return d.operation == .read ? try readDone(request, io) : .done(Int32(d.byteCount)) }
             // Short transfer (or the next chunk of an encrypted write): ask for the rest.
             if d.operation == .write && encrypting { return try encryptedWrite(request, from: done, io) }
             let position = offset + d.byteOffset + Int64(done)
@@ -372,29 +375,33 @@ public final class LoopQueueHandler: QueueHandler {
                 try io.write(file: file, from: rest, count: d.byteCount - done, offset: position,
                              dsync: d.flags.contains(.fua))
             }
-            return nil
+            return .submitted
         case .writeZeroes where result == -EOPNOTSUPP && !fellBack[tag] && d.flags.contains(.noUnmap):
             // Some file systems (tmpfs) cannot zero a range in place; a hole reads as zeros too.
             fellBack[tag] = true
             try io.fallocate(file: file, mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                              offset: offset + d.byteOffset, length: Int64(d.byteCount))
-            return nil
+            return .submitted
         default:
-            return result < 0 ? result : 0
+            return .done(result < 0 ? result : 0)
         }
     }
 
-    /// Encrypting: counts the reads and writes in flight around one step of a request
-    /// (where the cipher runs depends on it).
+    /// Encrypting: counts the requests in flight around one step of a request (where the
+    /// cipher runs depends on it).
     @usableFromInline
     func tracked(_ request: IORequest, starting: Bool,
-                 _ step: () throws(SystemError) -> Int32?) throws(SystemError) -> Int32? {
+                 _ step: () throws(SystemError) -> RequestStep) throws(SystemError) -> RequestStep {
         let (tag, encryption) = (Int(request.tag), encryption.unsafelyUnwrapped)
         if starting { encryption.began(tag) }
         do {
-            let result = try step()
-            if result != nil { encryption.ended(tag) }
-            return result
+            switch try step() {
+            case .done(let result):
+                encryption.ended(tag)
+                return .done(result)
+            // The count must see each request end: no commit linked behind its last operation.
+            case .submitted, .finishing: return .submitted
+            }
         } catch {
             encryption.ended(tag)
             throw error
@@ -405,31 +412,31 @@ public final class LoopQueueHandler: QueueHandler {
     /// tag's bounce buffer (a chunk at a time for writes longer than the bounce buffer),
     /// once the chunk that starts there is encrypted.
     @usableFromInline
-    func encryptedWrite(_ request: IORequest, from done: Int, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
-        guard let encryption else { return -EIO }
+    func encryptedWrite(_ request: IORequest, from done: Int, _ io: BackingSubmitter) throws(SystemError) -> RequestStep {
+        guard let encryption else { return .done(-EIO) }
         if done % encryption.chunk == 0 {
             switch try encryption.encrypt(request, from: done, io) {
             case .done: break
-            case .failed: return -EIO
-            case .handedOff: return nil
+            case .failed: return .done(-EIO)
+            case .handedOff: return .submitted
             }
         }
         return try writeCiphertext(request, from: done, io)
     }
 
     /// Submits the write of the tag's ciphertext from byte `done` to the end of its chunk.
-    func writeCiphertext(_ request: IORequest, from done: Int, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+    func writeCiphertext(_ request: IORequest, from done: Int, _ io: BackingSubmitter) throws(SystemError) -> RequestStep {
         let d = request.descriptor
-        guard let (source, count) = encryption?.ciphertext(request, from: done) else { return -EIO }
+        guard let (source, count) = encryption?.ciphertext(request, from: done) else { return .done(-EIO) }
         try io.write(file: file, from: source, count: count, offset: offset + d.byteOffset + Int64(done),
                      dsync: d.flags.contains(.fua))
-        return nil
+        return .submitted
     }
 
     /// Encrypting: a completion of the request is a worker's answer if its cipher job was
     /// handed off, else its backing operation's.
     @usableFromInline
-    func encryptedStep(_ request: IORequest, _ result: Int32, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+    func encryptedStep(_ request: IORequest, _ result: Int32, _ io: BackingSubmitter) throws(SystemError) -> RequestStep {
         if encryption.unsafelyUnwrapped.isHandedOff(Int(request.tag)) { return try cipherCompleted(request, result: result, io) }
         return try proceed(request, backingResult: result, io)
     }
@@ -437,26 +444,26 @@ public final class LoopQueueHandler: QueueHandler {
     /// A worker answered for the request's cipher job (or the handoff failed, and the job
     /// ran here): a read is done, a write's chunk goes to the backing.
     @usableFromInline
-    func cipherCompleted(_ request: IORequest, result: Int32, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
-        guard let encryption, encryption.handOffCompleted(Int(request.tag), result: result) else { return -EIO }
-        if request.descriptor.operation == .read { return Int32(request.descriptor.byteCount) }
+    func cipherCompleted(_ request: IORequest, result: Int32, _ io: BackingSubmitter) throws(SystemError) -> RequestStep {
+        guard let encryption, encryption.handOffCompleted(Int(request.tag), result: result) else { return .done(-EIO) }
+        if request.descriptor.operation == .read { return .done(Int32(request.descriptor.byteCount)) }
         return try writeCiphertext(request, from: transferred[Int(request.tag)], io)
     }
 
     /// The result of a read whose data is all in the tag's buffer: decrypted first, if
     /// encrypting (nil: a worker is decrypting it).
     @inlinable
-    func readDone(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+    func readDone(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> RequestStep {
         if encrypting { return try decrypted(request, io) }
-        return Int32(request.descriptor.byteCount)
+        return .done(Int32(request.descriptor.byteCount))
     }
 
     @usableFromInline
-    func decrypted(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+    func decrypted(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> RequestStep {
         switch try encryption.unsafelyUnwrapped.decrypt(request, io) {
-        case .done: return Int32(request.descriptor.byteCount)
-        case .failed: return -EIO
-        case .handedOff: return nil
+        case .done: return .done(Int32(request.descriptor.byteCount))
+        case .failed: return .done(-EIO)
+        case .handedOff: return .submitted
         }
     }
 }

@@ -119,16 +119,16 @@ public final class NBDQueueHandler: QueueHandler {
 
     // MARK: Requests
 
-    public func start(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> Int32? {
+    public func start(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> RequestStep {
         if !started {
             // The first request is the first chance to use the ring: start receiving.
             started = true
             try receiveNext(io.forQueue(step: Step.receive.rawValue))
         }
-        if case .failed = connection { return -EIO }
+        if case .failed = connection { return .done(-EIO) }
         let tag = Int(request.tag)
         guard let command = command(for: request, tag: tag) else {
-            return request.descriptor.operation == .write && target.properties.readOnly ? -EROFS : -EOPNOTSUPP
+            return .done(request.descriptor.operation == .write && target.properties.readOnly ? -EROFS : -EOPNOTSUPP)
         }
         slots[tag].request = request
         slots[tag].command = command
@@ -140,14 +140,14 @@ public final class NBDQueueHandler: QueueHandler {
         if command.command == .flush && oldestMutationInFlight() != nil {
             slots[tag].phase = .heldFlush(barrier: nextMutation)
             heldFlushes += 1
-            return nil
+            return .submitted
         }
         try enqueue(tag: tag, io.forQueue(step: Step.send.rawValue))
-        return nil
+        return .submitted
     }
 
-    public func complete(_ request: IORequest, backingResult: Int32, _ io: BackingSubmitter) -> Int32? {
-        backingResult // no per-request operations: everything goes through the connection
+    public func complete(_ request: IORequest, backingResult: Int32, _ io: BackingSubmitter) -> RequestStep {
+        .done(backingResult) // no per-request operations: everything goes through the connection
     }
 
     /// The NBD request for a ublk request, with a fresh cookie; nil when the export cannot take it.

@@ -64,31 +64,31 @@ public final class NullQueueHandler: QueueHandler {
 
     deinit { dirtyBytes.deallocate() }
 
-    public func start(_ request: IORequest, _ io: BackingSubmitter) -> Int32? {
+    public func start(_ request: IORequest, _ io: BackingSubmitter) -> RequestStep {
         let descriptor = request.descriptor
         switch descriptor.operation {
         case .read:
             // Zero copy: the reader's own pages, left as they are (as null_blk leaves them).
-            guard case .buffer(let buffer) = request.data else { return Int32(descriptor.byteCount) }
+            guard case .buffer(let buffer) = request.data else { return .done(Int32(descriptor.byteCount)) }
             let tag = Int(request.tag)
             if dirtyBytes[tag] > 0 {
                 buffer.initializeMemory(as: UInt8.self, repeating: 0, count: dirtyBytes[tag])
                 dirtyBytes[tag] = 0
             }
-            return Int32(descriptor.byteCount)
+            return .done(Int32(descriptor.byteCount))
         case .write:
-            guard case .buffer = request.data else { return Int32(descriptor.byteCount) }
+            guard case .buffer = request.data else { return .done(Int32(descriptor.byteCount)) }
             let tag = Int(request.tag)
             dirtyBytes[tag] = max(dirtyBytes[tag], descriptor.byteCount)
-            return Int32(descriptor.byteCount)
+            return .done(Int32(descriptor.byteCount))
         case .flush, .discard, .writeZeroes:
-            return 0
+            return .done(0)
         case .unsupported:
-            return -EOPNOTSUPP
+            return .done(-EOPNOTSUPP)
         }
     }
 
-    public func complete(_ request: IORequest, backingResult: Int32, _ io: BackingSubmitter) -> Int32? {
-        backingResult
+    public func complete(_ request: IORequest, backingResult: Int32, _ io: BackingSubmitter) -> RequestStep {
+        .done(backingResult)
     }
 }

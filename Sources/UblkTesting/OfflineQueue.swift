@@ -114,9 +114,9 @@ final class OfflineCommands: CommandSource {
     func descriptor(tag: Int) -> ublksrv_io_desc { descriptors[tag] }
 
     @inlinable
-    func commit(_ request: IORequest, result: Int32, _ ring: IORing.Handle) throws(SystemError) {
+    func commit(_ request: IORequest, result: Int32, step: UInt16, _ ring: IORing.Handle) throws(SystemError) {
         results[Int(request.tag)] = result
-        try ring.prepareNop(userData: UserData(.command, tag: request.tag).rawValue)
+        try ring.prepareNop(userData: UserData(.command, tag: request.tag, step: step).rawValue)
     }
 
     // The commit's NOP completed: the request is finished, and the tag idles until the

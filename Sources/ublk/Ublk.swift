@@ -240,6 +240,9 @@ extension Ublk {
             let untold = commands.filter { $0.isAccepted(features: features) == nil }.map(\.rawValue)
             if !untold.isEmpty { print("  no feature bit, tried when needed: " + untold.joined(separator: " ")) }
             print("I/O commands: " + IOCommandCatalog.accepted(features: features).joined(separator: " "))
+            print(IORing.copiesLinkedCommands
+                ? "linked commits: yes (io_uring copies a linked command's SQE when submitted)"
+                : "linked commits: no (io_uring reads a linked command's SQE only when it starts: each commit waits a queue turn)")
         }
     }
 }

@@ -58,6 +58,37 @@ import Testing
         #expect(seen == Set((0..<count).map { UInt64($0) | 1 << 40 }))
     }
 
+    /// What `RequestStep.finishing` relies on: an operation linked to the next SQE posts no
+    /// completion when it moves all its bytes (only the next one completes); a short read
+    /// posts its own, and the next is canceled without one (the skip passes on to the
+    /// link). A full submission queue refuses the link.
+    @Test func aLinkedReadIsSilentUnlessItEndsShort() throws {
+        let path = "/tmp/ublk-link-test-\(getpid())"
+        defer { unlink(path) }
+        let file = try FileDescriptor(path: path, flags: O_RDWR | O_CREAT | O_TRUNC, mode: 0o600)
+        #expect(ftruncate(file.rawValue, 8192) == 0)
+        let ring = try IORing(entries: 4, preferredFlags: IORing.singleThreadFlags)
+        let buffer = try AlignedBuffer(count: 4096)
+        func linkedRead(at offset: UInt64) throws -> [UInt64: Int32] {
+            io_uring_prep_read(try ring.handle.prepare(userData: 1, zeroed: false), file.rawValue, buffer.base, 4096, offset)
+            #expect(ring.handle.linkLastPrepared())
+            try ring.handle.prepareNop(userData: 2)
+            try ring.handle.submit(waitingFor: 1)
+            var seen: [UInt64: Int32] = [:]
+            // Whatever else comes, within a while (task work runs on each enter).
+            for _ in 0..<20 {
+                ring.handle.reap { seen[$0] = $1 }
+                usleep(5_000)
+                try ring.handle.submit()
+            }
+            return seen
+        }
+        #expect(try linkedRead(at: 0) == [2: 0])
+        #expect(try linkedRead(at: 6144) == [1: 2048])
+        for value in 0..<4 { try ring.handle.prepareNop(userData: UInt64(value)) }
+        #expect(!ring.handle.linkLastPrepared())
+    }
+
     /// The command area of a URING_CMD SQE is `sqe->cmd`, which overlays `addr3` at byte 48.
     @Test func commandAreaIsAtByte48() throws {
         let ring = try IORing(entries: 4, flags: IORING_SETUP_SQE128)
@@ -72,3 +103,13 @@ import Testing
 }
 
 import CLiburing
+
+extension OwnershipTests {
+    /// The probe runs to an answer on the host's kernel, and the same answer twice.
+    @Test func theLinkedCommandProbeAnswers() throws {
+        let first = try IORing.probeLinkedCommandCopy()
+        #expect(try IORing.probeLinkedCommandCopy() == first)
+        #expect(IORing.copiesLinkedCommands == first)
+        print("host kernel copies linked commands at submission: \(first)")
+    }
+}

@@ -100,11 +100,14 @@ public final class ScratchFile: Sendable {
 }
 
 /// A plain liburing loop: `depth` 4k requests in flight on a ring set up with the same
-/// flags as ublk-swift's queue rings, the file registered as fixed file 0, one
+/// flags and size as ublk-swift's queue rings, the file registered as fixed file 0, one
 /// `io_uring_submit_and_wait(1)` per loop turn. Each request is the ring work a ublk
 /// server does per request, with the same stand-in for the ublk command as
-/// `OfflineQueue`: a READ or WRITE, then, once it completed, a NOP in place of
-/// COMMIT_AND_FETCH; when the NOP completes, the tag starts its next request.
+/// `OfflineQueue`: a READ or WRITE linked to a NOP in place of COMMIT_AND_FETCH
+/// (IOSQE_IO_LINK, the READ's completion skipped unless it fails, as the queue engine
+/// links a commit behind a request's last operation); when the NOP completes, the tag
+/// starts its next request. A short READ posts its completion and cancels the NOP
+/// silently: it is counted as a failure and its NOP sent on its own.
 /// Completions are reaped in batches (`io_uring_peek_batch_cqe`, one `io_uring_cq_advance`).
 public final class PlainRingLoop {
     private let ring: UnsafeMutablePointer<io_uring>
@@ -129,8 +132,9 @@ public final class PlainRingLoop {
         random = RandomBlocks(blocks: UInt64(file.size / ScratchFile.blockSize))
         ring = .allocate(capacity: 1)
         ring.initialize(to: io_uring())
-        var result = io_uring_queue_init(UInt32(depth), ring, Self.flags)
-        if result == -EINVAL { result = io_uring_queue_init(UInt32(depth), ring, 0) }
+        // Two SQEs per request, as the queue engine's rings (`Queue.ring`).
+        var result = io_uring_queue_init(UInt32(2 * depth), ring, Self.flags)
+        if result == -EINVAL { result = io_uring_queue_init(UInt32(2 * depth), ring, 0) }
         guard result == 0 else { throw BenchFailure("io_uring_queue_init: \(result)") }
         fd = try file.open()
         var files = [fd]
@@ -154,8 +158,9 @@ public final class PlainRingLoop {
         let op = operation == .read ? IORING_OP_READ : IORING_OP_WRITE
         io_uring_prep_rw(Int32(op.rawValue), sqe, 0, buffers + tag * ScratchFile.blockSize,
                          UInt32(ScratchFile.blockSize), offset)
-        sqe.pointee.flags |= UInt8(1 << IOSQE_FIXED_FILE_BIT)
+        sqe.pointee.flags |= UInt8(1 << IOSQE_FIXED_FILE_BIT | 1 << IOSQE_IO_LINK_BIT | 1 << IOSQE_CQE_SKIP_SUCCESS_BIT)
         io_uring_sqe_set_data64(sqe, UInt64(tag))
+        prepareNop(tag: tag)
     }
 
     @inline(__always)
@@ -186,7 +191,7 @@ public final class PlainRingLoop {
                     let (userData, res) = (cqe.pointee.user_data, cqe.pointee.res)
                     let tag = Int(truncatingIfNeeded: userData & ~Self.nopBit)
                     if userData & Self.nopBit == 0 {
-                        if res != Int32(ScratchFile.blockSize) { failures += 1 }
+                        failures += 1
                         prepareNop(tag: tag)
                         continue
                     }
