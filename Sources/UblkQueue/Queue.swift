@@ -136,13 +136,17 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     @usableFromInline let finishedStorage: UnsafeMutableBufferPointer<(tag: UInt16, result: Int32)>
     /// Commits are linked behind a request's last backing operation (`RequestStep.finishing`)
     /// only where the kernel copies a linked command's SQE at submission.
-    @usableFromInline let linksCommits = IORing.copiesLinkedCommands
+    @usableFromInline let linksCommits: Bool
+    /// Requests the queue holds: arrived and not yet committed (the same single-thread
+    /// access as `live`).
+    @usableFromInline @exclusivity(unchecked) var held = 0
     public let depth: Int
 
     /// A queue on `ring` (its fixed files already registered: 0 is /dev/ublkcN, then the target's).
+    /// `linksCommits` is for tests, which take both paths on any kernel.
     public init(ring: consuming IORing, source: Source, handler: Handler, queueID: UInt16, depth: Int,
                 buffers mode: TagBufferMode, limits: DeviceLimits, capacity: DeviceCapacity? = nil,
-                logger: Logger) throws(SystemError) {
+                linksCommits: Bool = IORing.copiesLinkedCommands, logger: Logger) throws(SystemError) {
         let bytesPerTag = mode.bytesPerTag
         buffers = try AlignedBuffer(count: depth * bytesPerTag)
         requests = .allocate(capacity: depth)
@@ -167,6 +171,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         self.capacity = capacity
         self.logger = logger
         live = depth
+        self.linksCommits = linksCommits
         finishedStorage = .allocate(capacity: depth)
     }
 
@@ -217,7 +222,9 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
             // Canceled: the backing operation ended short or failed, and its own completion
             // carries the request on. (Kernels post none for the canceled commit: the skip
             // of the failed operation's completion passes on to its links.)
-            if result != -ECANCELED { try commandCompleted(tag: tag, result: result) }
+            guard result != -ECANCELED else { break }
+            held -= 1
+            try commandCompleted(tag: tag, result: result)
         case .command where tag < depth:
             try bufferCommandCompleted(tag: tag, step: userData.step, result: result)
         case .target where tag < depth:
@@ -243,7 +250,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         for index in 0..<finished.count {
             let (tag, value) = finished.storage[index]
             if value < 0 { logFailure(tag: Int(tag), result: value) }
-            try source.commit(requests[Int(tag)], result: value, step: CommandStep.fetch, ring.handle)
+            try commit(tag: Int(tag), result: value)
         }
         try outcome.get()
     }
@@ -265,12 +272,13 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// command completion of the turn loop (and the offline queue's `start`).
     @inlinable @inline(__always)
     public func arrived(tag: Int) throws(SystemError) {
+        held += 1
         var limits = self.limits
         if let capacity { limits.sectors = capacity.sectors }
         switch IODescriptor(raw: source.descriptor(tag: tag)).validated(for: limits) {
         case .failure(let error):
             logRefusal(tag: tag, error)
-            try source.commit(requests[tag], result: -error.errno, step: CommandStep.fetch, ring.handle)
+            try commit(tag: tag, result: -error.errno)
         case .success(let descriptor):
             requests[tag].descriptor = descriptor
             if descriptor.flags.contains(.needsBufferRegistration) {
@@ -288,7 +296,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         if commandStep == CommandStep.registered {
             if result < 0 {
                 logger.error("queue \(queueID) tag \(tag): REGISTER_IO_BUF failed: \(SystemError("", errno: result).reason)")
-                return try source.commit(requests[tag], result: result, step: CommandStep.fetch, ring.handle)
+                return try commit(tag: tag, result: result)
             }
             registeredByQueue[tag] = true
             return try step(tag: tag, backingResult: nil)
@@ -296,7 +304,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         if result < 0 {
             logger.error("queue \(queueID) tag \(tag): UNREGISTER_IO_BUF failed: \(SystemError("", errno: result).reason)")
         }
-        try source.commit(requests[tag], result: resultAfterUnregister[tag], step: CommandStep.fetch, ring.handle)
+        try commit(tag: tag, result: resultAfterUnregister[tag])
     }
 
     /// Completes the tag's request: a commit, after unregistering pages the queue registered itself.
@@ -307,6 +315,13 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
             resultAfterUnregister[tag] = result
             return try source.unregisterBuffer(requests[tag], ring.handle)
         }
+        try commit(tag: tag, result: result)
+    }
+
+    /// COMMIT_AND_FETCH of the tag's request: the queue no longer holds it.
+    @inlinable @inline(__always)
+    func commit(tag: Int, result: Int32) throws(SystemError) {
+        held -= 1
         try source.commit(requests[tag], result: result, step: CommandStep.fetch, ring.handle)
     }
 
@@ -316,7 +331,9 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// finishes the request with that errno.
     @inlinable @inline(__always)
     func step(tag: Int, backingResult: Int32?) throws(SystemError) {
-        let io = BackingSubmitter(ring: ring.handle, tag: UInt16(tag))
+        // Alone, and no commit can follow its I/O in the same submit: the handler may as well
+        // do that I/O with a system call of its own (`BackingSubmitter.canBlock`).
+        let io = BackingSubmitter(ring: ring.handle, tag: UInt16(tag), canBlock: held == 1 && !linksCommits)
         let requests = self.requests
         let outcome = handlerReference._withUnsafeGuaranteedRef { handler in
             Result { () throws(SystemError) -> RequestStep in
@@ -330,6 +347,8 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         case .success(.finishing(let expected)):
             // Pages the queue registered itself go back before the commit: no link then.
             guard linksCommits, !registeredByQueue[tag], ring.handle.linkLastPrepared() else { return }
+            // Still held until that commit completes: a link that breaks posts no completion
+            // for it, and the request goes on (`held` is for `canBlock`, unused with links).
             return try source.commit(requests[tag], result: expected, step: CommandStep.linkedCommit, ring.handle)
         case .success(.done(let value)): result = value
         case .failure(let error):
