@@ -331,9 +331,12 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// finishes the request with that errno.
     @inlinable @inline(__always)
     func step(tag: Int, backingResult: Int32?) throws(SystemError) {
-        // Alone, and no commit can follow its I/O in the same submit: the handler may as well
-        // do that I/O with a system call of its own (`BackingSubmitter.canBlock`).
-        let io = BackingSubmitter(ring: ring.handle, tag: UInt16(tag), canBlock: held == 1 && !linksCommits)
+        // Alone (no other request held, none waiting in the completion queue, where this
+        // one's own completion stays until its batch is handled), and no commit can follow
+        // its I/O in the same submit: the handler may do that I/O with a system call of its
+        // own (`BackingSubmitter.canBlock`).
+        let alone = held == 1 && ring.handle.readyCompletions <= 1
+        let io = BackingSubmitter(ring: ring.handle, tag: UInt16(tag), canBlock: alone && !linksCommits)
         let requests = self.requests
         let outcome = handlerReference._withUnsafeGuaranteedRef { handler in
             Result { () throws(SystemError) -> RequestStep in
