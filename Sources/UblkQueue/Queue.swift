@@ -136,17 +136,13 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     @usableFromInline let finishedStorage: UnsafeMutableBufferPointer<(tag: UInt16, result: Int32)>
     /// Commits are linked behind a request's last backing operation (`RequestStep.finishing`)
     /// only where the kernel copies a linked command's SQE at submission.
-    @usableFromInline let linksCommits: Bool
-    /// Requests the queue holds: arrived and not yet committed (the same single-thread
-    /// access as `live`).
-    @usableFromInline @exclusivity(unchecked) var held = 0
+    @usableFromInline let linksCommits = IORing.copiesLinkedCommands
     public let depth: Int
 
     /// A queue on `ring` (its fixed files already registered: 0 is /dev/ublkcN, then the target's).
-    /// `linksCommits` is for tests, which take both paths on any kernel.
     public init(ring: consuming IORing, source: Source, handler: Handler, queueID: UInt16, depth: Int,
                 buffers mode: TagBufferMode, limits: DeviceLimits, capacity: DeviceCapacity? = nil,
-                linksCommits: Bool = IORing.copiesLinkedCommands, logger: Logger) throws(SystemError) {
+                logger: Logger) throws(SystemError) {
         let bytesPerTag = mode.bytesPerTag
         buffers = try AlignedBuffer(count: depth * bytesPerTag)
         requests = .allocate(capacity: depth)
@@ -171,7 +167,6 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         self.capacity = capacity
         self.logger = logger
         live = depth
-        self.linksCommits = linksCommits
         finishedStorage = .allocate(capacity: depth)
     }
 
@@ -222,9 +217,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
             // Canceled: the backing operation ended short or failed, and its own completion
             // carries the request on. (Kernels post none for the canceled commit: the skip
             // of the failed operation's completion passes on to its links.)
-            guard result != -ECANCELED else { break }
-            held -= 1
-            try commandCompleted(tag: tag, result: result)
+            if result != -ECANCELED { try commandCompleted(tag: tag, result: result) }
         case .command where tag < depth:
             try bufferCommandCompleted(tag: tag, step: userData.step, result: result)
         case .target where tag < depth:
@@ -250,7 +243,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         for index in 0..<finished.count {
             let (tag, value) = finished.storage[index]
             if value < 0 { logFailure(tag: Int(tag), result: value) }
-            try commit(tag: Int(tag), result: value)
+            try source.commit(requests[Int(tag)], result: value, step: CommandStep.fetch, ring.handle)
         }
         try outcome.get()
     }
@@ -272,13 +265,12 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// command completion of the turn loop (and the offline queue's `start`).
     @inlinable @inline(__always)
     public func arrived(tag: Int) throws(SystemError) {
-        held += 1
         var limits = self.limits
         if let capacity { limits.sectors = capacity.sectors }
         switch IODescriptor(raw: source.descriptor(tag: tag)).validated(for: limits) {
         case .failure(let error):
             logRefusal(tag: tag, error)
-            try commit(tag: tag, result: -error.errno)
+            try source.commit(requests[tag], result: -error.errno, step: CommandStep.fetch, ring.handle)
         case .success(let descriptor):
             requests[tag].descriptor = descriptor
             if descriptor.flags.contains(.needsBufferRegistration) {
@@ -296,7 +288,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         if commandStep == CommandStep.registered {
             if result < 0 {
                 logger.error("queue \(queueID) tag \(tag): REGISTER_IO_BUF failed: \(SystemError("", errno: result).reason)")
-                return try commit(tag: tag, result: result)
+                return try source.commit(requests[tag], result: result, step: CommandStep.fetch, ring.handle)
             }
             registeredByQueue[tag] = true
             return try step(tag: tag, backingResult: nil)
@@ -304,7 +296,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         if result < 0 {
             logger.error("queue \(queueID) tag \(tag): UNREGISTER_IO_BUF failed: \(SystemError("", errno: result).reason)")
         }
-        try commit(tag: tag, result: resultAfterUnregister[tag])
+        try source.commit(requests[tag], result: resultAfterUnregister[tag], step: CommandStep.fetch, ring.handle)
     }
 
     /// Completes the tag's request: a commit, after unregistering pages the queue registered itself.
@@ -315,13 +307,6 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
             resultAfterUnregister[tag] = result
             return try source.unregisterBuffer(requests[tag], ring.handle)
         }
-        try commit(tag: tag, result: result)
-    }
-
-    /// COMMIT_AND_FETCH of the tag's request: the queue no longer holds it.
-    @inlinable @inline(__always)
-    func commit(tag: Int, result: Int32) throws(SystemError) {
-        held -= 1
         try source.commit(requests[tag], result: result, step: CommandStep.fetch, ring.handle)
     }
 
@@ -331,12 +316,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// finishes the request with that errno.
     @inlinable @inline(__always)
     func step(tag: Int, backingResult: Int32?) throws(SystemError) {
-        // Alone (no other request held, none waiting in the completion queue, where this
-        // one's own completion stays until its batch is handled), and no commit can follow
-        // its I/O in the same submit: the handler may do that I/O with a system call of its
-        // own (`BackingSubmitter.canBlock`).
-        let alone = held == 1 && ring.handle.readyCompletions <= 1
-        let io = BackingSubmitter(ring: ring.handle, tag: UInt16(tag), canBlock: alone && !linksCommits)
+        let io = BackingSubmitter(ring: ring.handle, tag: UInt16(tag))
         let requests = self.requests
         let outcome = handlerReference._withUnsafeGuaranteedRef { handler in
             Result { () throws(SystemError) -> RequestStep in
@@ -350,8 +330,6 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         case .success(.finishing(let expected)):
             // Pages the queue registered itself go back before the commit: no link then.
             guard linksCommits, !registeredByQueue[tag], ring.handle.linkLastPrepared() else { return }
-            // Still held until that commit completes: a link that breaks posts no completion
-            // for it, and the request goes on (`held` is for `canBlock`, unused with links).
             return try source.commit(requests[tag], result: expected, step: CommandStep.linkedCommit, ring.handle)
         case .success(.done(let value)): result = value
         case .failure(let error):

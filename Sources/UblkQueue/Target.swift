@@ -193,28 +193,20 @@ public struct FinishedRequests {
 public struct BackingSubmitter {
     @usableFromInline let ring: IORing.Handle
     @usableFromInline let userData: UserData
-    /// The request is the only one its queue holds, and the queue cannot link a commit
-    /// behind ring I/O (`IORing.copiesLinkedCommands`): a blocking system call on the
-    /// queue's thread (pread, pwrite) holds up no other request and costs no more system
-    /// calls than the ring would, and it spares io_uring's hand-off to a worker thread where
-    /// the backing cannot do I/O without blocking (tmpfs). Queue depth 1, in practice.
-    public let canBlock: Bool
 
     /// Fixed-file index of the target's first file (0 is /dev/ublkcN).
     public static let firstTargetFile: Int32 = 1
 
     @inlinable
-    init(ring: IORing.Handle, tag: UInt16, canBlock: Bool = false) {
+    init(ring: IORing.Handle, tag: UInt16) {
         self.ring = ring
         userData = UserData(.target, tag: tag)
-        self.canBlock = canBlock
     }
 
     @inlinable
     init(ring: IORing.Handle, userData: UserData) {
         self.ring = ring
         self.userData = userData
-        canBlock = false
     }
 
     /// A submitter for operations of the queue itself (kind `.queue`), whose completion

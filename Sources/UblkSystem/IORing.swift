@@ -163,10 +163,6 @@ extension IORing {
             return true
         }
 
-        /// Completions posted and not yet handed back (`io_uring_cq_advance`).
-        @inlinable
-        public var readyCompletions: UInt32 { io_uring_cq_ready(ring) }
-
         /// Hands every prepared SQE to the kernel.
         @inlinable @discardableResult
         public func submit() throws(SystemError) -> Int {

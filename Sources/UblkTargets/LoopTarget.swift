@@ -105,8 +105,8 @@ public final class LoopTarget: SpecifiedTarget {
             encryption = try QueueEncryption(key: key, configuration: settings,
                                              sectorSize: properties.logicalBlockSize, depth: depth)
         }
-        return LoopQueueHandler(target: self, depth: depth, offset: Int64(configuration.offset),
-                                readOnly: configuration.readOnly, encryption: encryption)
+        return LoopQueueHandler(depth: depth, offset: Int64(configuration.offset), readOnly: configuration.readOnly,
+                                encryption: encryption)
     }
 
     /// An encrypted configuration needs its key, of its size, and a sector size dm-crypt uses.
@@ -255,11 +255,8 @@ public final class LoopQueueHandler: QueueHandler {
     /// Tags whose WRITE_ZEROES fell back from ZERO_RANGE to punching a hole, or whose read
     /// ran past the end of the backing and is being filled from /dev/zero (zero copy).
     @usableFromInline let fellBack: UnsafeMutableBufferPointer<Bool>
-    /// The target, whose backing file `transferNow` reads and writes directly.
-    let target: LoopTarget
 
-    init(target: LoopTarget, depth: Int, offset: Int64, readOnly: Bool, encryption: QueueEncryption? = nil) {
-        self.target = target
+    init(depth: Int, offset: Int64, readOnly: Bool, encryption: QueueEncryption? = nil) {
         self.offset = offset
         self.readOnly = readOnly
         self.encryption = encryption
@@ -298,7 +295,6 @@ public final class LoopQueueHandler: QueueHandler {
         let position = offset + d.byteOffset
         switch d.operation {
         case .read:
-            if let result = transferredNow(request, io) { return .done(result) }
             transferred[Int(request.tag)] = 0
             fellBack[Int(request.tag)] = false
             try io.read(file: file, into: request.data, count: d.byteCount, offset: position)
@@ -306,7 +302,6 @@ public final class LoopQueueHandler: QueueHandler {
             return .finishing(result: Int32(d.byteCount))
         case .write:
             if readOnly { return .done(-EROFS) }
-            if let result = transferredNow(request, io) { return .done(result) }
             transferred[Int(request.tag)] = 0
             if encrypting { return try encryptedWrite(request, from: 0, io) }
             try io.write(file: file, from: request.data, count: d.byteCount, offset: position,
@@ -330,42 +325,6 @@ public final class LoopQueueHandler: QueueHandler {
             return .done(-EOPNOTSUPP)
         }
         return .finishing(result: 0)
-    }
-
-    /// A plain read or write in copy mode, not FUA, done here with pread/pwrite when the
-    /// queue may block (`io.canBlock`); nil otherwise.
-    @inlinable
-    func transferredNow(_ request: IORequest, _ io: BackingSubmitter) -> Int32? {
-        guard io.canBlock, !encrypting, case .buffer(let buffer) = request.data,
-              !request.descriptor.flags.contains(.fua) else { return nil }
-        return transferNow(request, buffer)
-    }
-
-    /// pread/pwrite of the whole request, with the ring path's rules: short transfers go on,
-    /// a read past the end of the backing reads zeros (loop.c does the same), a write that
-    /// moves nothing fails.
-    @usableFromInline
-    func transferNow(_ request: IORequest, _ buffer: UnsafeMutableRawPointer) -> Int32 {
-        let d = request.descriptor
-        var done = 0
-        while done < d.byteCount {
-            let (rest, position) = (d.byteCount - done, offset + d.byteOffset + Int64(done))
-            let count: Int
-            do {
-                count = d.operation == .read
-                    ? try target.file.read(into: UnsafeMutableRawBufferPointer(start: buffer + done, count: rest), at: position)
-                    : try target.file.write(UnsafeRawBufferPointer(start: buffer + done, count: rest), at: position)
-            } catch {
-                return -error.errno
-            }
-            if count == 0 {
-                guard d.operation == .read else { return -EIO }
-                (buffer + done).initializeMemory(as: UInt8.self, repeating: 0, count: rest)
-                break
-            }
-            done += count
-        }
-        return Int32(d.byteCount)
     }
 
     /// The next step of a request whose backing operation completed with `result`.

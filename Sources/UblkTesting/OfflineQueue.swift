@@ -28,8 +28,7 @@ public final class OfflineQueue<T: Target> {
     @usableFromInline @exclusivity(unchecked) var pending = 0
 
     /// `logger` gets the engine's lines (refused and failed requests); by default they are dropped.
-    /// `linksCommits` nil: as the daemon's queues on this kernel (`IORing.copiesLinkedCommands`).
-    public init(target: T, depth: Int, bufferSize: Int = 512 * 1024, linksCommits: Bool? = nil,
+    public init(target: T, depth: Int, bufferSize: Int = 512 * 1024,
                 logger: Logger = Logger(label: "ublk-offline", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
         placeholder = try FileDescriptor(path: "/dev/null", flags: O_RDWR)
         let ring = try Queue<T.Handler, OfflineCommands>.ring(depth: depth, firstFile: placeholder.rawValue, target: target)
@@ -37,7 +36,7 @@ public final class OfflineQueue<T: Target> {
         let limits = DeviceLimits(sectors: target.properties.size >> 9, maxIOBytes: bufferSize)
         queue = try Queue(ring: ring, source: commands, handler: try target.makeQueueHandler(queueID: 0, depth: depth),
                           queueID: 0, depth: depth, buffers: .copy(bytesPerTag: bufferSize), limits: limits,
-                          linksCommits: linksCommits ?? IORing.copiesLinkedCommands, logger: logger)
+                          logger: logger)
     }
 
     /// The buffer of `tag` (fill it before a write, read it after a read).

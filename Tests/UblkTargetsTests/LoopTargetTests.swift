@@ -44,12 +44,9 @@ import UblkTesting
         return try LoopTarget(configuration)
     }
 
-    /// Both ways a lone request can go: its commit linked behind ring I/O, or (where a kernel
-    /// cannot link commits) pread/pwrite on the queue's thread.
-    @Test(arguments: [true, false])
-    func writeThenReadForwardsToTheFile(linksCommits: Bool) throws {
+    @Test func writeThenReadForwardsToTheFile() throws {
         let file = try ScratchFile(size: 1 << 20)
-        let queue = try OfflineQueue(target: try loop(file), depth: 4, bufferSize: 64 * 1024, linksCommits: linksCommits)
+        let queue = try OfflineQueue(target: try loop(file), depth: 4, bufferSize: 64 * 1024)
         let pattern = (0..<8192).map { UInt8(truncatingIfNeeded: $0 * 7) }
         pattern.withUnsafeBytes { queue.buffer(tag: 1).copyMemory(from: $0.baseAddress!, byteCount: 8192) }
         #expect(try queue.perform(IODescriptor(operation: .write, startSector: 16, sectorCount: 16), tag: 1) == 8192)
@@ -61,18 +58,6 @@ import UblkTesting
         #expect(Array(UnsafeRawBufferPointer(start: queue.buffer(tag: 2), count: 8192)) == pattern)
         #expect(try queue.perform(IODescriptor(operation: .flush, startSector: 0, sectorCount: 0)) == 0)
         #expect(try queue.perform(IODescriptor(operation: .write, flags: .fua, startSector: 0, sectorCount: 8), tag: 1) == 4096)
-    }
-
-    /// The blocking path reads zeros past the end of a backing that shrank, as the ring path does.
-    @Test func aLoneReadPastTheEndReadsZeros() throws {
-        let file = try ScratchFile(size: 1 << 20)
-        let queue = try OfflineQueue(target: try loop(file), depth: 2, bufferSize: 64 * 1024, linksCommits: false)
-        #expect(truncate(file.path, 1 << 19 + 2048) == 0)
-        memset(queue.buffer(tag: 0), 0x5A, 8192)
-        let read = IODescriptor(operation: .read, startSector: (1 << 19) / 512, sectorCount: 16)
-        #expect(try queue.perform(read) == 8192)
-        let data = Array(UnsafeRawBufferPointer(start: queue.buffer(tag: 0), count: 8192))
-        #expect(data[..<2048].allSatisfy { $0 == 0xA5 } && data[2048...].allSatisfy { $0 == 0 })
     }
 
     @Test func manyRequestsInFlight() throws {
