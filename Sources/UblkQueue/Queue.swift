@@ -198,7 +198,8 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// One turn of the loop: one `io_uring_enter` that submits what is queued and waits
     /// for a completion, then every ready completion, reaped in batches. Always inlined
     /// into the loop that repeats it (`run`, the offline queue's `reap`): at queue depth 1
-    /// there are two turns per request, and a call per turn costs its prologue and spills.
+    /// there are one or two turns per request (two where commits are not linked), and a call
+    /// per turn costs its prologue and spills.
     @inlinable @inline(__always)
     public func turn() throws(SystemError) {
         try ring.handle.submit(waitingFor: 1)
