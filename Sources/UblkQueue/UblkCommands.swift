@@ -73,7 +73,8 @@ public final class UblkCommands: CommandSource {
             (buffer, registration) = (UInt64(UInt(bitPattern: request.buffer)), 0)
         }
         let command = ublksrv_io_cmd(q_id: queueID, tag: request.tag, result: result, addr: buffer)
-        try ring.prepareCommand(fd: 0, fixedFile: true, opcode: opcode, userData: UserData(.command, tag: request.tag, step: step).rawValue, address: registration)
+        try ring.prepareCommand(fd: 0, fixedFile: true, opcode: opcode,
+                                userData: UserData(.command, tag: request.tag, step: step).rawValue, address: registration)
             .storeBytes(of: command, as: ublksrv_io_cmd.self)
     }
 

@@ -37,8 +37,13 @@ extension Ublk {
 
             _ = try ServerControl.request(id, "quiesce")
             // The kernel marks the device quiesced once the old server closed /dev/ublkcN.
-            for _ in 0..<300 where (try? control.deviceInfo(id))?.state == .live { usleep(100_000) }
-            guard (try? control.deviceInfo(id))?.state != .live else {
+            var stillLive = true
+            for _ in 0..<300 {
+                stillLive = (try? control.deviceInfo(id))?.state == .live
+                if !stillLive { break }
+                usleep(100_000)
+            }
+            guard !stillLive else {
                 throw CLIError("the old server (pid \(oldPID)) has not left device \(id) within 30 s of QUIESCE_DEV (see \(Background.logPath)): once it has, ublk recover --id \(id)")
             }
             let path: String
