@@ -17,6 +17,9 @@ public struct QueueConfiguration: Sendable {
     /// The device size as it changes while the queue runs (`ublk resize`); overrides
     /// `limits.sectors` when set.
     public var capacity: DeviceCapacity?
+    /// The device has UBLK_F_BATCH_IO: requests come and go in batches (`UblkBatchCommands`)
+    /// rather than by one command per tag (`UblkCommands`).
+    public var batchedCommands = false
 
     public init(queueID: UInt16, depth: Int, buffers: TagBufferMode, limits: DeviceLimits,
                 encoding: OpcodeEncoding, cpuMask: [UInt8]? = nil) {
@@ -74,6 +77,22 @@ public protocol CommandSource: AnyObject {
     /// the offline source's stand-in commit completes without one (the caller starts the
     /// tag's next request itself).
     func requestArrived(tag: Int) -> Bool
+    /// One command per request (FETCH/COMMIT_AND_FETCH), which the queue may link behind
+    /// the request's backing operation (`RequestStep.finishing`); false for batched commands.
+    static var commandsPerRequest: Bool { get }
+    /// How many of the source's commands the kernel must end before the queue may stop:
+    /// every tag's fetch, or (batched) the one multishot fetch.
+    func commandsAtStart(depth: Int) -> Int
+    /// Sends what the source gathered since the last submission (batched PREP or COMMIT);
+    /// the queue calls it before each. Returns how many of the completions the submission
+    /// waits for are answers the kernel posts during it (so the wait is for one more).
+    func flush(_ ring: IORing.Handle) throws(SystemError) -> UInt32
+    /// A completion of one of the source's batched commands (a `CommandStep.isBatch` step).
+    /// Calls `arrived` with each tag the kernel delivered; returns how many commands the
+    /// kernel still holds more (+) or fewer (-) than before: one per request delivered,
+    /// minus those committed, minus one when the fetch ended for good.
+    func batchCompleted(step: UInt16, tag: UInt16, result: Int32, flags: UInt32, _ ring: IORing.Handle,
+                        arrived: (Int) throws(SystemError) -> Void) throws(SystemError) -> Int
 }
 
 /// The `step` of a `.command` completion (`UserData`): which ublk command of the tag it was.
@@ -85,6 +104,13 @@ public enum CommandStep {
     /// A COMMIT_AND_FETCH_REQ linked behind the request's backing operation
     /// (`RequestStep.finishing`): as `fetch`, except that -ECANCELED means the link broke.
     public static let linkedCommit: UInt16 = 3
+    /// UBLK_F_BATCH_IO: PREP_IO_CMDS, COMMIT_IO_CMDS (user data tag: which element
+    /// buffer), the multishot FETCH_IO_CMDS.
+    public static let batchPrepare: UInt16 = 4
+    public static let batchCommit: UInt16 = 5
+    public static let batchFetch: UInt16 = 6
+
+    @inlinable public static func isBatch(_ step: UInt16) -> Bool { step >= batchPrepare }
 }
 
 extension CommandSource {
@@ -100,6 +126,13 @@ extension CommandSource {
     /// The ublk driver's case: a command completes when the tag's next request is there.
     @inlinable
     public func requestArrived(tag: Int) -> Bool { true }
+
+    // One command per request, sent as it is prepared: nothing gathered, no batch steps.
+    @inlinable public static var commandsPerRequest: Bool { true }
+    @inlinable public func commandsAtStart(depth: Int) -> Int { depth }
+    @inlinable public func flush(_ ring: IORing.Handle) throws(SystemError) -> UInt32 { 0 }
+    public func batchCompleted(step: UInt16, tag: UInt16, result: Int32, flags: UInt32, _ ring: IORing.Handle,
+                               arrived: (Int) throws(SystemError) -> Void) throws(SystemError) -> Int { 0 }
 }
 
 /// The queue engine: one hardware queue's ring, per-tag requests and buffers, and its
@@ -129,14 +162,15 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     @usableFromInline let capacity: DeviceCapacity?
     @usableFromInline let queueID: UInt16
     @usableFromInline let logger: Logger
-    /// Tags the kernel has not retired yet. (Only the queue's thread touches it, never with
-    /// overlapping accesses: no dynamic exclusivity check needed.)
+    /// Commands the kernel has not ended yet (`CommandSource.commandsAtStart`, then
+    /// `batchCompleted`): the queue runs until there are none. (Only the queue's thread
+    /// touches it, never with overlapping accesses: no dynamic exclusivity check needed.)
     @usableFromInline @exclusivity(unchecked) var live: Int
     /// Room for the requests one `.queue` completion finishes (`FinishedRequests`).
     @usableFromInline let finishedStorage: UnsafeMutableBufferPointer<(tag: UInt16, result: Int32)>
     /// Commits are linked behind a request's last backing operation (`RequestStep.finishing`)
     /// only where the kernel copies a linked command's SQE at submission.
-    @usableFromInline let linksCommits = IORing.copiesLinkedCommands
+    @usableFromInline let linksCommits = IORing.copiesLinkedCommands && Source.commandsPerRequest
     public let depth: Int
 
     /// A queue on `ring` (its fixed files already registered: 0 is /dev/ublkcN, then the target's).
@@ -166,7 +200,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         self.limits = limits
         self.capacity = capacity
         self.logger = logger
-        live = depth
+        live = source.commandsAtStart(depth: depth)
         finishedStorage = .allocate(capacity: depth)
     }
 
@@ -183,10 +217,14 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     public func buffer(tag: Int) -> UnsafeMutableRawPointer { requests[tag].buffer }
 
     /// Fetches every tag and hands the fetches to the kernel. START_DEV waits for exactly this.
+    /// A command the kernel answers at once (a batched PREP) is looked at here, so a
+    /// refused one fails the queue's setup rather than its first turn.
     @inlinable
     public func fetchAll() throws(SystemError) {
         for tag in 0..<depth { try source.fetch(requests[tag], ring.handle) }
+        _ = try source.flush(ring.handle)
         try ring.handle.submit()
+        try reapReady()
     }
 
     /// Serves requests until the kernel retires every tag (STOP_DEV, device removal).
@@ -202,16 +240,26 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// per turn costs its prologue and spills.
     @inlinable @inline(__always)
     public func turn() throws(SystemError) {
-        try ring.handle.submit(waitingFor: 1)
-        try ring.handle.reap { (userData, result) throws(SystemError) in
-            try self.completed(UserData(rawValue: userData), result: result)
+        let answeredDuring = try source.flush(ring.handle)
+        try ring.handle.submit(waitingFor: 1 + answeredDuring)
+        try reapReady()
+    }
+
+    /// Handles every completion that is ready, without waiting.
+    @inlinable @inline(__always)
+    func reapReady() throws(SystemError) {
+        try ring.handle.reapWithFlags { (userData, result, flags) throws(SystemError) in
+            try self.completed(UserData(rawValue: userData), result: result, flags: flags)
         }
     }
 
     @inlinable
-    func completed(_ userData: UserData, result: Int32) throws(SystemError) {
+    func completed(_ userData: UserData, result: Int32, flags: UInt32) throws(SystemError) {
         let tag = Int(userData.tag)
         switch userData.kind {
+        case .command where CommandStep.isBatch(userData.step):
+            live += try source.batchCompleted(step: userData.step, tag: userData.tag, result: result, flags: flags,
+                                              ring.handle) { (tag) throws(SystemError) in try self.arrived(tag: tag) }
         case .command where tag < depth && userData.step == CommandStep.fetch:
             try commandCompleted(tag: tag, result: result)
         case .command where tag < depth && userData.step == CommandStep.linkedCommit:
@@ -377,15 +425,14 @@ extension Queue {
     }
 }
 
-extension Queue where Source == UblkCommands {
+extension Queue where Source: DriverCommandSource {
     /// Sets a device's queue up on the calling thread: ring, fixed files (the character
     /// device, then the target's), descriptor mapping, buffers and the target's handler.
     public convenience init<T: Target>(_ configuration: QueueConfiguration, characterDevice: Int32, target: T,
                                        logger: Logger) throws where T.Handler == Handler {
         let depth = configuration.depth
-        let ring = try Self.ring(depth: depth, firstFile: characterDevice, target: target, buffers: configuration.buffers)
-        let source = try UblkCommands(characterDevice: characterDevice, queueID: configuration.queueID, depth: depth,
-                                      encoding: configuration.encoding, buffers: configuration.buffers)
+        var ring = try Self.ring(depth: depth, firstFile: characterDevice, target: target, buffers: configuration.buffers)
+        let source = try Source(configuration, characterDevice: characterDevice, ring: &ring, logger: logger)
         try self.init(ring: ring, source: source,
                       handler: try target.makeQueueHandler(queueID: Int(configuration.queueID), depth: depth),
                       queueID: configuration.queueID, depth: depth, buffers: configuration.buffers,

@@ -109,7 +109,17 @@ extension Target {
     @inlinable
     public func serveQueue(_ configuration: QueueConfiguration, characterDevice: Int32, logger: Logger,
                            fetched: () -> Void) throws {
-        let queue = try Queue(configuration, characterDevice: characterDevice, target: self, logger: logger)
+        if configuration.batchedCommands {
+            try serve(Queue<Handler, UblkBatchCommands>(configuration, characterDevice: characterDevice, target: self,
+                                                        logger: logger), fetched: fetched)
+        } else {
+            try serve(Queue<Handler, UblkCommands>(configuration, characterDevice: characterDevice, target: self,
+                                                   logger: logger), fetched: fetched)
+        }
+    }
+
+    @inlinable
+    func serve<Source>(_ queue: Queue<Handler, Source>, fetched: () -> Void) throws {
         try queue.fetchAll()
         fetched()
         try queue.run()

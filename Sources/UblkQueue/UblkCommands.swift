@@ -1,4 +1,5 @@
 import CUblk
+import Logging
 import UblkSystem
 
 /// The ublk I/O commands a queue sends on /dev/ublkcN.
@@ -8,15 +9,27 @@ public enum IOCommand: UInt32, Sendable {
     /// Zero copy by hand (UBLK_F_SUPPORT_ZERO_COPY): only in ioctl encoding.
     case registerBuffer = 0x23
     case unregisterBuffer = 0x24
+    /// UBLK_F_BATCH_IO (ioctl encoding only): many tags per command.
+    case prepareBatch = 0x25
+    case commitBatch = 0x26
+    case fetchBatch = 0x27
 
     public var opcode: UblkOpcode {
         UblkOpcode(number: rawValue, direction: .readWrite, payloadSize: MemoryLayout<ublksrv_io_cmd>.size)
     }
 }
 
-/// Requests from the ublk driver: FETCH_REQ and COMMIT_AND_FETCH_REQ as URING_CMDs on
-/// /dev/ublkcN (fixed file 0), and the queue's descriptor array the driver fills.
-public final class UblkCommands: CommandSource {
+/// A command source that speaks to the ublk driver on /dev/ublkcN (fixed file 0 of the
+/// queue's ring), set up on the queue's own thread with what the device's flags say.
+public protocol DriverCommandSource: CommandSource {
+    init(_ configuration: QueueConfiguration, characterDevice: Int32, ring: inout IORing,
+         logger: Logger) throws(SystemError)
+}
+
+/// Requests from the ublk driver one command per request: FETCH_REQ and
+/// COMMIT_AND_FETCH_REQ as URING_CMDs on /dev/ublkcN (fixed file 0), and the queue's
+/// descriptor array the driver fills.
+public final class UblkCommands: DriverCommandSource {
     @usableFromInline let descriptors: DescriptorArray
     @usableFromInline let queueID: UInt16
     @usableFromInline let fetchOpcode: UInt32
@@ -24,6 +37,12 @@ public final class UblkCommands: CommandSource {
     /// Zero copy: the `ublk_auto_buf_reg` flags every FETCH/COMMIT carries (with the tag as
     /// index) in the SQE's own `addr`; nil in copy mode, where the command's `addr` is the buffer.
     @usableFromInline let autoRegistration: UInt64?
+
+    public convenience init(_ configuration: QueueConfiguration, characterDevice: Int32, ring: inout IORing,
+                            logger: Logger) throws(SystemError) {
+        try self.init(characterDevice: characterDevice, queueID: configuration.queueID, depth: configuration.depth,
+                      encoding: configuration.encoding, buffers: configuration.buffers)
+    }
 
     public init(characterDevice: Int32, queueID: UInt16, depth: Int, encoding: OpcodeEncoding,
                 buffers: TagBufferMode = .copy(bytesPerTag: 0)) throws(SystemError) {
@@ -53,11 +72,11 @@ public final class UblkCommands: CommandSource {
     }
 
     public func registerBuffer(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError) {
-        try bufferCommand(.registerBuffer, request, step: CommandStep.registered, ring)
+        try Self.bufferCommand(.registerBuffer, queueID: queueID, request, step: CommandStep.registered, ring)
     }
 
     public func unregisterBuffer(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError) {
-        try bufferCommand(.unregisterBuffer, request, step: CommandStep.unregistered, ring)
+        try Self.bufferCommand(.unregisterBuffer, queueID: queueID, request, step: CommandStep.unregistered, ring)
     }
 
     /// The 16-byte `ublksrv_io_cmd`, written straight into the SQE's command area. With zero
@@ -78,8 +97,10 @@ public final class UblkCommands: CommandSource {
             .storeBytes(of: command, as: ublksrv_io_cmd.self)
     }
 
-    /// REGISTER_IO_BUF / UNREGISTER_IO_BUF of the request's pages at its tag's index.
-    func bufferCommand(_ command: IOCommand, _ request: IORequest, step: UInt16, _ ring: IORing.Handle) throws(SystemError) {
+    /// REGISTER_IO_BUF / UNREGISTER_IO_BUF of the request's pages at its tag's index (the
+    /// same per-tag command with batched commands too).
+    static func bufferCommand(_ command: IOCommand, queueID: UInt16, _ request: IORequest, step: UInt16,
+                              _ ring: IORing.Handle) throws(SystemError) {
         let payload = ublksrv_io_cmd(q_id: queueID, tag: request.tag, result: 0, addr: UInt64(request.tag))
         try ring.prepareCommand(fd: 0, fixedFile: true, opcode: command.opcode.encoded(.ioctl),
                                 userData: UserData(.command, tag: request.tag, step: step).rawValue)

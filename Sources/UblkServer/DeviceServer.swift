@@ -23,7 +23,10 @@ public struct ServerOptions: Sendable {
     /// Config name, when started by `ublk start NAME` (kept in the device record).
     public var name: String?
     /// Zero copy (UBLK_F_AUTO_BUF_REG): requests' pages go straight to the target's ring I/O.
-    public var zeroCopy: ZeroCopyMode = .auto
+    public var zeroCopy: FeatureMode = .auto
+    /// Batched I/O commands (UBLK_F_BATCH_IO): requests arrive and are committed many per
+    /// command rather than one command per request.
+    public var batchIO: FeatureMode = .auto
 
     public init(id: UInt32? = nil, queues: Int, depth: Int) {
         self.id = id
@@ -40,14 +43,15 @@ public struct ServerOptions: Sendable {
     public static var defaultQueues: Int { max(1, min(4, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))) / 4)) }
 }
 
-/// Whether requests' pages are handed to the target's ring I/O directly (zero copy) or
-/// copied through a buffer per tag.
-public enum ZeroCopyMode: String, Sendable, CaseIterable, Codable {
-    /// Zero copy where the kernel has UBLK_F_AUTO_BUF_REG and the target can use it.
+/// Whether a device uses a kernel feature that is a choice: zero copy (requests' pages
+/// handed to the target's ring I/O rather than copied through a buffer per tag), batched
+/// I/O commands.
+public enum FeatureMode: String, Sendable, CaseIterable, Codable {
+    /// Where the kernel has it (and, for zero copy, the target can use it).
     case auto
-    /// Zero copy, or fail in one line naming what is missing.
+    /// Use it, or fail in one line naming what is missing.
     case on
-    /// Always copy.
+    /// Never.
     case off
 }
 
@@ -133,6 +137,7 @@ public final class DeviceServer {
     private func createDevice(_ control: borrowing ControlDevice) throws(ServerError) -> DeviceInfo {
         var flags = try options.recovery.deviceFlags(features: control.features)
         flags.formUnion(try zeroCopyFlags(features: control.features))
+        flags.formUnion(try batchFlags(features: control.features))
         let request = DeviceInfo(id: options.id, queueCount: UInt16(options.queues), queueDepth: UInt16(options.depth),
                                  maxIOBufferBytes: UInt32(min(options.maxIOBytes, target.properties.maximumTransferBytes)),
                                  flags: flags)
@@ -142,6 +147,7 @@ public final class DeviceServer {
         var missing: ServerError?
         if options.recovery.isEnabled && !info.flags.contains(.userRecovery) { missing = .noUserRecovery(nil) }
         if options.zeroCopy == .on && !info.flags.contains(.autoBufferRegistration) { missing = .noZeroCopy(nil) }
+        if options.batchIO == .on && !info.flags.contains(.batchIO) { missing = .noBatchIO(nil) }
         if let missing {
             try? control.deleteDevice(info.id!)
             throw missing
@@ -160,6 +166,16 @@ public final class DeviceServer {
         case .on, .auto:
             guard kernelHasIt && target.supportsZeroCopy else { return [] }
             return features!.contains(.zeroCopy) ? [.autoBufferRegistration, .zeroCopy] : [.autoBufferRegistration]
+        }
+    }
+
+    /// The ADD_DEV flag of batched I/O commands, where the kernel has it and it is not off.
+    private func batchFlags(features: FeatureFlags?) throws(ServerError) -> FeatureFlags {
+        let kernelHasIt = features?.contains(.batchIO) ?? false
+        switch options.batchIO {
+        case .off: return []
+        case .on where !kernelHasIt: throw .noBatchIO(features)
+        case .on, .auto: return kernelHasIt ? [.batchIO] : []
         }
     }
 
@@ -201,6 +217,7 @@ public final class DeviceServer {
                                                        buffers: Self.bufferMode(info),
                                                        limits: limits, encoding: control.encoding, cpuMask: mask)
                 configuration.capacity = capacity
+                configuration.batchedCommands = info.flags.contains(.batchIO)
                 threads.append(try QueueThread.start(configuration, characterDevice: characterDevice,
                                                      target: target, logger: logger))
             }

@@ -34,6 +34,8 @@ public enum ServerError: Error, CustomStringConvertible {
     case refusedByServer(String)
     /// `--zero-copy on`, and the kernel has no UBLK_F_AUTO_BUF_REG (features, if known).
     case noZeroCopy(FeatureFlags?)
+    /// `--batch-io on`, and the kernel has no UBLK_F_BATCH_IO (features, if known).
+    case noBatchIO(FeatureFlags?)
     /// `--zero-copy on` for a target that must see the data.
     case targetNeedsCopy(String)
 
@@ -76,6 +78,8 @@ public enum ServerError: Error, CustomStringConvertible {
         case .refusedByServer(let line): line
         case .noZeroCopy(let features):
             "zero copy needs UBLK_F_AUTO_BUF_REG, which this kernel's ublk_drv lacks (features: \(features.map { "\($0)" } ?? "unknown")): use --zero-copy auto or off"
+        case .noBatchIO(let features):
+            "batched I/O commands need UBLK_F_BATCH_IO, which this kernel's ublk_drv lacks (features: \(features.map { "\($0)" } ?? "unknown")): use --batch-io auto or off"
         case .targetNeedsCopy(let name):
             "the \(name) target must see the data, so it cannot use zero copy: use --zero-copy auto or off"
         }

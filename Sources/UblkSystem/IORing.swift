@@ -15,6 +15,9 @@ import Glibc
 public struct IORing: ~Copyable {
     /// The ring's operations, for code that cannot hold the owner (a target's submitter).
     public let handle: Handle
+    /// Memory of a provided-buffer ring (`registerBufferRing`), shared with the kernel
+    /// for as long as the ring exists: freed only after `io_uring_queue_exit`.
+    private var bufferRingMemory: UnsafeMutableRawPointer?
 
     /// The setup flags the ring was created with (the kernel may have refused the preferred ones).
     public var flags: UInt32 { handle.ring.pointee.flags }
@@ -51,6 +54,7 @@ public struct IORing: ~Copyable {
     deinit {
         io_uring_queue_exit(handle.ring)
         handle.ring.deallocate()
+        bufferRingMemory?.deallocate()
     }
 
     /// Registers `descriptors` as fixed files 0..<n (saves a file lookup per operation).
@@ -66,6 +70,61 @@ public struct IORing: ~Copyable {
     public func registerSparseBuffers(_ count: Int) throws(SystemError) {
         let result = io_uring_register_buffers_sparse(handle.ring, UInt32(count))
         guard result == 0 else { throw SystemError("io_uring_register_buffers_sparse", errno: result) }
+    }
+
+    /// Registers a ring of `count` provided buffers of `size` bytes each as buffer group
+    /// `group` (IORING_REGISTER_PBUF_RING), every buffer handed to the kernel. Operations
+    /// with IOSQE_BUFFER_SELECT on that group take one per completion and say which in the
+    /// completion's flags; `BufferRing.recycle` gives it back. One per ring.
+    public mutating func registerBufferRing(group: UInt16, count: Int, size: Int) throws(SystemError) -> BufferRing {
+        precondition(bufferRingMemory == nil && count > 0 && count & (count - 1) == 0 && count <= 32768)
+        // The kernel wants the ring of `io_uring_buf` entries page-aligned; the buffers follow it.
+        let entriesBytes = MappedRegion.roundUp(count * MemoryLayout<io_uring_buf>.stride, to: MappedRegion.pageSize)
+        let memory = UnsafeMutableRawPointer.allocate(byteCount: entriesBytes + count * size,
+                                                      alignment: MappedRegion.pageSize)
+        memory.initializeMemory(as: UInt8.self, repeating: 0, count: entriesBytes)
+        var registration = io_uring_buf_reg()
+        registration.ring_addr = UInt64(UInt(bitPattern: memory))
+        registration.ring_entries = UInt32(count)
+        registration.bgid = group
+        let result = io_uring_register_buf_ring(handle.ring, &registration, 0)
+        guard result == 0 else {
+            memory.deallocate()
+            throw SystemError("io_uring_register_buf_ring", errno: result)
+        }
+        bufferRingMemory = memory
+        let ring = BufferRing(entries: memory.assumingMemoryBound(to: io_uring_buf_ring.self),
+                              buffers: memory + entriesBytes, count: count, size: size)
+        for id in 0..<count { ring.recycle(UInt16(id)) }
+        return ring
+    }
+
+    /// A provided-buffer ring registered on an `IORing`, which owns its memory; valid
+    /// while that ring lives, on its thread.
+    public struct BufferRing {
+        @usableFromInline let entries: UnsafeMutablePointer<io_uring_buf_ring>
+        @usableFromInline let buffers: UnsafeMutableRawPointer
+        @usableFromInline let count: Int
+        public let size: Int
+
+        init(entries: UnsafeMutablePointer<io_uring_buf_ring>, buffers: UnsafeMutableRawPointer, count: Int, size: Int) {
+            (self.entries, self.buffers, self.count, self.size) = (entries, buffers, count, size)
+        }
+
+        /// Buffer `id`, as a completion's flags name it (`IORING_CQE_F_BUFFER`, id in bits 16-31).
+        @inlinable
+        public func buffer(_ id: UInt16) -> UnsafeRawPointer {
+            precondition(Int(id) < count)
+            return UnsafeRawPointer(buffers + Int(id) * size)
+        }
+
+        /// Hands buffer `id` back to the kernel once its contents were read.
+        @inlinable
+        public func recycle(_ id: UInt16) {
+            io_uring_buf_ring_add(entries, buffers + Int(id) * size, UInt32(size), id,
+                                  io_uring_buf_ring_mask(UInt32(count)), 0)
+            io_uring_buf_ring_advance(entries, 1)
+        }
     }
 }
 
@@ -112,15 +171,24 @@ extension IORing {
         /// Prepares an `IORING_OP_URING_CMD` SQE for `fd` (a fixed-file index when `fixedFile`)
         /// and returns its command area: 16 bytes at byte 48 of the SQE (80 with SQE128),
         /// written inline here rather than through a C helper on the hot path.
+        /// With `multishotBuffers`, the command is multishot (IORING_URING_CMD_MULTISHOT) and
+        /// takes each completion's buffer from that provided-buffer group (IOSQE_BUFFER_SELECT).
         @inlinable
         public func prepareCommand(fd: Int32, fixedFile: Bool, opcode: UInt32, userData: UInt64,
-                                   address: UInt64 = 0) throws(SystemError) -> UnsafeMutableRawPointer {
+                                   address: UInt64 = 0,
+                                   multishotBuffers group: UInt16? = nil) throws(SystemError) -> UnsafeMutableRawPointer {
             let sqe = try prepare(userData: userData)
             sqe.pointee.opcode = UInt8(IORING_OP_URING_CMD.rawValue)
             sqe.pointee.fd = fd
             sqe.pointee.cmd_op = opcode
             sqe.pointee.addr = address
             if fixedFile { sqe.pointee.flags = UInt8(1 << IOSQE_FIXED_FILE_BIT) }
+            if let group {
+                sqe.pointee.flags |= UInt8(1 << IOSQE_BUFFER_SELECT_BIT)
+                sqe.pointee.buf_group = group
+                // `uring_cmd_flags`, the same word as `rw_flags`.
+                sqe.pointee.rw_flags = IORing.uringCommandMultishot
+            }
             return UnsafeMutableRawPointer(sqe) + IORing.commandAreaOffset
         }
 
@@ -190,6 +258,15 @@ extension IORing {
         /// neither a context nor a retain/release per turn.
         @inlinable @inline(__always) @discardableResult
         public func reap<E: Error>(_ body: (_ userData: UInt64, _ result: Int32) throws(E) -> Void) throws(E) -> Int {
+            try reapWithFlags { (userData, result, _) throws(E) in try body(userData, result) }
+        }
+
+        /// `reap`, with each completion's `IORING_CQE_F_*` flags as well (a multishot
+        /// operation's F_MORE, a provided buffer's F_BUFFER and id).
+        @inlinable @inline(__always) @discardableResult
+        public func reapWithFlags<E: Error>(
+            _ body: (_ userData: UInt64, _ result: Int32, _ flags: UInt32) throws(E) -> Void
+        ) throws(E) -> Int {
             var total = 0
             while true {
                 let count: Int = try withUnsafeTemporaryAllocation(
@@ -201,9 +278,9 @@ extension IORing {
                     defer { io_uring_cq_advance(ring, UInt32(handled)) }
                     while handled < ready {
                         let cqe = batch[handled].unsafelyUnwrapped
-                        let (userData, result) = (cqe.pointee.user_data, cqe.pointee.res)
+                        let (userData, result, flags) = (cqe.pointee.user_data, cqe.pointee.res, cqe.pointee.flags)
                         handled += 1
-                        try body(userData, result)
+                        try body(userData, result, flags)
                     }
                     return ready
                 }
@@ -213,6 +290,8 @@ extension IORing {
         }
     }
 
+    /// IORING_URING_CMD_MULTISHOT (Linux 6.18's io_uring.h; Debian 12's headers lack it).
+    public static let uringCommandMultishot: UInt32 = 1 << 1
     /// Where the command area (`sqe->cmd`) of a URING_CMD SQE starts.
     public static let commandAreaOffset = 48
     /// Completions looked at per `io_uring_peek_batch_cqe`.

@@ -17,6 +17,8 @@ struct DeviceRow: Codable {
     var directIO: String
     /// "zero-copy" (UBLK_F_AUTO_BUF_REG: requests' pages go to the backing I/O) or "copy".
     var dataPath: String
+    /// "batched" (UBLK_F_BATCH_IO: requests come and go many per command) or "per-request".
+    var commands: String
     var pid: Int32
     var serverAlive: Bool
     var readOnly: Bool
@@ -59,7 +61,8 @@ enum DeviceLifecycle {
                 id: id, state: state, target: record?.spec.displayName ?? "?", backing: record.map { $0.spec.backing ?? "-" } ?? "-",
                 size: (parameters?.sectors ?? 0) << 9, queues: Int(info.queueCount), depth: Int(info.queueDepth),
                 directIO: record?.directIO ?? "?",
-                dataPath: info.flags.contains(.autoBufferRegistration) ? "zero-copy" : "copy", pid: pid, serverAlive: alive,
+                dataPath: info.flags.contains(.autoBufferRegistration) ? "zero-copy" : "copy",
+                commands: info.flags.contains(.batchIO) ? "batched" : "per-request", pid: pid, serverAlive: alive,
                 readOnly: parameters?.readOnly ?? false, blockSize: parameters?.logicalBlockSize ?? 512,
                 name: record?.name, encryption: record?.spec.encryption))
         }
@@ -105,10 +108,10 @@ enum DeviceListing {
     }
 
     static func table(_ rows: [DeviceRow]) -> String {
-        let header = ["ID", "STATE", "TARGET", "SIZE", "QUEUES", "DEPTH", "DIO", "DATA", "PID", "BACKING"]
+        let header = ["ID", "STATE", "TARGET", "SIZE", "QUEUES", "DEPTH", "DIO", "DATA", "COMMANDS", "PID", "BACKING"]
         let lines = [header] + rows.map {
             [String($0.id), $0.state, $0.target, humanSize($0.size), String($0.queues), String($0.depth), $0.directIO, $0.dataPath,
-             $0.pid > 0 ? String($0.pid) : "-", $0.backing]
+             $0.commands, $0.pid > 0 ? String($0.pid) : "-", $0.backing]
         }
         let widths = header.indices.map { column in lines.map { $0[column].count }.max() ?? 0 }
         return lines.map { line in

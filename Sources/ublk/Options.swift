@@ -31,7 +31,7 @@ struct ByteCount: ExpressibleByArgument, Sendable, Equatable {
 }
 
 extension DirectIOMode: ExpressibleByArgument {}
-extension ZeroCopyMode: ExpressibleByArgument {}
+extension FeatureMode: ExpressibleByArgument {}
 extension RecoveryPolicy: ExpressibleByArgument {}
 
 /// The target kinds `ublk add` knows.
@@ -100,7 +100,10 @@ struct DeviceOptions: ParsableArguments {
     var force = false
 
     @Option(name: .customLong("zero-copy"), help: "Requests' pages straight to the backing I/O, no copy (UBLK_F_AUTO_BUF_REG): auto (where the kernel and target allow it), on (or fail), off.")
-    var zeroCopy: ZeroCopyMode = .auto
+    var zeroCopy: FeatureMode = .auto
+
+    @Option(name: .customLong("batch-io"), help: "Requests arrive and are committed in batches, not one command each (UBLK_F_BATCH_IO): auto (where the kernel has it), on (or fail), off.")
+    var batchIO: FeatureMode = .auto
 
     init() {}
 
@@ -225,6 +228,7 @@ struct DeviceOptions: ParsableArguments {
         var options = ServerOptions(id: id, queues: queues ?? ServerOptions.defaultQueues, depth: depth)
         options.recovery = recovery
         options.zeroCopy = zeroCopy
+        options.batchIO = batchIO
         return options
     }
 }

@@ -14,6 +14,16 @@ import Testing
         #expect(MemoryLayout<ublk_param_devt>.size == 16)
         #expect(MemoryLayout<ublk_param_zoned>.size == 32)
         #expect(MemoryLayout<ublk_params>.size == 112)
+        #expect(MemoryLayout<ublk_batch_io>.size == 16)
+        #expect(MemoryLayout<ublk_elem_header>.size == 8)
+    }
+
+    @Test func batchCommandOffsets() {
+        #expect(MemoryLayout<ublk_batch_io>.offset(of: \.flags) == 2)
+        #expect(MemoryLayout<ublk_batch_io>.offset(of: \.nr_elem) == 4)
+        #expect(MemoryLayout<ublk_batch_io>.offset(of: \.elem_bytes) == 6)
+        #expect(MemoryLayout<ublk_elem_header>.offset(of: \.buf_index) == 2)
+        #expect(MemoryLayout<ublk_elem_header>.offset(of: \.result) == 4)
     }
 
     @Test func controlCommandOffsets() {

@@ -170,6 +170,30 @@ struct ublksrv_io_cmd {
 /// buffer-table index for the request's pages, flags, and zeros.
 #define UBLK_AUTO_BUF_REG_FALLBACK (1 << 0)
 
+/// UBLK_F_BATCH_IO: the 16-byte command area of PREP_IO_CMDS, COMMIT_IO_CMDS and
+/// FETCH_IO_CMDS. PREP and COMMIT point `sqe->addr` at `nr_elem` elements of
+/// `elem_bytes` each; FETCH takes `elem_bytes` 2 and fills provided buffers with tags.
+struct ublk_batch_io {
+    uint16_t q_id;
+    uint16_t flags;       // UBLK_BATCH_F_*, the same for every element
+    uint16_t nr_elem;
+    uint8_t  elem_bytes;  // 8, plus 8 with HAS_BUF_ADDR, plus 8 with HAS_ZONE_LBA
+    uint8_t  reserved;
+    uint64_t reserved2;
+};
+
+#define UBLK_BATCH_F_HAS_ZONE_LBA          (1 << 0)
+#define UBLK_BATCH_F_HAS_BUF_ADDR          (1 << 1) // copy mode: the tag's buffer follows
+#define UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK (1 << 2)
+
+/// The head of every PREP/COMMIT element (8 bytes); `buf_addr` (u64) follows with
+/// UBLK_BATCH_F_HAS_BUF_ADDR.
+struct ublk_elem_header {
+    uint16_t tag;
+    uint16_t buf_index;   // AUTO_BUF_REG: the ring's buffer-table slot for the request's pages
+    int32_t  result;      // COMMIT: bytes done or -errno; PREP: 0
+};
+
 // MARK: Parameters (SET_PARAMS / GET_PARAMS)
 #define UBLK_ATTR_READ_ONLY      (1 << 0)
 #define UBLK_ATTR_ROTATIONAL     (1 << 1)

@@ -1,0 +1,223 @@
+import CLiburing
+import CUblk
+import Glibc
+import Logging
+import UblkSystem
+
+/// Requests from the ublk driver in batches (UBLK_F_BATCH_IO): one PREP_IO_CMDS hands
+/// every tag to the kernel, one multishot FETCH_IO_CMDS delivers the tags of new requests
+/// into provided buffers, many at a time, and the commits a turn of the queue gathered go
+/// back in one COMMIT_IO_CMDS. Per request that is no SQE and no CQE of its own, where
+/// `UblkCommands` pays one of each.
+///
+/// The kernel reads a PREP's or COMMIT's element array when it issues the command, which
+/// it does inline in the submitting `io_uring_enter`, and answers at once; the array is
+/// still kept until the answer, since a refused element leaves the ones after it ours
+/// to send again. So there are two arrays: one gathers while the other is with the kernel.
+public final class UblkBatchCommands: DriverCommandSource {
+    @usableFromInline let descriptors: DescriptorArray
+    @usableFromInline let queueID: UInt16
+    @usableFromInline let depth: Int
+    @usableFromInline let prepareOpcode: UInt32
+    @usableFromInline let commitOpcode: UInt32
+    @usableFromInline let fetchOpcode: UInt32
+    /// `UBLK_BATCH_F_*` of every PREP and COMMIT: HAS_BUF_ADDR in copy mode (each element
+    /// then carries the tag's buffer), AUTO_BUF_REG_FALLBACK with zero copy where asked.
+    @usableFromInline let elementFlags: UInt16
+    /// 16 bytes with a buffer address, else the 8-byte header alone.
+    @usableFromInline let elementBytes: Int
+    /// The two element arrays, `depth` elements each (a tag is in at most one, once).
+    @usableFromInline let elements: UnsafeMutableRawPointer
+    @usableFromInline let tagBuffers: IORing.BufferRing
+    @usableFromInline let logger: Logger
+    // Only the queue's thread touches these, never with overlapping accesses.
+    /// Which array gathers, and how many elements it holds.
+    @usableFromInline @exclusivity(unchecked) var gathering = 0
+    @usableFromInline @exclusivity(unchecked) var gathered = 0
+    /// Elements of the other array the kernel has not answered for yet (0: none sent).
+    @usableFromInline @exclusivity(unchecked) var sent = 0
+    /// PREP went out: what is gathered from now on are commits.
+    @usableFromInline @exclusivity(unchecked) var prepared = false
+    /// The multishot fetch is armed: the kernel will post at least one more completion for it.
+    @usableFromInline @exclusivity(unchecked) var fetchArmed = false
+
+    /// The provided-buffer group FETCH_IO_CMDS takes its tag buffers from.
+    static let tagBufferGroup: UInt16 = 0
+    /// The kernel delivers at most 128 tags per FETCH completion.
+    static let tagsPerCompletion = 128
+
+    public init(_ configuration: QueueConfiguration, characterDevice: Int32, ring: inout IORing,
+                logger: Logger) throws(SystemError) {
+        let depth = configuration.depth
+        descriptors = try DescriptorArray(characterDevice: characterDevice, queueID: Int(configuration.queueID),
+                                          depth: depth)
+        queueID = configuration.queueID
+        self.depth = depth
+        // Batched commands exist only in ioctl encoding.
+        prepareOpcode = IOCommand.prepareBatch.opcode.encoded(.ioctl)
+        commitOpcode = IOCommand.commitBatch.opcode.encoded(.ioctl)
+        fetchOpcode = IOCommand.fetchBatch.opcode.encoded(.ioctl)
+        switch configuration.buffers {
+        case .copy:
+            (elementFlags, elementBytes) = (UInt16(UBLK_BATCH_F_HAS_BUF_ADDR), 16)
+        case .autoRegister(let fallback):
+            (elementFlags, elementBytes) = (fallback ? UInt16(UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK) : 0, 8)
+        }
+        elements = .allocate(byteCount: 2 * depth * elementBytes, alignment: 16)
+        // A completion fills one buffer; enough of them that every tag could arrive alone
+        // before the queue reaps (fewer would end the fetch with -ENOBUFS, and re-arm it).
+        let bufferCount = 1 << (Int.bitWidth - (depth - 1).leadingZeroBitCount)
+        let bufferBytes = 2 * min(depth, Self.tagsPerCompletion)
+        tagBuffers = try ring.registerBufferRing(group: Self.tagBufferGroup, count: max(bufferCount, 2), size: bufferBytes)
+        self.logger = logger
+    }
+
+    deinit { elements.deallocate() }
+
+    @inlinable public static var commandsPerRequest: Bool { false }
+
+    /// The one FETCH_IO_CMDS, which ends (-ENODEV) when the queue stops.
+    @inlinable public func commandsAtStart(depth: Int) -> Int { 1 }
+
+    /// Gathered into the PREP that `flush` sends.
+    @inlinable
+    public func fetch(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError) {
+        gather(request, result: 0)
+    }
+
+    @inlinable
+    public func descriptor(tag: Int) -> ublksrv_io_desc { descriptors[tag] }
+
+    /// Gathered into the COMMIT that `flush` sends before the queue's next submission.
+    @inlinable
+    public func commit(_ request: IORequest, result: Int32, step: UInt16, _ ring: IORing.Handle) throws(SystemError) {
+        gather(request, result: result)
+    }
+
+    @inlinable
+    func gather(_ request: IORequest, result: Int32) {
+        let element = elements + (gathering * depth + gathered) * elementBytes
+        element.storeBytes(of: ublk_elem_header(tag: request.tag, buf_index: request.tag, result: result),
+                           as: ublk_elem_header.self)
+        if case .buffer(let address) = request.data, elementBytes == 16 {
+            element.storeBytes(of: UInt64(UInt(bitPattern: address)), toByteOffset: 8, as: UInt64.self)
+        }
+        gathered += 1
+    }
+
+    /// Sends what is gathered: the PREP of every tag (then arms the fetch), or a COMMIT.
+    /// While the kernel has not answered the last one, what is gathered waits for the next turn.
+    ///
+    /// The answer comes during the submission; were the queue's wait satisfied by it, a
+    /// request at queue depth 1 would cost a turn more (commit, then wait again for the
+    /// next). So it says to wait for one completion more, as long as the fetch is armed:
+    /// then another is sure to come (a request, or the fetch's end when the queue stops).
+    @inlinable
+    public func flush(_ ring: IORing.Handle) throws(SystemError) -> UInt32 {
+        guard gathered > 0, sent == 0 else { return 0 }
+        let array = elements + gathering * depth * elementBytes
+        let step = prepared ? CommandStep.batchCommit : CommandStep.batchPrepare
+        let command = ublk_batch_io(q_id: queueID, flags: elementFlags, nr_elem: UInt16(gathered),
+                                    elem_bytes: UInt8(elementBytes), reserved: 0, reserved2: 0)
+        try ring.prepareCommand(fd: 0, fixedFile: true, opcode: prepared ? commitOpcode : prepareOpcode,
+                                userData: UserData(.command, tag: UInt16(gathering), step: step).rawValue,
+                                address: UInt64(UInt(bitPattern: array)))
+            .storeBytes(of: command, as: ublk_batch_io.self)
+        (sent, gathered, gathering) = (gathered, 0, 1 - gathering)
+        if !prepared {
+            prepared = true
+            try armFetch(ring)
+        }
+        return fetchArmed ? 1 : 0
+    }
+
+    /// The multishot FETCH_IO_CMDS: each completion names the tags of new requests in a
+    /// buffer of `tagBuffers`. The kernel queues PREP before it, in submission order.
+    @usableFromInline
+    func armFetch(_ ring: IORing.Handle) throws(SystemError) {
+        let command = ublk_batch_io(q_id: queueID, flags: 0, nr_elem: UInt16(depth), elem_bytes: 2,
+                                    reserved: 0, reserved2: 0)
+        try ring.prepareCommand(fd: 0, fixedFile: true, opcode: fetchOpcode,
+                                userData: UserData(.command, tag: 0, step: CommandStep.batchFetch).rawValue,
+                                multishotBuffers: Self.tagBufferGroup)
+            .storeBytes(of: command, as: ublk_batch_io.self)
+        fetchArmed = true
+    }
+
+    @inlinable
+    public func batchCompleted(step: UInt16, tag: UInt16, result: Int32, flags: UInt32, _ ring: IORing.Handle,
+                               arrived: (Int) throws(SystemError) -> Void) throws(SystemError) -> Int {
+        switch step {
+        case CommandStep.batchFetch: return try fetched(result: result, flags: flags, ring, arrived: arrived)
+        case CommandStep.batchCommit: return committed(result: result, array: Int(tag))
+        default:
+            sent = 0
+            if result < 0 { throw SystemError("PREP_IO_CMDS of queue \(queueID)", errno: result) }
+            return 0
+        }
+    }
+
+    /// A FETCH completion: the tags in its buffer arrived (each is now held until committed).
+    /// Without IORING_CQE_F_MORE the fetch has ended: for good when the queue stops
+    /// (-ENODEV), else (-ENOBUFS: no buffer was free) it is armed again.
+    @inlinable
+    func fetched(result: Int32, flags: UInt32, _ ring: IORing.Handle,
+                 arrived: (Int) throws(SystemError) -> Void) throws(SystemError) -> Int {
+        var delivered = 0
+        if flags & IORING_CQE_F_BUFFER != 0 {
+            let id = UInt16(truncatingIfNeeded: flags >> IORING_CQE_BUFFER_SHIFT)
+            let tags = tagBuffers.buffer(id)
+            for index in 0..<max(0, Int(result)) / 2 {
+                let tag = Int(tags.load(fromByteOffset: 2 * index, as: UInt16.self))
+                guard tag < depth else {
+                    logger.error("queue \(queueID): FETCH_IO_CMDS delivered tag \(tag) of a queue of depth \(depth)")
+                    continue
+                }
+                delivered += 1
+                try arrived(tag)
+            }
+            tagBuffers.recycle(id)
+        }
+        guard flags & IORING_CQE_F_MORE == 0 else { return delivered }
+        fetchArmed = false
+        switch result {
+        case -ENODEV: return delivered - 1
+        case -ENOBUFS, 0...: try armFetch(ring)
+        default: throw SystemError("FETCH_IO_CMDS of queue \(queueID)", errno: result)
+        }
+        return delivered
+    }
+
+    /// A COMMIT's answer: the bytes of elements the kernel took, which stops at the first
+    /// it refused (a tag it did not hand out, or a queue going away). That one is logged
+    /// and dropped; those after it are gathered again. Returns -(elements settled).
+    @usableFromInline
+    func committed(result: Int32, array: Int) -> Int {
+        let count = sent
+        sent = 0
+        if result == Int32(count * elementBytes) { return -count }
+        let taken = max(0, Int(result)) / elementBytes
+        let base = elements + array * depth * elementBytes
+        let refused = base.load(fromByteOffset: taken * elementBytes, as: ublk_elem_header.self)
+        if result != -ENODEV {
+            let reason = result < 0 ? SystemError("", errno: result).reason : "refused"
+            logger.error("queue \(queueID) tag \(refused.tag): COMMIT_IO_CMDS: \(reason)")
+        }
+        for index in min(taken + 1, count)..<count {
+            (elements + (gathering * depth + gathered) * elementBytes)
+                .copyMemory(from: base + index * elementBytes, byteCount: elementBytes)
+            gathered += 1
+        }
+        return -(taken + 1)
+    }
+
+    /// Zero-copy fallback: the per-tag REGISTER_IO_BUF, which batched devices keep.
+    public func registerBuffer(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError) {
+        try UblkCommands.bufferCommand(.registerBuffer, queueID: queueID, request, step: CommandStep.registered, ring)
+    }
+
+    public func unregisterBuffer(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError) {
+        try UblkCommands.bufferCommand(.unregisterBuffer, queueID: queueID, request, step: CommandStep.unregistered,
+                                       ring)
+    }
+}

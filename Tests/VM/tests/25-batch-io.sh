@@ -1,0 +1,49 @@
+#!/bin/bash
+# 25-batch-io — requests arrive and are committed in batches (UBLK_F_BATCH_IO: PREP_IO_CMDS,
+# multishot FETCH_IO_CMDS, COMMIT_IO_CMDS). Where the kernel lacks the feature: `--batch-io on`
+# is refused in one line and leaves no device; the default (auto) sends one command per
+# request. Where it has it: the default batches, `ublk list` says so (`--batch-io off` gives
+# per-request), the null target takes it, and the mount test and the fio integrity load
+# (direct I/O on and off, 1 and 2 queues) pass batched in both data paths (zero copy, where
+# each element names a registered buffer, and copy, where each carries the tag's buffer).
+# timeout: 900
+. "$(dirname "$0")/../lib.sh"
+need_ublk
+at_exit "$UBLK" del --all
+
+dir=$(mktempdir)
+truncate -s 64M "$dir/disk.img"
+
+commands() { list_field "${1#/dev/ublkb}" commands; }
+
+if ! has_feature BATCH_IO; then
+	expect_error "--batch-io on without BATCH_IO" 'UBLK_F_BATCH_IO.*--batch-io auto or off' -- \
+		"$UBLK" add --file "$dir/disk.img" --batch-io on
+	fail_on_problems "refusing batched commands"
+	dev=$("$UBLK" add --file "$dir/disk.img")
+	expect_eq "$(commands "$dev")" per-request "commands of the default device"
+	"$UBLK" del --id "${dev#/dev/ublkb}"
+	echo "ok: --batch-io on refused in one line, no device left; auto sends a command per request"
+	need_feature BATCH_IO
+fi
+
+dev=$("$UBLK" add --file "$dir/disk.img")
+expect_eq "$(commands "$dev")" batched "commands of the default device"
+"$UBLK" list | grep -q " batched " || fail "ublk list does not show batched commands"
+"$UBLK" del --id "${dev#/dev/ublkb}"
+dev=$("$UBLK" add --file "$dir/disk.img" --batch-io off)
+expect_eq "$(commands "$dev")" per-request "commands with --batch-io off"
+"$UBLK" del --id "${dev#/dev/ublkb}"
+dev=$("$UBLK" add --target null --size 64M --batch-io on --depth 256)
+expect_eq "$(commands "$dev")" batched "commands of the null target"
+fio --name=null --filename="$dev" --ioengine=io_uring --direct=1 --rw=randrw --bs=4k --iodepth=256 \
+	--size=64M --io_size=128M --minimal >"$dir/fio.out" 2>&1 || { cat "$dir/fio.out"; fail "fio at depth 256 on the batched null device failed"; }
+"$UBLK" del --id "${dev#/dev/ublkb}"
+echo "ok: default and --batch-io on batch, off does not, the null target takes 256 requests in flight"
+
+for data in "--zero-copy auto" "--zero-copy off"; do
+	export UBLK_TEST_ADD_ARGS="--batch-io on $data"
+	bash "$(dirname "$0")/10-loop-mount.sh" || fail "the mount test failed with $UBLK_TEST_ADD_ARGS"
+	UBLK_TEST_LOAD_ONLY=1 bash "$(dirname "$0")/50-integrity-load.sh" || fail "the fio integrity load failed with $UBLK_TEST_ADD_ARGS"
+	echo "ok: mount test and fio verify (direct I/O on/off, 1 and 2 queues) with $UBLK_TEST_ADD_ARGS"
+done
