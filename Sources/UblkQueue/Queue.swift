@@ -77,9 +77,15 @@ public protocol CommandSource: AnyObject {
     /// the offline source's stand-in commit completes without one (the caller starts the
     /// tag's next request itself).
     func requestArrived(tag: Int) -> Bool
-    /// One command per request (FETCH/COMMIT_AND_FETCH), which the queue may link behind
-    /// the request's backing operation (`RequestStep.finishing`); false for batched commands.
-    static var commandsPerRequest: Bool { get }
+    /// `RequestStep.finishing`: links the commit of `request` with `result` behind the
+    /// backing operation just prepared (the queue asks only where the kernel copies a linked
+    /// command's SQE at submission). False, changing nothing, leaves the request to that
+    /// operation's completion, as after `.submitted`.
+    func linkCommit(_ request: IORequest, result: Int32, _ ring: IORing.Handle) throws(SystemError) -> Bool
+    /// A backing operation of `tag` completed: nil unless `linkCommit` put a commit behind it
+    /// whose completion the queue does not see; else how many commands the kernel holds
+    /// more (+) or fewer (-) now. Nil also when that link broke: the request goes on.
+    func linkedHeadCompleted(tag: Int, result: Int32) -> Int?
     /// How many of the source's commands the kernel must end before the queue may stop:
     /// every tag's fetch, or (batched) the one multishot fetch.
     func commandsAtStart(depth: Int) -> Int
@@ -109,6 +115,9 @@ public enum CommandStep {
     public static let batchPrepare: UInt16 = 4
     public static let batchCommit: UInt16 = 5
     public static let batchFetch: UInt16 = 6
+    /// A COMMIT_IO_CMDS of one request linked behind its backing operation; it completes
+    /// only if it failed (user data tag: the request's).
+    public static let batchLinkedCommit: UInt16 = 7
 
     @inlinable public static func isBatch(_ step: UInt16) -> Bool { step >= batchPrepare }
 }
@@ -127,8 +136,18 @@ extension CommandSource {
     @inlinable
     public func requestArrived(tag: Int) -> Bool { true }
 
+    /// One command per request: COMMIT_AND_FETCH linked as is (its completion, the tag's
+    /// next request, comes to the queue as any other).
+    @inlinable
+    public func linkCommit(_ request: IORequest, result: Int32, _ ring: IORing.Handle) throws(SystemError) -> Bool {
+        guard ring.linkLastPrepared() else { return false }
+        try commit(request, result: result, step: CommandStep.linkedCommit, ring)
+        return true
+    }
+
+    @inlinable public func linkedHeadCompleted(tag: Int, result: Int32) -> Int? { nil }
+
     // One command per request, sent as it is prepared: nothing gathered, no batch steps.
-    @inlinable public static var commandsPerRequest: Bool { true }
     @inlinable public func commandsAtStart(depth: Int) -> Int { depth }
     @inlinable public func flush(_ ring: IORing.Handle) throws(SystemError) -> UInt32 { 0 }
     public func batchCompleted(step: UInt16, tag: UInt16, result: Int32, flags: UInt32, _ ring: IORing.Handle,
@@ -170,7 +189,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     @usableFromInline let finishedStorage: UnsafeMutableBufferPointer<(tag: UInt16, result: Int32)>
     /// Commits are linked behind a request's last backing operation (`RequestStep.finishing`)
     /// only where the kernel copies a linked command's SQE at submission.
-    @usableFromInline let linksCommits = IORing.copiesLinkedCommands && Source.commandsPerRequest
+    @usableFromInline let linksCommits = IORing.copiesLinkedCommands
     public let depth: Int
 
     /// A queue on `ring` (its fixed files already registered: 0 is /dev/ublkcN, then the target's).
@@ -270,6 +289,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         case .command where tag < depth:
             try bufferCommandCompleted(tag: tag, step: userData.step, result: result)
         case .target where tag < depth:
+            if let change = source.linkedHeadCompleted(tag: tag, result: result) { live += change; return }
             try step(tag: tag, backingResult: result)
         case .queue:
             try queueOperationCompleted(step: userData.step, result: result)
@@ -378,8 +398,9 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         case .success(.submitted): return
         case .success(.finishing(let expected)):
             // Pages the queue registered itself go back before the commit: no link then.
-            guard linksCommits, !registeredByQueue[tag], ring.handle.linkLastPrepared() else { return }
-            return try source.commit(requests[tag], result: expected, step: CommandStep.linkedCommit, ring.handle)
+            guard linksCommits, !registeredByQueue[tag] else { return }
+            _ = try source.linkCommit(requests[tag], result: expected, ring.handle)
+            return
         case .success(.done(let value)): result = value
         case .failure(let error):
             logSubmissionFailure(tag: tag, error)

@@ -8,7 +8,8 @@ import UblkSystem
 /// every tag to the kernel, one multishot FETCH_IO_CMDS delivers the tags of new requests
 /// into provided buffers, many at a time, and the commits a turn of the queue gathered go
 /// back in one COMMIT_IO_CMDS. Per request that is no SQE and no CQE of its own, where
-/// `UblkCommands` pays one of each.
+/// `UblkCommands` pays one of each. A request alone in the queue has its commit linked
+/// behind its backing operation instead (`linkCommit`), so queue depth 1 loses nothing.
 ///
 /// The kernel reads a PREP's or COMMIT's element array when it issues the command, which
 /// it does inline in the submitting `io_uring_enter`, and answers at once; the array is
@@ -26,8 +27,12 @@ public final class UblkBatchCommands: DriverCommandSource {
     @usableFromInline let elementFlags: UInt16
     /// 16 bytes with a buffer address, else the 8-byte header alone.
     @usableFromInline let elementBytes: Int
-    /// The two element arrays, `depth` elements each (a tag is in at most one, once).
+    /// The two element arrays, `depth` elements each (a tag is in at most one, once), then
+    /// an element per tag for a commit linked behind the request's backing operation.
     @usableFromInline let elements: UnsafeMutableRawPointer
+    /// Per tag, the result of a commit linked behind its backing operation (`linkCommit`),
+    /// which the operation must complete with exactly; `Int32.min` where none is.
+    @usableFromInline let linkedResults: UnsafeMutableBufferPointer<Int32>
     @usableFromInline let tagBuffers: IORing.BufferRing
     @usableFromInline let logger: Logger
     // Only the queue's thread touches these, never with overlapping accesses.
@@ -40,6 +45,10 @@ public final class UblkBatchCommands: DriverCommandSource {
     @usableFromInline @exclusivity(unchecked) var prepared = false
     /// The multishot fetch is armed: the kernel will post at least one more completion for it.
     @usableFromInline @exclusivity(unchecked) var fetchArmed = false
+    /// Requests delivered and not yet committed.
+    @usableFromInline @exclusivity(unchecked) var held = 0
+    /// Backing operations with a commit linked behind them, not completed yet.
+    @usableFromInline @exclusivity(unchecked) var linkedHeads = 0
 
     /// The provided-buffer group FETCH_IO_CMDS takes its tag buffers from.
     static let tagBufferGroup: UInt16 = 0
@@ -63,7 +72,9 @@ public final class UblkBatchCommands: DriverCommandSource {
         case .autoRegister(let fallback):
             (elementFlags, elementBytes) = (fallback ? UInt16(UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK) : 0, 8)
         }
-        elements = .allocate(byteCount: 2 * depth * elementBytes, alignment: 16)
+        elements = .allocate(byteCount: 3 * depth * elementBytes, alignment: 16)
+        linkedResults = .allocate(capacity: depth)
+        linkedResults.initialize(repeating: .min)
         // A completion fills one buffer; enough of them that every tag could arrive alone
         // before the queue reaps (fewer would end the fetch with -ENOBUFS, and re-arm it).
         let bufferCount = 1 << (Int.bitWidth - (depth - 1).leadingZeroBitCount)
@@ -72,9 +83,10 @@ public final class UblkBatchCommands: DriverCommandSource {
         self.logger = logger
     }
 
-    deinit { elements.deallocate() }
-
-    @inlinable public static var commandsPerRequest: Bool { false }
+    deinit {
+        elements.deallocate()
+        linkedResults.deallocate()
+    }
 
     /// The one FETCH_IO_CMDS, which ends (-ENODEV) when the queue stops.
     @inlinable public func commandsAtStart(depth: Int) -> Int { 1 }
@@ -96,13 +108,58 @@ public final class UblkBatchCommands: DriverCommandSource {
 
     @inlinable
     func gather(_ request: IORequest, result: Int32) {
-        let element = elements + (gathering * depth + gathered) * elementBytes
+        write(request, result: result, at: elements + (gathering * depth + gathered) * elementBytes)
+        gathered += 1
+    }
+
+    /// One element: the tag, its buffer-table slot (zero copy), the result, and in copy mode
+    /// the tag's buffer (where the driver copies a read's data from, and the next request's to).
+    @inlinable
+    func write(_ request: IORequest, result: Int32, at element: UnsafeMutableRawPointer) {
         element.storeBytes(of: ublk_elem_header(tag: request.tag, buf_index: request.tag, result: result),
                            as: ublk_elem_header.self)
         if case .buffer(let address) = request.data, elementBytes == 16 {
             element.storeBytes(of: UInt64(UInt(bitPattern: address)), toByteOffset: 8, as: UInt64.self)
         }
-        gathered += 1
+    }
+
+    /// A request alone in the queue has its commit linked behind its backing operation, as
+    /// a COMMIT of that one element that completes only if it fails: at queue depth 1 the
+    /// queue then needs no turn between the backing I/O and the commit. With more requests
+    /// held their commits are gathered instead, which is what batching is for.
+    ///
+    /// The backing operation's own completion still comes (the queue must know the request
+    /// is done), so a turn waits for one completion more per linked head (`flush`); if the
+    /// operation ends short or fails, the commit is cancelled and completes with -ECANCELED:
+    /// two completions either way.
+    @inlinable
+    public func linkCommit(_ request: IORequest, result: Int32, _ ring: IORing.Handle) throws(SystemError) -> Bool {
+        guard fetchArmed, held == 1, ring.linkLastPrepared(skippingSuccess: false) else { return false }
+        let tag = Int(request.tag)
+        let element = elements + (2 * depth + tag) * elementBytes
+        write(request, result: result, at: element)
+        let command = ublk_batch_io(q_id: queueID, flags: elementFlags, nr_elem: 1,
+                                    elem_bytes: UInt8(elementBytes), reserved: 0, reserved2: 0)
+        try ring.prepareCommand(fd: 0, fixedFile: true, opcode: commitOpcode,
+                                userData: UserData(.command, tag: request.tag, step: CommandStep.batchLinkedCommit).rawValue,
+                                address: UInt64(UInt(bitPattern: element)), skippingSuccess: true)
+            .storeBytes(of: command, as: ublk_batch_io.self)
+        linkedResults[tag] = result
+        linkedHeads += 1
+        return true
+    }
+
+    /// The head of a linked commit completed: with the full result the commit follows (the
+    /// request is settled); otherwise the commit is cancelled and the request goes on.
+    @inlinable
+    public func linkedHeadCompleted(tag: Int, result: Int32) -> Int? {
+        let expected = linkedResults[tag]
+        guard expected != .min else { return nil }
+        linkedResults[tag] = .min
+        linkedHeads -= 1
+        guard result == expected else { return nil }
+        held -= 1
+        return -1
     }
 
     /// Sends what is gathered: the PREP of every tag (then arms the fetch), or a COMMIT.
@@ -114,7 +171,17 @@ public final class UblkBatchCommands: DriverCommandSource {
     /// then another is sure to come (a request, or the fetch's end when the queue stops).
     @inlinable
     public func flush(_ ring: IORing.Handle) throws(SystemError) -> UInt32 {
-        guard gathered > 0, sent == 0 else { return 0 }
+        var answered: UInt32 = 0
+        if gathered > 0, sent == 0 {
+            try send(ring)
+            answered = 1
+        }
+        return fetchArmed ? answered + UInt32(linkedHeads) : 0
+    }
+
+    /// The PREP or COMMIT of what is gathered; the first (PREP) also arms the fetch.
+    @usableFromInline
+    func send(_ ring: IORing.Handle) throws(SystemError) {
         let array = elements + gathering * depth * elementBytes
         let step = prepared ? CommandStep.batchCommit : CommandStep.batchPrepare
         let command = ublk_batch_io(q_id: queueID, flags: elementFlags, nr_elem: UInt16(gathered),
@@ -128,7 +195,6 @@ public final class UblkBatchCommands: DriverCommandSource {
             prepared = true
             try armFetch(ring)
         }
-        return fetchArmed ? 1 : 0
     }
 
     /// The multishot FETCH_IO_CMDS: each completion names the tags of new requests in a
@@ -150,6 +216,12 @@ public final class UblkBatchCommands: DriverCommandSource {
         switch step {
         case CommandStep.batchFetch: return try fetched(result: result, flags: flags, ring, arrived: arrived)
         case CommandStep.batchCommit: return committed(result: result, array: Int(tag))
+        case CommandStep.batchLinkedCommit:
+            // Settled when its head completed; a cancel means the head ended short.
+            if result != -ECANCELED && result != -ENODEV {
+                logger.error("queue \(queueID) tag \(tag): COMMIT_IO_CMDS: \(SystemError("", errno: result).reason)")
+            }
+            return 0
         default:
             sent = 0
             if result < 0 { throw SystemError("PREP_IO_CMDS of queue \(queueID)", errno: result) }
@@ -174,6 +246,7 @@ public final class UblkBatchCommands: DriverCommandSource {
                     continue
                 }
                 delivered += 1
+                held += 1
                 try arrived(tag)
             }
             tagBuffers.recycle(id)
@@ -195,7 +268,10 @@ public final class UblkBatchCommands: DriverCommandSource {
     func committed(result: Int32, array: Int) -> Int {
         let count = sent
         sent = 0
-        if result == Int32(count * elementBytes) { return -count }
+        if result == Int32(count * elementBytes) {
+            held -= count
+            return -count
+        }
         let taken = max(0, Int(result)) / elementBytes
         let base = elements + array * depth * elementBytes
         let refused = base.load(fromByteOffset: taken * elementBytes, as: ublk_elem_header.self)
@@ -208,6 +284,7 @@ public final class UblkBatchCommands: DriverCommandSource {
                 .copyMemory(from: base + index * elementBytes, byteCount: elementBytes)
             gathered += 1
         }
+        held -= taken + 1
         return -(taken + 1)
     }
 

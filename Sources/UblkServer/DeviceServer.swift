@@ -170,12 +170,18 @@ public final class DeviceServer {
     }
 
     /// The ADD_DEV flag of batched I/O commands, where the kernel has it and it is not off.
+    ///
+    /// `auto` leaves it off for devices added with `--recovery`: those are the ones `ublk
+    /// upgrade` replaces the server of, and on a batched queue QUIESCE_DEV does not wait for
+    /// the requests in flight (ublk_drv cancels the fetch at once); under load, writes then
+    /// failed with EIO in the VM tests (Debian's 7.3.4), where per-request queues lose none.
     private func batchFlags(features: FeatureFlags?) throws(ServerError) -> FeatureFlags {
         let kernelHasIt = features?.contains(.batchIO) ?? false
         switch options.batchIO {
         case .off: return []
         case .on where !kernelHasIt: throw .noBatchIO(features)
-        case .on, .auto: return kernelHasIt ? [.batchIO] : []
+        case .on: return [.batchIO]
+        case .auto: return kernelHasIt && !options.recovery.isEnabled ? [.batchIO] : []
         }
     }
 

@@ -173,9 +173,10 @@ extension IORing {
         /// written inline here rather than through a C helper on the hot path.
         /// With `multishotBuffers`, the command is multishot (IORING_URING_CMD_MULTISHOT) and
         /// takes each completion's buffer from that provided-buffer group (IOSQE_BUFFER_SELECT).
+        /// With `skippingSuccess`, only a failed command completes (IOSQE_CQE_SKIP_SUCCESS).
         @inlinable
         public func prepareCommand(fd: Int32, fixedFile: Bool, opcode: UInt32, userData: UInt64,
-                                   address: UInt64 = 0,
+                                   address: UInt64 = 0, skippingSuccess: Bool = false,
                                    multishotBuffers group: UInt16? = nil) throws(SystemError) -> UnsafeMutableRawPointer {
             let sqe = try prepare(userData: userData)
             sqe.pointee.opcode = UInt8(IORING_OP_URING_CMD.rawValue)
@@ -183,6 +184,7 @@ extension IORing {
             sqe.pointee.cmd_op = opcode
             sqe.pointee.addr = address
             if fixedFile { sqe.pointee.flags = UInt8(1 << IOSQE_FIXED_FILE_BIT) }
+            if skippingSuccess { sqe.pointee.flags |= UInt8(1 << IOSQE_CQE_SKIP_SUCCESS_BIT) }
             if let group {
                 sqe.pointee.flags |= UInt8(1 << IOSQE_BUFFER_SELECT_BIT)
                 sqe.pointee.buf_group = group
@@ -216,18 +218,20 @@ extension IORing {
 
         /// Links the SQE prepared last to the one prepared next, in the same submission
         /// (IOSQE_IO_LINK: the next starts only once this one completed with its full
-        /// result), and skips this one's completion unless it fails (IOSQE_CQE_SKIP_SUCCESS).
-        /// A failure, or a short read or write, posts this one's completion and cancels the
-        /// next without posting one (the skip passes on to the link). Returns false,
+        /// result), and with `skippingSuccess` skips this one's completion unless it fails
+        /// (IOSQE_CQE_SKIP_SUCCESS). A failure, or a short read or write, posts this one's
+        /// completion and cancels the next: without a completion of its own when this one
+        /// skips (the skip passes on to the link), else with -ECANCELED. Returns false,
         /// changing nothing, when the submission queue has no slot left for that next SQE:
         /// a link may not be split across submissions (the SQE preparing it would submit).
         @inlinable
-        public func linkLastPrepared() -> Bool {
+        public func linkLastPrepared(skippingSuccess: Bool = true) -> Bool {
             guard io_uring_sq_space_left(ring) > 0 else { return false }
             let sq = ring.pointee.sq
             let shift: UInt32 = ring.pointee.flags & IORING_SETUP_SQE128 != 0 ? 1 : 0
             let sqe = sq.sqes + Int(((sq.sqe_tail &- 1) & sq.ring_mask) << shift)
-            sqe.pointee.flags |= UInt8(1 << IOSQE_IO_LINK_BIT | 1 << IOSQE_CQE_SKIP_SUCCESS_BIT)
+            sqe.pointee.flags |= UInt8(1 << IOSQE_IO_LINK_BIT)
+            if skippingSuccess { sqe.pointee.flags |= UInt8(1 << IOSQE_CQE_SKIP_SUCCESS_BIT) }
             return true
         }
 

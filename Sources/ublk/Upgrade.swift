@@ -66,6 +66,10 @@ extension Ublk {
             guard info.flags.contains(.quiesce) else {
                 throw CLIError("device \(id) was added without UBLK_F_QUIESCE (by an older server): it cannot be upgraded in place")
             }
+            // See DeviceServer.batchFlags: quiescing a batched queue under load failed writes.
+            guard !info.flags.contains(.batchIO) else {
+                throw CLIError("device \(id) uses batched I/O commands (--batch-io on), whose queues ublk_drv stops without waiting for the requests in flight: it cannot be upgraded in place (add it with --batch-io off to allow it); nothing changed")
+            }
             guard info.state == .live else {
                 throw CLIError("device \(id) is \(info.state), not live: bring it back with ublk recover --id \(id)")
             }

@@ -41,6 +41,27 @@ fio --name=null --filename="$dev" --ioengine=io_uring --direct=1 --rw=randrw --b
 "$UBLK" del --id "${dev#/dev/ublkb}"
 echo "ok: default and --batch-io on batch, off does not, the null target takes 256 requests in flight"
 
+# Devices that may be upgraded in place (--recovery) stay per-request by default; a batched
+# one is refused by ublk upgrade in one line and keeps its server. Crash recovery works batched.
+dev=$("$UBLK" add --file "$dir/disk.img" --recovery)
+expect_eq "$(commands "$dev")" per-request "commands of a --recovery device"
+"$UBLK" del --id "${dev#/dev/ublkb}"
+dev=$("$UBLK" add --file "$dir/disk.img" --recovery --batch-io on)
+id=${dev#/dev/ublkb}
+pid=$(list_field "$id" pid)
+KEEP_ID=$id expect_error "ublk upgrade of a batched device" 'batched I/O commands.*--batch-io off' -- "$UBLK" upgrade --id "$id"
+expect_eq "$(list_field "$id" pid)/$(list_field "$id" state)" "$pid/live" "server and state after the refused upgrade"
+head -c 1M /dev/urandom >"$dir/pattern"
+dd if="$dir/pattern" of="$dev" bs=1M oflag=direct status=none
+kill -KILL "$pid"
+wait_exit "$pid" 10
+expect_eq "$(timeout 60 "$UBLK" recover --id "$id")" "$dev" "ublk recover of a batched device"
+expect_eq "$(commands "$dev")" batched "commands after recovery"
+cmp <(dd if="$dev" bs=1M count=1 iflag=direct status=none) "$dir/pattern" || fail "the batched device reads wrong after recovery"
+"$UBLK" del --id "$id"
+fail_on_problems "with batched --recovery devices"
+echo "ok: --recovery devices are per-request by default; a batched one refuses ublk upgrade, and recovers after a crash"
+
 for data in "--zero-copy auto" "--zero-copy off"; do
 	export UBLK_TEST_ADD_ARGS="--batch-io on $data"
 	bash "$(dirname "$0")/10-loop-mount.sh" || fail "the mount test failed with $UBLK_TEST_ADD_ARGS"
