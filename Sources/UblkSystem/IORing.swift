@@ -196,7 +196,7 @@ extension IORing {
 
         /// Prepares an `IORING_OP_NOP`, which completes with result 0 and `userData`
         /// (the offline queue's stand-in for a ublk command, and ring tests).
-        @inlinable
+        @inlinable @inline(__always)
         public func prepareNop(userData: UInt64) throws(SystemError) {
             try prepare(userData: userData).pointee.opcode = UInt8(IORING_OP_NOP.rawValue)
         }
@@ -224,7 +224,7 @@ extension IORing {
         /// skips (the skip passes on to the link), else with -ECANCELED. Returns false,
         /// changing nothing, when the submission queue has no slot left for that next SQE:
         /// a link may not be split across submissions (the SQE preparing it would submit).
-        @inlinable
+        @inlinable @inline(__always)
         public func linkLastPrepared(skippingSuccess: Bool = true) -> Bool {
             guard io_uring_sq_space_left(ring) > 0 else { return false }
             let sq = ring.pointee.sq
