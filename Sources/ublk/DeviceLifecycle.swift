@@ -108,10 +108,11 @@ enum DeviceListing {
     }
 
     static func table(_ rows: [DeviceRow]) -> String {
-        let header = ["ID", "STATE", "TARGET", "SIZE", "QUEUES", "DEPTH", "DIO", "DATA", "COMMANDS", "PID", "BACKING"]
+        // Columns stay where scripts that read them by position expect them (`commands` is in --json).
+        let header = ["ID", "STATE", "TARGET", "SIZE", "QUEUES", "DEPTH", "DIO", "DATA", "PID", "BACKING"]
         let lines = [header] + rows.map {
             [String($0.id), $0.state, $0.target, humanSize($0.size), String($0.queues), String($0.depth), $0.directIO, $0.dataPath,
-             $0.commands, $0.pid > 0 ? String($0.pid) : "-", $0.backing]
+             $0.pid > 0 ? String($0.pid) : "-", $0.backing]
         }
         let widths = header.indices.map { column in lines.map { $0[column].count }.max() ?? 0 }
         return lines.map { line in
