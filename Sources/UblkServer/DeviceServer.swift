@@ -175,13 +175,16 @@ public final class DeviceServer {
     /// upgrade` replaces the server of, and on a batched queue QUIESCE_DEV does not wait for
     /// the requests in flight (ublk_drv cancels the fetch at once); under load, writes then
     /// failed with EIO in the VM tests (Debian's 7.3.4), where per-request queues lose none.
+    /// Nor does it batch a queue of depth 1, which ADD_DEV refuses with EINVAL (the driver's
+    /// per-queue event FIFO needs room for two tags) and where there is nothing to batch.
     private func batchFlags(features: FeatureFlags?) throws(ServerError) -> FeatureFlags {
         let kernelHasIt = features?.contains(.batchIO) ?? false
         switch options.batchIO {
         case .off: return []
         case .on where !kernelHasIt: throw .noBatchIO(features)
+        case .on where options.depth < 2: throw .batchIONeedsDepth
         case .on: return [.batchIO]
-        case .auto: return kernelHasIt && !options.recovery.isEnabled ? [.batchIO] : []
+        case .auto: return kernelHasIt && !options.recovery.isEnabled && options.depth >= 2 ? [.batchIO] : []
         }
     }
 

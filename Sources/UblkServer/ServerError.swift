@@ -36,6 +36,8 @@ public enum ServerError: Error, CustomStringConvertible {
     case noZeroCopy(FeatureFlags?)
     /// `--batch-io on`, and the kernel has no UBLK_F_BATCH_IO (features, if known).
     case noBatchIO(FeatureFlags?)
+    /// `--batch-io on` with `--depth 1`.
+    case batchIONeedsDepth
     /// `--zero-copy on` for a target that must see the data.
     case targetNeedsCopy(String)
 
@@ -80,6 +82,8 @@ public enum ServerError: Error, CustomStringConvertible {
             "zero copy needs UBLK_F_AUTO_BUF_REG, which this kernel's ublk_drv lacks (features: \(features.map { "\($0)" } ?? "unknown")): use --zero-copy auto or off"
         case .noBatchIO(let features):
             "batched I/O commands need UBLK_F_BATCH_IO, which this kernel's ublk_drv lacks (features: \(features.map { "\($0)" } ?? "unknown")): use --batch-io auto or off"
+        case .batchIONeedsDepth:
+            "batched I/O commands need a queue depth of at least 2 (ublk_drv refuses a batched queue of depth 1): use --depth 2 or more, or --batch-io auto or off"
         case .targetNeedsCopy(let name):
             "the \(name) target must see the data, so it cannot use zero copy: use --zero-copy auto or off"
         }

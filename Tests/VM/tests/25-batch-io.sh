@@ -38,7 +38,12 @@ expect_eq "$(commands "$dev")" batched "commands of the null target"
 fio --name=null --filename="$dev" --ioengine=io_uring --direct=1 --rw=randrw --bs=4k --iodepth=256 \
 	--size=64M --io_size=128M --minimal >"$dir/fio.out" 2>&1 || { cat "$dir/fio.out"; fail "fio at depth 256 on the batched null device failed"; }
 "$UBLK" del --id "${dev#/dev/ublkb}"
-echo "ok: default and --batch-io on batch, off does not, the null target takes 256 requests in flight"
+dev=$("$UBLK" add --file "$dir/disk.img" --depth 1)
+expect_eq "$(commands "$dev")" per-request "commands of a device of depth 1"
+"$UBLK" del --id "${dev#/dev/ublkb}"
+expect_error "--batch-io on --depth 1" 'depth of at least 2' -- "$UBLK" add --file "$dir/disk.img" --batch-io on --depth 1
+fail_on_problems "refusing a batched queue of depth 1"
+echo "ok: default and --batch-io on batch, off does not, the null target takes 256 requests in flight; depth 1 is per-request"
 
 # Devices that may be upgraded in place (--recovery) stay per-request by default; a batched
 # one is refused by ublk upgrade in one line and keeps its server. Crash recovery works batched.
