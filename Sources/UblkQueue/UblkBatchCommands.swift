@@ -138,12 +138,8 @@ public final class UblkBatchCommands: DriverCommandSource {
         let tag = Int(request.tag)
         let element = elements + (2 * depth + tag) * elementBytes
         write(request, result: result, at: element)
-        let command = ublk_batch_io(q_id: queueID, flags: elementFlags, nr_elem: 1,
-                                    elem_bytes: UInt8(elementBytes), reserved: 0, reserved2: 0)
-        try ring.prepareCommand(fd: 0, fixedFile: true, opcode: commitOpcode,
-                                userData: UserData(.command, tag: request.tag, step: CommandStep.batchLinkedCommit).rawValue,
-                                address: UInt64(UInt(bitPattern: element)), skippingSuccess: true)
-            .storeBytes(of: command, as: ublk_batch_io.self)
+        try prepare(commitOpcode, UserData(.command, tag: request.tag, step: CommandStep.batchLinkedCommit),
+                    elements: element, count: 1, ring, skippingSuccess: true)
         linkedResults[tag] = result
         linkedHeads += 1
         return true
@@ -184,12 +180,8 @@ public final class UblkBatchCommands: DriverCommandSource {
     func send(_ ring: IORing.Handle) throws(SystemError) {
         let array = elements + gathering * depth * elementBytes
         let step = prepared ? CommandStep.batchCommit : CommandStep.batchPrepare
-        let command = ublk_batch_io(q_id: queueID, flags: elementFlags, nr_elem: UInt16(gathered),
-                                    elem_bytes: UInt8(elementBytes), reserved: 0, reserved2: 0)
-        try ring.prepareCommand(fd: 0, fixedFile: true, opcode: prepared ? commitOpcode : prepareOpcode,
-                                userData: UserData(.command, tag: UInt16(gathering), step: step).rawValue,
-                                address: UInt64(UInt(bitPattern: array)))
-            .storeBytes(of: command, as: ublk_batch_io.self)
+        try prepare(prepared ? commitOpcode : prepareOpcode, UserData(.command, tag: UInt16(gathering), step: step),
+                    elements: array, count: gathered, ring)
         (sent, gathered, gathering) = (gathered, 0, 1 - gathering)
         if !prepared {
             prepared = true
@@ -201,13 +193,24 @@ public final class UblkBatchCommands: DriverCommandSource {
     /// buffer of `tagBuffers`. The kernel queues PREP before it, in submission order.
     @usableFromInline
     func armFetch(_ ring: IORing.Handle) throws(SystemError) {
-        let command = ublk_batch_io(q_id: queueID, flags: 0, nr_elem: UInt16(depth), elem_bytes: 2,
-                                    reserved: 0, reserved2: 0)
-        try ring.prepareCommand(fd: 0, fixedFile: true, opcode: fetchOpcode,
-                                userData: UserData(.command, tag: 0, step: CommandStep.batchFetch).rawValue,
-                                multishotBuffers: Self.tagBufferGroup)
-            .storeBytes(of: command, as: ublk_batch_io.self)
+        try prepare(fetchOpcode, UserData(.command, tag: 0, step: CommandStep.batchFetch), elements: nil, count: depth,
+                    ring, multishotBuffers: Self.tagBufferGroup)
         fetchArmed = true
+    }
+
+    /// One batched command: its 16-byte `ublk_batch_io` in the SQE's command area and the
+    /// element array at `sqe->addr`. A FETCH has no array: its elements are the 2-byte tags
+    /// the kernel writes into the provided buffers, and it carries no element flags.
+    @usableFromInline
+    func prepare(_ opcode: UInt32, _ userData: UserData, elements: UnsafeMutableRawPointer?, count: Int,
+                 _ ring: IORing.Handle, skippingSuccess: Bool = false,
+                 multishotBuffers group: UInt16? = nil) throws(SystemError) {
+        let command = ublk_batch_io(q_id: queueID, flags: elements == nil ? 0 : elementFlags, nr_elem: UInt16(count),
+                                    elem_bytes: elements == nil ? 2 : UInt8(elementBytes), reserved: 0, reserved2: 0)
+        try ring.prepareCommand(fd: 0, fixedFile: true, opcode: opcode, userData: userData.rawValue,
+                                address: UInt64(UInt(bitPattern: elements)), skippingSuccess: skippingSuccess,
+                                multishotBuffers: group)
+            .storeBytes(of: command, as: ublk_batch_io.self)
     }
 
     @inlinable
