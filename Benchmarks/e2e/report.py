@@ -8,7 +8,9 @@ JSON files it names, meta.json and devices.jsonl. Writes OUT_DIR/latest.csv,
 latest.json and latest.md, and prints the table.
 
 Per (workload, config): medians over rounds of IOPS, MB/s (10^6 bytes/s), mean and
-p99 completion+submission latency (fio's lat_ns, in microseconds). The ratio of one
+p99 completion+submission latency (fio's lat_ns, in microseconds), and how busy all
+CPUs were during the run (from /proc/stat, in % of all of them: fio, the kernel and
+our server together). The ratio of one
 of our configs is the median over rounds of ours/kernel IOPS, each round's run
 paired with the kernel device of its group (loop: kernel-loop-dio, loop-buffered:
 kernel-loop-buffered, null: null_blk) in the same round and workload; min and max of
@@ -55,6 +57,7 @@ def main():
     runs = list(csv.DictReader(open(os.path.join(raw, "runs.tsv")), delimiter="\t"))
     for r in runs:
         r.update(load_fio(os.path.join(raw, r["file"])))
+        r["cpu_pct"] = load_cpu(os.path.join(raw, r["file"][:-len(".json")] + ".cpu"))
 
     # kernel reference per (round, workload, group)
     kernel = {(r["round"], r["workload"], r["group"]): r for r in runs if r["kind"] == "kernel"}
@@ -77,6 +80,7 @@ def main():
             "mb_s": statistics.median(r["mb_s"] for r in mine),
             "lat_mean_us": statistics.median(r["lat_mean_us"] for r in mine),
             "lat_p99_us": statistics.median(r["lat_p99_us"] for r in mine),
+            "cpu_pct": median_known(r["cpu_pct"] for r in mine),
             "ratio_iops": None, "ratio_min": None, "ratio_max": None, "kernel_config": None,
             "per_round": [{"round": int(r["round"]), "iops": r["iops"], "mb_s": r["mb_s"],
                            "lat_mean_us": r["lat_mean_us"], "lat_p99_us": r["lat_p99_us"]} for r in mine],
@@ -95,7 +99,7 @@ def main():
         rows.append(row)
 
     os.makedirs(out, exist_ok=True)
-    fields = ["workload", "group", "config", "kind", "rounds", "iops", "mb_s", "lat_mean_us", "lat_p99_us",
+    fields = ["workload", "group", "config", "kind", "rounds", "iops", "mb_s", "lat_mean_us", "lat_p99_us", "cpu_pct",
               "ratio_iops", "ratio_min", "ratio_max", "kernel_config"]
     with open(os.path.join(out, "latest.csv"), "w", newline="") as f:
         f.write(f"# date={meta['date']} kernel={meta['kernel']} cpu={meta['machine']['cpu_model']!r} "
@@ -117,6 +121,20 @@ def main():
     print(table)
 
 
+def load_cpu(path):
+    """% of all CPUs busy during a run, from the run's "busy total" jiffies; None if not recorded."""
+    try:
+        busy, total = (int(x) for x in open(path).read().split())
+    except (OSError, ValueError):
+        return None
+    return 100.0 * busy / total if total > 0 else None
+
+
+def median_known(values):
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 def fmt(v, digits=0):
     if v is None:
         return ""
@@ -133,8 +151,8 @@ def markdown(rows, meta):
         + f"; {meta['rounds']} rounds of {meta['runtime_s']} s (+{meta['ramp_s']} s ramp), medians"
         + (f"; commit {meta['commit']}" if meta.get("commit") else "") + ".",
         "",
-        "| workload | config | IOPS | MB/s | mean lat (us) | p99 lat (us) | ours/kernel IOPS |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| workload | config | IOPS | MB/s | mean lat (us) | p99 lat (us) | CPU busy (%) | ours/kernel IOPS |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         ratio = ""
@@ -143,12 +161,13 @@ def markdown(rows, meta):
             if r["workload"] in TARGETS and r["config"] == TARGET_CONFIG:
                 ratio += " ✅" if r["ratio_iops"] >= TARGETS[r["workload"]] else " ❌"
         lines.append(f"| {r['workload']} | {r['config']} | {fmt(r['iops'])} | {fmt(r['mb_s'], 1)} | "
-                     f"{fmt(r['lat_mean_us'], 1)} | {fmt(r['lat_p99_us'], 1)} | {ratio} |")
+                     f"{fmt(r['lat_mean_us'], 1)} | {fmt(r['lat_p99_us'], 1)} | {fmt(r['cpu_pct'])} | {ratio} |")
     lines.append("")
     lines.append(f"Ratios: median over rounds of ours/kernel IOPS, each run paired with the kernel device of its group "
                  f"(loop: kernel-loop-dio, loop-buffered: kernel-loop-buffered, null: kernel-null_blk) in the same "
                  f"round; ✅/❌: the targets for our defaults ({TARGET_CONFIG}) against the kernel loop: "
-                 + ", ".join(f"{w} >= {t}" for w, t in TARGETS.items()) + ".")
+                 + ", ".join(f"{w} >= {t}" for w, t in TARGETS.items()) + ". CPU busy: all vCPUs during "
+                 f"the run (100% = every CPU busy), fio, kernel and server together.")
     return "\n".join(lines) + "\n"
 
 

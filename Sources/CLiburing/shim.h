@@ -20,4 +20,20 @@
 #include <linux/io_uring.h>
 #include <liburing.h>
 
+// The SQ ring's flags word, which the kernel changes at any time (IORING_SQ_TASKRUN):
+// loaded afresh on every call, as liburing loads it, so a polling loop sees the change.
+static inline unsigned cliburing_sq_flags(const struct io_uring *ring) {
+    return IO_URING_READ_ONCE(*ring->sq.kflags);
+}
+
+// Tells the CPU that the caller is spinning (x86 PAUSE, arm64 YIELD): the core gives
+// way to its sibling thread and does not flood the memory system with loads.
+static inline void cliburing_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#endif
+}
+
 #endif

@@ -20,6 +20,9 @@ public struct QueueConfiguration: Sendable {
     /// The device has UBLK_F_BATCH_IO: requests come and go in batches (`UblkBatchCommands`)
     /// rather than by one command per tag (`UblkCommands`).
     public var batchedCommands = false
+    /// Busy polling: after each turn the queue thread spins this long for the next
+    /// completion before it sleeps in the kernel (`--poll-us`); 0 never spins.
+    public var pollMicroseconds = 0
 
     public init(queueID: UInt16, depth: Int, buffers: TagBufferMode, limits: DeviceLimits,
                 encoding: OpcodeEncoding, cpuMask: [UInt8]? = nil) {
@@ -190,12 +193,20 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// Commits are linked behind a request's last backing operation (`RequestStep.finishing`)
     /// only where the kernel copies a linked command's SQE at submission.
     @usableFromInline let linksCommits = IORing.copiesLinkedCommands
+    /// How long a turn spins for a completion before it sleeps (`QueueConfiguration.pollMicroseconds`).
+    @usableFromInline @exclusivity(unchecked) var poll: BusyPoll
+    /// Per tag: its request is in the queue's hands (arrived, not yet committed, no commit
+    /// linked behind its I/O); `busyTags` counts them. Turns spin only while there is at
+    /// most one: with more in flight the wait is short anyway, and a sleep gathers their
+    /// completions into one turn.
+    @usableFromInline let tagBusy: UnsafeMutableBufferPointer<Bool>
+    @usableFromInline @exclusivity(unchecked) var busyTags = 0
     public let depth: Int
 
     /// A queue on `ring` (its fixed files already registered: 0 is /dev/ublkcN, then the target's).
     public init(ring: consuming IORing, source: Source, handler: Handler, queueID: UInt16, depth: Int,
                 buffers mode: TagBufferMode, limits: DeviceLimits, capacity: DeviceCapacity? = nil,
-                logger: Logger) throws(SystemError) {
+                pollMicroseconds: Int = 0, logger: Logger) throws(SystemError) {
         let bytesPerTag = mode.bytesPerTag
         buffers = try AlignedBuffer(count: depth * bytesPerTag)
         requests = .allocate(capacity: depth)
@@ -210,6 +221,8 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         registeredByQueue.initialize(repeating: false)
         resultAfterUnregister = .allocate(capacity: depth)
         resultAfterUnregister.initialize(repeating: 0)
+        tagBusy = .allocate(capacity: depth)
+        tagBusy.initialize(repeating: false)
         self.ring = ring
         self.source = source
         self.handler = handler
@@ -218,6 +231,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         self.depth = depth
         self.limits = limits
         self.capacity = capacity
+        poll = BusyPoll(microseconds: pollMicroseconds)
         self.logger = logger
         live = source.commandsAtStart(depth: depth)
         finishedStorage = .allocate(capacity: depth)
@@ -229,6 +243,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         requests.deallocate()
         registeredByQueue.deallocate()
         resultAfterUnregister.deallocate()
+        tagBusy.deallocate()
         finishedStorage.deallocate()
     }
 
@@ -253,15 +268,30 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     }
 
     /// One turn of the loop: one `io_uring_enter` that submits what is queued and waits
-    /// for a completion, then every ready completion, reaped in batches. Always inlined
+    /// for a completion (spinning for it first, with busy polling), then every ready
+    /// completion, reaped in batches. Always inlined
     /// into the loop that repeats it (`run`, the offline queue's `reap`): at queue depth 1
     /// there are one or two turns per request (two where commits are not linked), and a call
     /// per turn costs its prologue and spills.
     @inlinable @inline(__always)
     public func turn() throws(SystemError) {
         let answeredDuring = try source.flush(ring.handle)
-        try ring.handle.submit(waitingFor: 1 + answeredDuring)
+        if poll.nanoseconds > 0 {
+            try submitPolling(waitingFor: 1 + answeredDuring)
+        } else {
+            try ring.handle.submit(waitingFor: 1 + answeredDuring)
+        }
         try reapReady()
+    }
+
+    /// The submission of a turn with busy polling, out of line: it keeps the turn loop
+    /// small enough for the optimiser to inline the reaping into it. Spins only for a
+    /// request alone in the queue's hands (`busyTags`), and as the back-off allows.
+    @usableFromInline
+    func submitPolling(waitingFor count: UInt32) throws(SystemError) {
+        let window = busyTags <= 1 ? poll.window() : 0
+        let found = try ring.handle.submit(waitingFor: count, spinningFor: window)
+        if window > 0 { poll.spun(found: found) }
     }
 
     /// Handles every completion that is ready, without waiting.
@@ -312,7 +342,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         for index in 0..<finished.count {
             let (tag, value) = finished.storage[index]
             if value < 0 { logFailure(tag: Int(tag), result: value) }
-            try source.commit(requests[Int(tag)], result: value, step: CommandStep.fetch, ring.handle)
+            try commit(tag: Int(tag), result: value)
         }
         try outcome.get()
     }
@@ -334,12 +364,13 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// command completion of the turn loop (and the offline queue's `start`).
     @inlinable @inline(__always)
     public func arrived(tag: Int) throws(SystemError) {
+        setBusy(tag, true)
         var limits = self.limits
         if let capacity { limits.sectors = capacity.sectors }
         switch IODescriptor(raw: source.descriptor(tag: tag)).validated(for: limits) {
         case .failure(let error):
             logRefusal(tag: tag, error)
-            try source.commit(requests[tag], result: -error.errno, step: CommandStep.fetch, ring.handle)
+            try commit(tag: tag, result: -error.errno)
         case .success(let descriptor):
             requests[tag].descriptor = descriptor
             if descriptor.flags.contains(.needsBufferRegistration) {
@@ -357,7 +388,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         if commandStep == CommandStep.registered {
             if result < 0 {
                 logger.error("queue \(queueID) tag \(tag): REGISTER_IO_BUF failed: \(SystemError("", errno: result).reason)")
-                return try source.commit(requests[tag], result: result, step: CommandStep.fetch, ring.handle)
+                return try commit(tag: tag, result: result)
             }
             registeredByQueue[tag] = true
             return try step(tag: tag, backingResult: nil)
@@ -365,7 +396,23 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         if result < 0 {
             logger.error("queue \(queueID) tag \(tag): UNREGISTER_IO_BUF failed: \(SystemError("", errno: result).reason)")
         }
-        try source.commit(requests[tag], result: resultAfterUnregister[tag], step: CommandStep.fetch, ring.handle)
+        try commit(tag: tag, result: resultAfterUnregister[tag])
+    }
+
+    /// Sends the commit of `tag`'s request, which leaves the queue's hands.
+    @inlinable @inline(__always)
+    func commit(tag: Int, result: Int32) throws(SystemError) {
+        setBusy(tag, false)
+        try source.commit(requests[tag], result: result, step: CommandStep.fetch, ring.handle)
+    }
+
+    /// Marks `tag`'s request as in the queue's hands or not, keeping `busyTags` the count
+    /// (only with busy polling, its one reader).
+    @inlinable @inline(__always)
+    func setBusy(_ tag: Int, _ busy: Bool) {
+        guard poll.nanoseconds > 0, tagBusy[tag] != busy else { return }
+        tagBusy[tag] = busy
+        busyTags += busy ? 1 : -1
     }
 
     /// Completes the tag's request: a commit, after unregistering pages the queue registered itself.
@@ -376,7 +423,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
             resultAfterUnregister[tag] = result
             return try source.unregisterBuffer(requests[tag], ring.handle)
         }
-        try source.commit(requests[tag], result: result, step: CommandStep.fetch, ring.handle)
+        try commit(tag: tag, result: result)
     }
 
     /// Runs one step of the tag's request: its start (`backingResult` nil) or the
@@ -399,7 +446,8 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         case .success(.finishing(let expected)):
             // Pages the queue registered itself go back before the commit: no link then.
             guard linksCommits, !registeredByQueue[tag] else { return }
-            _ = try source.linkCommit(requests[tag], result: expected, ring.handle)
+            // The rest is the kernel's: the link commits when the operation completes.
+            if try source.linkCommit(requests[tag], result: expected, ring.handle) { setBusy(tag, false) }
             return
         case .success(.done(let value)): result = value
         case .failure(let error):
@@ -436,10 +484,13 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
 extension Queue {
     /// A queue's ring, with fixed file 0 (/dev/ublkcN, or a stand-in) and then the target's
     /// files; with zero copy, an empty buffer table with a slot per tag.
+    /// With `polling`, the ring flags task work for a thread that busy-polls.
     public static func ring<T: Target>(depth: Int, firstFile: Int32, target: T,
-                                       buffers: TagBufferMode = .copy(bytesPerTag: 0)) throws(SystemError) -> IORing {
+                                       buffers: TagBufferMode = .copy(bytesPerTag: 0),
+                                       polling: Bool = false) throws(SystemError) -> IORing {
         // Two SQEs per request: a backing operation and the commit linked behind it.
-        let ring = try IORing(entries: UInt32(2 * depth), preferredFlags: IORing.singleThreadFlags)
+        let ring = try IORing(entries: UInt32(2 * depth),
+                              preferredFlags: polling ? IORing.pollingFlags : IORing.singleThreadFlags)
         try ring.registerFiles([firstFile] + target.fixedFiles)
         if case .autoRegister = buffers { try ring.registerSparseBuffers(depth) }
         return ring
@@ -452,11 +503,13 @@ extension Queue where Source: DriverCommandSource {
     public convenience init<T: Target>(_ configuration: QueueConfiguration, characterDevice: Int32, target: T,
                                        logger: Logger) throws where T.Handler == Handler {
         let depth = configuration.depth
-        var ring = try Self.ring(depth: depth, firstFile: characterDevice, target: target, buffers: configuration.buffers)
+        var ring = try Self.ring(depth: depth, firstFile: characterDevice, target: target, buffers: configuration.buffers,
+                                 polling: configuration.pollMicroseconds > 0)
         let source = try Source(configuration, characterDevice: characterDevice, ring: &ring, logger: logger)
         try self.init(ring: ring, source: source,
                       handler: try target.makeQueueHandler(queueID: Int(configuration.queueID), depth: depth),
                       queueID: configuration.queueID, depth: depth, buffers: configuration.buffers,
-                      limits: configuration.limits, capacity: configuration.capacity, logger: logger)
+                      limits: configuration.limits, capacity: configuration.capacity,
+                      pollMicroseconds: configuration.pollMicroseconds, logger: logger)
     }
 }

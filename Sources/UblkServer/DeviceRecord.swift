@@ -19,9 +19,12 @@ public struct DeviceRecord: Codable, Sendable, Equatable {
     /// O_DIRECT on the backing as the server got it: "on", "off", or "-" without a backing.
     public var directIO: String
     public var recovery: Bool
+    /// The queues' busy-polling window (`--poll-us`), which a recovering server keeps;
+    /// nil in records of servers from before busy polling.
+    public var pollMicroseconds: Int?
 
     public init(id: UInt32, pid: Int32, name: String?, spec: TargetSpec, size: UInt64, queues: Int, depth: Int,
-                directIO: String, recovery: Bool) {
+                directIO: String, recovery: Bool, pollMicroseconds: Int? = nil) {
         self.id = id
         self.pid = pid
         self.name = name
@@ -31,6 +34,7 @@ public struct DeviceRecord: Codable, Sendable, Equatable {
         self.depth = depth
         self.directIO = directIO
         self.recovery = recovery
+        self.pollMicroseconds = pollMicroseconds
     }
 }
 

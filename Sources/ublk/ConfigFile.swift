@@ -4,6 +4,7 @@ import UblkSystem
 /// A device config file: one `ublk add` option per line, `key = value`, with `#`
 /// comments. Keys are the long option names (`file`, `queues`, `depth`, `direct-io`,
 /// `read-only`, `block-size`, `offset`, `size`, `id`, `target`, `recovery`, `zero-copy`, `batch-io`,
+/// `poll-us`,
 /// for an NBD export `uri`, `reconnect-timeout`, and for an encrypted device `encryption`,
 /// `key-file` (a path), `key-size`, `skip`, `cipher-threads`); flags take yes/no, `recovery` yes, reissue,
 /// fail-io or no. The file is turned into `ublk add` arguments and parsed by the same code
@@ -23,7 +24,7 @@ enum ConfigFile {
     /// `recovery = yes|reissue|fail-io|no` (yes is reissue, as before fail-io existed).
     static let recoveryValues = ["yes": "reissue", "reissue": "reissue", "fail-io": "fail-io", "no": nil, "off": nil] as [String: String?]
     static let options: Set<String> = ["file", "target", "id", "queues", "depth", "direct-io", "block-size", "offset", "size",
-                                       "zero-copy", "batch-io", "encryption", "key-file", "key-size", "skip", "cipher-threads", "uri", "reconnect-timeout"]
+                                       "zero-copy", "batch-io", "poll-us", "encryption", "key-file", "key-size", "skip", "cipher-threads", "uri", "reconnect-timeout"]
 
     /// The `ublk add` arguments the file at `path` stands for.
     static func arguments(path: String) throws -> [String] {

@@ -19,6 +19,8 @@ struct DeviceRow: Codable {
     var dataPath: String
     /// "batched" (UBLK_F_BATCH_IO: requests come and go many per command) or "per-request".
     var commands: String
+    /// The queues' busy-polling window in microseconds (`--poll-us`; 0: they sleep at once).
+    var pollMicroseconds: Int?
     var pid: Int32
     var serverAlive: Bool
     var readOnly: Bool
@@ -62,7 +64,8 @@ enum DeviceLifecycle {
                 size: (parameters?.sectors ?? 0) << 9, queues: Int(info.queueCount), depth: Int(info.queueDepth),
                 directIO: record?.directIO ?? "?",
                 dataPath: info.flags.contains(.autoBufferRegistration) ? "zero-copy" : "copy",
-                commands: info.flags.contains(.batchIO) ? "batched" : "per-request", pid: pid, serverAlive: alive,
+                commands: info.flags.contains(.batchIO) ? "batched" : "per-request",
+                pollMicroseconds: record?.pollMicroseconds, pid: pid, serverAlive: alive,
                 readOnly: parameters?.readOnly ?? false, blockSize: parameters?.logicalBlockSize ?? 512,
                 name: record?.name, encryption: record?.spec.encryption))
         }
@@ -84,6 +87,7 @@ enum DeviceLifecycle {
         var options = ServerOptions(id: id, queues: record.queues, depth: record.depth)
         options.recovery = .reissue // the device keeps the policy it was added with
         options.name = record.name
+        if let poll = record.pollMicroseconds { options.pollMicroseconds = poll }
         return (try record.spec.makeTarget(key: try recoveryKey(record, key)), options)
     }
 

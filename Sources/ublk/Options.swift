@@ -105,6 +105,9 @@ struct DeviceOptions: ParsableArguments {
     @Option(name: .customLong("batch-io"), help: "Requests arrive and are committed in batches, not one command each (UBLK_F_BATCH_IO): auto (where the kernel has it, unless --recovery or --depth 1), on (or fail; such a device cannot be upgraded in place), off.")
     var batchIO: FeatureMode = .auto
 
+    @Option(name: .customLong("poll-us"), help: "Busy polling: each queue thread spins up to N microseconds for the next request or completion before it sleeps, 0 to 1000000 (0: never; default 2000, 0 for an encrypted device with cipher threads). Costs a CPU while requests keep coming.")
+    var pollMicroseconds: Int?
+
     init() {}
 
     var kind: TargetKind { target ?? (uri != nil ? .nbd : .loop) }
@@ -113,6 +116,9 @@ struct DeviceOptions: ParsableArguments {
     func check() throws {
         if !(1...4096).contains(depth) {
             throw ValidationError("--depth \(depth) is out of range: give 1 to 4096")
+        }
+        if let pollMicroseconds, !(0...1_000_000).contains(pollMicroseconds) {
+            throw ValidationError("--poll-us \(pollMicroseconds) is out of range: give 0 (no polling) to 1000000 microseconds")
         }
         if let queues, queues < 1 || queues > 4096 {
             throw ValidationError("--queues \(queues) is out of range: give 1 or more (one per CPU is plenty)")
@@ -229,6 +235,10 @@ struct DeviceOptions: ParsableArguments {
         options.recovery = recovery
         options.zeroCopy = zeroCopy
         options.batchIO = batchIO
+        // Cipher threads (the default where there is a CPU for one) do the encrypting target's work.
+        let workerThreads = encryption != nil && cipherThreads != 0
+        options.pollMicroseconds = pollMicroseconds
+            ?? ServerOptions.defaultPollMicroseconds(targetHasWorkerThreads: workerThreads)
         return options
     }
 }

@@ -20,7 +20,8 @@ import UblkTargets
         loop.size = 64 << 20
         loop.logicalBlockSize = 4096
         let records = [
-            DeviceRecord(id: 3, pid: 42, name: "data", spec: .loop(loop), size: 1 << 30, queues: 2, depth: 64, directIO: "on", recovery: true),
+            DeviceRecord(id: 3, pid: 42, name: "data", spec: .loop(loop), size: 1 << 30, queues: 2, depth: 64, directIO: "on", recovery: true,
+                         pollMicroseconds: 1000),
             DeviceRecord(id: 4, pid: 43, name: nil, spec: .null(NullConfiguration(size: 1 << 30, logicalBlockSize: 512)), size: 1 << 30,
                          queues: 1, depth: 128, directIO: "-", recovery: false),
         ]

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Testing
+import UblkServer
 import UblkTargets
 @testable import ublk
 
@@ -60,7 +61,7 @@ import UblkTargets
         func message(_ text: String) -> String {
             do { _ = try ConfigFile.arguments(text: text, path: "x.conf"); return "accepted" } catch { return "\(error)" }
         }
-        #expect(message("file = /a\nqueus = 2") == "x.conf:2: unknown key `queus`: use one of batch-io, block-size, cipher-threads, depth, direct-io, encryption, file, id, key-file, key-size, offset, queues, read-only, reconnect-timeout, recovery, size, skip, target, uri, zero-copy")
+        #expect(message("file = /a\nqueus = 2") == "x.conf:2: unknown key `queus`: use one of batch-io, block-size, cipher-threads, depth, direct-io, encryption, file, id, key-file, key-size, offset, poll-us, queues, read-only, reconnect-timeout, recovery, size, skip, target, uri, zero-copy")
         #expect(message("read-only = maybe").hasPrefix("x.conf:1: read-only takes yes or no"))
         #expect(message("file /a").hasPrefix("x.conf:1: expected `key = value`"))
         #expect(message("key-file = -").hasPrefix("x.conf:1: key-file = - reads standard input"))
@@ -119,6 +120,24 @@ import UblkTargets
         #expect(message(["--target", "null"]).contains("give --size"))
         #expect(message(["--target", "null", "--size", "1000"]).contains("not a positive multiple"))
         #expect(message(["--file", "a", "--queues", "2", "--depth", "64"]) == "accepted")
+        #expect(message(["--file", "a", "--poll-us=-1"]).contains("give 0 (no polling) to 1000000"))
+        #expect(message(["--file", "a", "--poll-us", "1000001"]).contains("give 0 (no polling) to 1000000"))
+        #expect(message(["--file", "a", "--poll-us", "0"]) == "accepted")
+    }
+
+    /// Busy polling by default, except where cipher threads need the CPU a spin would take;
+    /// `--poll-us` (or `poll-us` in a config file) always wins.
+    @Test func busyPollingDefaultsByTarget() throws {
+        func window(_ arguments: [String]) throws -> Int { try DeviceOptions.parse(arguments).serverOptions.pollMicroseconds }
+        let standard = ServerOptions.defaultPollMicroseconds(targetHasWorkerThreads: false)
+        #expect(standard > 0)
+        #expect(try window(["--file", "a"]) == standard)
+        #expect(try window(["--target", "null", "--size", "1G"]) == standard)
+        #expect(try window(["--file", "a", "--encryption", "aes-xts-plain64", "--key-file", "k"]) == 0)
+        #expect(try window(["--file", "a", "--encryption", "aes-xts-plain64", "--key-file", "k", "--cipher-threads", "0"]) == standard)
+        #expect(try window(["--file", "a", "--poll-us", "0"]) == 0)
+        #expect(try window(["--file", "a", "--encryption", "aes-xts-plain64", "--key-file", "k", "--poll-us", "500"]) == 500)
+        #expect(try ConfigFile.arguments(text: "poll-us = 50", path: "p.conf") == ["--poll-us", "50"])
     }
 
     @Test func nbdOptionsMakeAnNBDSpec() throws {
