@@ -20,8 +20,8 @@ public struct QueueConfiguration: Sendable {
     /// The device has UBLK_F_BATCH_IO: requests come and go in batches (`UblkBatchCommands`)
     /// rather than by one command per tag (`UblkCommands`).
     public var batchedCommands = false
-    /// Busy polling: after each turn the queue thread spins this long for the next
-    /// completion before it sleeps in the kernel (`--poll-us`); 0 never spins.
+    /// Busy polling: while at most one request is in its hands, the queue thread spins this
+    /// long for the next completion before it sleeps in the kernel (`--poll-us`); 0 never spins.
     public var pollMicroseconds = 0
 
     public init(queueID: UInt16, depth: Int, buffers: TagBufferMode, limits: DeviceLimits,
@@ -269,10 +269,9 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
 
     /// One turn of the loop: one `io_uring_enter` that submits what is queued and waits
     /// for a completion (spinning for it first, with busy polling), then every ready
-    /// completion, reaped in batches. Always inlined
-    /// into the loop that repeats it (`run`, the offline queue's `reap`): at queue depth 1
-    /// there are one or two turns per request (two where commits are not linked), and a call
-    /// per turn costs its prologue and spills.
+    /// completion, reaped in batches. Always inlined into the loop that repeats it (`run`,
+    /// the offline queue's `reap`): at queue depth 1 there are one or two turns per request
+    /// (two where commits are not linked), and a call per turn costs its prologue and spills.
     @inlinable @inline(__always)
     public func turn() throws(SystemError) {
         let answeredDuring = try source.flush(ring.handle)
