@@ -282,7 +282,7 @@ extension IORing {
         /// so a spin costs no system call while nothing happens.
         @usableFromInline
         func spin(untilReady count: UInt32, nanoseconds: Int) throws(SystemError) -> Bool {
-            let deadline = IORing.monotonicNanoseconds() &+ nanoseconds
+            let deadline = ContinuousClock.now + .nanoseconds(nanoseconds)
             var polls = 0
             while io_uring_cq_ready(ring) < count {
                 if cliburing_sq_flags(ring) & IORING_SQ_TASKRUN != 0 {
@@ -294,7 +294,7 @@ extension IORing {
                 }
                 polls &+= 1
                 // The clock is read every 16 polls: a read costs more than a poll.
-                if polls & 15 == 0 && IORing.monotonicNanoseconds() >= deadline { return false }
+                if polls & 15 == 0 && ContinuousClock.now >= deadline { return false }
                 cliburing_cpu_relax()
             }
             return true
@@ -337,13 +337,6 @@ extension IORing {
                 if count < IORing.reapBatch { return total }
             }
         }
-    }
-
-    /// CLOCK_MONOTONIC in nanoseconds (a vDSO read, no system call).
-    static func monotonicNanoseconds() -> Int {
-        var now = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &now)
-        return now.tv_sec * 1_000_000_000 + now.tv_nsec
     }
 
     /// IORING_URING_CMD_MULTISHOT (Linux 6.18's io_uring.h; Debian 12's headers lack it).

@@ -28,6 +28,9 @@ public struct EncryptionConfiguration: Sendable, Equatable, Codable {
 
     public init() {}
 
+    /// The cipher worker threads a queue gets: `cipherThreads`, or the default for this machine.
+    public var workerThreads: Int { cipherThreads ?? CipherWorkers.defaultCount }
+
     /// The most cipher threads a queue may have.
     public static let maximumCipherThreads = 64
 
@@ -106,7 +109,7 @@ final class QueueEncryption {
     init(key: EncryptionKey, configuration: EncryptionConfiguration, sectorSize: Int, depth: Int,
          chunk: Int = QueueEncryption.defaultChunk) throws {
         cipher = try XTSCipher(key: key.key, unitSize: sectorSize)
-        let count = configuration.cipherThreads ?? CipherWorkers.defaultCount
+        let count = configuration.workerThreads
         workers = count > 0 ? try CipherWorkers(count: count, depth: depth, key: key, unitSize: sectorSize) : nil
         self.chunk = chunk
         skip = configuration.skip

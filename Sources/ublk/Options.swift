@@ -105,7 +105,7 @@ struct DeviceOptions: ParsableArguments {
     @Option(name: .customLong("batch-io"), help: "Requests arrive and are committed in batches, not one command each (UBLK_F_BATCH_IO): auto (where the kernel has it, unless --recovery or --depth 1), on (or fail; such a device cannot be upgraded in place), off.")
     var batchIO: FeatureMode = .auto
 
-    @Option(name: .customLong("poll-us"), help: "Busy polling: each queue thread spins up to N microseconds for the next request or completion before it sleeps, 0 to 1000000 (0: never; default 2000, 0 for an encrypted device with cipher threads). Costs a CPU while requests keep coming.")
+    @Option(name: .customLong("poll-us"), help: "Busy polling: while at most one request is in flight in its queue, a queue thread spins up to N microseconds for the next request or completion before it sleeps, 0 to 1000000 (0: never; default 2000, 0 for an encrypted device with cipher threads). Costs a CPU while requests keep coming.")
     var pollMicroseconds: Int?
 
     init() {}
@@ -235,10 +235,10 @@ struct DeviceOptions: ParsableArguments {
         options.recovery = recovery
         options.zeroCopy = zeroCopy
         options.batchIO = batchIO
-        // Cipher threads (the default where there is a CPU for one) do the encrypting target's work.
-        let workerThreads = encryption != nil && cipherThreads != 0
-        options.pollMicroseconds = pollMicroseconds
-            ?? ServerOptions.defaultPollMicroseconds(targetHasWorkerThreads: workerThreads)
+        var cipher = EncryptionConfiguration()
+        cipher.cipherThreads = cipherThreads
+        options.pollMicroseconds = pollMicroseconds ?? ServerOptions.defaultPollMicroseconds(
+            targetHasWorkerThreads: encryption != nil && cipher.workerThreads > 0)
         return options
     }
 }

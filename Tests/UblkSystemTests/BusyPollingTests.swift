@@ -6,8 +6,6 @@ import Testing
 /// `IORing.Handle.submit(waitingFor:spinningFor:)`: a spin finds completions that are
 /// ready or that wait as deferred task work, and gives up (then sleeps) after its window.
 @Suite struct BusyPollingTests {
-    static func milliseconds(since start: Int) -> Int { (IORing.monotonicNanoseconds() - start) / 1_000_000 }
-
     @Test func aSpinFindsACompletionPostedDuringTheSubmit() throws {
         let ring = try IORing(entries: 4, preferredFlags: IORing.pollingFlags)
         try ring.handle.prepareNop(userData: 7)
@@ -23,9 +21,9 @@ import Testing
         let ring = try IORing(entries: 4, preferredFlags: IORing.pollingFlags)
         var timeout = __kernel_timespec(tv_sec: 0, tv_nsec: 20_000_000)
         io_uring_prep_timeout(try ring.handle.prepare(userData: 9, zeroed: false), &timeout, 0, 0)
-        let start = IORing.monotonicNanoseconds()
+        let start = ContinuousClock.now
         #expect(try ring.handle.submit(waitingFor: 1, spinningFor: 2_000_000) == false)
-        #expect(Self.milliseconds(since: start) >= 19)
+        #expect(start.duration(to: .now) >= .milliseconds(19))
         var results: [Int32] = []
         ring.handle.reap { _, result in results.append(result) }
         #expect(results == [-ETIME])
@@ -45,9 +43,9 @@ import Testing
             _ = try? other.handle.submit(waitingFor: 0)
         }
         defer { sender.join() }
-        let start = IORing.monotonicNanoseconds()
+        let start = ContinuousClock.now
         #expect(try ring.handle.submit(waitingFor: 1, spinningFor: 5_000_000_000))
-        #expect(Self.milliseconds(since: start) < 4000)
+        #expect(start.duration(to: .now) < .seconds(4))
         var seen: [(UInt64, Int32)] = []
         ring.handle.reap { seen.append(($0, $1)) }
         #expect(seen.count == 1 && seen.first?.0 == 11 && seen.first?.1 == 5)
