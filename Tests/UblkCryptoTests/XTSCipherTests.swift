@@ -123,6 +123,53 @@ import Testing
         }
     }
 
+    /// The cipher calls OpenSSL's AES-XTS provider functions directly; the result must be
+    /// what the EVP layer (`EVP_CipherInit_ex` + `EVP_CipherUpdate` per unit, dm-crypt's
+    /// plain64 IV) makes of the same random data, both ways, for both key and unit sizes.
+    @Test(arguments: [(256, 512), (512, 512), (256, 4096), (512, 4096)])
+    func matchesOpenSSLsEVPLayer(bits: Int, unitSize: Int) throws {
+        let size = try XTSKeySize(bits: bits)
+        let key = try files.key(size == .bits512 ? XTSVectors.key10 : XTSVectors.key4, size: size)
+        var cipher = try XTSCipher(key: key, unitSize: unitSize)
+        var generator = SystemRandomNumberGenerator()
+        let plaintext = (0..<8 * unitSize).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        let sector = UInt64.random(in: 0...(1 << 40), using: &generator)
+        var ours = [UInt8](repeating: 0, count: plaintext.count)
+        try plaintext.withUnsafeBytes { source in
+            try ours.withUnsafeMutableBytes {
+                try cipher.encrypt(source.baseAddress!, into: $0.baseAddress!, count: $0.count, sector: sector)
+            }
+        }
+        let keyBytes = Array(key.bytes)
+        let evp = try Self.evp(encrypting: true, plaintext, key: keyBytes, unitSize: unitSize, sector: sector)
+        #expect(ours == evp)
+        #expect(try Self.evp(encrypting: false, evp, key: keyBytes, unitSize: unitSize, sector: sector) == plaintext)
+        try ours.withUnsafeMutableBytes { try cipher.decrypt($0.baseAddress!, count: $0.count, sector: sector) }
+        #expect(ours == plaintext)
+    }
+
+    /// dm-crypt plain64 AES-XTS through OpenSSL's EVP layer, one init and update per unit.
+    static func evp(encrypting: Bool, _ input: [UInt8], key: [UInt8], unitSize: Int, sector: UInt64) throws -> [UInt8] {
+        let context = try #require(EVP_CIPHER_CTX_new())
+        defer { EVP_CIPHER_CTX_free(context) }
+        let cipher = key.count == 64 ? EVP_aes_256_xts() : EVP_aes_128_xts()
+        try #require(EVP_CipherInit_ex(context, cipher, nil, key, nil, encrypting ? 1 : 0) == 1)
+        var output = [UInt8](repeating: 0, count: input.count)
+        for unit in 0..<input.count / unitSize {
+            var iv = [UInt8](repeating: 0, count: 16)
+            withUnsafeBytes(of: (sector + UInt64(unit * unitSize / 512)).littleEndian) { iv.replaceSubrange(0..<8, with: $0) }
+            try #require(EVP_CipherInit_ex(context, nil, nil, nil, iv, encrypting ? 1 : 0) == 1)
+            var written: Int32 = 0
+            let range = unit * unitSize..<(unit + 1) * unitSize
+            let updated = output.withUnsafeMutableBufferPointer { out in
+                input.withUnsafeBufferPointer { EVP_CipherUpdate(context, out.baseAddress! + range.lowerBound, &written,
+                                                                 $0.baseAddress! + range.lowerBound, Int32(unitSize)) }
+            }
+            try #require(updated == 1 && written == Int32(unitSize))
+        }
+        return output
+    }
+
     /// The wrong sector does not decrypt: the tweak really is the sector.
     @Test func wrongSectorDoesNotDecrypt() throws {
         let key = try files.key(XTSVectors.key10, size: .bits512)
