@@ -85,10 +85,10 @@ public protocol CommandSource: AnyObject {
     /// command's SQE at submission). False, changing nothing, leaves the request to that
     /// operation's completion, as after `.submitted`.
     func linkCommit(_ request: IORequest, result: Int32, _ ring: IORing.Handle) throws(SystemError) -> Bool
-    /// A backing operation of `tag` completed: nil unless `linkCommit` put a commit behind it
-    /// whose completion the queue does not see; else how many commands the kernel holds
-    /// more (+) or fewer (-) now. Nil also when that link broke: the request goes on.
-    func linkedHeadCompleted(tag: Int, result: Int32) -> Int?
+    /// A backing operation of `tag` completed, and the request goes on. (Behind a linked
+    /// commit, one completes visibly only when it failed or ended short: the commit was
+    /// cancelled.)
+    func backingCompleted(tag: Int)
     /// How many of the source's commands the kernel must end before the queue may stop:
     /// every tag's fetch, or (batched) the one multishot fetch.
     func commandsAtStart(depth: Int) -> Int
@@ -148,7 +148,7 @@ extension CommandSource {
         return true
     }
 
-    @inlinable public func linkedHeadCompleted(tag: Int, result: Int32) -> Int? { nil }
+    @inlinable public func backingCompleted(tag: Int) {}
 
     // One command per request, sent as it is prepared: nothing gathered, no batch steps.
     @inlinable public func commandsAtStart(depth: Int) -> Int { depth }
@@ -318,7 +318,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         case .command where tag < depth:
             try bufferCommandCompleted(tag: tag, step: userData.step, result: result)
         case .target where tag < depth:
-            if let change = source.linkedHeadCompleted(tag: tag, result: result) { live += change; return }
+            source.backingCompleted(tag: tag)
             try step(tag: tag, backingResult: result)
         case .queue:
             try queueOperationCompleted(step: userData.step, result: result)

@@ -222,20 +222,18 @@ extension IORing {
 
         /// Links the SQE prepared last to the one prepared next, in the same submission
         /// (IOSQE_IO_LINK: the next starts only once this one completed with its full
-        /// result), and with `skippingSuccess` skips this one's completion unless it fails
-        /// (IOSQE_CQE_SKIP_SUCCESS). A failure, or a short read or write, posts this one's
-        /// completion and cancels the next: without a completion of its own when this one
-        /// skips (the skip passes on to the link), else with -ECANCELED. Returns false,
+        /// result), and skips this one's completion unless it fails (IOSQE_CQE_SKIP_SUCCESS).
+        /// A failure, or a short read or write, posts this one's completion and cancels the
+        /// next, without a completion of its own (the skip passes on to the link). Returns false,
         /// changing nothing, when the submission queue has no slot left for that next SQE:
         /// a link may not be split across submissions (the SQE preparing it would submit).
         @inlinable @inline(__always)
-        public func linkLastPrepared(skippingSuccess: Bool = true) -> Bool {
+        public func linkLastPrepared() -> Bool {
             guard io_uring_sq_space_left(ring) > 0 else { return false }
             let sq = ring.pointee.sq
             let shift: UInt32 = ring.pointee.flags & IORING_SETUP_SQE128 != 0 ? 1 : 0
             let sqe = sq.sqes + Int(((sq.sqe_tail &- 1) & sq.ring_mask) << shift)
-            sqe.pointee.flags |= UInt8(1 << IOSQE_IO_LINK_BIT)
-            if skippingSuccess { sqe.pointee.flags |= UInt8(1 << IOSQE_CQE_SKIP_SUCCESS_BIT) }
+            sqe.pointee.flags |= UInt8(1 << IOSQE_IO_LINK_BIT | 1 << IOSQE_CQE_SKIP_SUCCESS_BIT)
             return true
         }
 
