@@ -5,6 +5,12 @@ import Testing
 @Suite struct XTSCipherTests {
     let files = KeyFiles()
 
+    /// The IEEE vectors' key of `bits`: vector 10's (AES-256) or vector 4's (AES-128).
+    func vectorKey(bits: Int) throws -> XTSKey {
+        let size = try XTSKeySize(bits: bits)
+        return try files.key(size == .bits512 ? XTSVectors.key10 : XTSVectors.key4, size: size)
+    }
+
     /// Encrypts `plaintext` at `sector`, checks the ciphertext, decrypts it in place and
     /// checks the plaintext comes back.
     func expectRoundTrip(key: borrowing XTSKey, unitSize: Int = 512, plaintext: [UInt8], sector: UInt64,
@@ -60,8 +66,7 @@ import Testing
          "08be147a11291a37afb319d9b0a2a7b4", "9e5f72319059220d4183d2816d2c3891"),
     ])
     func fourKiBUnitsMatchPython(bits: Int, sector: UInt64, sha256: String, unit0: String, unit1: String) throws {
-        let size = try XTSKeySize(bits: bits)
-        let key = try files.key(size == .bits512 ? XTSVectors.key10 : XTSVectors.key4, size: size)
+        let key = try vectorKey(bits: bits)
         var cipher = try XTSCipher(key: key, unitSize: 4096)
         let plaintext = XTSCipherTests.pattern(count: 8192)
         var buffer = [UInt8](repeating: 0, count: 8192)
@@ -104,8 +109,7 @@ import Testing
     /// one cipher (which needs the separate decryption context).
     @Test(arguments: [(256, 512), (512, 512), (256, 4096), (512, 4096)])
     func roundTrips(bits: Int, unitSize: Int) throws {
-        let size = try XTSKeySize(bits: bits)
-        let key = try files.key(size == .bits512 ? XTSVectors.key10 : XTSVectors.key4, size: size)
+        let key = try vectorKey(bits: bits)
         var cipher = try XTSCipher(key: key, unitSize: unitSize)
         var generator = SystemRandomNumberGenerator()
         for units in [1, 2, 7, 32] {
@@ -128,8 +132,7 @@ import Testing
     /// plain64 IV) makes of the same random data, both ways, for both key and unit sizes.
     @Test(arguments: [(256, 512), (512, 512), (256, 4096), (512, 4096)])
     func matchesOpenSSLsEVPLayer(bits: Int, unitSize: Int) throws {
-        let size = try XTSKeySize(bits: bits)
-        let key = try files.key(size == .bits512 ? XTSVectors.key10 : XTSVectors.key4, size: size)
+        let key = try vectorKey(bits: bits)
         var cipher = try XTSCipher(key: key, unitSize: unitSize)
         var generator = SystemRandomNumberGenerator()
         let plaintext = (0..<8 * unitSize).map { _ in UInt8.random(in: 0...255, using: &generator) }

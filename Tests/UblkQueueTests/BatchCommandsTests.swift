@@ -23,6 +23,15 @@ import UblkSystem
                   data: buffer.map { .buffer($0) } ?? .registered(index: tag, offset: 0))
     }
 
+    /// A zero-copy source whose PREP of every tag went out and was answered.
+    func prepared(depth: Int, ring: inout IORing) throws -> UblkBatchCommands {
+        let commands = try source(depth: depth, buffers: .autoRegister(fallback: false), ring: &ring)
+        for tag in 0..<depth { try commands.fetch(request(UInt16(tag), nil), ring.handle) }
+        _ = try commands.flush(ring.handle)
+        _ = try commands.batchCompleted(step: CommandStep.batchPrepare, tag: 0, result: 0, flags: 0, ring.handle) { _ in }
+        return commands
+    }
+
     func gathered(_ commands: UblkBatchCommands) -> [ublk_elem_header] {
         let base = commands.elements + commands.gathering * commands.depth * commands.elementBytes
         return (0..<commands.gathered).map {
@@ -57,10 +66,7 @@ import UblkSystem
     /// after it are gathered again, and the queue is told how many are settled.
     @Test func aPartialCommitSendsTheRestAgain() throws {
         var ring = try IORing(entries: 16)
-        let commands = try source(depth: 8, buffers: .autoRegister(fallback: false), ring: &ring)
-        for tag in 0..<8 { try commands.fetch(request(UInt16(tag), nil), ring.handle) }
-        _ = try commands.flush(ring.handle)
-        _ = try commands.batchCompleted(step: CommandStep.batchPrepare, tag: 0, result: 0, flags: 0, ring.handle) { _ in }
+        let commands = try prepared(depth: 8, ring: &ring)
         let array = commands.gathering
         for tag: UInt16 in [5, 1, 6, 3] { try commands.commit(request(tag, nil), result: 0, step: 0, ring.handle) }
         #expect(commands.elementBytes == 8 && gathered(commands).map(\.buf_index) == [5, 1, 6, 3])
@@ -92,14 +98,12 @@ import UblkSystem
     }
 
     /// Linked commits are not counted as settled until the queue learns they went: the tag
-    /// comes back in a FETCH (the new request takes the old one's place), or the fetch ends. A failed backing operation unlinks its request (it goes
-    /// on); a refused linked commit drops its request; a cancelled one changes nothing.
+    /// comes back in a FETCH (the new request takes the old one's place), or the fetch ends.
+    /// A failed backing operation unlinks its request (it goes on); a refused linked commit
+    /// drops its request; a cancelled one changes nothing.
     @Test func linkedCommitsAreSettledByTheNextFetchOrItsEnd() throws {
         var ring = try IORing(entries: 32)
-        let commands = try source(depth: 4, buffers: .autoRegister(fallback: false), ring: &ring)
-        for tag in 0..<4 { try commands.fetch(request(UInt16(tag), nil), ring.handle) }
-        _ = try commands.flush(ring.handle)
-        _ = try commands.batchCompleted(step: CommandStep.batchPrepare, tag: 0, result: 0, flags: 0, ring.handle) { _ in }
+        let commands = try prepared(depth: 4, ring: &ring)
         #expect(try deliver([0, 1, 2, 3], to: commands, ring.handle) == (4, [0, 1, 2, 3]))
         for tag: UInt16 in 0..<4 {
             try ring.handle.prepareNop(userData: 99)  // the backing operation
