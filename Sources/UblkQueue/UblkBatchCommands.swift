@@ -46,8 +46,6 @@ public final class UblkBatchCommands: DriverCommandSource {
     @usableFromInline @exclusivity(unchecked) var prepared = false
     /// The multishot fetch is armed: the kernel will post at least one more completion for it.
     @usableFromInline @exclusivity(unchecked) var fetchArmed = false
-    /// Tags with `linked` set.
-    @usableFromInline @exclusivity(unchecked) var linkedCommits = 0
 
     /// The provided-buffer group FETCH_IO_CMDS takes its tag buffers from.
     static let tagBufferGroup: UInt16 = 0
@@ -147,7 +145,6 @@ public final class UblkBatchCommands: DriverCommandSource {
         try prepare(commitOpcode, UserData(.command, tag: request.tag, step: CommandStep.batchLinkedCommit),
                     elements: element, count: 1, ring, skippingSuccess: true)
         linked[tag] = true
-        linkedCommits += 1
         return true
     }
 
@@ -155,10 +152,12 @@ public final class UblkBatchCommands: DriverCommandSource {
     /// short; the commit behind it was then cancelled, and the request goes on.
     @inlinable
     public func backingCompleted(tag: Int) {
-        guard linked[tag] else { return }
         linked[tag] = false
-        linkedCommits -= 1
     }
+
+    /// How many tags have a linked commit the queue has not accounted for; counted only when
+    /// the fetch ends, so no counter is kept beside `linked` on the request path.
+    @usableFromInline var linkedCommits: Int { linked.reduce(0) { $0 + ($1 ? 1 : 0) } }
 
     /// Sends what is gathered: the PREP of every tag (then arms the fetch), or a COMMIT.
     /// While the kernel has not answered the last one, what is gathered waits for the next turn.
@@ -226,9 +225,8 @@ public final class UblkBatchCommands: DriverCommandSource {
             if result != -ENODEV {
                 logger.error("queue \(queueID) tag \(tag): COMMIT_IO_CMDS: \(SystemError("", errno: result).reason)")
             }
-            backingCompleted(tag: Int(tag))
+            linked[Int(tag)] = false
             return -1
-
         default:
             sent = 0
             if result < 0 { throw SystemError("PREP_IO_CMDS of queue \(queueID)", errno: result) }
@@ -254,12 +252,8 @@ public final class UblkBatchCommands: DriverCommandSource {
                     logger.error("queue \(queueID): FETCH_IO_CMDS delivered tag \(tag) of a queue of depth \(depth)")
                     continue
                 }
-                if linked[tag] {
-                    linked[tag] = false
-                    linkedCommits -= 1
-                } else {
-                    delivered += 1
-                }
+                // A linked commit went: the new request takes its request's place in the count.
+                if linked[tag] { linked[tag] = false } else { delivered += 1 }
                 try arrived(tag)
             }
             tagBuffers.recycle(id)
@@ -270,7 +264,6 @@ public final class UblkBatchCommands: DriverCommandSource {
         case -ENODEV:
             let settled = linkedCommits
             linked.update(repeating: false)
-            linkedCommits = 0
             return delivered - 1 - settled
         case -ENOBUFS, 0...: try armFetch(ring)
         default: throw SystemError("FETCH_IO_CMDS of queue \(queueID)", errno: result)

@@ -235,10 +235,8 @@ struct DeviceOptions: ParsableArguments {
         options.recovery = recovery
         options.zeroCopy = zeroCopy
         options.batchIO = batchIO
-        var cipher = EncryptionConfiguration()
-        cipher.cipherThreads = cipherThreads
         options.pollMicroseconds = pollMicroseconds ?? ServerOptions.defaultPollMicroseconds(
-            targetHasWorkerThreads: encryption != nil && cipher.workerThreads > 0)
+            targetHasWorkerThreads: (spec.encryption?.workerThreads ?? 0) > 0)
         return options
     }
 }
