@@ -6,6 +6,7 @@
 #include <spawn.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/stat.h>
 #include <sys/ioctl.h>
 #include <linux/fs.h>
 #include <linux/io_uring.h>
@@ -15,6 +16,11 @@ int cublk_o_direct(void) { return O_DIRECT; }
 
 int cublk_fallocate(int fd, int mode, int64_t offset, int64_t length) {
     return fallocate(fd, mode, (off_t)offset, (off_t)length);
+}
+
+int cublk_touch_modification_time(int fd) {
+    const struct timespec times[2] = {{.tv_nsec = UTIME_OMIT}, {.tv_nsec = UTIME_NOW}};
+    return futimens(fd, times) == 0 ? 0 : -errno;
 }
 
 int cublk_set_thread_name(const char *name) {

@@ -28,6 +28,12 @@ enum Syscalls {
         _ = try retryingOnInterrupt("fallocate") { cublk_fallocate(fd, mode, offset, length) }
     }
 
+    /// Sets `fd`'s modification time, and so its change time, to now; its access time stays.
+    static func touchModificationTime(_ fd: Int32) throws(SystemError) {
+        let result = cublk_touch_modification_time(fd)
+        if result < 0 { throw SystemError("futimens", errno: result) }
+    }
+
     static func pread(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws(SystemError) -> Int {
         try retryingOnInterrupt("pread") { Glibc.pread(fd, buffer.baseAddress, buffer.count, off_t(offset)) }
     }

@@ -55,6 +55,9 @@ public final class LoopTarget: SpecifiedTarget {
     private let zeros: FileDescriptor
     /// The encryption key when `configuration.encryption` is set, else nil.
     private let key: EncryptionKey?
+    /// The backing is a regular file that is written: its times are stamped by the queues
+    /// (`ModificationStamp`). A block device's are not the file system's to update.
+    private let stampsWrites: Bool
 
     public var fixedFiles: [Int32] { [file.rawValue, zeros.rawValue] }
     /// Every byte moves by READ/WRITE(_FIXED) on the backing, so requests may keep their own
@@ -93,6 +96,7 @@ public final class LoopTarget: SpecifiedTarget {
         directIOFallback = fallback
         directIO = fallback == nil && configuration.directIO != .off
         file = backing
+        stampsWrites = status.isRegularFile && !configuration.readOnly
         do { zeros = try FileDescriptor(path: "/dev/zero", flags: O_RDONLY) }
         catch { throw .cannotOpen("/dev/zero", error) }
     }
@@ -106,7 +110,7 @@ public final class LoopTarget: SpecifiedTarget {
                                              sectorSize: properties.logicalBlockSize, depth: depth)
         }
         return LoopQueueHandler(depth: depth, offset: Int64(configuration.offset), readOnly: configuration.readOnly,
-                                encryption: encryption)
+                                stamp: ModificationStamp(fd: file.rawValue, enabled: stampsWrites), encryption: encryption)
     }
 
     /// An encrypted configuration needs its key, of its size, and a sector size dm-crypt uses.
@@ -243,6 +247,9 @@ public final class LoopQueueHandler: QueueHandler {
     @usableFromInline let zeroFile = BackingSubmitter.firstTargetFile + 1
     @usableFromInline let offset: Int64
     @usableFromInline let readOnly: Bool
+    /// Keeps the backing file's times current so that writes need not update them (and
+    /// io_uring need not hand them to a worker thread): called before every backing write.
+    @usableFromInline let stamp: ModificationStamp
     /// Encrypting: the per-queue cipher and bounce buffers (`encrypting` says so to the
     /// inlined request methods, which then call the out-of-line helpers below).
     let encryption: QueueEncryption?
@@ -256,9 +263,11 @@ public final class LoopQueueHandler: QueueHandler {
     /// ran past the end of the backing and is being filled from /dev/zero (zero copy).
     @usableFromInline let fellBack: UnsafeMutableBufferPointer<Bool>
 
-    init(depth: Int, offset: Int64, readOnly: Bool, encryption: QueueEncryption? = nil) {
+    init(depth: Int, offset: Int64, readOnly: Bool, stamp: consuming ModificationStamp,
+         encryption: QueueEncryption? = nil) {
         self.offset = offset
         self.readOnly = readOnly
+        self.stamp = stamp
         self.encryption = encryption
         encrypting = encryption != nil
         transferred = .allocate(capacity: depth)
@@ -304,6 +313,7 @@ public final class LoopQueueHandler: QueueHandler {
             if readOnly { return .done(-EROFS) }
             transferred[Int(request.tag)] = 0
             if encrypting { return try encryptedWrite(request, from: 0, io) }
+            stamp.beforeWrite()
             try io.write(file: file, from: request.data, count: d.byteCount, offset: position,
                          dsync: d.flags.contains(.fua))
             return .finishing(result: Int32(d.byteCount))
@@ -372,6 +382,7 @@ public final class LoopQueueHandler: QueueHandler {
                 try io.read(file: fellBack[tag] ? zeroFile : file, into: rest, count: d.byteCount - done,
                             offset: fellBack[tag] ? 0 : position)
             } else {
+                stamp.beforeWrite()
                 try io.write(file: file, from: rest, count: d.byteCount - done, offset: position,
                              dsync: d.flags.contains(.fua))
             }
@@ -428,6 +439,7 @@ public final class LoopQueueHandler: QueueHandler {
     func writeCiphertext(_ request: IORequest, from done: Int, _ io: BackingSubmitter) throws(SystemError) -> RequestStep {
         let d = request.descriptor
         guard let (source, count) = encryption?.ciphertext(request, from: done) else { return .done(-EIO) }
+        stamp.beforeWrite()
         try io.write(file: file, from: source, count: count, offset: offset + d.byteOffset + Int64(done),
                      dsync: d.flags.contains(.fua))
         return .submitted

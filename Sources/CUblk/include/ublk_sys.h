@@ -22,6 +22,9 @@ int cublk_use_process_affinity(void);
 int cublk_block_device_size(int fd, uint64_t *bytes);
 /// Logical and physical block size of a block device; 0 or -errno.
 int cublk_block_device_sector_sizes(int fd, uint32_t *logical, uint32_t *physical);
+/// Sets a file's modification time (and so its change time) to now, its access time
+/// unchanged (futimens with UTIME_OMIT, UTIME_NOW); 0 or -errno.
+int cublk_touch_modification_time(int fd);
 /// POSIX_SPAWN_SETSID (glibc, _GNU_SOURCE only).
 short cublk_posix_spawn_setsid(void);
 
