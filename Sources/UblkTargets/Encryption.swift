@@ -73,9 +73,8 @@ enum CipherOutcome {
 ///
 /// Where the cipher runs: on the queue thread while this is the only read or write in
 /// flight, or the job is small (a handoff costs two thread wake-ups, more than AES on a
-/// few KiB), else in turn on the workers and the queue thread, each worker taking two jobs
-/// for the queue thread's one (`lanes`), so that every CPU does AES and the queue thread
-/// still has time for the I/O.
+/// few KiB), else in turn on the workers and the queue thread (`lanes`), so that every
+/// CPU does AES.
 final class QueueEncryption {
     private var cipher: XTSCipher
     /// `depth` buffers of `chunk` bytes, 4096-aligned for O_DIRECT.
@@ -105,16 +104,17 @@ final class QueueEncryption {
     /// thread wake-ups, which only a job of some size pays back.
     static let handOffMinimum = 32 * 1024
 
-    /// The turn of jobs: lane 0 is the queue thread's, then two lanes per worker, so the
-    /// queue thread runs one large job in 2w + 1. Why not one in w + 1: the queue thread
-    /// also does all the I/O (commands, backing reads and writes, copies), and with equal
-    /// shares it was the one saturated. Measured in the 2-vCPU VM on 7.3, one worker, 5
-    /// rounds at 128 KiB qd16 against dm-crypt: one job in 2 (equal shares) 0.90 read / 0.92
-    /// write, CPUs 83% / 79% busy; one in 3 (this) 0.91 / 1.02, 92% / 91% busy (dm-crypt's
-    /// own: 92% / 93%); one in 4 0.85 / 0.96. Handing a worker as many jobs as it could
-    /// queue, the queue thread running one only when its worker already had two, lost:
-    /// 0.64 / 0.70, CPUs 59% / 55% busy.
-    static func lanes(workers: Int) -> Int { 2 * workers + 1 }
+    /// The turn of jobs: lane 0 is the queue thread's, then the workers'. Decrypting,
+    /// one lane per worker (equal shares); encrypting, two per worker, so the queue thread
+    /// runs one write's job in 2w + 1. Measured in the 2-vCPU VM, one worker, at 128 KiB
+    /// qd16 against dm-crypt, each pair of numbers from one run: writes on 7.3, one job in 2
+    /// 0.92, one in 3 1.02 (5 rounds; one in 4: 0.96); on 6.12 1.05 and 1.06 (4 rounds).
+    /// Reads on 7.3 0.90 and 0.91; on 6.12 1.08 and 0.98. Handing a worker every job it
+    /// could queue (the queue thread running one only when its worker had two waiting)
+    /// lost on 7.3: 0.64 read, 0.70 write.
+    static func lanes(workers: Int, _ direction: CipherJob.Direction) -> Int {
+        direction == .encrypt ? 2 * workers + 1 : workers + 1
+    }
 
     /// Enough for the requests file systems send most (up to 128 KiB) in one write.
     static let defaultChunk = 128 * 1024
@@ -198,7 +198,7 @@ final class QueueEncryption {
     /// handed off in this batch start now rather than after this one.
     private func perform(_ job: CipherJob, tag: Int, _ io: BackingSubmitter) throws(SystemError) -> CipherOutcome {
         if let workers, active > 1, job.count >= Self.handOffMinimum {
-            lane = lane + 1 < Self.lanes(workers: workers.count) ? lane + 1 : 0
+            lane = lane + 1 < Self.lanes(workers: workers.count, job.direction) ? lane + 1 : 0
             if lane > 0 {
                 var sent = job
                 (sent.replyRing, sent.replyData) = (io.ringDescriptor, io.requestUserData)

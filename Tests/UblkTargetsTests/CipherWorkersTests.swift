@@ -110,8 +110,7 @@ import UblkSystem
         let written = encryption(queue).handOffs
         // The first write was alone in flight (run here); of the 15 after it, the queue
         // thread ran one in `lanes` and the workers the rest.
-        let lanes = QueueEncryption.lanes(workers: threads)
-        #expect(written == 15 - 15 / lanes)
+        #expect(written == 15 - 15 / QueueEncryption.lanes(workers: threads, .encrypt))
         for tag in 0..<16 {
             #expect(file.bytes(at: 64 * 512 * tag, count: count) == (try key.reference(plaintexts[tag], sector: UInt64(64 * tag))))
             memset(queue.buffer(tag: tag), 0, count)
