@@ -5,10 +5,11 @@ import Glibc
 ///
 /// Why: a write must move the file's mtime and ctime to the current coarse time, so the
 /// first write after each clock tick updates the inode. Where the file system honours
-/// IOCB_NOWAIT for that update (ext4 and XFS call `kiocb_modified`; Debian's 7.3 does,
-/// its 6.12 ext4 did the update inside the non-blocking write), io_uring's non-blocking
-/// attempt fails with EAGAIN and the write goes to an io-wq worker, and so does every
-/// other write submitted before that worker has made the update. Traced on 7.3 (ftrace
+/// IOCB_NOWAIT for that update (ext4 on Debian's 7.3 calls `kiocb_modified`, which
+/// refuses to update without blocking; 6.12's calls `file_modified`, which updates
+/// anyway), io_uring's non-blocking attempt fails with EAGAIN
+/// and the write goes to an io-wq worker, and so does every other write submitted before
+/// that worker has made the update. Traced on 7.3 (ftrace
 /// `io_uring_queue_async_work`, `kiocb_modified` returning -EAGAIN): 36% of 4 KiB writes
 /// at depth 32 left the queue thread that way. One `futimens` per tick (a few hundred a
 /// second at most) leaves the writes nothing to update. The times move where the write
