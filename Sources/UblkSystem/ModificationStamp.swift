@@ -5,16 +5,16 @@ import Glibc
 ///
 /// Why: a write must move the file's mtime and ctime to the current coarse time, so the
 /// first write after each clock tick updates the inode. Where the file system honours
-/// IOCB_NOWAIT for that update (ext4 on Debian's 7.3 calls `kiocb_modified`, which
-/// refuses to update without blocking; 6.12's calls `file_modified`, which updates
-/// anyway), io_uring's non-blocking attempt fails with EAGAIN
-/// and the write goes to an io-wq worker, and so does every other write submitted before
-/// that worker has made the update. Traced on 7.3 (ftrace
-/// `io_uring_queue_async_work`, `kiocb_modified` returning -EAGAIN): 36% of 4 KiB writes
-/// at depth 32 left the queue thread that way. One `futimens` per tick (a few hundred a
-/// second at most) leaves the writes nothing to update. The times move where the write
-/// would have moved them (the access time stays); the file also sees an attribute change
-/// (inotify IN_ATTRIB) once per tick of writing.
+/// IOCB_NOWAIT for that update (ext4 on Debian's 7.3 calls `kiocb_modified`, which refuses
+/// to update without blocking; 6.12's calls `file_modified`, which updates anyway),
+/// io_uring's non-blocking attempt fails with EAGAIN and the write goes to an io-wq worker,
+/// and so does every other write submitted before that worker has made the update. Traced
+/// on 7.3 (ftrace `io_uring_queue_async_work`, `kiocb_modified` returning -EAGAIN): 36% of
+/// 4 KiB writes at depth 32 left the queue thread that way. One `futimens` per tick and
+/// stamp (each queue keeps its own; a few hundred a second at most) leaves the writes
+/// nothing to update. The times move where the write would have moved them (the access
+/// time stays); the file also sees an attribute change (inotify IN_ATTRIB) once per tick
+/// of writing.
 ///
 /// If the call fails (a file owned by someone else, without CAP_FOWNER), stamping stops
 /// for good and writes behave as without it.
