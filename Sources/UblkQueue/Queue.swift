@@ -23,6 +23,9 @@ public struct QueueConfiguration: Sendable {
     /// Busy polling: while at most one request is in its hands, the queue thread spins this
     /// long for the next completion before it sleeps in the kernel (`--poll-us`); 0 never spins.
     public var pollMicroseconds = 0
+    /// The queue's tags this thread serves: all of them, unless several threads share the
+    /// queue (UBLK_F_PER_IO_DAEMON, `Target.threadsPerQueue`).
+    public var share = TagShare.all
 
     public init(queueID: UInt16, depth: Int, buffers: TagBufferMode, limits: DeviceLimits,
                 encoding: OpcodeEncoding, cpuMask: [UInt8]? = nil) {
@@ -33,6 +36,31 @@ public struct QueueConfiguration: Sendable {
         self.encoding = encoding
         self.cpuMask = cpuMask
     }
+}
+
+/// Which of a queue's tags one thread serves. A queue has one thread for all its tags,
+/// unless the device has UBLK_F_PER_IO_DAEMON: then each tag's commands may come from a
+/// thread of its own (the one that fetched it; the driver runs the tag's requests there),
+/// and `count` threads share the queue, thread `index` serving tags `index`, `index +
+/// count`, ... Interleaved, not in blocks: the block layer hands a queue's tags out in
+/// turn, so each thread gets its part of the requests at any depth above one.
+public struct TagShare: Sendable, Equatable {
+    public var index: Int
+    public var count: Int
+
+    public init(index: Int, count: Int) {
+        precondition(count > 0 && (0..<count).contains(index))
+        (self.index, self.count) = (index, count)
+    }
+
+    /// One thread serves every tag.
+    public static let all = TagShare(index: 0, count: 1)
+
+    /// The tags of a queue of `depth` this share serves.
+    public func tags(depth: Int) -> StrideTo<Int> { stride(from: index, to: depth, by: count) }
+
+    /// How many tags of a queue of `depth` this share serves.
+    public func tagCount(depth: Int) -> Int { depth > index ? (depth - index + count - 1) / count : 0 }
 }
 
 /// How a queue gives each tag room for its data.
@@ -202,11 +230,13 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     @usableFromInline let tagBusy: UnsafeMutableBufferPointer<Bool>
     @usableFromInline @exclusivity(unchecked) var busyTags = 0
     public let depth: Int
+    /// The tags this queue's thread serves (`fetchAll` fetches only these).
+    @usableFromInline let share: TagShare
 
     /// A queue on `ring` (its fixed files already registered: 0 is /dev/ublkcN, then the target's).
     public init(ring: consuming IORing, source: Source, handler: Handler, queueID: UInt16, depth: Int,
                 buffers mode: TagBufferMode, limits: DeviceLimits, capacity: DeviceCapacity? = nil,
-                pollMicroseconds: Int = 0, logger: Logger) throws(SystemError) {
+                pollMicroseconds: Int = 0, share: TagShare = .all, logger: Logger) throws(SystemError) {
         let bytesPerTag = mode.bytesPerTag
         buffers = try AlignedBuffer(count: depth * bytesPerTag)
         requests = .allocate(capacity: depth)
@@ -229,11 +259,12 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         handlerReference = .passUnretained(handler)
         self.queueID = queueID
         self.depth = depth
+        self.share = share
         self.limits = limits
         self.capacity = capacity
         poll = BusyPoll(microseconds: pollMicroseconds)
         self.logger = logger
-        live = source.commandsAtStart(depth: depth)
+        live = source.commandsAtStart(depth: share.tagCount(depth: depth))
         finishedStorage = .allocate(capacity: depth)
     }
 
@@ -250,12 +281,13 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// The buffer of `tag` (copy mode).
     public func buffer(tag: Int) -> UnsafeMutableRawPointer { requests[tag].buffer }
 
-    /// Fetches every tag and hands the fetches to the kernel. START_DEV waits for exactly this.
+    /// Fetches every tag of the thread's share and hands the fetches to the kernel. START_DEV
+    /// waits for exactly this.
     /// A command the kernel answers at once (a batched PREP) is looked at here, so a
     /// refused one fails the queue's setup rather than its first turn.
     @inlinable
     public func fetchAll() throws(SystemError) {
-        for tag in 0..<depth { try source.fetch(requests[tag], ring.handle) }
+        for tag in share.tags(depth: depth) { try source.fetch(requests[tag], ring.handle) }
         _ = try source.flush(ring.handle)
         try ring.handle.submit()
         try reapReady()
@@ -506,9 +538,10 @@ extension Queue where Source: DriverCommandSource {
                                  polling: configuration.pollMicroseconds > 0)
         let source = try Source(configuration, characterDevice: characterDevice, ring: &ring, logger: logger)
         try self.init(ring: ring, source: source,
-                      handler: try target.makeQueueHandler(queueID: Int(configuration.queueID), depth: depth),
+                      handler: try target.makeQueueHandler(queueID: Int(configuration.queueID), depth: depth,
+                                                            share: configuration.share),
                       queueID: configuration.queueID, depth: depth, buffers: configuration.buffers,
                       limits: configuration.limits, capacity: configuration.capacity,
-                      pollMicroseconds: configuration.pollMicroseconds, logger: logger)
+                      pollMicroseconds: configuration.pollMicroseconds, share: configuration.share, logger: logger)
     }
 }

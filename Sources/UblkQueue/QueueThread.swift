@@ -45,7 +45,8 @@ public final class QueueThread: @unchecked Sendable {
     }
 
     private func main() {
-        _ = cublk_set_thread_name("ublk-q\(configuration.queueID)")
+        let share = configuration.share
+        _ = cublk_set_thread_name(share.count > 1 ? "ublk-q\(configuration.queueID).\(share.index)" : "ublk-q\(configuration.queueID)")
         if let mask = configuration.cpuMask, mask.contains(where: { $0 != 0 }) {
             _ = mask.withUnsafeBytes { cublk_set_affinity_mask($0.baseAddress, $0.count) }
         }

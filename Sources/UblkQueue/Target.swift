@@ -88,8 +88,14 @@ public protocol Target: AnyObject, Sendable {
     /// Descriptors each queue registers as fixed files, after /dev/ublkcN; handlers refer
     /// to them by index (`BackingSubmitter.firstTargetFile` + position).
     var fixedFiles: [Int32] { get }
-    /// Creates the handler of one queue. Called on the queue's own thread.
-    func makeQueueHandler(queueID: Int, depth: Int) throws -> Handler
+    /// Creates the handler of one queue's thread, which serves the tags of `share` (all of
+    /// them unless several threads share the queue). Called on that thread.
+    func makeQueueHandler(queueID: Int, depth: Int, share: TagShare) throws -> Handler
+    /// How many threads should share each queue where the device lets them
+    /// (UBLK_F_PER_IO_DAEMON): a target whose requests need more CPU than one thread has
+    /// (the cipher) spreads them over several this way, each thread serving its own tags
+    /// start to finish. 1 by default.
+    var threadsPerQueue: Int { get }
     /// Makes every completed write durable; called once when the device stops.
     func sync() throws
     /// The handler moves data only with ring operations that take `RequestData`, never
@@ -105,6 +111,9 @@ public protocol Target: AnyObject, Sendable {
 extension Target {
     /// Most targets look at the data (or have not been checked for zero copy): copy mode.
     public var supportsZeroCopy: Bool { false }
+
+    /// One thread per queue.
+    public var threadsPerQueue: Int { 1 }
 
     @inlinable
     public func serveQueue(_ configuration: QueueConfiguration, characterDevice: Int32, logger: Logger,
@@ -351,9 +360,10 @@ public struct BackingSubmitter {
     }
 
     /// Submits what is prepared now rather than at the queue's next turn (so another thread
-    /// starts on a message while this one goes on working).
+    /// starts on a message, or the backing on a write, while this one goes on working); no
+    /// system call when nothing is.
     @inlinable
-    public func submitNow() throws(SystemError) { try ring.submit() }
+    public func submitNow() throws(SystemError) { try ring.submitPrepared() }
 
     /// `RWF_DSYNC` from linux/fs.h (a cast macro, so not imported).
     public static let rwfDsync: UInt32 = 0x2

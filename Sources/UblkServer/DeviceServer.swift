@@ -157,7 +157,7 @@ public final class DeviceServer {
     private func createDevice(_ control: borrowing ControlDevice) throws(ServerError) -> DeviceInfo {
         var flags = try options.recovery.deviceFlags(features: control.features)
         flags.formUnion(try zeroCopyFlags(features: control.features))
-        flags.formUnion(try batchFlags(features: control.features))
+        flags.formUnion(try Self.batchFlags(options, target: target, features: control.features))
         let request = DeviceInfo(id: options.id, queueCount: UInt16(options.queues), queueDepth: UInt16(options.depth),
                                  maxIOBufferBytes: UInt32(min(options.maxIOBytes, target.properties.maximumTransferBytes)),
                                  flags: flags)
@@ -197,15 +197,28 @@ public final class DeviceServer {
     /// failed with EIO in the VM tests (Debian's 7.3.4), where per-request queues lose none.
     /// Nor does it batch a queue of depth 1, which ADD_DEV refuses with EINVAL (the driver's
     /// per-queue event FIFO needs room for two tags) and where there is nothing to batch.
-    private func batchFlags(features: FeatureFlags?) throws(ServerError) -> FeatureFlags {
+    /// Nor where the target would have several threads share each queue and the kernel lets
+    /// them (PER_IO_DAEMON, which ADD_DEV grants only without BATCH_IO): `threadsPerQueue`.
+    static func batchFlags(_ options: ServerOptions, target: any Target,
+                           features: FeatureFlags?) throws(ServerError) -> FeatureFlags {
         let kernelHasIt = features?.contains(.batchIO) ?? false
         switch options.batchIO {
         case .off: return []
         case .on where !kernelHasIt: throw .noBatchIO(features)
         case .on where options.depth < 2: throw .batchIONeedsDepth
         case .on: return [.batchIO]
-        case .auto: return kernelHasIt && !options.recovery.isEnabled && options.depth >= 2 ? [.batchIO] : []
+        case .auto:
+            let sharedQueues = target.threadsPerQueue > 1 && features?.contains(.perIODaemon) == true
+            return kernelHasIt && !options.recovery.isEnabled && options.depth >= 2 && !sharedQueues ? [.batchIO] : []
         }
+    }
+
+    /// How many threads serve each queue: the target's `threadsPerQueue` where the device
+    /// lets a tag be served by a thread of its own (PER_IO_DAEMON), at most one per tag;
+    /// else one.
+    static func threadsPerQueue(_ info: DeviceInfo, target: any Target) -> Int {
+        guard info.flags.contains(.perIODaemon) && !info.flags.contains(.batchIO) else { return 1 }
+        return max(1, min(target.threadsPerQueue, Int(info.queueDepth)))
     }
 
     /// How the queues hold request data, from the device's own flags (a recovered device
@@ -232,12 +245,14 @@ public final class DeviceServer {
         }
     }
 
-    /// One thread per queue, each fetching every tag; then START_DEV (or END_USER_RECOVERY).
+    /// One thread per queue, each fetching every tag (or several threads, each fetching its
+    /// share of the tags: `threadsPerQueue`); then START_DEV (or END_USER_RECOVERY).
     private func startQueues(_ info: DeviceInfo, parameters: DeviceParameters, mode: Mode,
                              control: borrowing ControlDevice, characterDevice: Int32,
                              capacity: DeviceCapacity) throws(ServerError) -> [QueueThread] {
         let id = info.id!
         let limits = DeviceLimits(sectors: parameters.sectors, maxIOBytes: Int(info.maxIOBufferBytes))
+        let sharing = Self.threadsPerQueue(info, target: target)
         var threads: [QueueThread] = []
         do {
             for queue in 0..<Int(info.queueCount) {
@@ -248,8 +263,11 @@ public final class DeviceServer {
                 configuration.capacity = capacity
                 configuration.batchedCommands = info.flags.contains(.batchIO)
                 configuration.pollMicroseconds = options.pollMicroseconds
-                threads.append(try QueueThread.start(configuration, characterDevice: characterDevice,
-                                                     target: target, logger: logger))
+                for index in 0..<sharing {
+                    configuration.share = TagShare(index: index, count: sharing)
+                    threads.append(try QueueThread.start(configuration, characterDevice: characterDevice,
+                                                         target: target, logger: logger))
+                }
             }
             switch mode {
             case .create: try control.startDevice(id, serverPID: getpid())

@@ -243,6 +243,12 @@ extension IORing {
             try submit(waitingFor: 0)
         }
 
+        /// `submit()`, only if an SQE is prepared: no system call for nothing.
+        @inlinable
+        public func submitPrepared() throws(SystemError) {
+            if io_uring_sq_ready(ring) > 0 { try submit() }
+        }
+
         /// Submits prepared SQEs and waits until at least `count` completions are ready:
         /// one `io_uring_enter` for both.
         @inlinable @discardableResult

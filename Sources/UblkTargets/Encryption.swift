@@ -74,7 +74,9 @@ enum CipherOutcome {
 /// Where the cipher runs: on the queue thread while this is the only read or write in
 /// flight, or the job is small (a handoff costs two thread wake-ups, more than AES on a
 /// few KiB), else in turn on the workers and the queue thread (`lanes`), so that every
-/// CPU does AES.
+/// CPU does AES. Where several threads share the queue's tags instead
+/// (`LoopTarget.threadsPerQueue`), each has one of these without workers: its requests'
+/// AES all runs on it.
 final class QueueEncryption {
     private var cipher: XTSCipher
     /// `depth` buffers of `chunk` bytes, 4096-aligned for O_DIRECT.
@@ -94,8 +96,6 @@ final class QueueEncryption {
     private var lane = 0
     /// Jobs handed to workers so far (for tests: the workers were used).
     private(set) var handOffs = 0
-    /// A job was handed off since the last submit of ours (it may still sit in the SQ).
-    private var unsent = false
 
     /// The smallest job handed to a worker. Measured in the 2-vCPU test VM (kernel 7.3,
     /// 1 worker against none): handing off 4 KiB jobs lost at qd32 (randread 0.77 of dm-crypt
@@ -119,10 +119,11 @@ final class QueueEncryption {
     /// Enough for the requests file systems send most (up to 128 KiB) in one write.
     static let defaultChunk = 128 * 1024
 
+    /// `workers` cipher worker threads (by default the configuration's).
     init(key: EncryptionKey, configuration: EncryptionConfiguration, sectorSize: Int, depth: Int,
-         chunk: Int = QueueEncryption.defaultChunk) throws {
+         chunk: Int = QueueEncryption.defaultChunk, workers count: Int? = nil) throws {
         cipher = try XTSCipher(key: key.key, unitSize: sectorSize)
-        let count = configuration.workerThreads
+        let count = count ?? configuration.workerThreads
         workers = count > 0 ? try CipherWorkers(count: count, depth: depth, key: key, unitSize: sectorSize) : nil
         self.chunk = chunk
         skip = configuration.skip
@@ -194,25 +195,25 @@ final class QueueEncryption {
     }
 
     /// Runs `job` here, or hands it to the next worker in turn when other requests are in
-    /// flight. Before running one here, what is prepared is submitted, so that the jobs
-    /// handed off in this batch start now rather than after this one.
+    /// flight. Before running a large one here while others are in flight, what is prepared
+    /// is submitted: the jobs handed off in this batch, the backing writes of requests
+    /// encrypted before it and the commits of reads decrypted before it then proceed while
+    /// this one is ciphered, rather than after it (a turn may cipher several in a row).
     private func perform(_ job: CipherJob, tag: Int, _ io: BackingSubmitter) throws(SystemError) -> CipherOutcome {
-        if let workers, active > 1, job.count >= Self.handOffMinimum {
-            lane = lane + 1 < Self.lanes(workers: workers.count, job.direction) ? lane + 1 : 0
-            if lane > 0 {
-                var sent = job
-                (sent.replyRing, sent.replyData) = (io.ringDescriptor, io.requestUserData)
-                workers.jobs[tag] = sent
-                try io.message(toRing: workers.rings[(lane - 1) % workers.count], data: UInt64(tag))
-                handedOff[tag] = true
-                unsent = true
-                handOffs += 1
-                return .handedOff
+        if active > 1, job.count >= Self.handOffMinimum {
+            if let workers {
+                lane = lane + 1 < Self.lanes(workers: workers.count, job.direction) ? lane + 1 : 0
+                if lane > 0 {
+                    var sent = job
+                    (sent.replyRing, sent.replyData) = (io.ringDescriptor, io.requestUserData)
+                    workers.jobs[tag] = sent
+                    try io.message(toRing: workers.rings[(lane - 1) % workers.count], data: UInt64(tag))
+                    handedOff[tag] = true
+                    handOffs += 1
+                    return .handedOff
+                }
             }
-            if unsent {
-                unsent = false
-                try io.submitNow()
-            }
+            try io.submitNow()
         }
         return job.run(&cipher) ? .done : .failed
     }

@@ -64,6 +64,12 @@ public final class LoopTarget: SpecifiedTarget {
     /// pages, unless the target encrypts: then it must see the data.
     public var supportsZeroCopy: Bool { configuration.encryption == nil }
 
+    /// Encrypting, the queue thread and each cipher worker thread (`--cipher-threads`) may
+    /// instead serve a share of the queue's tags themselves, where the device lets them
+    /// (UBLK_F_PER_IO_DAEMON): each request is then read or written, ciphered and committed
+    /// on one thread, with no hand-off and no wake-up between threads.
+    public var threadsPerQueue: Int { configuration.encryption.map { 1 + $0.workerThreads } ?? 1 }
+
     /// `key` is required with `configuration.encryption` and refused without it.
     public init(_ configuration: LoopConfiguration, key: EncryptionKey? = nil) throws(TargetError) {
         self.configuration = configuration
@@ -101,13 +107,15 @@ public final class LoopTarget: SpecifiedTarget {
         catch { throw .cannotOpen("/dev/zero", error) }
     }
 
-    public func makeQueueHandler(queueID: Int, depth: Int) throws -> LoopQueueHandler {
+    public func makeQueueHandler(queueID: Int, depth: Int, share: TagShare) throws -> LoopQueueHandler {
         var encryption: QueueEncryption?
         if let key, let settings = configuration.encryption {
-            // On the queue's thread: the cipher's contexts are this queue's alone; its
-            // workers start here and end with the queue (`queueEnding`).
+            // On the queue's thread: the cipher's contexts are this thread's alone; its
+            // workers start here and end with the queue (`queueEnding`). Where threads share
+            // the queue (`threadsPerQueue`), they are what the workers would be: none more.
             encryption = try QueueEncryption(key: key, configuration: settings,
-                                             sectorSize: properties.logicalBlockSize, depth: depth)
+                                             sectorSize: properties.logicalBlockSize, depth: depth,
+                                             workers: share.count > 1 ? 0 : settings.workerThreads)
         }
         return LoopQueueHandler(depth: depth, offset: Int64(configuration.offset), readOnly: configuration.readOnly,
                                 stamp: ModificationStamp(fd: file.rawValue, enabled: stampsWrites), encryption: encryption)

@@ -81,7 +81,7 @@ public final class NBDTarget: SpecifiedTarget {
         return (1, "the NBD server does not allow several connections (no CAN_MULTI_CONN): serving with one queue")
     }
 
-    public func makeQueueHandler(queueID: Int, depth: Int) throws -> NBDQueueHandler {
+    public func makeQueueHandler(queueID: Int, depth: Int, share: TagShare) throws -> NBDQueueHandler {
         let socket = try firstSocket.withLock { $0.take() } ?? connectAgain()
         return NBDQueueHandler(socket: socket, target: self, queueID: queueID, depth: depth)
     }

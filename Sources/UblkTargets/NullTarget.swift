@@ -40,7 +40,7 @@ public final class NullTarget: SpecifiedTarget {
         self.init(NullConfiguration(size: size, logicalBlockSize: logicalBlockSize))
     }
 
-    public func makeQueueHandler(queueID: Int, depth: Int) -> NullQueueHandler {
+    public func makeQueueHandler(queueID: Int, depth: Int, share: TagShare) -> NullQueueHandler {
         NullQueueHandler(depth: depth)
     }
 

@@ -34,7 +34,7 @@ public final class OfflineQueue<T: Target> {
         let ring = try Queue<T.Handler, OfflineCommands>.ring(depth: depth, firstFile: placeholder.rawValue, target: target)
         commands = OfflineCommands(depth: depth)
         let limits = DeviceLimits(sectors: target.properties.size >> 9, maxIOBytes: bufferSize)
-        queue = try Queue(ring: ring, source: commands, handler: try target.makeQueueHandler(queueID: 0, depth: depth),
+        queue = try Queue(ring: ring, source: commands, handler: try target.makeQueueHandler(queueID: 0, depth: depth, share: .all),
                           queueID: 0, depth: depth, buffers: .copy(bytesPerTag: bufferSize), limits: limits,
                           logger: logger)
     }

@@ -5,7 +5,9 @@
 # add with the same key (fio verifies it again), and with another key it does not
 # read back (the key really is used). A key on standard input (`--key-file -`) reaches
 # the background server, and `ublk recover` of an encrypted --recovery device whose
-# server was killed asks for the key again and serves the same data with it.
+# server was killed asks for the key again and serves the same data with it. Where the
+# kernel has PER_IO_DAEMON, the cipher threads share the queues' tags (1 + N threads per
+# queue, per-request commands); elsewhere, or with --batch-io on, they are workers.
 # timeout: 600
 . "$(dirname "$0")/../lib.sh"
 need_ublk
@@ -41,13 +43,17 @@ verify() {
 		"${mode[@]}" >"$dir/fio.out" 2>&1
 }
 
-# cipher_ticks DEVICE: the count of the server's cipher worker threads, and the CPU
-# ticks they used (utime + stime).
+# cipher_ticks DEVICE: the count of the server's cipher threads besides the queue
+# threads' own, and the CPU ticks they used (utime + stime). They are cipher workers
+# (ublk-crypt*), or where the kernel lets several threads serve a queue (PER_IO_DAEMON)
+# the queue's further threads, each serving its share of the tags (ublk-qQ.N, N >= 1).
 cipher_ticks() {
-	local pid task count=0 ticks=0 stat fields
+	local pid task count=0 ticks=0 stat fields comm
 	pid=$(list_field "${1#/dev/ublkb}" pid)
 	for task in /proc/"$pid"/task/*; do
-		[[ $(cat "$task/comm") == ublk-crypt* ]] || continue
+		# io_uring's idle workers (iou-wrk-*) may exit while we look.
+		comm=$(cat "$task/comm" 2>/dev/null) || continue
+		[[ $comm == ublk-crypt* || $comm =~ ^ublk-q[0-9]+\.[1-9] ]] || continue
 		stat=$(cat "$task/stat")
 		stat=${stat##*) }
 		read -r -a fields <<<"$stat"
@@ -56,6 +62,42 @@ cipher_ticks() {
 	done
 	echo "$count $ticks"
 }
+
+# queue_threads DEVICE: the names of the server's queue threads, sorted, on one line.
+queue_threads() {
+	local pid task comm names=()
+	pid=$(list_field "${1#/dev/ublkb}" pid)
+	for task in /proc/"$pid"/task/*; do
+		comm=$(cat "$task/comm" 2>/dev/null) || continue
+		[[ $comm == ublk-q* ]] && names+=("$comm")
+	done
+	printf '%s\n' "${names[@]}" | sort | xargs
+}
+
+# Where the kernel lets each tag have a thread of its own (PER_IO_DAEMON), the cipher
+# threads share the queues' tags with the queue threads (and batched commands, which
+# ADD_DEV grants only without PER_IO_DAEMON, stay off unless asked for); elsewhere, and
+# with --batch-io on, they are cipher workers.
+truncate -s 16M "$dir/threads.img"
+dev=$(add "$dir/threads.img" "$dir/key" 512 2)
+if has_feature PER_IO_DAEMON; then
+	expect_eq "$(queue_threads "$dev")" "ublk-q0.0 ublk-q0.1 ublk-q0.2 ublk-q1.0 ublk-q1.1 ublk-q1.2" \
+		"queue threads of 2 queues with --cipher-threads 2 (PER_IO_DAEMON)"
+	expect_eq "$(list_field "${dev#/dev/ublkb}" commands)" per-request "commands of a device whose queues are shared"
+	del "$dev"
+	if has_feature BATCH_IO; then
+		dev=$("$UBLK" add --file "$dir/threads.img" --encryption aes-xts-plain64 --key-file "$dir/key" \
+			--queues 2 --cipher-threads 2 --batch-io on)
+		expect_eq "$(queue_threads "$dev")" "ublk-q0 ublk-q1" "queue threads with --batch-io on"
+		expect_eq "$(cipher_ticks "$dev" | cut -d' ' -f1)" 4 "cipher workers with --batch-io on"
+		del "$dev"
+	fi
+	echo "ok: PER_IO_DAEMON: 3 threads share each queue's tags; with --batch-io on, 1 queue thread and 2 workers"
+else
+	expect_eq "$(queue_threads "$dev")" "ublk-q0 ublk-q1" "queue threads without PER_IO_DAEMON"
+	del "$dev"
+	echo "ok: no PER_IO_DAEMON: one thread per queue, cipher workers beside it"
+fi
 
 for block in 512 4096; do
 	img=$dir/disk-$block.img
@@ -67,7 +109,7 @@ for block in 512 4096; do
 	expect_eq "$(blockdev --getss "$dev")" "$block" "logical block size"
 	verify "$dev" "$block" WRITE || { cat "$dir/fio.out"; fail "block $block: fio randwrite+verify failed"; }
 	read -r threads ticks < <(cipher_ticks "$dev")
-	expect_eq "$threads" 4 "cipher worker threads (2 queues x --cipher-threads 2)"
+	expect_eq "$threads" 4 "cipher threads (2 queues x --cipher-threads 2)"
 	((ticks > 0)) || fail "block $block: the cipher workers did no work at depth 32"
 	del "$dev"
 
