@@ -102,7 +102,7 @@ struct DeviceOptions: ParsableArguments {
     @Option(name: .customLong("zero-copy"), help: "Requests' pages straight to the backing I/O, no copy (UBLK_F_AUTO_BUF_REG): auto (where the kernel and target allow it), on (or fail), off.")
     var zeroCopy: FeatureMode = .auto
 
-    @Option(name: .customLong("batch-io"), help: "Requests arrive and are committed in batches, not one command each (UBLK_F_BATCH_IO): auto (where the kernel has it, unless --recovery or --depth 1), on (or fail; such a device cannot be upgraded in place), off.")
+    @Option(name: .customLong("batch-io"), help: "Requests arrive and are committed in batches, not one command each (UBLK_F_BATCH_IO): auto (where the kernel has it, unless --recovery, --depth 1, or an encrypted device whose queues its cipher threads share, PER_IO_DAEMON), on (or fail; such a device cannot be upgraded in place), off.")
     var batchIO: FeatureMode = .auto
 
     @Option(name: .customLong("poll-us"), help: "Busy polling: while at most one request is in flight in its queue, a queue thread spins up to N microseconds for the next request or completion before it sleeps, 0 to 1000000 (0: never; default 2000, 0 for an encrypted device with cipher threads). Costs a CPU while requests keep coming.")
