@@ -11,6 +11,8 @@ extension Ublk {
             The running server is quiesced (requests in flight finish, new ones wait) and
             exits, keeping the device; the new server takes it over through user recovery.
             Needs a device added with --recovery. `systemctl reload ublk@NAME` runs this.
+            An encrypted device needs its key for the new server: --key-file (with --name,
+            the config's key-file is used when none is given).
             """)
 
         @Option(name: .long, help: "The device id N of /dev/ublkbN.")
@@ -22,6 +24,9 @@ extension Ublk {
         @Option(name: .long, help: "The new server's program (default: this ublk binary, e.g. the one just installed).")
         var binary: String?
 
+        /// An encrypted device's key: never recorded, so the new server must be given it.
+        @OptionGroup var key: KeyOptions
+
         func validate() throws {
             if (id == nil) == (name == nil) { throw ValidationError("give --id N or --name NAME") }
         }
@@ -31,6 +36,7 @@ extension Ublk {
             let control = try ControlDevice()
             let info = try control.deviceInfo(id)
             try Self.checkUpgradable(id, info: info, features: control.features)
+            let keyArguments = try newServerKey(id)
             let oldPID = try ServedDevice.requireServer(id)
             let program = binary ?? Background.executable
             guard access(program, X_OK) == 0 else { throw CLIError("cannot execute \(program): give --binary PATH of a ublk binary") }
@@ -47,7 +53,7 @@ extension Ublk {
                 throw CLIError("the old server (pid \(oldPID)) has not left device \(id) within 30 s of QUIESCE_DEV (see \(Background.logPath)): once it has, ublk recover --id \(id)")
             }
             let path: String
-            do { path = try Background.launch(["recover", "--id", "\(id)"], program: program) } catch {
+            do { path = try Background.launch(["recover", "--id", "\(id)"] + keyArguments, program: program) } catch {
                 throw CLIError("\(error) (device \(id) is quiesced and waits for a server: ublk recover --id \(id))")
             }
             for _ in 0..<300 where RuntimeDirectory.isAlive(oldPID) { usleep(100_000) }
@@ -73,6 +79,25 @@ extension Ublk {
             guard info.state == .live else {
                 throw CLIError("device \(id) is \(info.state), not live: bring it back with ublk recover --id \(id)")
             }
+        }
+
+        /// The key option the new server gets, checked before anything changes (a device left
+        /// quiesced for a server that cannot start would hold its I/O): an encrypted device's
+        /// key from --key-file, or with --name from the config's key-file; none for a plain one.
+        /// A key on standard input (`-`) is handed to the new server unread, so only it checks it.
+        func newServerKey(_ id: UInt32) throws -> [String] {
+            guard let record = RuntimeDirectory.load(id) else { return [] } // the new server says so
+            var given = key
+            if !given.isGiven, record.spec.encryption != nil, let name {
+                given.keyFile = try ConfigFile.keyFile(config: "\(ConfigFile.directory)/\(name).conf")
+            }
+            do {
+                if given.keyFile == "-" && record.spec.encryption != nil { return ["--key-file", "-"] }
+                _ = try DeviceLifecycle.recoveryKey(record, given)
+            } catch {
+                throw CLIError("\(error); nothing changed")
+            }
+            return given.keyFile.map { ["--key-file", $0] } ?? []
         }
 
         func deviceID() throws -> UInt32 {

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Glibc
 import Testing
 import UblkServer
 import UblkTargets
@@ -75,6 +76,22 @@ import UblkTargets
         #expect(configuration.encryption?.keySize == 256 && configuration.encryption?.skip == 8)
         #expect(configuration.encryption?.cipherThreads == 3)
         #expect(options.key.keyFile == "/etc/ublk/secret.key")
+    }
+
+    /// `ublk upgrade --name NAME` of an encrypted device takes the key file its config names.
+    @Test func theConfigNamesTheKeyFileForAnUpgrade() throws {
+        var template = Array("/tmp/ublk-config-XXXXXX".utf8CString)
+        let fd = mkstemp(&template)
+        let path = String(cString: template)
+        defer { unlink(path) }
+        let text = "file = /srv/secret.img\nencryption = aes-xts-plain64\nkey-file = /etc/ublk/secret.key\n"
+        _ = text.withCString { write(fd, $0, strlen($0)) }
+        close(fd)
+        #expect(try ConfigFile.keyFile(config: path) == "/etc/ublk/secret.key")
+        let plain = open(path, O_WRONLY | O_TRUNC)
+        _ = "file = /srv/plain.img\n".withCString { write(plain, $0, strlen($0)) }
+        close(plain)
+        #expect(try ConfigFile.keyFile(config: path) == nil)
     }
 
     @Test func encryptionOptionsGoTogether() {

@@ -4,7 +4,9 @@
 # error, the verify passes, the server pid changes each time. The second upgrade runs
 # under a burst of reads at depth 32, so that the server holds requests when quiesced. A device added without
 # --recovery is refused in one line. Kernels without QUIESCE refuse in one line and
-# nothing changes.
+# nothing changes. An encrypted device is upgraded with its key (--key-file PATH or -);
+# without it, or with a key of the wrong size, the upgrade is refused in one line before
+# anything changes (it once quiesced the device for a server that could not start).
 # timeout: 400
 . "$(dirname "$0")/../lib.sh"
 need_ublk
@@ -17,11 +19,12 @@ dev=$("$UBLK" add --file "$img" --recovery --queues 2)
 id=${dev#/dev/ublkb}
 pid=$(list_field "$id" pid)
 
-# refused ID TEXT: `ublk upgrade --id ID` fails in one line containing TEXT, same server.
+# refused ID TEXT [ARGS...]: `ublk upgrade --id ID ARGS` fails in one line containing
+# TEXT, same server.
 refused() {
 	local rc=0 before
 	before=$(list_field "$1" pid)
-	timeout 60 "$UBLK" upgrade --id "$1" >"$dir/out" 2>"$dir/err" || rc=$?
+	timeout 60 "$UBLK" upgrade --id "$1" "${@:3}" >"$dir/out" 2>"$dir/err" </dev/null || rc=$?
 	((rc != 0 && rc != 124)) || fail "ublk upgrade --id $1: status $rc (expected a refusal)"
 	expect_eq "$(wc -l <"$dir/err")" 1 "lines of the refusal ($(cat "$dir/err"))"
 	grep -qF -- "$2" "$dir/err" || fail "the refusal does not say '$2': $(cat "$dir/err")"
@@ -36,6 +39,31 @@ fi
 
 plain=$("$UBLK" add --target null --size 16M)
 refused "${plain#/dev/ublkb}" "--recovery"
+refused "$id" "not encrypted" --key-file /dev/null
+
+# An encrypted device: its key is never recorded, so the new server is given it again.
+head -c 64 /dev/urandom >"$dir/key"
+head -c 16 /dev/urandom >"$dir/short-key"
+truncate -s 32M "$dir/crypt.img"
+crypt=$("$UBLK" add --file "$dir/crypt.img" --encryption aes-xts-plain64 --key-file "$dir/key" --recovery)
+cid=${crypt#/dev/ublkb}
+head -c 4M /dev/urandom >"$dir/pattern"
+dd if="$dir/pattern" of="$crypt" bs=1M oflag=direct conv=fsync status=none
+refused "$cid" "--key-file"
+refused "$cid" "short-key" --key-file "$dir/short-key"
+before=$(list_field "$cid" pid)
+timeout 90 "$UBLK" upgrade --id "$cid" --key-file "$dir/key" >/dev/null 2>"$dir/err" ||
+	fail "ublk upgrade of an encrypted device with --key-file failed: $(cat "$dir/err")"
+after=$(list_field "$cid" pid)
+timeout 90 "$UBLK" upgrade --id "$cid" --key-file - <"$dir/key" >/dev/null 2>"$dir/err" ||
+	fail "ublk upgrade of an encrypted device with --key-file - failed: $(cat "$dir/err")"
+last=$(list_field "$cid" pid)
+[[ $after != "$before" && $last != "$after" ]] && kill -0 "$last" || fail "encrypted upgrades: pids $before -> $after -> $last"
+expect_eq "$(list_field "$cid" state)" live "state of the encrypted device after two upgrades"
+cmp <(dd if="$crypt" bs=1M count=4 iflag=direct status=none) "$dir/pattern" ||
+	fail "the encrypted device's data does not read back after its upgrades"
+"$UBLK" del --id "$cid"
+echo "ok: an encrypted device is upgraded with --key-file PATH and -, refused without a key or with a short one"
 
 mkfs.ext4 -q -F "$dev"
 mkdir "$dir/mnt"
