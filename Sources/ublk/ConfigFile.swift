@@ -26,12 +26,6 @@ enum ConfigFile {
     static let options: Set<String> = ["file", "target", "id", "queues", "depth", "direct-io", "block-size", "offset", "size",
                                        "zero-copy", "batch-io", "poll-us", "encryption", "key-file", "key-size", "skip", "cipher-threads", "uri", "reconnect-timeout"]
 
-    /// The key file the config at `path` names (`key-file`), if any.
-    static func keyFile(config path: String) throws -> String? {
-        let arguments = try arguments(path: path)
-        return arguments.indices.dropLast().first { arguments[$0] == "--key-file" }.map { arguments[$0 + 1] }
-    }
-
     /// The `ublk add` arguments the file at `path` stands for.
     static func arguments(path: String) throws -> [String] {
         let bytes: [UInt8]

@@ -89,7 +89,8 @@ extension Ublk {
             guard let record = RuntimeDirectory.load(id) else { return [] } // the new server says so
             var given = key
             if !given.isGiven, record.spec.encryption != nil, let name {
-                given.keyFile = try ConfigFile.keyFile(config: "\(ConfigFile.directory)/\(name).conf")
+                // Read as `ublk start NAME` read it.
+                given.keyFile = try DeviceOptions.resolve(config: "\(ConfigFile.directory)/\(name).conf", overrides: []).key.keyFile
             }
             do {
                 if given.keyFile == "-" && record.spec.encryption != nil { return ["--key-file", "-"] }

@@ -87,11 +87,11 @@ import UblkTargets
         let text = "file = /srv/secret.img\nencryption = aes-xts-plain64\nkey-file = /etc/ublk/secret.key\n"
         _ = text.withCString { write(fd, $0, strlen($0)) }
         close(fd)
-        #expect(try ConfigFile.keyFile(config: path) == "/etc/ublk/secret.key")
+        #expect(try DeviceOptions.resolve(config: path, overrides: []).key.keyFile == "/etc/ublk/secret.key")
         let plain = open(path, O_WRONLY | O_TRUNC)
         _ = "file = /srv/plain.img\n".withCString { write(plain, $0, strlen($0)) }
         close(plain)
-        #expect(try ConfigFile.keyFile(config: path) == nil)
+        #expect(try DeviceOptions.resolve(config: path, overrides: []).key.keyFile == nil)
     }
 
     @Test func encryptionOptionsGoTogether() {
