@@ -46,7 +46,7 @@ public final class QueueThread: @unchecked Sendable {
 
     private func main() {
         let share = configuration.share
-        _ = cublk_set_thread_name(share.count > 1 ? "ublk-q\(configuration.queueID).\(share.index)" : "ublk-q\(configuration.queueID)")
+        _ = cublk_set_thread_name("ublk-q\(configuration.queueID)" + (share.count > 1 ? ".\(share.index)" : ""))
         if let mask = configuration.cpuMask, mask.contains(where: { $0 != 0 }) {
             _ = mask.withUnsafeBytes { cublk_set_affinity_mask($0.baseAddress, $0.count) }
         }

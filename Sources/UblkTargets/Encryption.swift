@@ -201,21 +201,25 @@ final class QueueEncryption {
     /// this one is ciphered, rather than after it (a turn may cipher several in a row).
     private func perform(_ job: CipherJob, tag: Int, _ io: BackingSubmitter) throws(SystemError) -> CipherOutcome {
         if active > 1, job.count >= Self.handOffMinimum {
-            if let workers {
-                lane = lane + 1 < Self.lanes(workers: workers.count, job.direction) ? lane + 1 : 0
-                if lane > 0 {
-                    var sent = job
-                    (sent.replyRing, sent.replyData) = (io.ringDescriptor, io.requestUserData)
-                    workers.jobs[tag] = sent
-                    try io.message(toRing: workers.rings[(lane - 1) % workers.count], data: UInt64(tag))
-                    handedOff[tag] = true
-                    handOffs += 1
-                    return .handedOff
-                }
-            }
+            if let workers, try handOff(job, tag: tag, to: workers, io) { return .handedOff }
             try io.submitNow()
         }
         return job.run(&cipher) ? .done : .failed
+    }
+
+    /// Moves on to the next lane; if it is a worker's, posts the job to that worker and
+    /// returns true (the answer comes back as the request's next completion).
+    private func handOff(_ job: CipherJob, tag: Int, to workers: CipherWorkers,
+                         _ io: BackingSubmitter) throws(SystemError) -> Bool {
+        lane = lane + 1 < Self.lanes(workers: workers.count, job.direction) ? lane + 1 : 0
+        guard lane > 0 else { return false }
+        var sent = job
+        (sent.replyRing, sent.replyData) = (io.ringDescriptor, io.requestUserData)
+        workers.jobs[tag] = sent
+        try io.message(toRing: workers.rings[(lane - 1) % workers.count], data: UInt64(tag))
+        handedOff[tag] = true
+        handOffs += 1
+        return true
     }
 
     /// The tag's job is with a worker: its answer is the request's next completion.

@@ -43,35 +43,32 @@ verify() {
 		"${mode[@]}" >"$dir/fio.out" 2>&1
 }
 
-# cipher_ticks DEVICE: the count of the server's cipher threads besides the queue
-# threads' own, and the CPU ticks they used (utime + stime). They are cipher workers
-# (ublk-crypt*), or where the kernel lets several threads serve a queue (PER_IO_DAEMON)
-# the queue's further threads, each serving its share of the tags (ublk-qQ.N, N >= 1).
-cipher_ticks() {
-	local pid task count=0 ticks=0 stat fields comm
+# server_threads DEVICE: a line per thread of the device's server, its name and the CPU
+# ticks it used (utime + stime).
+server_threads() {
+	local pid task comm stat fields
 	pid=$(list_field "${1#/dev/ublkb}" pid)
 	for task in /proc/"$pid"/task/*; do
 		# io_uring's idle workers (iou-wrk-*) may exit while we look.
-		comm=$(cat "$task/comm" 2>/dev/null) || continue
-		[[ $comm == ublk-crypt* || $comm =~ ^ublk-q[0-9]+\.[1-9] ]] || continue
-		stat=$(cat "$task/stat")
+		comm=$(cat "$task/comm" 2>/dev/null) && stat=$(cat "$task/stat" 2>/dev/null) || continue
 		stat=${stat##*) }
 		read -r -a fields <<<"$stat"
-		count=$((count + 1))
-		ticks=$((ticks + fields[11] + fields[12]))
+		echo "$comm $((fields[11] + fields[12]))"
 	done
-	echo "$count $ticks"
+}
+
+# cipher_ticks DEVICE: the count of the server's cipher threads besides the queue
+# threads' own, and the CPU ticks they used. They are cipher workers (ublk-crypt*), or
+# where the kernel lets several threads serve a queue (PER_IO_DAEMON) the queue's further
+# threads, each serving its share of the tags (ublk-qQ.N, N >= 1).
+cipher_ticks() {
+	server_threads "$1" | awk '$1 ~ /^ublk-crypt/ || $1 ~ /^ublk-q[0-9]+\.[1-9]/ { count++; ticks += $2 }
+		END { print count + 0, ticks + 0 }'
 }
 
 # queue_threads DEVICE: the names of the server's queue threads, sorted, on one line.
 queue_threads() {
-	local pid task comm names=()
-	pid=$(list_field "${1#/dev/ublkb}" pid)
-	for task in /proc/"$pid"/task/*; do
-		comm=$(cat "$task/comm" 2>/dev/null) || continue
-		[[ $comm == ublk-q* ]] && names+=("$comm")
-	done
-	printf '%s\n' "${names[@]}" | sort | xargs
+	server_threads "$1" | awk '$1 ~ /^ublk-q/ { print $1 }' | sort | xargs
 }
 
 # Where the kernel lets each tag have a thread of its own (PER_IO_DAEMON), the cipher
