@@ -1,6 +1,7 @@
 import CUblk
 import Glibc
 import Logging
+import Synchronization
 import UblkSystem
 
 /// A dedicated OS thread that sets up one `Queue` and serves it until the device stops.
@@ -12,22 +13,27 @@ import UblkSystem
 /// ordered by a synchronising call: `thread` is written by the starting thread before
 /// and after the queue thread exists (join); `setupError` is written by the queue thread
 /// before it posts `ready` and read after `ready.wait()`; `runError` is written before
-/// the queue thread ends and read after `pthread_join`.
-public final class QueueThread: @unchecked Sendable {
+/// the queue thread ends and read after `pthread_join`; `hasEnded` is atomic.
+final class QueueThread: @unchecked Sendable {
     private var thread: OSThread?
     private let configuration: QueueConfiguration
     private let characterDevice: Int32
     private let target: any Target
     private let logger: Logger
-    private let ready = Semaphore()
+    private let ready = UblkSystem.Semaphore()
+    /// Signalled once when the thread ends after its queue got going (`QueueThreads`).
+    private let ended: UblkSystem.Semaphore
+    /// Set just before `ended` is signalled.
+    private let finished = Atomic<Bool>(false)
     // Written by the queue thread before it posts `ready` / before it ends; read after.
     private var setupError: Error?
     private var runError: Error?
 
     /// Starts the thread; returns once its queue has fetched every tag (or failed to set up).
-    public static func start(_ configuration: QueueConfiguration, characterDevice: Int32, target: any Target,
-                             logger: Logger) throws -> QueueThread {
-        let queueThread = QueueThread(configuration, characterDevice: characterDevice, target: target, logger: logger)
+    static func start(_ configuration: QueueConfiguration, characterDevice: Int32, target: any Target,
+                      logger: Logger, ended: UblkSystem.Semaphore) throws -> QueueThread {
+        let queueThread = QueueThread(configuration, characterDevice: characterDevice, target: target, logger: logger,
+                                      ended: ended)
         queueThread.thread = try OSThread { queueThread.main() }
         queueThread.ready.wait()
         if let error = queueThread.setupError {
@@ -37,7 +43,9 @@ public final class QueueThread: @unchecked Sendable {
         return queueThread
     }
 
-    private init(_ configuration: QueueConfiguration, characterDevice: Int32, target: any Target, logger: Logger) {
+    private init(_ configuration: QueueConfiguration, characterDevice: Int32, target: any Target, logger: Logger,
+                 ended: UblkSystem.Semaphore) {
+        self.ended = ended
         self.configuration = configuration
         self.characterDevice = characterDevice
         self.target = target
@@ -60,14 +68,58 @@ public final class QueueThread: @unchecked Sendable {
             if fetched { runError = error } else { setupError = error }
         }
         if !fetched { ready.signal() }
+        if fetched {
+            finished.store(true, ordering: .releasing)
+            ended.signal()
+        }
     }
+
+    /// The thread has ended (after its queue got going); `join` returns at once.
+    var hasEnded: Bool { finished.load(ordering: .acquiring) }
 
     /// Waits for the thread to end (after STOP_DEV aborted its fetches); the queue's
     /// ring, mapping and buffers are released by then. Returns the error that ended it early, if any.
     @discardableResult
-    public func join() -> Error? {
+    func join() -> Error? {
         thread?.join()
         thread = nil
         return runError
+    }
+}
+
+/// The queue threads of one device, joined in the order they end: a thread whose queue
+/// fails is seen at once, while the others still serve their tags, rather than when its
+/// turn to be joined comes. (Joined in the order they started, a failed second queue,
+/// or a failed thread sharing a queue, went unnoticed behind a first one that ran on:
+/// requests on its tags hung until the device was stopped by other means.)
+public final class QueueThreads {
+    private var running: [QueueThread] = []
+    /// One signal per thread that ended (`QueueThread.ended`).
+    private let ended = UblkSystem.Semaphore()
+
+    public init() {}
+
+    /// Starts a queue thread; returns once its queue has fetched its tags, or throws why it could not.
+    public func start(_ configuration: QueueConfiguration, characterDevice: Int32, target: any Target,
+                      logger: Logger) throws {
+        running.append(try QueueThread.start(configuration, characterDevice: characterDevice, target: target,
+                                             logger: logger, ended: ended))
+    }
+
+    /// Waits until every thread has ended, joining each as it ends. `failed` runs at once
+    /// for each that ended with an error (the server stops the device there, which ends the
+    /// others). Returns the first such error.
+    public func joinAll(failed: (any Error) -> Void = { _ in }) -> (any Error)? {
+        var failure: (any Error)?
+        while !running.isEmpty {
+            ended.wait()
+            // One signal per ended thread and one wait per join: an ended thread is there.
+            guard let index = running.firstIndex(where: { $0.hasEnded }) else { continue }
+            if let error = running.remove(at: index).join() {
+                failure = failure ?? error
+                failed(error)
+            }
+        }
+        return failure
     }
 }

@@ -249,11 +249,11 @@ public final class DeviceServer {
     /// share of the tags: `threadsPerQueue`); then START_DEV (or END_USER_RECOVERY).
     private func startQueues(_ info: DeviceInfo, parameters: DeviceParameters, mode: Mode,
                              control: borrowing ControlDevice, characterDevice: Int32,
-                             capacity: DeviceCapacity) throws(ServerError) -> [QueueThread] {
+                             capacity: DeviceCapacity) throws(ServerError) -> QueueThreads {
         let id = info.id!
         let limits = DeviceLimits(sectors: parameters.sectors, maxIOBytes: Int(info.maxIOBufferBytes))
         let sharing = Self.threadsPerQueue(info, target: target)
-        var threads: [QueueThread] = []
+        let threads = QueueThreads()
         do {
             for queue in 0..<Int(info.queueCount) {
                 let mask = options.pinQueues ? try? control.queueAffinity(id, queue: UInt16(queue)) : nil
@@ -265,8 +265,7 @@ public final class DeviceServer {
                 configuration.pollMicroseconds = options.pollMicroseconds
                 for index in 0..<sharing {
                     configuration.share = TagShare(index: index, count: sharing)
-                    threads.append(try QueueThread.start(configuration, characterDevice: characterDevice,
-                                                         target: target, logger: logger))
+                    try threads.start(configuration, characterDevice: characterDevice, target: target, logger: logger)
                 }
             }
             switch mode {
@@ -277,7 +276,7 @@ public final class DeviceServer {
         } catch {
             // The queues that did start hold fetches: stopping aborts them.
             try? control.stopDevice(id)
-            for thread in threads { thread.join() }
+            _ = threads.joinAll()
             throw (error as? ControlError).map { ServerError.control($0) } ?? .queueSetup(error)
         }
     }
@@ -317,16 +316,11 @@ public final class DeviceServer {
     }
 
     /// Joins every queue thread; a queue that ended early stops the device. Returns the first failure.
-    private func waitForQueues(_ threads: [QueueThread], id: UInt32, control: borrowing ControlDevice) -> (any Error)? {
-        var failure: (any Error)?
-        for thread in threads {
-            if let error = thread.join() {
-                logger.error("queue ended early: \(error)")
-                failure = failure ?? error
-                try? control.stopDevice(id)
-            }
+    private func waitForQueues(_ threads: QueueThreads, id: UInt32, control: borrowing ControlDevice) -> (any Error)? {
+        threads.joinAll { error in
+            logger.error("queue ended early: \(error)")
+            try? control.stopDevice(id)
         }
-        return failure
     }
 
     /// The device parameters (SET_PARAMS) for a target: its size and block sizes, requests
