@@ -21,6 +21,26 @@ public struct FileDescriptor: ~Copyable, Sendable {
 
     deinit { Syscalls.close(rawValue) }
 
+    /// The read end of a new pipe that holds `bytes` and then ends (its write end is
+    /// closed), numbered `lowest` or above, close-on-exec. At most `PIPE_BUF` bytes: they are
+    /// written at once, never blocking, and never touch a file.
+    public static func pipe(holding bytes: UnsafeRawBufferPointer, lowest: Int32 = 0) throws(SystemError) -> FileDescriptor {
+        precondition(bytes.count <= Int(PIPE_BUF))
+        let (readEnd, writeEnd) = try Syscalls.pipe()
+        var reader = FileDescriptor(adopting: readEnd)
+        do {
+            let writer = FileDescriptor(adopting: writeEnd)
+            let written = try Syscalls.write(writer.rawValue, bytes)
+            guard written == bytes.count else { throw SystemError("write to a pipe", errno: EAGAIN) }
+        }
+        if readEnd < lowest {
+            let moved = fcntl(readEnd, F_DUPFD_CLOEXEC, lowest)
+            guard moved >= 0 else { throw SystemError("fcntl F_DUPFD_CLOEXEC", errno: errno) }
+            reader = FileDescriptor(adopting: moved)
+        }
+        return reader
+    }
+
     /// The `O_DIRECT` flag (GNU-only, so hidden from Swift's Glibc).
     public static var directIOFlag: Int32 { cublk_o_direct() }
 

@@ -259,7 +259,7 @@ extension Syscalls {
     }
 
     /// `write(2)` at the descriptor's position (a pipe).
-    static func write(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) throws -> Int {
+    static func write(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) throws(SystemError) -> Int {
         try retryingOnInterrupt("write") { Glibc.write(fd, buffer.baseAddress, buffer.count) }
     }
 }

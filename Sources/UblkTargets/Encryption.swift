@@ -51,6 +51,9 @@ public final class EncryptionKey: @unchecked Sendable {
     public init(_ key: consuming XTSKey) { self.key = key }
 
     public var size: XTSKeySize { key.size }
+
+    /// A pipe that holds the key (`XTSKey.pipe`).
+    public func pipe(lowest: Int32 = 0) throws(SystemError) -> FileDescriptor { try key.pipe(lowest: lowest) }
 }
 
 /// What became of a request's cipher work.

@@ -23,9 +23,13 @@ enum Background {
     }
 
     /// Spawns `program` (this binary by default) with `arguments` (after the program name)
-    /// and waits for the server's report.
+    /// and waits for the server's report. A `--key-file -` among the arguments reads the key
+    /// from `keyInput`: our standard input, or a descriptor above `keyDescriptor` (a pipe
+    /// that holds the key, `XTSKey.pipe`).
     /// Returns the device path; throws the server's error line.
-    static func launch(_ commandArguments: [String], program: String = executable) throws -> String {
+    static func launch(_ commandArguments: [String], program: String = executable,
+                       keyInput: Int32 = STDIN_FILENO) throws -> String {
+        precondition(keyInput == STDIN_FILENO || keyInput > keyDescriptor)
         // Say "not loaded" or "not permitted" here, in one line, rather than from a child.
         _ = try ControlDevice()
 
@@ -46,7 +50,7 @@ enum Background {
         // In this order: the pipe's write end is usually our descriptor 4, so it must be at 3
         // before 4 becomes standard input; and that before standard input becomes /dev/null.
         posix_spawn_file_actions_adddup2(&actions, writeEnd, 3)
-        if keyArguments != nil { posix_spawn_file_actions_adddup2(&actions, 0, keyDescriptor) }
+        if keyArguments != nil { posix_spawn_file_actions_adddup2(&actions, keyInput, keyDescriptor) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 2, log, O_WRONLY | O_CREAT | O_APPEND, 0o640)

@@ -2,6 +2,7 @@ import ArgumentParser
 import Glibc
 import UblkControl
 import UblkServer
+import UblkTargets
 
 extension Ublk {
     struct Upgrade: ParsableCommand {
@@ -11,8 +12,9 @@ extension Ublk {
             The running server is quiesced (requests in flight finish, new ones wait) and
             exits, keeping the device; the new server takes it over through user recovery.
             Needs a device added with --recovery. `systemctl reload ublk@NAME` runs this.
-            An encrypted device needs its key for the new server: --key-file (with --name,
-            the config's key-file is used when none is given).
+            An encrypted device needs its key for the new server: --key-file PATH or - (with
+            --name, the config's key-file is used when none is given). The key is read and
+            checked before anything changes.
             """)
 
         @Option(name: .long, help: "The device id N of /dev/ublkbN.")
@@ -36,7 +38,7 @@ extension Ublk {
             let control = try ControlDevice()
             let info = try control.deviceInfo(id)
             try Self.checkUpgradable(id, info: info, features: control.features)
-            let keyArguments = try newServerKey(id)
+            let (keyArguments, keyRead) = try newServerKey(id)
             let oldPID = try ServedDevice.requireServer(id)
             let program = binary ?? Background.executable
             guard access(program, X_OK) == 0 else { throw CLIError("cannot execute \(program): give --binary PATH of a ublk binary") }
@@ -53,7 +55,16 @@ extension Ublk {
                 throw CLIError("the old server (pid \(oldPID)) has not left device \(id) within 30 s of QUIESCE_DEV (see \(Background.logPath)): once it has, ublk recover --id \(id)")
             }
             let path: String
-            do { path = try Background.launch(["recover", "--id", "\(id)"] + keyArguments, program: program) } catch {
+            do {
+                let arguments = ["recover", "--id", "\(id)"] + keyArguments
+                if let keyRead {
+                    // Read from our standard input: it goes to the new server through a pipe.
+                    let keyPipe = try keyRead.pipe(lowest: Background.keyDescriptor + 1)
+                    path = try Background.launch(arguments, program: program, keyInput: keyPipe.rawValue)
+                } else {
+                    path = try Background.launch(arguments, program: program)
+                }
+            } catch {
                 throw CLIError("\(error) (device \(id) is quiesced and waits for a server: ublk recover --id \(id))")
             }
             for _ in 0..<300 where RuntimeDirectory.isAlive(oldPID) { usleep(100_000) }
@@ -84,21 +95,19 @@ extension Ublk {
         /// The key option the new server gets, checked before anything changes (a device left
         /// quiesced for a server that cannot start would hold its I/O): an encrypted device's
         /// key from --key-file, or with --name from the config's key-file; none for a plain one.
-        /// A key on standard input (`-`) is handed to the new server unread, so only it checks it.
-        func newServerKey(_ id: UInt32) throws -> [String] {
-            guard let record = RuntimeDirectory.load(id) else { return [] } // the new server says so
+        /// A key on standard input (`-`) is read here, to be checked (`keyRead`), and handed on.
+        func newServerKey(_ id: UInt32) throws -> (arguments: [String], keyRead: EncryptionKey?) {
+            guard let record = RuntimeDirectory.load(id) else { return ([], nil) } // the new server says so
             var given = key
             if !given.isGiven, record.spec.encryption != nil, let name {
                 // Read as `ublk start NAME` read it.
                 given.keyFile = try DeviceOptions.resolve(config: "\(ConfigFile.directory)/\(name).conf", overrides: []).key.keyFile
             }
-            do {
-                if given.keyFile == "-" && record.spec.encryption != nil { return ["--key-file", "-"] }
-                _ = try DeviceLifecycle.recoveryKey(record, given)
-            } catch {
+            let key: EncryptionKey?
+            do { key = try DeviceLifecycle.recoveryKey(record, given) } catch {
                 throw CLIError("\(error); nothing changed")
             }
-            return given.keyFile.map { ["--key-file", $0] } ?? []
+            return (given.keyFile.map { ["--key-file", $0] } ?? [], given.keyFile == "-" ? key : nil)
         }
 
         func deviceID() throws -> UInt32 {

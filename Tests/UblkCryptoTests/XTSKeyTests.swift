@@ -76,23 +76,37 @@ import Testing
     }
 
     /// A pipe whose write end is closed after `bytes` were written into it.
-    static func pipe(holding bytes: [UInt8]) -> FileDescriptor {
-        var ends: [Int32] = [0, 0]
-        precondition(Glibc.pipe(&ends) == 0)
-        precondition(bytes.withUnsafeBytes { Glibc.write(ends[1], $0.baseAddress, $0.count) } == bytes.count)
-        close(ends[1])
-        return FileDescriptor(adopting: ends[0])
+    static func pipe(holding bytes: [UInt8]) throws -> FileDescriptor {
+        // (Not in withUnsafeBytes, whose result must be copyable.)
+        let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 1)
+        defer { copy.deallocate() }
+        copy.copyBytes(from: bytes)
+        return try FileDescriptor.pipe(holding: UnsafeRawBufferPointer(copy))
     }
 
     /// The CLI hands the server the key through a pipe; the key is read from it as it comes.
     @Test func readsFromAPipe() throws {
-        let reader = XTSKeyTests.pipe(holding: XTSVectors.key10 + [1, 2, 3])
+        let reader = try XTSKeyTests.pipe(holding: XTSVectors.key10 + [1, 2, 3])
         let key = try XTSKey(reading: reader, named: "the key pipe")
         #expect(Array(key.bytes) == XTSVectors.key10)
     }
 
+    /// `ublk upgrade` reads a key from standard input, checks it, and hands it to the new
+    /// server in a pipe of its own: the same key comes out, then the end, on a descriptor
+    /// above the ones the launch puts at 3 and 4.
+    @Test func keyGoesOnThroughAPipe() throws {
+        let key = try files.key(XTSVectors.key10, size: .bits512)
+        let pipe = try key.pipe(lowest: 5)
+        #expect(pipe.rawValue >= 5)
+        #expect(fcntl(pipe.rawValue, F_GETFD) & FD_CLOEXEC != 0)
+        let again = try XTSKey(reading: pipe, named: "the key pipe")
+        #expect(Array(again.bytes) == XTSVectors.key10)
+        var byte: UInt8 = 0
+        #expect(read(pipe.rawValue, &byte, 1) == 0)
+    }
+
     @Test func shortPipeIsRefused() throws {
-        let reader = XTSKeyTests.pipe(holding: Array(XTSVectors.key10[..<40]))
+        let reader = try XTSKeyTests.pipe(holding: Array(XTSVectors.key10[..<40]))
         let error = XTSKeyError.tooShort(source: .stream("the key pipe"), bytes: 40, size: .bits512)
         #expect(throws: error) { _ = try XTSKey(reading: reader, named: "the key pipe") }
         #expect(error.description == "the key pipe has 40 bytes, --key-size 512 needs 64: "

@@ -5,8 +5,9 @@
 # under a burst of reads at depth 32, so that the server holds requests when quiesced. A device added without
 # --recovery is refused in one line. Kernels without QUIESCE refuse in one line and
 # nothing changes. An encrypted device is upgraded with its key (--key-file PATH or -);
-# without it, or with a key of the wrong size, the upgrade is refused in one line before
-# anything changes (it once quiesced the device for a server that could not start).
+# without it, or with a key of the wrong size (in a file or on standard input), the upgrade
+# is refused in one line before anything changes (it once quiesced the device for a server
+# that could not start).
 # timeout: 400
 . "$(dirname "$0")/../lib.sh"
 need_ublk
@@ -20,11 +21,11 @@ id=${dev#/dev/ublkb}
 pid=$(list_field "$id" pid)
 
 # refused ID TEXT [ARGS...]: `ublk upgrade --id ID ARGS` fails in one line containing
-# TEXT, same server.
+# TEXT, same server; standard input from $STDIN (default /dev/null).
 refused() {
 	local rc=0 before
 	before=$(list_field "$1" pid)
-	timeout 60 "$UBLK" upgrade --id "$1" "${@:3}" >"$dir/out" 2>"$dir/err" </dev/null || rc=$?
+	timeout 60 "$UBLK" upgrade --id "$1" "${@:3}" >"$dir/out" 2>"$dir/err" <"${STDIN:-/dev/null}" || rc=$?
 	((rc != 0 && rc != 124)) || fail "ublk upgrade --id $1: status $rc (expected a refusal)"
 	expect_eq "$(wc -l <"$dir/err")" 1 "lines of the refusal ($(cat "$dir/err"))"
 	grep -qF -- "$2" "$dir/err" || fail "the refusal does not say '$2': $(cat "$dir/err")"
@@ -51,6 +52,8 @@ head -c 4M /dev/urandom >"$dir/pattern"
 dd if="$dir/pattern" of="$crypt" bs=1M oflag=direct conv=fsync status=none
 refused "$cid" "--key-file"
 refused "$cid" "short-key" --key-file "$dir/short-key"
+# From standard input too: read and checked before the old server is quiesced.
+STDIN=$dir/short-key refused "$cid" "standard input" --key-file -
 before=$(list_field "$cid" pid)
 timeout 90 "$UBLK" upgrade --id "$cid" --key-file "$dir/key" >/dev/null 2>"$dir/err" ||
 	fail "ublk upgrade of an encrypted device with --key-file failed: $(cat "$dir/err")"
@@ -63,7 +66,7 @@ expect_eq "$(list_field "$cid" state)" live "state of the encrypted device after
 cmp <(dd if="$crypt" bs=1M count=4 iflag=direct status=none) "$dir/pattern" ||
 	fail "the encrypted device's data does not read back after its upgrades"
 "$UBLK" del --id "$cid"
-echo "ok: an encrypted device is upgraded with --key-file PATH and -, refused without a key or with a short one"
+echo "ok: an encrypted device is upgraded with --key-file PATH and -, refused without a key or with a short one (file or standard input)"
 
 mkfs.ext4 -q -F "$dev"
 mkdir "$dir/mnt"
