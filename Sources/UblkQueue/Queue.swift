@@ -61,6 +61,16 @@ public struct TagShare: Sendable, Equatable {
 
     /// How many tags of a queue of `depth` this share serves.
     public func tagCount(depth: Int) -> Int { depth > index ? (depth - index + count - 1) / count : 0 }
+
+    /// Where `tag`'s per-tag memory (its data buffer, a bounce buffer) lies among the
+    /// share's: the share's tags take consecutive slots, so a thread's buffers cover only
+    /// its tags. (Spaced a tag apart in a region for every tag, each thread's tags fell in
+    /// every 2 MiB transparent huge page of it: with 5 threads sharing a queue, each thread
+    /// came to hold the whole region.) A tag outside the share maps to some slot it never uses.
+    @inlinable public func slot(of tag: Int) -> Int { tag / count }
+
+    /// Slots for a queue of `depth`: every share's tags fit.
+    public func slotCount(depth: Int) -> Int { (depth + count - 1) / count }
 }
 
 /// How a queue gives each tag room for its data.
@@ -238,11 +248,11 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
                 buffers mode: TagBufferMode, limits: DeviceLimits, capacity: DeviceCapacity? = nil,
                 pollMicroseconds: Int = 0, share: TagShare = .all, logger: Logger) throws(SystemError) {
         let bytesPerTag = mode.bytesPerTag
-        buffers = try AlignedBuffer(count: depth * bytesPerTag)
+        buffers = try AlignedBuffer(count: share.slotCount(depth: depth) * bytesPerTag)
         requests = .allocate(capacity: depth)
         for tag in 0..<depth {
             let data: RequestData = bytesPerTag > 0
-                ? .buffer(buffers.base + tag * bytesPerTag) : .registered(index: UInt16(tag), offset: 0)
+                ? .buffer(buffers.base + share.slot(of: tag) * bytesPerTag) : .registered(index: UInt16(tag), offset: 0)
             (requests.baseAddress! + tag).initialize(to: IORequest(
                 tag: UInt16(tag), descriptor: IODescriptor(operation: .flush, startSector: 0, sectorCount: 0),
                 data: data))

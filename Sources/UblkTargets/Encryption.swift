@@ -82,8 +82,9 @@ enum CipherOutcome {
 /// AES all runs on it.
 final class QueueEncryption {
     private var cipher: XTSCipher
-    /// `depth` buffers of `chunk` bytes, 4096-aligned for O_DIRECT.
+    /// A buffer of `chunk` bytes per tag of `share` (`TagShare.slot`), 4096-aligned for O_DIRECT.
     private let bounce: UnsafeMutableRawPointer
+    private let share: TagShare
     /// Bytes of each tag's bounce buffer: a multiple of every sector size.
     let chunk: Int
     private let skip: UInt64
@@ -119,18 +120,23 @@ final class QueueEncryption {
         direction == .encrypt ? 2 * workers + 1 : workers + 1
     }
 
+    /// The tag's bounce buffer.
+    private func bounceBuffer(tag: UInt16) -> UnsafeMutableRawPointer { bounce + share.slot(of: Int(tag)) * chunk }
+
     /// Enough for the requests file systems send most (up to 128 KiB) in one write.
     static let defaultChunk = 128 * 1024
 
-    /// `workers` cipher worker threads (by default the configuration's).
+    /// `workers` cipher worker threads (by default the configuration's); bounce buffers for
+    /// the tags of `share` only.
     init(key: EncryptionKey, configuration: EncryptionConfiguration, sectorSize: Int, depth: Int,
-         chunk: Int = QueueEncryption.defaultChunk, workers count: Int? = nil) throws {
+         share: TagShare = .all, chunk: Int = QueueEncryption.defaultChunk, workers count: Int? = nil) throws {
         cipher = try XTSCipher(key: key.key, unitSize: sectorSize)
         let count = count ?? configuration.workerThreads
         workers = count > 0 ? try CipherWorkers(count: count, depth: depth, key: key, unitSize: sectorSize) : nil
         self.chunk = chunk
         skip = configuration.skip
-        bounce = .allocate(byteCount: depth * chunk, alignment: 4096)
+        self.share = share
+        bounce = .allocate(byteCount: share.slotCount(depth: depth) * chunk, alignment: 4096)
         handedOff = .allocate(capacity: depth)
         handedOff.initialize(repeating: false)
         inFlight = .allocate(capacity: depth)
@@ -172,7 +178,7 @@ final class QueueEncryption {
     func ciphertext(_ request: IORequest, from done: Int) -> (UnsafeRawPointer, Int) {
         let chunkStart = done - done % chunk
         let chunkEnd = min(chunkStart + chunk, request.descriptor.byteCount)
-        return (UnsafeRawPointer(bounce + Int(request.tag) * chunk + (done - chunkStart)), chunkEnd - done)
+        return (UnsafeRawPointer(bounceBuffer(tag: request.tag) + (done - chunkStart)), chunkEnd - done)
     }
 
     /// Encrypts the chunk of a write that starts at byte `done` into the tag's bounce buffer.
@@ -181,7 +187,7 @@ final class QueueEncryption {
         var job = CipherJob()
         job.direction = .encrypt
         job.source = UnsafeRawPointer(request.buffer + done)
-        job.destination = bounce + Int(request.tag) * chunk
+        job.destination = bounceBuffer(tag: request.tag)
         job.count = ciphertext(request, from: done).1
         job.sector = sector(d.byteOffset + Int64(done))
         return try perform(job, tag: Int(request.tag), io)

@@ -114,7 +114,7 @@ public final class LoopTarget: SpecifiedTarget {
             // workers start here and end with the queue (`queueEnding`). Where threads share
             // the queue (`threadsPerQueue`), they are what the workers would be: none more.
             encryption = try QueueEncryption(key: key, configuration: settings,
-                                             sectorSize: properties.logicalBlockSize, depth: depth,
+                                             sectorSize: properties.logicalBlockSize, depth: depth, share: share,
                                              workers: share.count > 1 ? 0 : settings.workerThreads)
         }
         return LoopQueueHandler(depth: depth, offset: Int64(configuration.offset), readOnly: configuration.readOnly,

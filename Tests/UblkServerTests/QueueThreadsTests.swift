@@ -65,4 +65,22 @@ import UblkTargets
         #expect(TagShare(index: 3, count: 4).tagCount(depth: 2) == 0)
         #expect(Array(TagShare.all.tags(depth: 4)) == [0, 1, 2, 3])
     }
+
+    /// A share's tags take consecutive slots of its per-tag memory, from 0, none beyond
+    /// `slotCount`: a thread's buffers cover its own tags and no others'.
+    @Test(arguments: [1, 2, 3, 5])
+    func aSharesTagsTakeConsecutiveSlots(count: Int) {
+        for depth in [1, 13, 128] {
+            for index in 0..<count {
+                let share = TagShare(index: index, count: count)
+                let slots = share.tags(depth: depth).map { share.slot(of: $0) }
+                #expect(slots == Array(0..<share.tagCount(depth: depth)))
+                #expect(slots.allSatisfy { $0 < share.slotCount(depth: depth) })
+                // Every tag of the queue has a slot (a stray one must not run off the end).
+                #expect((0..<depth).allSatisfy { share.slot(of: $0) < share.slotCount(depth: depth) })
+            }
+        }
+        #expect(TagShare.all.slotCount(depth: 128) == 128)
+        #expect(TagShare(index: 0, count: 5).slotCount(depth: 128) == 26)
+    }
 }
