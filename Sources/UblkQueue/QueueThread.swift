@@ -13,7 +13,7 @@ import UblkSystem
 /// ordered by a synchronising call: `thread` is written by the starting thread before
 /// and after the queue thread exists (join); `setupError` is written by the queue thread
 /// before it posts `ready` and read after `ready.wait()`; `runError` is written before
-/// the queue thread ends and read after `pthread_join`; `hasEnded` is atomic.
+/// the queue thread ends and read after `pthread_join`; `finished` is atomic.
 final class QueueThread: @unchecked Sendable {
     private var thread: OSThread?
     private let configuration: QueueConfiguration
@@ -67,10 +67,11 @@ final class QueueThread: @unchecked Sendable {
         } catch {
             if fetched { runError = error } else { setupError = error }
         }
-        if !fetched { ready.signal() }
         if fetched {
             finished.store(true, ordering: .releasing)
             ended.signal()
+        } else {
+            ready.signal()
         }
     }
 
