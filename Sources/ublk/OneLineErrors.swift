@@ -8,7 +8,7 @@ extension Ublk {
     /// status 0) still prints the help.
     static func main() {
         do {
-            var command = try parseAsRoot(DeviceOptions.normalizingRecovery(Array(CommandLine.arguments.dropFirst())))
+            var command = try parseAsRoot(DeviceOptions.normalized(Array(CommandLine.arguments.dropFirst())))
             try command.run()
         } catch {
             let code = exitCode(for: error)

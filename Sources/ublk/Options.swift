@@ -242,6 +242,33 @@ struct DeviceOptions: ParsableArguments {
 }
 
 extension DeviceOptions {
+    /// The command line as the parser should see it: `normalizingRecovery`, then
+    /// `joiningNegativeValues`.
+    static func normalized(_ arguments: [String]) -> [String] {
+        joiningNegativeValues(normalizingRecovery(arguments))
+    }
+
+    /// `--option -5` becomes `--option=-5`: the parser takes a word that starts with a dash
+    /// for an option, and said "Missing value for '--option'" where the value is what is
+    /// wrong; joined, the value reaches the option's own check ("-5 is invalid"). No option
+    /// of ours is a dash and a digit.
+    static func joiningNegativeValues(_ arguments: [String]) -> [String] {
+        var result: [String] = []
+        var index = 0
+        while index < arguments.count {
+            let argument = arguments[index]
+            index += 1
+            if argument.hasPrefix("--"), !argument.contains("="), index < arguments.count,
+               arguments[index].hasPrefix("-"), arguments[index].dropFirst().first?.isNumber == true {
+                result.append("\(argument)=\(arguments[index])")
+                index += 1
+            } else {
+                result.append(argument)
+            }
+        }
+        return result
+    }
+
     /// `--recovery` takes an optional value, which ArgumentParser options cannot: a bare
     /// `--recovery` (not followed by one of the policies) becomes `--recovery=reissue`, its
     /// meaning from before fail-io existed; `--recovery VALUE` becomes `--recovery=VALUE`.

@@ -124,7 +124,7 @@ extension Ublk {
 
         /// The device options given on this command line (without --config and the server flags).
         static func deviceArguments(from commandLine: [String] = CommandLine.arguments) -> [String] {
-            var arguments = DeviceOptions.normalizingRecovery(Array(commandLine.dropFirst(2)))
+            var arguments = DeviceOptions.normalized(Array(commandLine.dropFirst(2)))
             for option in ["--config", "--ready-fd"] {
                 while let index = arguments.firstIndex(where: { $0 == option || $0.hasPrefix(option + "=") }) {
                     arguments.removeSubrange(index..<min(arguments.count, index + (arguments[index] == option ? 2 : 1)))

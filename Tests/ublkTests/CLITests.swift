@@ -58,6 +58,24 @@ import UblkTargets
         #expect(throws: (any Error).self) { try ConfigFile.arguments(text: "recovery = maybe", path: "r.conf") }
     }
 
+    /// A negative number after an option is its value, so the option's own check speaks.
+    @Test func negativeValuesReachTheirOption() {
+        #expect(DeviceOptions.joiningNegativeValues(["--skip", "-1", "--file", "a"]) == ["--skip=-1", "--file", "a"])
+        #expect(DeviceOptions.joiningNegativeValues(["--poll-us", "-5"]) == ["--poll-us=-5"])
+        #expect(DeviceOptions.joiningNegativeValues(["--file", "-", "--key-file", "-"]) == ["--file", "-", "--key-file", "-"])
+        #expect(DeviceOptions.joiningNegativeValues(["--size=-1", "-v"]) == ["--size=-1", "-v"])
+        for arguments in [["add", "--file", "a", "--skip", "-1"], ["add", "--target", "null", "--size", "16M", "--poll-us", "-5"]] {
+            do {
+                _ = try Ublk.parseAsRoot(DeviceOptions.normalized(arguments))
+                Issue.record("\(arguments) parsed")
+            } catch {
+                let line = Ublk.errorLine(for: error)
+                #expect(!line.contains("Missing value"), "\(line)")
+                #expect(line.contains("-1") || line.contains("-5"), "\(line)")
+            }
+        }
+    }
+
     @Test func configFileMistakesNameTheLine() {
         func message(_ text: String) -> String {
             do { _ = try ConfigFile.arguments(text: text, path: "x.conf"); return "accepted" } catch { return "\(error)" }
