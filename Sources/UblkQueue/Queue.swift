@@ -66,7 +66,8 @@ public struct TagShare: Sendable, Equatable {
     /// share's: the share's tags take consecutive slots, so a thread's buffers cover only
     /// its tags. (Spaced a tag apart in a region for every tag, each thread's tags fell in
     /// every 2 MiB transparent huge page of it: with 5 threads sharing a queue, each thread
-    /// came to hold the whole region.) A tag outside the share maps to some slot it never uses.
+    /// came to hold the whole region.) A tag outside the share maps to a slot one of the
+    /// share's own tags uses: harmless, as the thread never fetches such a tag.
     @inlinable public func slot(of tag: Int) -> Int { tag / count }
 
     /// Slots for a queue of `depth`: every share's tags fit.

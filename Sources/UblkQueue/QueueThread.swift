@@ -64,6 +64,8 @@ final class QueueThread: @unchecked Sendable {
                 fetched = true
                 ready.signal()
             }
+            // A target's own serveQueue that returns without having fetched served nothing.
+            if !fetched { setupError = SystemError("the queue ended before it fetched its tags", errno: EIO) }
         } catch {
             if fetched { runError = error } else { setupError = error }
         }
@@ -75,7 +77,7 @@ final class QueueThread: @unchecked Sendable {
         }
     }
 
-    /// The thread has ended (after its queue got going); `join` returns at once.
+    /// The thread has ended (after its queue got going); `join` waits for its last instructions only.
     var hasEnded: Bool { finished.load(ordering: .acquiring) }
 
     /// Waits for the thread to end (after STOP_DEV aborted its fetches); the queue's

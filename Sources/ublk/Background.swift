@@ -12,7 +12,9 @@ import UblkSystem
 ///
 /// `--key-file -` (the key on standard input) becomes `--key-fd 4`: the server inherits
 /// our standard input as descriptor 4 and reads the key from it straight into its locked
-/// memory, so the key passes through neither this process, argv nor the environment.
+/// memory, so the key passes through neither argv nor the environment, nor (for `ublk
+/// add`) this process. `ublk upgrade` reads and checks the key first, into its own locked
+/// memory, and hands the server a pipe holding it as descriptor 4 instead.
 enum Background {
     /// The descriptor a background server reads a `--key-file -` key from.
     static let keyDescriptor: Int32 = 4
@@ -48,7 +50,7 @@ enum Background {
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         // In this order: the pipe's write end is usually our descriptor 4, so it must be at 3
-        // before 4 becomes standard input; and that before standard input becomes /dev/null.
+        // before 4 becomes the key input; and that before standard input becomes /dev/null.
         posix_spawn_file_actions_adddup2(&actions, writeEnd, 3)
         if keyArguments != nil { posix_spawn_file_actions_adddup2(&actions, keyInput, keyDescriptor) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)

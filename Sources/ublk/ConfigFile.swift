@@ -60,7 +60,9 @@ enum ConfigFile {
             } else if key == "key-file" && value == "-" {
                 throw CLIError("\(path):\(index + 1): key-file = - reads standard input, which a service does not have: give the key file's path")
             } else if options.contains(key) {
-                arguments += ["--\(key)", value]
+                // One word: a value that starts with a dash (`skip = -1`, a file named
+                // `-x`) is the option's value, not an option of its own.
+                arguments.append("--\(key)=\(value)")
             } else {
                 throw CLIError("\(path):\(index + 1): unknown key `\(key)`: use one of \((options.union(flags).union(["recovery"])).sorted().joined(separator: ", "))")
             }

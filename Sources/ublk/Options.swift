@@ -258,6 +258,8 @@ extension DeviceOptions {
         while index < arguments.count {
             let argument = arguments[index]
             index += 1
+            // After `--`, every word is an argument, never an option.
+            if argument == "--" { return result + arguments[(index - 1)...] }
             if argument.hasPrefix("--"), !argument.contains("="), index < arguments.count,
                arguments[index].hasPrefix("-"), arguments[index].dropFirst().first?.isNumber == true {
                 result.append("\(argument)=\(arguments[index])")
@@ -297,7 +299,8 @@ struct KeyOptions: ParsableArguments {
     @Option(name: .customLong("key-file"), help: "The raw encryption key: a file whose first key-size/8 bytes are the key (as cryptsetup --key-file in plain mode), or - for standard input.")
     var keyFile: String?
 
-    /// The launching CLI's standard input, inherited by a background server for `--key-file -`.
+    /// Where a background server reads a `--key-file -` key: the launching CLI's standard
+    /// input, or (`ublk upgrade`) a pipe holding the key it read and checked.
     @Option(name: .customLong("key-fd"), help: .hidden)
     var keyFD: Int32?
 
@@ -316,7 +319,7 @@ struct KeyOptions: ParsableArguments {
     }
 
     /// The arguments a background server gets instead of `arguments`: `--key-file -` becomes
-    /// `--key-fd fd`, the descriptor the server inherits our standard input on.
+    /// `--key-fd fd`, the descriptor the server gets the key input on (`Background.launch`).
     static func handingStandardInput(_ arguments: [String], to fd: Int32) -> [String]? {
         var result = arguments
         if let index = result.firstIndex(of: "--key-file=-") {

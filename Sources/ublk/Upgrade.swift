@@ -39,6 +39,20 @@ extension Ublk {
             let info = try control.deviceInfo(id)
             try Self.checkUpgradable(id, info: info, features: control.features)
             let (keyArguments, keyRead) = try newServerKey(id)
+            let arguments = ["recover", "--id", "\(id)"] + keyArguments
+            if let keyRead {
+                // Read from our standard input: it goes to the new server through a pipe,
+                // made before anything changes (standard input cannot give the key twice).
+                let keyPipe = try keyRead.pipe(lowest: Background.keyDescriptor + 1)
+                try replaceServer(id, control: control, arguments: arguments, keyInput: keyPipe.rawValue)
+            } else {
+                try replaceServer(id, control: control, arguments: arguments, keyInput: STDIN_FILENO)
+            }
+        }
+
+        /// Quiesces the device, waits for the old server to leave it, and launches the new one.
+        func replaceServer(_ id: UInt32, control: borrowing ControlDevice, arguments: [String],
+                           keyInput: Int32) throws {
             let oldPID = try ServedDevice.requireServer(id)
             let program = binary ?? Background.executable
             guard access(program, X_OK) == 0 else { throw CLIError("cannot execute \(program): give --binary PATH of a ublk binary") }
@@ -55,16 +69,7 @@ extension Ublk {
                 throw CLIError("the old server (pid \(oldPID)) has not left device \(id) within 30 s of QUIESCE_DEV (see \(Background.logPath)): once it has, ublk recover --id \(id)")
             }
             let path: String
-            do {
-                let arguments = ["recover", "--id", "\(id)"] + keyArguments
-                if let keyRead {
-                    // Read from our standard input: it goes to the new server through a pipe.
-                    let keyPipe = try keyRead.pipe(lowest: Background.keyDescriptor + 1)
-                    path = try Background.launch(arguments, program: program, keyInput: keyPipe.rawValue)
-                } else {
-                    path = try Background.launch(arguments, program: program)
-                }
-            } catch {
+            do { path = try Background.launch(arguments, program: program, keyInput: keyInput) } catch {
                 throw CLIError("\(error) (device \(id) is quiesced and waits for a server: ublk recover --id \(id))")
             }
             for _ in 0..<300 where RuntimeDirectory.isAlive(oldPID) { usleep(100_000) }

@@ -18,6 +18,8 @@ import UblkTargets
         let properties = TargetProperties(size: 1 << 20)
         let fixedFiles: [Int32] = []
         let failing: UInt16
+        /// This queue returns at once without fetching (a target's serveQueue gone wrong).
+        var idle: UInt16 = .max
         let stopped = Atomic<Bool>(false)
         let gaveUp = Atomic<Int>(0)
         let patience: Double
@@ -35,6 +37,7 @@ import UblkTargets
 
         func serveQueue(_ configuration: QueueConfiguration, characterDevice: Int32, logger: Logger,
                         fetched: () -> Void) throws {
+            if configuration.queueID == idle { return }
             fetched()
             if configuration.queueID == failing { throw SystemError("io_uring_enter", errno: EIO) }
             let deadline = Self.now() + patience
@@ -88,5 +91,16 @@ import UblkTargets
         #expect(failure == nil)
         #expect(reported == 0)
         #expect(target.gaveUp.load(ordering: .relaxed) == 2)
+    }
+
+    /// A queue that returns without having fetched is a setup failure, not a thread the
+    /// server would wait for forever.
+    @Test func aQueueThatNeverFetchedFailsItsStart() throws {
+        let target = ScriptedTarget(failing: .max)
+        target.idle = 0
+        #expect(throws: SystemError.self) {
+            try QueueThreads().start(configuration(queue: 0), characterDevice: -1, target: target,
+                                     logger: Logger(label: "test"))
+        }
     }
 }

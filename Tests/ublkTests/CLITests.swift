@@ -37,7 +37,7 @@ import UblkTargets
         size = 1G
         """
         let arguments = try ConfigFile.arguments(text: text, path: "data.conf")
-        #expect(arguments == ["--file", "/srv/data.img", "--queues", "2", "--direct-io", "off", "--read-only", "--size", "1G"])
+        #expect(arguments == ["--file=/srv/data.img", "--queues=2", "--direct-io=off", "--read-only", "--size=1G"])
         let options = try DeviceOptions.parse(arguments)
         #expect(options.readOnly && options.queues == 2 && options.directIO == .off && options.size?.value == 1 << 30)
     }
@@ -59,11 +59,14 @@ import UblkTargets
     }
 
     /// A negative number after an option is its value, so the option's own check speaks.
-    @Test func negativeValuesReachTheirOption() {
+    @Test func negativeValuesReachTheirOption() throws {
         #expect(DeviceOptions.joiningNegativeValues(["--skip", "-1", "--file", "a"]) == ["--skip=-1", "--file", "a"])
         #expect(DeviceOptions.joiningNegativeValues(["--poll-us", "-5"]) == ["--poll-us=-5"])
         #expect(DeviceOptions.joiningNegativeValues(["--file", "-", "--key-file", "-"]) == ["--file", "-", "--key-file", "-"])
         #expect(DeviceOptions.joiningNegativeValues(["--size=-1", "-v"]) == ["--size=-1", "-v"])
+        #expect(DeviceOptions.joiningNegativeValues(["--", "--x", "-1"]) == ["--", "--x", "-1"])
+        let config = try ConfigFile.arguments(text: "file = a\nskip = -1", path: "s.conf")
+        #expect(config == ["--file=a", "--skip=-1"])
         for arguments in [["add", "--file", "a", "--skip", "-1"], ["add", "--target", "null", "--size", "16M", "--poll-us", "-5"]] {
             do {
                 _ = try Ublk.parseAsRoot(DeviceOptions.normalized(arguments))
@@ -174,7 +177,7 @@ import UblkTargets
         #expect(try window(["--file", "a", "--encryption", "aes-xts-plain64", "--key-file", "k", "--cipher-threads", "0"]) == standard)
         #expect(try window(["--file", "a", "--poll-us", "0"]) == 0)
         #expect(try window(["--file", "a", "--encryption", "aes-xts-plain64", "--key-file", "k", "--poll-us", "500"]) == 500)
-        #expect(try ConfigFile.arguments(text: "poll-us = 50", path: "p.conf") == ["--poll-us", "50"])
+        #expect(try ConfigFile.arguments(text: "poll-us = 50", path: "p.conf") == ["--poll-us=50"])
     }
 
     @Test func nbdOptionsMakeAnNBDSpec() throws {
