@@ -254,16 +254,14 @@ extension DeviceOptions {
     /// of ours is a dash and a digit.
     static func joiningNegativeValues(_ arguments: [String]) -> [String] {
         var result: [String] = []
-        var index = 0
-        while index < arguments.count {
-            let argument = arguments[index]
-            index += 1
+        var rest = arguments[...]
+        while let argument = rest.popFirst() {
             // After `--`, every word is an argument, never an option.
-            if argument == "--" { return result + arguments[(index - 1)...] }
-            if argument.hasPrefix("--"), !argument.contains("="), index < arguments.count,
-               arguments[index].hasPrefix("-"), arguments[index].dropFirst().first?.isNumber == true {
-                result.append("\(argument)=\(arguments[index])")
-                index += 1
+            if argument == "--" { return result + [argument] + rest }
+            let takesNext = argument.hasPrefix("--") && !argument.contains("=")
+            if takesNext, let value = rest.first, value.hasPrefix("-"), value.dropFirst().first?.isNumber == true {
+                result.append("\(argument)=\(value)")
+                rest.removeFirst()
             } else {
                 result.append(argument)
             }
