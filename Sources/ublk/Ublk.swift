@@ -41,20 +41,23 @@ struct ServerFlags: ParsableArguments {
         }
     }
 
+    /// A remark for the user, before the device's path: through the launching CLI, or on stderr.
+    func note(_ text: String) {
+        if let readyFD { Background.note(text, to: readyFD) } else { FileHandleStderr.print("ublk: \(text)") }
+    }
+
     /// Opens the target the options describe and serves it in this process.
     func start(_ device: DeviceOptions, name: String?) throws {
         // "Not loaded" or "run as root" first: without the driver the backing does not matter.
         try reporting { _ = try ControlDevice() }
         let target = try reporting { try device.spec.makeTarget(key: try device.loadKey()) }
         try reporting { try DeviceSafety.refuseOverlap(target, force: device.force) }
-        if let note = target.note {
-            if let readyFD { Background.note(note, to: readyFD) } else { FileHandleStderr.print("ublk: \(note)") }
-        }
+        if let remark = target.note { note(remark) }
         var options = device.serverOptions
         options.name = name
         if let limit = target.queueLimit, options.queues > limit.queues {
             options.queues = limit.queues
-            if let readyFD { Background.note(limit.reason, to: readyFD) } else { FileHandleStderr.print("ublk: \(limit.reason)") }
+            note(limit.reason)
         }
         try serve(target: target, options: options, mode: .create)
     }
@@ -70,6 +73,9 @@ struct ServerFlags: ParsableArguments {
         do {
             try server.run(mode) { info, parameters in
                 let path = info.blockDevicePath
+                if case .create = mode, Int(info.queueCount) < options.queues {
+                    note("\(info.queueCount) queues, not \(options.queues): ublk_drv gives a device at most one per CPU")
+                }
                 logger.info("\(path) is live: target \(target.name), \(parameters.sectors << 9) bytes, \(info.queueCount) queues × \(info.queueDepth)")
                 if let readyFD { Background.report("ready \(path)", to: readyFD) } else { print(path) }
                 reported = true

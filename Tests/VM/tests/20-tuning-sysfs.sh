@@ -1,7 +1,8 @@
 #!/bin/bash
 # 20-tuning-sysfs — what `ublk add` is told shows up in the block layer:
 # logical/physical block size, size, nr_requests (depth), hardware queues,
-# discard limits, write cache and FUA, read-only — for several combinations.
+# discard limits, write cache and FUA, read-only — for several combinations; more queues
+# than CPUs gets the kernel's one per CPU and a line that says so.
 # timeout: 300
 . "$(dirname "$0")/../lib.sh"
 need_ublk
@@ -64,4 +65,14 @@ for task in /proc/$pid/task/*; do
 	expect_eq "$(awk '/^Cpus_allowed_list/ { print $2 }' "$task/status")" "$(cat /sys/block/${dev#/dev/}/mq/$q/cpu_list)" "CPUs of queue thread $q"
 	echo "queue $q thread on CPUs $(cat /sys/block/${dev#/dev/}/mq/$q/cpu_list)"
 done
+"$UBLK" del --id "${dev#/dev/ublkb}"
+wait_gone "$dev" 5
+
+# More queues than CPUs: ublk_drv gives one per CPU, and `ublk add` says so in one line.
+dev=$("$UBLK" add --file "$dir/disk.img" --queues $(($(nproc) + 2)) 2>"$dir/err")
+expect_eq "$(ls /sys/block/${dev#/dev/}/mq | wc -l)" "$(nproc)" "hardware queues when asked for more than CPUs"
+expect_eq "$(list_field "${dev#/dev/ublkb}" queues)" "$(nproc)" "queues in ublk list"
+expect_eq "$(wc -l <"$dir/err")" 1 "lines on stderr ($(cat "$dir/err"))"
+grep -q "at most one per CPU" "$dir/err" || fail "no word of the queues the kernel gave: $(cat "$dir/err")"
+echo "ok: $(cat "$dir/err")"
 echo "ok: every combination matches sysfs"
