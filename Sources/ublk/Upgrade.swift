@@ -12,9 +12,9 @@ extension Ublk {
             The running server is quiesced (requests in flight finish, new ones wait) and
             exits, keeping the device; the new server takes it over through user recovery.
             Needs a device added with --recovery. `systemctl reload ublk@NAME` runs this.
-            An encrypted device needs its key for the new server: --key-file PATH or - (with
-            --name, the config's key-file is used when none is given). The key is read and
-            checked before anything changes.
+            An encrypted device needs its key for the new server: --key-file PATH or -
+            (with --name, the config's key-file is used when none is given). The key is
+            read and checked before anything changes.
             """)
 
         @Option(name: .long, help: "The device id N of /dev/ublkbN.")
