@@ -86,9 +86,8 @@ public struct XTSKey: ~Copyable {
     }
 
     /// A pipe that holds the key and then ends (see `FileDescriptor.pipe(holding:)`): how
-    /// `ublk upgrade` hands a key it read from standard input, and checked, to the new
-    /// server, which reads it from the pipe as it would a `--key-file -` key. Never a
-    /// file, never argv.
+    /// `ublk upgrade` hands the key it read and checked to the new server, which reads it
+    /// from the pipe as it would a `--key-file -` key. Never a file, never argv.
     public func pipe(lowest: Int32 = 0) throws(SystemError) -> FileDescriptor {
         try FileDescriptor.pipe(holding: memory.bytes, lowest: lowest)
     }

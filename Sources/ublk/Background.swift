@@ -13,8 +13,9 @@ import UblkSystem
 /// `--key-file -` (the key on standard input) becomes `--key-fd 4`: the server inherits
 /// our standard input as descriptor 4 and reads the key from it straight into its locked
 /// memory, so the key passes through neither argv nor the environment, nor (for `ublk
-/// add`) this process. `ublk upgrade` reads and checks the key first, into its own locked
-/// memory, and hands the server a pipe holding it as descriptor 4 instead.
+/// add`) this process. `ublk upgrade` reads and checks the key first (from a file or standard
+/// input), into its own locked memory, and hands the server a pipe holding it as
+/// descriptor 4 instead.
 enum Background {
     /// The descriptor a background server reads a `--key-file -` key from.
     static let keyDescriptor: Int32 = 4

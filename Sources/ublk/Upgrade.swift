@@ -38,13 +38,13 @@ extension Ublk {
             let control = try ControlDevice()
             let info = try control.deviceInfo(id)
             try Self.checkUpgradable(id, info: info, features: control.features)
-            let (keyArguments, keyRead) = try newServerKey(id)
-            let arguments = ["recover", "--id", "\(id)"] + keyArguments
-            if let keyRead {
-                // Read from our standard input: it goes to the new server through a pipe,
-                // made before anything changes (standard input cannot give the key twice).
-                let keyPipe = try keyRead.pipe(lowest: Background.keyDescriptor + 1)
-                try replaceServer(id, control: control, arguments: arguments, keyInput: keyPipe.rawValue)
+            let arguments = ["recover", "--id", "\(id)"]
+            if let key = try newServerKey(id) {
+                // The key as checked, read once: the new server reads it from a pipe (as a
+                // `--key-file -` key), made before anything changes.
+                let keyPipe = try key.pipe(lowest: Background.keyDescriptor + 1)
+                try replaceServer(id, control: control, arguments: arguments + ["--key-file", "-"],
+                                  keyInput: keyPipe.rawValue)
             } else {
                 try replaceServer(id, control: control, arguments: arguments, keyInput: STDIN_FILENO)
             }
@@ -97,22 +97,20 @@ extension Ublk {
             }
         }
 
-        /// The key option the new server gets, checked before anything changes (a device left
-        /// quiesced for a server that cannot start would hold its I/O): an encrypted device's
-        /// key from --key-file, or with --name from the config's key-file; none for a plain one.
-        /// A key on standard input (`-`) is read here, to be checked (`keyRead`), and handed on.
-        func newServerKey(_ id: UInt32) throws -> (arguments: [String], keyRead: EncryptionKey?) {
-            guard let record = RuntimeDirectory.load(id) else { return ([], nil) } // the new server says so
+        /// The key the new server gets, read and checked before anything changes (a device
+        /// left quiesced for a server that cannot start would hold its I/O): an encrypted
+        /// device's key from --key-file (a path, or - for standard input), or with --name from
+        /// the config's key-file; none for a plain one.
+        func newServerKey(_ id: UInt32) throws -> EncryptionKey? {
+            guard let record = RuntimeDirectory.load(id) else { return nil } // the new server says so
             var given = key
             if !given.isGiven, record.spec.encryption != nil, let name {
                 // Read as `ublk start NAME` read it.
                 given.keyFile = try DeviceOptions.resolve(config: "\(ConfigFile.directory)/\(name).conf", overrides: []).key.keyFile
             }
-            let key: EncryptionKey?
-            do { key = try DeviceLifecycle.recoveryKey(record, given) } catch {
+            do { return try DeviceLifecycle.recoveryKey(record, given) } catch {
                 throw CLIError("\(error); nothing changed")
             }
-            return (given.keyFile.map { ["--key-file", $0] } ?? [], given.keyFile == "-" ? key : nil)
         }
 
         func deviceID() throws -> UInt32 {
