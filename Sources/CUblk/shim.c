@@ -57,4 +57,8 @@ int cublk_block_device_sector_sizes(int fd, uint32_t *logical, uint32_t *physica
     return 0;
 }
 
+int cublk_reread_partitions(int fd) {
+    return ioctl(fd, BLKRRPART) == 0 ? 0 : -errno;
+}
+
 short cublk_posix_spawn_setsid(void) { return POSIX_SPAWN_SETSID; }

@@ -134,8 +134,10 @@ public final class DeviceServer {
         let threads = try startQueues(info, parameters: parameters, mode: mode, control: control,
                                       characterDevice: characterDevice.rawValue, capacity: capacity)
         isLive = true
+        var readsPartitions = false
+        if case .create = mode { readsPartitions = info.flags.contains(.noAutoPartitionScan) }
         let requests = goLive(info, parameters: parameters, control: control, watcher: watcher, capacity: capacity,
-                              onLive: onLive)
+                              readsPartitions: readsPartitions, onLive: onLive)
         let failure = waitForQueues(threads, id: id, control: control)
         requests.stop()
         if requests.keepsDevice && failure == nil {
@@ -158,6 +160,11 @@ public final class DeviceServer {
         var flags = try options.recovery.deviceFlags(features: control.features)
         flags.formUnion(try zeroCopyFlags(features: control.features))
         flags.formUnion(try Self.batchFlags(options, target: target, features: control.features))
+        // Kernels with this flag scan a new disk's partition table in a work item after
+        // START_DEV returns, so the device could be reported live before /dev/ublkbNpK
+        // exist; with it, the server reads the table itself first (`readPartitionTable`),
+        // as `losetup -P` does. Kernels without it scan inside START_DEV.
+        if control.features?.contains(.noAutoPartitionScan) == true { flags.insert(.noAutoPartitionScan) }
         let request = DeviceInfo(id: options.id, queueCount: UInt16(options.queues), queueDepth: UInt16(options.depth),
                                  maxIOBufferBytes: UInt32(min(options.maxIOBytes, target.properties.maximumTransferBytes)),
                                  flags: flags)
@@ -281,13 +288,17 @@ public final class DeviceServer {
         }
     }
 
-    /// Waits for /dev/ublkbN to read, writes the record, opens the request channel (resize,
-    /// upgrade), runs `onLive`, then lets signals stop the device.
+    /// Waits for /dev/ublkbN to read (and, with `readsPartitions`, has its partition table
+    /// read), writes the record, opens the request channel (resize, upgrade), runs
+    /// `onLive`, then lets signals stop the device.
     private func goLive(_ info: DeviceInfo, parameters: DeviceParameters, control: borrowing ControlDevice,
-                        watcher: SignalWatcher, capacity: DeviceCapacity,
+                        watcher: SignalWatcher, capacity: DeviceCapacity, readsPartitions: Bool,
                         onLive: (DeviceInfo, DeviceParameters) throws -> Void) -> ServerControl {
         let id = info.id!
-        do { try waitUntilReadable(info.blockDevicePath) } catch {
+        do {
+            try waitUntilReadable(info.blockDevicePath)
+            if readsPartitions { readPartitionTable(info.blockDevicePath) }
+        } catch {
             logger.error("\(error)")
             try? control.stopDevice(id)
         }
@@ -381,6 +392,15 @@ public final class DeviceServer {
             }
         }
         throw .notReadable(path, lastError)
+    }
+
+    /// Has the kernel read the new disk's partition table (BLKRRPART; the queues serve its
+    /// reads), so /dev/ublkbNpK exist once the device is reported live. A disk the kernel
+    /// cannot scan stays usable whole: said in one line, not a failure.
+    private func readPartitionTable(_ path: String) {
+        do { try FileDescriptor(path: path, flags: O_RDONLY).rereadPartitions() } catch {
+            logger.warning("the partition table of \(path) was not read: \(error)")
+        }
     }
 
     /// No I/O scheduler on the device, as the kernel loop driver has (its tag set asks for

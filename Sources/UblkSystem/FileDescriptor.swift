@@ -68,6 +68,10 @@ public struct FileDescriptor: ~Copyable, Sendable {
     /// Size in bytes of a block device (`BLKGETSIZE64`).
     public func blockDeviceSize() throws(SystemError) -> UInt64 { try Syscalls.blockDeviceSize(rawValue) }
 
+    /// Has the kernel read this disk's partition table again and make its partitions'
+    /// devices anew (`BLKRRPART`); EBUSY while a partition is open.
+    public func rereadPartitions() throws(SystemError) { try Syscalls.rereadPartitions(rawValue) }
+
     /// Logical and physical sector sizes of a block device (`BLKSSZGET`, `BLKPBSZGET`).
     public func blockDeviceSectorSizes() throws(SystemError) -> (logical: UInt32, physical: UInt32) {
         try Syscalls.blockDeviceSectorSizes(rawValue)

@@ -68,6 +68,11 @@ enum Syscalls {
         return (logical, physical)
     }
 
+    static func rereadPartitions(_ fd: Int32) throws(SystemError) {
+        let result = cublk_reread_partitions(fd)
+        if result < 0 { throw SystemError("ioctl BLKRRPART", errno: result) }
+    }
+
     static var pageSize: Int { Int(sysconf(Int32(_SC_PAGESIZE))) }
 }
 

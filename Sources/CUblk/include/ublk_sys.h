@@ -22,6 +22,8 @@ int cublk_use_process_affinity(void);
 int cublk_block_device_size(int fd, uint64_t *bytes);
 /// Logical and physical block size of a block device; 0 or -errno.
 int cublk_block_device_sector_sizes(int fd, uint32_t *logical, uint32_t *physical);
+/// Has the kernel read a disk's partition table again (BLKRRPART); 0 or -errno.
+int cublk_reread_partitions(int fd);
 /// Sets a file's modification time (and so its change time) to now, its access time
 /// unchanged (futimens with UTIME_OMIT, UTIME_NOW); 0 or -errno.
 int cublk_touch_modification_time(int fd);
