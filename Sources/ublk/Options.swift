@@ -68,7 +68,8 @@ struct DeviceOptions: ParsableArguments {
     @Flag(name: .customLong("read-only"), help: "Open the backing read-only; the device refuses writes.")
     var readOnly = false
 
-    @Option(name: .customLong("block-size"), help: "Logical block size: 512, 1024, 2048 or 4096.")
+    @Option(name: [.customLong("block-size"), .customLong("sector-size")],
+            help: "Logical block size: 512, 1024, 2048 or 4096 (losetup --sector-size).")
     var blockSize: Int?
 
     @Option(name: .long, help: "Start of the device in the backing file, in bytes (losetup --offset; cryptsetup's --offset N is N×512 here). Suffixes K, M, G.")
@@ -88,7 +89,8 @@ struct DeviceOptions: ParsableArguments {
 
     @OptionGroup var key: KeyOptions
 
-    @Option(name: .long, help: "Device size in bytes (losetup --sizelimit; required for the null target). Suffixes K, M, G, T.")
+    @Option(name: [.long, .customLong("sizelimit")],
+            help: "Device size in bytes (losetup --sizelimit; required for the null target). Suffixes K, M, G, T.")
     var size: ByteCount?
 
     @Option(name: .long, help: ArgumentHelp(

@@ -42,6 +42,11 @@ import UblkTargets
         #expect(options.readOnly && options.queues == 2 && options.directIO == .off && options.size?.value == 1 << 30)
     }
 
+    @Test func losetupsNamesAreAccepted() throws {
+        let options = try DeviceOptions.parse(["--file", "a", "--sizelimit", "64M", "--sector-size", "4096", "--offset", "1M"])
+        #expect(options.size?.value == 64 << 20 && options.blockSize == 4096 && options.offset?.value == 1 << 20)
+    }
+
     @Test func recoveryTakesAnOptionalPolicy() throws {
         #expect(DeviceOptions.normalizingRecovery(["--recovery"]) == ["--recovery=reissue"])
         #expect(DeviceOptions.normalizingRecovery(["--recovery", "--file", "a"]) == ["--recovery=reissue", "--file", "a"])
