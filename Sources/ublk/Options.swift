@@ -1,4 +1,5 @@
 import ArgumentParser
+import Glibc
 import UblkCrypto
 import UblkQueue
 import UblkSystem
@@ -209,7 +210,7 @@ struct DeviceOptions: ParsableArguments {
         case .null:
             return .null(NullConfiguration(size: size!.value, logicalBlockSize: blockSize ?? 512))
         case .loop:
-            var configuration = LoopConfiguration(path: file!)
+            var configuration = LoopConfiguration(path: Self.absolute(file!))
             configuration.directIO = directIO
             configuration.readOnly = readOnly
             configuration.offset = offset?.value ?? 0
@@ -224,6 +225,18 @@ struct DeviceOptions: ParsableArguments {
             }
             return .loop(configuration)
         }
+    }
+
+    /// `path` from the working directory, as losetup records a backing: the device's record
+    /// keeps it, and `ublk recover`, `ublk upgrade` and the overlap check of a later `add`
+    /// open it from directories of their own.
+    static func absolute(_ path: String) -> String {
+        guard !path.hasPrefix("/") else { return path }
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        guard getcwd(&buffer, buffer.count) != nil else { return path }
+        let directory = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let parts = (directory.split(separator: "/") + path.split(separator: "/")).filter { $0 != "." }
+        return "/" + parts.joined(separator: "/")
     }
 
     /// The encryption key, read from where `--key-file` says; nil when not encrypting.

@@ -47,6 +47,15 @@ import UblkTargets
         #expect(options.size?.value == 64 << 20 && options.blockSize == 4096 && options.offset?.value == 1 << 20)
     }
 
+    @Test func aRelativeBackingIsRecordedFromTheWorkingDirectory() throws {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let directory = String(cString: getcwd(&buffer, buffer.count)!)
+        let spec = try DeviceOptions.parse(["--file", "./images/disk.img"]).spec
+        guard case .loop(let configuration) = spec else { Issue.record("not a loop spec"); return }
+        #expect(configuration.path == (directory == "/" ? "" : directory) + "/images/disk.img")
+        #expect(DeviceOptions.absolute("/srv/a.img") == "/srv/a.img")
+    }
+
     @Test func recoveryTakesAnOptionalPolicy() throws {
         #expect(DeviceOptions.normalizingRecovery(["--recovery"]) == ["--recovery=reissue"])
         #expect(DeviceOptions.normalizingRecovery(["--recovery", "--file", "a"]) == ["--recovery=reissue", "--file", "a"])
