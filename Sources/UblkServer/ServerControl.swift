@@ -28,6 +28,10 @@ public final class ServerControl: @unchecked Sendable {
     /// The record under /run/ublk, rewritten after a resize. Only the channel's thread
     /// touches it once the channel runs.
     private var record: DeviceRecord?
+    /// The device's size limit (`ResizableTarget.sizeLimit`, then each size `resize` asked
+    /// for), which a resize to the backing's size stays within. Only the channel's thread
+    /// touches it.
+    private var sizeLimit: UInt64?
     private let keepDevice = Atomic<Bool>(false)
     /// Set by `stop`, once every queue thread ended.
     private let queuesEnded = Atomic<Bool>(false)
@@ -38,6 +42,7 @@ public final class ServerControl: @unchecked Sendable {
         self.target = target
         self.record = record
         self.logger = logger
+        sizeLimit = (target as? any ResizableTarget)?.sizeLimit
     }
 
     public static func socketPath(_ id: UInt32) -> String { "\(RuntimeDirectory.path)/ublkb\(id).sock" }
@@ -106,7 +111,7 @@ public final class ServerControl: @unchecked Sendable {
         let control = try DeviceServer.openControl()
         guard control.features?.contains(.updateSize) == true else { throw ServerError.noUpdateSize }
         let bytes: UInt64
-        do { bytes = try target.resizedSize(requested) } catch { throw ServerError.target(error) }
+        do { bytes = try target.resizedSize(requested, limit: sizeLimit) } catch { throw ServerError.target(error) }
         let (old, new) = (capacity.sectors, bytes >> 9)
         if new > old { capacity.set(sectors: new) }
         do { try control.updateSize(deviceID, sectors: new) } catch {
@@ -115,8 +120,9 @@ public final class ServerControl: @unchecked Sendable {
         }
         if new < old { capacity.set(sectors: new) }
         logger.info("/dev/ublkb\(deviceID) resized from \(old << 9) to \(bytes) bytes")
+        if let requested { sizeLimit = requested }
         if var record {
-            record.spec = record.spec.resized(to: requested)
+            record.spec = record.spec.resized(to: sizeLimit)
             record.size = bytes
             do { try RuntimeDirectory.save(record) } catch { logger.warning("cannot rewrite the device record: \(error)") }
             self.record = record

@@ -4,13 +4,18 @@ import UblkSystem
 /// A target whose device can change size while it is served (`ublk resize`).
 public protocol ResizableTarget: Target {
     /// The device size in bytes to take now: `requested`, or (nil) everything the backing
-    /// holds, as `losetup -c` does. A multiple of the logical block size, never beyond the
-    /// backing; the error says what to do.
-    func resizedSize(_ requested: UInt64?) throws(TargetError) -> UInt64
+    /// holds up to `limit`, the device's size limit (its `--size`, or the last size asked
+    /// for), as `losetup -c` keeps `--sizelimit`. A multiple of the logical block size,
+    /// never beyond the backing; the error says what to do.
+    func resizedSize(_ requested: UInt64?, limit: UInt64?) throws(TargetError) -> UInt64
+    /// The size limit the target was made with (nil: none).
+    var sizeLimit: UInt64? { get }
 }
 
 extension LoopTarget: ResizableTarget {
-    public func resizedSize(_ requested: UInt64?) throws(TargetError) -> UInt64 {
+    public var sizeLimit: UInt64? { configuration.size }
+
+    public func resizedSize(_ requested: UInt64?, limit: UInt64?) throws(TargetError) -> UInt64 {
         let path = configuration.path
         let backing: UInt64
         do {
@@ -21,7 +26,8 @@ extension LoopTarget: ResizableTarget {
         guard backing > offset else { throw .offsetBeyondEnd(offset: offset, path: path, backingSize: backing) }
         let block = UInt64(properties.logicalBlockSize)
         guard let requested else {
-            let size = (backing - offset) - (backing - offset) % block
+            let room = min(backing - offset, limit ?? .max)
+            let size = room - room % block
             if size == 0 { throw .smallerThanBlock(path, blockSize: Int(block)) }
             return size
         }
@@ -34,7 +40,9 @@ extension LoopTarget: ResizableTarget {
 }
 
 extension NullTarget: ResizableTarget {
-    public func resizedSize(_ requested: UInt64?) throws(TargetError) -> UInt64 {
+    public var sizeLimit: UInt64? { nil }
+
+    public func resizedSize(_ requested: UInt64?, limit: UInt64?) throws(TargetError) -> UInt64 {
         guard let requested else { throw .sizeRequired(name) }
         let block = UInt64(properties.logicalBlockSize)
         if requested == 0 || requested % block != 0 { throw .sizeMisaligned(size: requested, blockSize: Int(block)) }

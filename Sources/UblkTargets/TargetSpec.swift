@@ -39,7 +39,7 @@ public enum TargetSpec: Sendable, Equatable, Codable {
         }
     }
 
-    /// The same target after `ublk resize`: `size` bytes (nil: to the end of the backing).
+    /// The same target after `ublk resize`: its size limit `size` bytes (nil: to the end of the backing).
     public func resized(to size: UInt64?) -> TargetSpec {
         switch self {
         case .loop(var configuration):

@@ -4,7 +4,8 @@
 # (the server's limit and record follow), resize2fs grows the file system; df shows it,
 # files written past the old end read back after a cache drop, `e2fsck` is clean after
 # the unmount. `--size` beyond the backing is refused. Kernels without UPDATE_SIZE get
-# one line and the device keeps its size.
+# one line and the device keeps its size. A --offset/--size window keeps its size
+# limit through a plain resize (losetup -c keeps --sizelimit).
 # timeout: 300
 . "$(dirname "$0")/../lib.sh"
 need_ublk
@@ -64,3 +65,19 @@ echo "ok: beyond the backing is refused: $(cat "$dir/err")"
 umount "$dir/mnt"
 e2fsck -f -n "$dev" >"$dir/fsck.out" 2>&1 || { cat "$dir/fsck.out"; fail "e2fsck found errors after the online grow"; }
 echo "ok: e2fsck clean"
+
+# A window (--offset, --size) keeps its size limit, as losetup -c keeps --sizelimit: the
+# backing grows, `resize` leaves the device at its limit; `--size` sets a new limit, which
+# the next plain `resize` keeps too (and the record says, for a recovering server).
+win=$dir/window.img
+truncate -s 40M "$win"
+wdev=$("$UBLK" add --file "$win" --offset 1M --size 32M)
+wid=${wdev#/dev/ublkb}
+truncate -s 80M "$win"
+expect_eq "$("$UBLK" resize --id "$wid")" "/dev/ublkb$wid: $((32 << 20)) bytes" "plain resize of a 32M window"
+expect_eq "$("$UBLK" resize --id "$wid" --size 48M)" "/dev/ublkb$wid: $((48 << 20)) bytes" "resize --size 48M"
+truncate -s 100M "$win"
+expect_eq "$("$UBLK" resize --id "$wid")" "/dev/ublkb$wid: $((48 << 20)) bytes" "plain resize after --size 48M"
+expect_eq "$(blockdev --getsize64 "$wdev")" $((48 << 20)) "size of the window device"
+expect_eq "$(list_field "$wid" size)" $((48 << 20)) "size in ublk list --json"
+echo "ok: a --size window stays at its limit when the backing grows (32M, then 48M after resize --size)"
