@@ -133,11 +133,18 @@ public final class DeviceServer {
         let watcher = SignalWatcher(deviceID: id, logger: logger)
         let threads = try startQueues(info, parameters: parameters, mode: mode, control: control,
                                       characterDevice: characterDevice.rawValue, capacity: capacity)
+        do {
+            try waitUntilReadable(info.blockDevicePath)
+            if case .create = mode, info.flags.contains(.noAutoPartitionScan) { readPartitionTable(info.blockDevicePath) }
+        } catch {
+            // Never reported live: the device goes (a new one), its queues end.
+            try? control.stopDevice(id)
+            _ = threads.joinAll()
+            throw error
+        }
         isLive = true
-        var readsPartitions = false
-        if case .create = mode { readsPartitions = info.flags.contains(.noAutoPartitionScan) }
         let requests = goLive(info, parameters: parameters, control: control, watcher: watcher, capacity: capacity,
-                              readsPartitions: readsPartitions, onLive: onLive)
+                              onLive: onLive)
         let failure = waitForQueues(threads, id: id, control: control)
         requests.stop()
         if requests.keepsDevice && failure == nil {
@@ -288,20 +295,12 @@ public final class DeviceServer {
         }
     }
 
-    /// Waits for /dev/ublkbN to read (and, with `readsPartitions`, has its partition table
-    /// read), writes the record, opens the request channel (resize, upgrade), runs
-    /// `onLive`, then lets signals stop the device.
+    /// The device reads: writes the record, opens the request channel (resize, upgrade),
+    /// runs `onLive`, then lets signals stop the device.
     private func goLive(_ info: DeviceInfo, parameters: DeviceParameters, control: borrowing ControlDevice,
-                        watcher: SignalWatcher, capacity: DeviceCapacity, readsPartitions: Bool,
+                        watcher: SignalWatcher, capacity: DeviceCapacity,
                         onLive: (DeviceInfo, DeviceParameters) throws -> Void) -> ServerControl {
         let id = info.id!
-        do {
-            try waitUntilReadable(info.blockDevicePath)
-            if readsPartitions { readPartitionTable(info.blockDevicePath) }
-        } catch {
-            logger.error("\(error)")
-            try? control.stopDevice(id)
-        }
         useNoScheduler(id)
         let live: DeviceInfo = (try? control.deviceInfo(id)) ?? info
         let liveParameters = (try? control.parameters(id)) ?? parameters

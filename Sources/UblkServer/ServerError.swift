@@ -64,7 +64,8 @@ public enum ServerError: Error, CustomStringConvertible {
         case .notRecoverable(let id):
             "device \(id) was not added with --recovery: it cannot be recovered, only deleted (ublk del --id \(id))"
         case .stillServed(let id): "device \(id) is still served by a live server: nothing to recover"
-        case let .notReadable(path, error): "\(path) is not readable after START_DEV: \(error)"
+        case let .notReadable(path, error):
+            "\(path) is not readable after START_DEV (\(error)), so it was removed: check that the backing's first block reads"
         case .characterDeviceMissing(let path): "\(path) did not appear: is devtmpfs or udev running?"
         case let .queueFailed(id, error): "device \(id) stopped after a queue failed: \(error)"
         case .noFailIO:

@@ -85,3 +85,17 @@ echo "ok: $log names each of the 4 failed requests once"
 "$UBLK" del --id "$id"
 wait_gone "$dev" 10
 echo "ok: the device is deleted cleanly after the errors"
+
+# A backing whose first block fails: the device never reads, so `ublk add` fails in one
+# line (after its few seconds of retries) and leaves no device, rather than printing a
+# device path that then goes away.
+bad=ublk-test-head-errors-$$
+dmsetup create --noudevsync "$bad" <<EOF2
+0 2048 error
+2048 129024 linear $loopdev 2048
+EOF2
+at_exit dmsetup remove --noudevsync --retry "$bad"
+dmsetup mknodes "$bad"
+expect_error "a backing whose first block fails" "not readable" -- "$UBLK" add --file "/dev/mapper/$bad"
+fail_on_problems "with a failing first block"
+echo "ok: a backing whose first block fails: $(cat "$EXPECT_DIR/err")"
