@@ -6,10 +6,22 @@ public struct NullConfiguration: Sendable, Equatable, Codable {
     /// Device size in bytes, a multiple of `logicalBlockSize`.
     public var size: UInt64
     public var logicalBlockSize: Int
+    /// The device refuses writes.
+    public var readOnly = false
 
     public init(size: UInt64, logicalBlockSize: Int = 512) {
         self.size = size
         self.logicalBlockSize = logicalBlockSize
+    }
+
+    enum CodingKeys: String, CodingKey { case size, logicalBlockSize, readOnly }
+
+    /// A record written before `readOnly` existed reads as writable.
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        size = try container.decode(UInt64.self, forKey: .size)
+        logicalBlockSize = try container.decode(Int.self, forKey: .logicalBlockSize)
+        readOnly = try container.decodeIfPresent(Bool.self, forKey: .readOnly) ?? false
     }
 }
 
@@ -30,8 +42,9 @@ public final class NullTarget: SpecifiedTarget {
         properties.logicalBlockSize = configuration.logicalBlockSize
         properties.physicalBlockSize = max(configuration.logicalBlockSize, 4096)
         properties.volatileCache = false
-        properties.supportsDiscard = true
-        properties.supportsWriteZeroes = true
+        properties.readOnly = configuration.readOnly
+        properties.supportsDiscard = !configuration.readOnly
+        properties.supportsWriteZeroes = !configuration.readOnly
         self.properties = properties
     }
 
@@ -41,7 +54,7 @@ public final class NullTarget: SpecifiedTarget {
     }
 
     public func makeQueueHandler(queueID: Int, depth: Int, share: TagShare) -> NullQueueHandler {
-        NullQueueHandler(depth: depth)
+        NullQueueHandler(depth: depth, readOnly: configuration.readOnly)
     }
 
     public func sync() throws {}
@@ -56,8 +69,11 @@ public final class NullQueueHandler: QueueHandler {
     /// kernel copied it there); zeroed before a read hands the buffer out again.
     /// (A raw buffer: an array property would pay an exclusivity check per request.)
     private let dirtyBytes: UnsafeMutableBufferPointer<Int>
+    /// Writes are refused (the kernel refuses them first: the disk is read-only).
+    private let readOnly: Bool
 
-    init(depth: Int) {
+    init(depth: Int, readOnly: Bool = false) {
+        self.readOnly = readOnly
         dirtyBytes = .allocate(capacity: depth)
         dirtyBytes.initialize(repeating: 0)
     }
@@ -76,6 +92,8 @@ public final class NullQueueHandler: QueueHandler {
                 dirtyBytes[tag] = 0
             }
             return .done(Int32(descriptor.byteCount))
+        case .write where readOnly, .discard where readOnly, .writeZeroes where readOnly:
+            return .done(-EROFS)
         case .write:
             guard case .buffer = request.data else { return .done(Int32(descriptor.byteCount)) }
             let tag = Int(request.tag)

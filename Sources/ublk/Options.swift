@@ -208,7 +208,9 @@ struct DeviceOptions: ParsableArguments {
             configuration.reconnectTimeout = reconnectTimeout ?? NBDConfiguration.defaultReconnectTimeout
             return .nbd(configuration)
         case .null:
-            return .null(NullConfiguration(size: size!.value, logicalBlockSize: blockSize ?? 512))
+            var configuration = NullConfiguration(size: size!.value, logicalBlockSize: blockSize ?? 512)
+            configuration.readOnly = readOnly
+            return .null(configuration)
         case .loop:
             var configuration = LoopConfiguration(path: Self.absolute(file!))
             configuration.directIO = directIO

@@ -1,3 +1,4 @@
+import FoundationEssentials
 import Glibc
 import Testing
 import UblkQueue
@@ -135,6 +136,19 @@ import UblkTesting
         #expect(try queue.perform(IODescriptor(operation: .read, startSector: 0, sectorCount: 16)) == 8192)
         #expect(UnsafeRawBufferPointer(start: queue.buffer(tag: 0), count: 8192).allSatisfy { $0 == 0 })
     }
+
+    @Test func readOnlyNullTargetRefusesWrites() throws {
+        var configuration = NullConfiguration(size: 1 << 20)
+        configuration.readOnly = true
+        let target = NullTarget(configuration)
+        #expect(target.properties.readOnly && !target.properties.supportsDiscard)
+        let queue = try OfflineQueue(target: target, depth: 1, bufferSize: 8192)
+        #expect(try queue.perform(IODescriptor(operation: .write, startSector: 0, sectorCount: 16)) == -EROFS)
+        #expect(try queue.perform(IODescriptor(operation: .read, startSector: 0, sectorCount: 16)) == 8192)
+        // A record from before the field existed reads as writable.
+        let old = try JSONDecoder().decode(NullConfiguration.self, from: Data(#"{"size":4096,"logicalBlockSize":512}"#.utf8))
+        #expect(!old.readOnly && old.size == 4096)
+    }
 }
 
 enum FileManagerless {
@@ -149,19 +163,34 @@ enum FileManagerless {
         configuration.offset = 64 << 10
         configuration.logicalBlockSize = 4096
         let target = try LoopTarget(configuration)
-        #expect(try target.resizedSize(nil) == (1 << 20) - (64 << 10))
+        #expect(try target.resizedSize(nil, limit: nil) == (1 << 20) - (64 << 10))
         #expect(truncate(file.path, (2 << 20) + 1000) == 0)
-        #expect(try target.resizedSize(nil) == (2 << 20) - (64 << 10)) // the odd tail is not a block
-        #expect(try target.resizedSize(1 << 20) == 1 << 20)
-        #expect(throws: TargetError.self) { try target.resizedSize(3 << 20) }
-        #expect(throws: TargetError.self) { try target.resizedSize(1000) }
+        #expect(try target.resizedSize(nil, limit: nil) == (2 << 20) - (64 << 10)) // the odd tail is not a block
+        #expect(try target.resizedSize(1 << 20, limit: nil) == 1 << 20)
+        #expect(throws: TargetError.self) { try target.resizedSize(3 << 20, limit: nil) }
+        #expect(throws: TargetError.self) { try target.resizedSize(1000, limit: nil) }
         #expect(truncate(file.path, 4096) == 0)
-        #expect(throws: TargetError.self) { try target.resizedSize(nil) }
+        #expect(throws: TargetError.self) { try target.resizedSize(nil, limit: nil) }
+    }
+
+    @Test func staysWithinItsSizeLimit() throws {
+        let file = try LoopTargetTests.ScratchFile(size: 1 << 20)
+        var configuration = LoopConfiguration(path: file.path)
+        configuration.offset = 64 << 10
+        configuration.size = 512 << 10
+        let target = try LoopTarget(configuration)
+        #expect(target.sizeLimit == 512 << 10)
+        #expect(truncate(file.path, 4 << 20) == 0)
+        // As losetup -c with --sizelimit: the backing grew, the window did not.
+        #expect(try target.resizedSize(nil, limit: target.sizeLimit) == 512 << 10)
+        #expect(try target.resizedSize(nil, limit: 2 << 20) == 2 << 20)
+        #expect(truncate(file.path, (64 << 10) + (256 << 10)) == 0)
+        #expect(try target.resizedSize(nil, limit: target.sizeLimit) == 256 << 10)
     }
 
     @Test func nullTargetNeedsASize() throws {
         let target = NullTarget(size: 1 << 20)
-        #expect(try target.resizedSize(2 << 20) == 2 << 20)
-        #expect(throws: TargetError.self) { try target.resizedSize(nil) }
+        #expect(try target.resizedSize(2 << 20, limit: nil) == 2 << 20)
+        #expect(throws: TargetError.self) { try target.resizedSize(nil, limit: nil) }
     }
 }
