@@ -174,7 +174,10 @@ public final class LoopTarget: SpecifiedTarget {
                 fallback = .misaligned(backingBlock: backingLogical, blockSize: logical, offset: configuration.offset)
             } else {
                 do { return try FileDescriptor(path: path, flags: mode | FileDescriptor.directIOFlag) }
-                catch { fallback = .refused(path, error) }
+                catch where [EACCES, EPERM, EROFS].contains(error.errno) && !configuration.readOnly {
+                    // Not O_DIRECT's fault: the backing cannot be written at all.
+                    throw .notWritable(path, error)
+                } catch { fallback = .refused(path, error) }
             }
             if configuration.directIO == .on, let fallback { throw .directIOUnavailable(fallback) }
         }

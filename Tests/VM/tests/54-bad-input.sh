@@ -24,11 +24,17 @@ mkdir "$dir/adir"
 truncate -s 64M "$dir/secret.img"
 chmod 000 "$dir/secret.img"
 chmod 644 "$dir/ok.img"
+truncate -s 64M "$dir/readonly.img"
+chmod 444 "$dir/readonly.img"
 
 # Backing files.
 expect_error "missing backing file" "does not exist.*(create|truncate)" -- "$UBLK" add --file "$dir/nope.img"
 expect_error "unreadable backing file (root without DAC override)" "not readable.*permission" --no-dac -- "$UBLK" add --file "$dir/secret.img"
 expect_error "unreadable backing file, --foreground" "not readable.*permission" --no-dac -- "$UBLK" add --file "$dir/secret.img" --foreground
+for dio in on auto; do
+	expect_error "write-protected backing file, --direct-io $dio (root without DAC override)" "--read-only" --no-dac -- \
+		"$UBLK" add --file "$dir/readonly.img" --direct-io "$dio"
+done
 expect_error "unreadable backing file as uid 65534" "root" --as-nobody -- "$UBLK" add --file "$dir/secret.img"
 expect_error "directory as backing" "directory.*(regular file|block device)" -- "$UBLK" add --file "$dir/adir"
 expect_error "zero-length backing file" "empty.*(truncate|size)" -- "$UBLK" add --file "$dir/empty.img"
