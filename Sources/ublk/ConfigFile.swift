@@ -20,10 +20,11 @@ enum ConfigFile {
         getenv("UBLK_CONFIG_DIR").map { String(cString: $0) } ?? "/etc/ublk"
     }
 
-    static let flags: Set<String> = ["read-only"]
+    static let flags: Set<String> = ["read-only", "force"]
     /// `recovery = yes|reissue|fail-io|no` (yes is reissue, as before fail-io existed).
     static let recoveryValues = ["yes": "reissue", "reissue": "reissue", "fail-io": "fail-io", "no": nil, "off": nil] as [String: String?]
-    static let options: Set<String> = ["file", "target", "id", "queues", "depth", "direct-io", "block-size", "offset", "size",
+    static let options: Set<String> = ["file", "target", "id", "queues", "depth", "direct-io", "block-size", "sector-size",
+                                       "offset", "size", "sizelimit",
                                        "zero-copy", "batch-io", "poll-us", "encryption", "key-file", "key-size", "skip", "cipher-threads", "uri", "reconnect-timeout"]
 
     /// The `ublk add` arguments the file at `path` stands for.
@@ -35,11 +36,21 @@ enum ConfigFile {
         return try arguments(text: String(decoding: bytes, as: UTF8.self), path: path)
     }
 
+    /// `line` up to its comment: a `#` that starts the line or follows a space or tab (so
+    /// a value such as `file = /srv/disk#2.img` keeps its `#`).
+    static func withoutComment(_ line: String) -> String {
+        var previous: Character = " "
+        for index in line.indices {
+            if line[index] == "#" && (previous == " " || previous == "\t") { return String(line[..<index]) }
+            previous = line[index]
+        }
+        return line
+    }
+
     static func arguments(text: String, path: String) throws -> [String] {
         var arguments: [String] = []
         for (index, rawLine) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
-            let line = rawLine.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first
-                .map { String($0).trimmingSpaces } ?? ""
+            let line = withoutComment(String(rawLine)).trimmingSpaces
             if line.isEmpty { continue }
             let parts = line.split(separator: "=", maxSplits: 1).map { String($0).trimmingSpaces }
             guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else {

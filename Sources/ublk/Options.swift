@@ -66,7 +66,8 @@ struct DeviceOptions: ParsableArguments {
     @Option(name: .customLong("direct-io"), help: "O_DIRECT on the backing: on, off or auto (on when the backing allows it).")
     var directIO: DirectIOMode = .auto
 
-    @Flag(name: .customLong("read-only"), help: "Open the backing read-only; the device refuses writes.")
+    @Flag(name: .customLong("read-only"), inversion: .prefixedNo,
+          help: "Open the backing read-only; the device refuses writes (--no-read-only overrides a config file's).")
     var readOnly = false
 
     @Option(name: [.customLong("block-size"), .customLong("sector-size")],
@@ -99,7 +100,7 @@ struct DeviceOptions: ParsableArguments {
         valueName: "reissue|fail-io"))
     var recovery: RecoveryPolicy = .off
 
-    @Flag(name: .long, help: "Serve a backing range that another device already serves read-write.")
+    @Flag(name: .long, inversion: .prefixedNo, help: "Serve a backing range that another device already serves read-write.")
     var force = false
 
     @Option(name: .customLong("zero-copy"), help: "Requests' pages straight to the backing I/O, no copy (UBLK_F_AUTO_BUF_REG): auto (where the kernel and target allow it), on (or fail), off.")

@@ -42,6 +42,23 @@ import UblkTargets
         #expect(options.readOnly && options.queues == 2 && options.directIO == .off && options.size?.value == 1 << 30)
     }
 
+    @Test func configFileFlagsCommentsAndAliases() throws {
+        let text = """
+        file = /srv/disk#2.img   # the second disk
+        #size = 1G
+        read-only = yes
+        force = yes
+        sizelimit = 64M
+        sector-size = 4096
+        """
+        let arguments = try ConfigFile.arguments(text: text, path: "b.conf")
+        #expect(arguments == ["--file=/srv/disk#2.img", "--read-only", "--force", "--sizelimit=64M", "--sector-size=4096"])
+        // The command line overrides the file's flags too.
+        let options = try DeviceOptions.parse(arguments + ["--no-read-only"])
+        #expect(!options.readOnly && options.force && options.size?.value == 64 << 20 && options.blockSize == 4096)
+        #expect(options.file == "/srv/disk#2.img")
+    }
+
     @Test func losetupsNamesAreAccepted() throws {
         let options = try DeviceOptions.parse(["--file", "a", "--sizelimit", "64M", "--sector-size", "4096", "--offset", "1M"])
         #expect(options.size?.value == 64 << 20 && options.blockSize == 4096 && options.offset?.value == 1 << 20)
@@ -97,7 +114,7 @@ import UblkTargets
         func message(_ text: String) -> String {
             do { _ = try ConfigFile.arguments(text: text, path: "x.conf"); return "accepted" } catch { return "\(error)" }
         }
-        #expect(message("file = /a\nqueus = 2") == "x.conf:2: unknown key `queus`: use one of batch-io, block-size, cipher-threads, depth, direct-io, encryption, file, id, key-file, key-size, offset, poll-us, queues, read-only, reconnect-timeout, recovery, size, skip, target, uri, zero-copy")
+        #expect(message("file = /a\nqueus = 2") == "x.conf:2: unknown key `queus`: use one of batch-io, block-size, cipher-threads, depth, direct-io, encryption, file, force, id, key-file, key-size, offset, poll-us, queues, read-only, reconnect-timeout, recovery, sector-size, size, sizelimit, skip, target, uri, zero-copy")
         #expect(message("read-only = maybe").hasPrefix("x.conf:1: read-only takes yes or no"))
         #expect(message("file /a").hasPrefix("x.conf:1: expected `key = value`"))
         #expect(message("key-file = -").hasPrefix("x.conf:1: key-file = - reads standard input"))
