@@ -39,6 +39,13 @@ public enum TargetSpec: Sendable, Equatable, Codable {
         }
     }
 
+    /// Where in its backing a loop device lies: its offset, and its size limit if it has
+    /// one (losetup's OFFSET and SIZELIMIT); 0 and nil for other targets.
+    public var window: (offset: UInt64, sizeLimit: UInt64?) {
+        guard case .loop(let configuration) = self else { return (0, nil) }
+        return (configuration.offset, configuration.size)
+    }
+
     /// The same target after `ublk resize`: its size limit `size` bytes (nil: to the end of the backing).
     public func resized(to size: UInt64?) -> TargetSpec {
         switch self {

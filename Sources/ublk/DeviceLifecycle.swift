@@ -25,6 +25,10 @@ struct DeviceRow: Codable {
     var serverAlive: Bool
     var readOnly: Bool
     var blockSize: Int
+    /// Where the device starts in its backing file (losetup's OFFSET), in bytes; 0 without one.
+    var offset: UInt64
+    /// The device's size limit in its backing (losetup's SIZELIMIT), if it has one.
+    var sizeLimit: UInt64?
     var name: String?
     /// Cipher, key size and IV skip of an encrypted device (never the key).
     var encryption: EncryptionConfiguration?
@@ -67,6 +71,7 @@ enum DeviceLifecycle {
                 commands: info.flags.contains(.batchIO) ? "batched" : "per-request",
                 pollMicroseconds: record?.pollMicroseconds, pid: pid, serverAlive: alive,
                 readOnly: parameters?.readOnly ?? false, blockSize: parameters?.logicalBlockSize ?? 512,
+                offset: record?.spec.window.offset ?? 0, sizeLimit: record?.spec.window.sizeLimit,
                 name: record?.name, encryption: record?.spec.encryption))
         }
         return rows

@@ -194,7 +194,7 @@ extension Ublk {
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Show the ublk devices: id, state, target, size, queues, depth, direct I/O, data path (zero-copy or copy), server pid, backing; --json adds commands (batched or per-request) and pollMicroseconds (the busy-polling window).")
+        static let configuration = CommandConfiguration(abstract: "Show the ublk devices: id, state, target, size, queues, depth, direct I/O, data path (zero-copy or copy), server pid, backing; --json adds commands (batched or per-request), pollMicroseconds (the busy-polling window), readOnly, and offset and sizeLimit (losetup's OFFSET and SIZELIMIT).")
 
         @Flag(name: .long, help: "JSON output for scripts.")
         var json = false

@@ -26,6 +26,8 @@ head -c $offset "$dir/disk.img" | sha256sum >"$dir/head"
 tail -c +$((offset + size + 1)) "$dir/disk.img" | sha256sum >"$dir/tail"
 dev=$("$UBLK" add --file "$dir/disk.img" --offset 3M --size 8M)
 expect_eq "$(blockdev --getsize64 "$dev")" "$size" "window size"
+expect_eq "$(list_field "${dev#/dev/ublkb}" offset)/$(list_field "${dev#/dev/ublkb}" sizeLimit)" "$offset/$size" \
+	"offset/sizeLimit in ublk list --json"
 head -c $size /dev/urandom >"$dir/new"
 dd if="$dir/new" of="$dev" bs=1M oflag=direct status=none
 # A write past the end of the device is refused by the block layer.
