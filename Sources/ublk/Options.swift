@@ -290,21 +290,32 @@ extension DeviceOptions {
     /// `--recovery` takes an optional value, which ArgumentParser options cannot: a bare
     /// `--recovery` (not followed by one of the policies) becomes `--recovery=reissue`, its
     /// meaning from before fail-io existed; `--recovery VALUE` becomes `--recovery=VALUE`.
+    /// VALUE may also be a config file's `yes` (reissue) or `no` (off).
     static func normalizingRecovery(_ arguments: [String]) -> [String] {
         var result: [String] = []
         var index = 0
         while index < arguments.count {
             let argument = arguments[index]
             index += 1
+            if argument.hasPrefix("--recovery="), let policy = recoveryPolicy(String(argument.dropFirst(11))) {
+                result.append("--recovery=\(policy)")
+                continue
+            }
             guard argument == "--recovery" else { result.append(argument); continue }
-            if index < arguments.count, RecoveryPolicy(rawValue: arguments[index]) != nil {
-                result.append("--recovery=\(arguments[index])")
+            if index < arguments.count, let policy = recoveryPolicy(arguments[index]) {
+                result.append("--recovery=\(policy)")
                 index += 1
             } else {
                 result.append("--recovery=reissue")
             }
         }
         return result
+    }
+
+    /// A policy's name, or the config file's words for one (`yes`, `no`); nil for any other word.
+    static func recoveryPolicy(_ word: String) -> String? {
+        if let policy = RecoveryPolicy(rawValue: word) { return policy.rawValue }
+        return ConfigFile.recoveryValues[word.lowercased()].map { $0 ?? RecoveryPolicy.off.rawValue }
     }
 }
 

@@ -81,6 +81,10 @@ import UblkTargets
         let parsed = try DeviceOptions.parse(DeviceOptions.normalizingRecovery(["--file", "a", "--recovery"]))
         #expect(parsed.recovery == .reissue && parsed.serverOptions.recovery == .reissue)
         #expect(try DeviceOptions.parse(["--file", "a"]).recovery == .off)
+        // A config file's words work on the command line too.
+        #expect(DeviceOptions.normalizingRecovery(["--recovery", "yes", "--file", "a"]) == ["--recovery=reissue", "--file", "a"])
+        #expect(DeviceOptions.normalizingRecovery(["--recovery=no"]) == ["--recovery=off"])
+        #expect(DeviceOptions.normalizingRecovery(["--recovery=sometimes"]) == ["--recovery=sometimes"])
         #expect(throws: (any Error).self) { try DeviceOptions.parse(["--file", "a", "--recovery=sometimes"]) }
         for (value, expected) in [("yes", ["--recovery=reissue"]), ("reissue", ["--recovery=reissue"]),
                                   ("fail-io", ["--recovery=fail-io"]), ("no", [])] {
