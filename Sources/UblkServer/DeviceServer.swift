@@ -137,9 +137,8 @@ public final class DeviceServer {
             try waitUntilReadable(info.blockDevicePath)
             if case .create = mode, info.flags.contains(.noAutoPartitionScan) { readPartitionTable(info.blockDevicePath) }
         } catch {
-            // Never reported live: the device goes (a new one), its queues end.
-            try? control.stopDevice(id)
-            _ = threads.joinAll()
+            abandonStart(threads, id: id, mode: mode, control: control)
+            if case .recover = mode, case .notReadable(let path, let cause, _) = error { throw .notReadable(path, cause, kept: id) }
             throw error
         }
         isLive = true
@@ -288,11 +287,20 @@ public final class DeviceServer {
             }
             return threads
         } catch {
-            // The queues that did start hold fetches: stopping aborts them.
-            try? control.stopDevice(id)
-            _ = threads.joinAll()
+            abandonStart(threads, id: id, mode: mode, control: control)
             throw (error as? ControlError).map { ServerError.control($0) } ?? .queueSetup(error)
         }
+    }
+
+    /// The device failed to come up after its queues started. A new one is stopped (the
+    /// queues' fetches are aborted, they end) and deleted on the way out. A recovered one
+    /// stays for the next server (`ublk recover`), as it was before this one came: its
+    /// queue threads end with this process, which the driver takes as its server gone
+    /// again, so the disk under a mounted file system survives a failed recover or upgrade.
+    private func abandonStart(_ threads: QueueThreads, id: UInt32, mode: Mode, control: borrowing ControlDevice) {
+        guard case .create = mode else { return }
+        try? control.stopDevice(id)
+        _ = threads.joinAll()
     }
 
     /// The device reads: writes the record, opens the request channel (resize, upgrade),
@@ -390,7 +398,7 @@ public final class DeviceServer {
                 usleep(20_000)
             }
         }
-        throw .notReadable(path, lastError)
+        throw .notReadable(path, lastError, kept: nil)
     }
 
     /// Has the kernel read the new disk's partition table (BLKRRPART; the queues serve its

@@ -17,7 +17,9 @@ public enum ServerError: Error, CustomStringConvertible {
     case noUserRecovery(FeatureFlags?)
     case notRecoverable(UInt32)
     case stillServed(UInt32)
-    case notReadable(String, SystemError)
+    /// /dev/ublkbN did not read once served; `kept`: the id of a device being recovered,
+    /// which stays for another server (nil: a new device, removed).
+    case notReadable(String, SystemError, kept: UInt32?)
     case characterDeviceMissing(String)
     case queueFailed(UInt32, any Error)
     /// `--recovery fail-io` on a kernel without UBLK_F_USER_RECOVERY_FAIL_IO.
@@ -44,7 +46,7 @@ public enum ServerError: Error, CustomStringConvertible {
     /// The errno behind the failure, if a system call or ublk command failed.
     public var errno: Int32? {
         switch self {
-        case .controlDevice(.system(let error)), .system(let error), .notReadable(_, let error): error.errno
+        case .controlDevice(.system(let error)), .system(let error), .notReadable(_, let error, _): error.errno
         case .control(let error): error.errno
         case .target(let error): error.systemError?.errno
         case .queueSetup(let error), .queueFailed(_, let error): (error as? SystemError)?.errno
@@ -64,8 +66,10 @@ public enum ServerError: Error, CustomStringConvertible {
         case .notRecoverable(let id):
             "device \(id) was not added with --recovery: it cannot be recovered, only deleted (ublk del --id \(id))"
         case .stillServed(let id): "device \(id) is still served by a live server: nothing to recover"
-        case let .notReadable(path, error):
+        case let .notReadable(path, error, nil):
             "\(path) is not readable after START_DEV (\(error)), so it was removed: check that the backing's first block reads"
+        case let .notReadable(path, error, id?):
+            "\(path) is not readable after recovery (\(error)): it waits for a server; once the backing's first block reads, ublk recover --id \(id)"
         case .characterDeviceMissing(let path): "\(path) did not appear: is devtmpfs or udev running?"
         case let .queueFailed(id, error): "device \(id) stopped after a queue failed: \(error)"
         case .noFailIO:

@@ -1,0 +1,56 @@
+#!/bin/bash
+# 66-recover-fails — a `ublk recover` that fails does not take the device with it: a
+# --recovery device whose server was killed, recovered while its backing's first block
+# fails (a device-mapper table switched to an error target there), fails in one line and
+# leaves the device waiting for a server (quiesced, the mounted file system intact); once
+# the backing reads again, `ublk recover` brings it back with its data.
+# timeout: 300
+. "$(dirname "$0")/../lib.sh"
+need_ublk
+
+dir=$(mktempdir)
+name=ublk-test-recover-$$
+img=$dir/backing.img
+truncate -s 64M "$img"
+loopdev=$(losetup --find --show "$img")
+at_exit losetup -d "$loopdev"
+# (No udev in the test VM: no sync with it, and dmsetup makes the /dev/mapper node itself.)
+echo "0 131072 linear $loopdev 0" | dmsetup create --noudevsync "$name"
+at_exit dmsetup remove --noudevsync --retry "$name"
+dmsetup mknodes "$name"
+at_exit "$UBLK" del --all --force
+backing=/dev/mapper/$name
+
+dev=$("$UBLK" add --file "$backing" --recovery)
+id=${dev#/dev/ublkb}
+mkfs.ext4 -q -F "$dev"
+mkdir "$dir/mnt"
+mount "$dev" "$dir/mnt"
+head -c 3M /dev/urandom >"$dir/mnt/data"
+want=$(sha "$dir/mnt/data")
+sync
+
+pid=$(list_field "$id" pid)
+kill -9 "$pid"
+wait_exit "$pid" 10
+# The first block of the backing now fails.
+printf '0 8 error\n8 131064 linear %s 8\n' "$loopdev" | dmsetup load "$name"
+dmsetup resume "$name"
+
+rc=0
+"$UBLK" recover --id "$id" >"$dir/out" 2>"$dir/err" || rc=$?
+((rc != 0)) || fail "ublk recover succeeded with the backing's first block failing"
+expect_eq "$(wc -l <"$dir/err")" 1 "lines of the failure ($(cat "$dir/err"))"
+grep -q "not readable.*ublk recover --id $id" "$dir/err" || fail "the failure does not say why: $(cat "$dir/err")"
+[[ -b $dev ]] || fail "$dev is gone after the failed recover"
+for _ in $(seq 50); do [[ $(list_field "$id" state) == quiesced* ]] && break; sleep 0.1; done
+[[ $(list_field "$id" state) == quiesced* ]] || fail "device $id is '$(list_field "$id" state)' after the failed recover, not quiesced"
+echo "ok: the failed recover said: $(cat "$dir/err"); $dev stays, quiesced"
+
+echo "0 131072 linear $loopdev 0" | dmsetup load "$name"
+dmsetup resume "$name"
+"$UBLK" recover --id "$id" >/dev/null
+expect_eq "$(list_field "$id" state)" live "state after the second recover"
+expect_eq "$(sha "$dir/mnt/data")" "$want" "the file written before the kill, through the mount that stayed"
+umount "$dir/mnt"
+echo "ok: the next recover brought $dev back; the mounted file system kept its data"
