@@ -70,12 +70,19 @@ enum DeviceSafety {
         let control = try ControlDevice()
         for record in RuntimeDirectory.all() {
             guard case .loop(let other) = record.spec, !other.readOnly, existing.contains(record.id),
-                  RuntimeDirectory.isAlive(record.pid), backingIdentity(other.path) == identity else { continue }
+                  backingIdentity(other.path) == identity else { continue }
+            // A device whose server died still counts if it waits for a new one (--recovery):
+            // `ublk recover` would bring a second writer back.
+            let waiting = !RuntimeDirectory.isAlive(record.pid)
+            if waiting, (try? control.deviceInfo(record.id))?.flags.contains(.userRecovery) != true { continue }
             // The size the device has now (it may have been resized since the record was made).
             let size = (try? control.parameters(record.id)).map { $0.sectors << 9 } ?? other.size ?? UInt64.max - other.offset
             let (backing, otherStart, otherEnd) = (other.path, other.offset, other.offset + size)
             guard start < otherEnd, otherStart < end else { continue }
             let range = "bytes \(otherStart == 0 ? "0" : DeviceListing.humanSize(otherStart))-\(DeviceListing.humanSize(otherEnd))"
+            if waiting {
+                throw CLIError("ublk device \(record.id) holds \(backing) read-write (\(range)) and waits for a new server: ublk recover --id \(record.id), or ublk del --id \(record.id) first, or --force")
+            }
             throw CLIError("ublk device \(record.id) already serves \(backing) read-write (\(range)): use --read-only, another --offset/--size range, or --force")
         }
     }

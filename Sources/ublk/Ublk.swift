@@ -161,6 +161,18 @@ extension Ublk {
             let options = try server.reporting {
                 try DeviceOptions.resolve(config: "\(ConfigFile.directory)/\(name).conf", overrides: [])
             }
+            // A server of this name that died (the service restarting after a crash) left
+            // its device: take it over if it waits for one, rather than make a second
+            // device on the same backing; remove it if it cannot be taken over.
+            if let orphan = try server.reporting({ try DeviceLifecycle.orphan(named: name) }) {
+                if orphan.recoverable {
+                    server.note("device \(orphan.id) of \(name) lost its server: recovering it")
+                    let (target, recovery) = try server.reporting { try DeviceLifecycle.recoveryPlan(orphan.id, key: options.key) }
+                    return try server.serve(target: target, options: recovery, mode: .recover(orphan.id))
+                }
+                try server.reporting { try DeviceLifecycle.delete(orphan.id, control: try ControlDevice()) }
+                server.note("device \(orphan.id) of \(name) lost its server and cannot be recovered: removed")
+            }
             try server.start(options, name: name)
         }
     }
