@@ -122,9 +122,11 @@ public final class DeviceServer {
             // A failure before the device went live leaves nothing behind.
             if !isLive, case .create = mode { try? control.deleteDevice(id) }
         }
-        let parameters = Self.parameters(for: target.properties, maxIOBytes: info.maxIOBufferBytes)
-        if case .create = mode {
-            do { try control.setParameters(id, parameters) } catch { throw .control(error) }
+        var parameters = Self.parameters(for: target.properties, maxIOBytes: info.maxIOBufferBytes)
+        switch mode {
+        case .create: do { try control.setParameters(id, parameters) } catch { throw .control(error) }
+        // The device keeps what it was given (and resized to): the queues enforce that.
+        case .recover: if let existing = try? control.parameters(id) { parameters = existing }
         }
         let characterDevice = try openCharacterDevice(info.characterDevicePath)
         // The size the queues enforce, which `ublk resize` changes while they run.
@@ -246,6 +248,9 @@ public final class DeviceServer {
         do {
             let existing = try control.deviceInfo(id)
             guard existing.flags.contains(.userRecovery) else { throw ServerError.notRecoverable(id) }
+            if let why = Self.mismatch(target.properties, device: try control.parameters(id)) {
+                throw ServerError.targetChanged(id, why)
+            }
             try Self.startUserRecovery(control, id)
             // Run by `ublk upgrade` under a service manager, this process is the service's
             // main process from here on: say so before the old server exits.
@@ -360,6 +365,19 @@ public final class DeviceServer {
                                        maxWriteZeroesSectors: properties.supportsWriteZeroes ? UInt32.max >> 9 : 0)
         }
         return parameters
+    }
+
+    /// Why a target cannot serve a device the kernel already has (recovery keeps the
+    /// device's size, block size and read-only flag): a backing that shrank below it, a
+    /// block size that changed, a read-only backing under a writable device. Nil if it fits.
+    static func mismatch(_ properties: TargetProperties, device: DeviceParameters) -> String? {
+        let deviceBytes = device.sectors << 9
+        if properties.size < deviceBytes { return "it holds \(properties.size) bytes, the device \(deviceBytes)" }
+        if properties.logicalBlockSize != device.logicalBlockSize {
+            return "its block size is \(properties.logicalBlockSize), the device's \(device.logicalBlockSize)"
+        }
+        if properties.readOnly && !device.readOnly { return "it is read-only, the device is writable" }
+        return nil
     }
 
     /// START_USER_RECOVERY, waiting up to 5 s while the driver answers EBUSY: it does

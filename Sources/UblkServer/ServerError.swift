@@ -17,6 +17,8 @@ public enum ServerError: Error, CustomStringConvertible {
     case noUserRecovery(FeatureFlags?)
     case notRecoverable(UInt32)
     case stillServed(UInt32)
+    /// Recovering device `id`: the target no longer fits the device the kernel keeps (why).
+    case targetChanged(UInt32, String)
     /// /dev/ublkbN did not read once served; `kept`: the id of a device being recovered,
     /// which stays for another server (nil: a new device, removed).
     case notReadable(String, SystemError, kept: UInt32?)
@@ -63,6 +65,8 @@ public enum ServerError: Error, CustomStringConvertible {
         case .queueSetup(let error): "\(error)"
         case .noUserRecovery(let features?): "this kernel's ublk_drv has no user recovery (features: \(features)): leave out --recovery"
         case .noUserRecovery(nil): "this kernel's ublk_drv has no user recovery: leave out --recovery"
+        case let .targetChanged(id, why):
+            "device \(id) cannot be recovered with this backing: \(why); its data waits: fix the backing and run ublk recover --id \(id) again, or ublk del --id \(id)"
         case .notRecoverable(let id):
             "device \(id) was not added with --recovery: it cannot be recovered, only deleted (ublk del --id \(id))"
         case .stillServed(let id): "device \(id) is still served by a live server: nothing to recover"

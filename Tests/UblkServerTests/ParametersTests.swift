@@ -30,4 +30,19 @@ import UblkQueue
         #expect(parameters.discard == nil)
         #expect(parameters.logicalBlockShift == 9 && parameters.maxSectors == 128)
     }
+
+    /// Recovery keeps the device: a target that no longer fits it is refused, one that
+    /// grew (or is the same) serves it.
+    @Test func aRecoveringTargetMustFitTheDevice() {
+        let device = DeviceServer.parameters(for: TargetProperties(size: 64 << 20), maxIOBytes: 512 * 1024)
+        #expect(DeviceServer.mismatch(TargetProperties(size: 64 << 20), device: device) == nil)
+        #expect(DeviceServer.mismatch(TargetProperties(size: 128 << 20), device: device) == nil)
+        #expect(DeviceServer.mismatch(TargetProperties(size: 32 << 20), device: device)?.contains("holds") == true)
+        var blocks = TargetProperties(size: 64 << 20)
+        blocks.logicalBlockSize = 4096
+        #expect(DeviceServer.mismatch(blocks, device: device)?.contains("block size") == true)
+        var readOnly = TargetProperties(size: 64 << 20)
+        readOnly.readOnly = true
+        #expect(DeviceServer.mismatch(readOnly, device: device)?.contains("read-only") == true)
+    }
 }

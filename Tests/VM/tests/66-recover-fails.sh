@@ -3,7 +3,8 @@
 # --recovery device whose server was killed, recovered while its backing's first block
 # fails (a device-mapper table switched to an error target there), fails in one line and
 # leaves the device waiting for a server (quiesced, the mounted file system intact); once
-# the backing reads again, `ublk recover` brings it back with its data.
+# the backing reads again, `ublk recover` brings it back with its data. A backing that
+# shrank below the device is refused before anything changes.
 # timeout: 300
 . "$(dirname "$0")/../lib.sh"
 need_ublk
@@ -54,3 +55,24 @@ expect_eq "$(list_field "$id" state)" live "state after the second recover"
 expect_eq "$(sha "$dir/mnt/data")" "$want" "the file written before the kill, through the mount that stayed"
 umount "$dir/mnt"
 echo "ok: the next recover brought $dev back; the mounted file system kept its data"
+
+# A backing that shrank below the device (which recovery keeps as it was) is refused
+# before anything changes; grown back, the device recovers.
+"$UBLK" del --id "$id"
+small=$dir/shrinks.img
+truncate -s 32M "$small"
+sdev=$("$UBLK" add --file "$small" --recovery)
+sid=${sdev#/dev/ublkb}
+spid=$(list_field "$sid" pid)
+kill -9 "$spid"
+wait_exit "$spid" 10
+truncate -s 16M "$small"
+KEEP_ID=$sid
+expect_error "recover onto a backing that shrank" "cannot be recovered with this backing.*holds" -- "$UBLK" recover --id "$sid"
+fail_on_problems "recovering onto a backing that shrank"
+[[ -b $sdev ]] || fail "$sdev is gone after the refused recover"
+truncate -s 32M "$small"
+"$UBLK" recover --id "$sid" >/dev/null
+expect_eq "$(list_field "$sid" state)" live "state after recovering onto the grown-back backing"
+expect_eq "$(blockdev --getsize64 "$sdev")" $((32 << 20)) "size of $sdev"
+echo "ok: a backing that shrank is refused ($(cat "$EXPECT_DIR/err")); grown back, $sdev recovers"
