@@ -172,6 +172,22 @@ import UblkSystem
         #expect(ContinuousClock.now - started < .seconds(3))
     }
 
+    /// A TCP connection notices a peer that vanished without a word: keepalive probes
+    /// after 10 s of silence, and a bound on unacknowledged data (TCP_USER_TIMEOUT).
+    @Test func tcpConnectionsNoticeAVanishedPeer() throws {
+        let listener = try SilentListener(backlog: 8)
+        let socket = try FileDescriptor.connect(to: .tcp(host: "127.0.0.1", port: listener.port), timeout: .seconds(2))
+        func option(_ level: Int32, _ name: Int32) -> Int32 {
+            var value: Int32 = -1
+            var length = socklen_t(MemoryLayout<Int32>.size)
+            return getsockopt(socket.rawValue, level, name, &value, &length) == 0 ? value : -1
+        }
+        let tcp = Int32(IPPROTO_TCP)
+        #expect(option(tcp, TCP_NODELAY) == 1 && option(SOL_SOCKET, SO_KEEPALIVE) == 1)
+        #expect(option(tcp, TCP_KEEPIDLE) == 10 && option(tcp, TCP_KEEPINTVL) == 5 && option(tcp, TCP_KEEPCNT) == 3)
+        #expect(option(tcp, TCP_USER_TIMEOUT) == 15_000)
+    }
+
     @Test func silentServerFailsTheHandshakeInTime() throws {
         let listener = try SilentListener(backlog: 8)
         let started = ContinuousClock.now
