@@ -175,9 +175,12 @@ public enum RequestStep: Equatable {
     case done(Int32)
     /// Backing I/O is submitted; its completion comes back to `complete`.
     case submitted
-    /// The one backing operation just submitted finishes the request if it completes with
-    /// exactly `result`: a read or write that moves all its bytes, an fsync or fallocate
-    /// that returns 0. The queue then links the commit behind it in the same submission
+    /// The one backing operation just submitted, a read or write (`READ`, `WRITE`, or their
+    /// `_FIXED` forms), finishes the request if it moves exactly `result` bytes. Only
+    /// these: io_uring breaks a link behind a read or write that fails or ends short, but
+    /// not behind a failed fsync or fallocate, whose error would then be lost (the commit
+    /// runs with `result`, and the skipped completion never comes): return `.submitted`
+    /// for every other operation. The queue then links the commit behind it in the same submission
     /// (IOSQE_IO_LINK) and skips its completion (IOSQE_CQE_SKIP_SUCCESS): the request
     /// needs no turn of the queue between its backing I/O and its commit, which is one
     /// `io_uring_enter` per request at queue depth 1. A short or failed result cancels the

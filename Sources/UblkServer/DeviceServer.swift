@@ -107,6 +107,10 @@ public final class DeviceServer {
     /// Serves the device until it is stopped. Once /dev/ublkbN exists and reads, its
     /// record is written under /run/ublk (so `ublk list` knows it), then `onLive` runs,
     /// with the device as the kernel has it.
+    ///
+    /// A recovery that fails after its queues started leaves them running until the
+    /// process ends (stopping them would stop the device): the kernel takes that end as
+    /// the server gone again, and the device waits for the next one.
     public func run(_ mode: Mode = .create,
                     onLive: (DeviceInfo, DeviceParameters) throws -> Void) throws(ServerError) {
         SignalWatcher.blockSignals()
@@ -406,7 +410,8 @@ public final class DeviceServer {
         var lastError = SystemError("open \(path)", errno: ENOENT)
         for _ in 0..<250 {
             do {
-                let device = try FileDescriptor(path: path, flags: O_RDONLY)
+                // O_DIRECT: the read must reach the queues, not a page the cache still holds.
+                let device = try FileDescriptor(path: path, flags: O_RDONLY | FileDescriptor.directIOFlag)
                 let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
                 defer { buffer.deallocate() }
                 _ = try device.read(into: buffer, at: 0)

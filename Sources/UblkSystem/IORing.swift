@@ -223,8 +223,10 @@ extension IORing {
         /// Links the SQE prepared last to the one prepared next, in the same submission
         /// (IOSQE_IO_LINK: the next starts only once this one completed with its full
         /// result), and skips this one's completion unless it fails (IOSQE_CQE_SKIP_SUCCESS).
-        /// A failure, or a short read or write, posts this one's completion and cancels the
-        /// next, without a completion of its own (the skip passes on to the link). Returns false,
+        /// A failed or short read or write posts this one's completion and cancels the next,
+        /// without a completion of its own (the skip passes on to the link). Other
+        /// operations do not break a link when they fail (fsync, fallocate: the next runs,
+        /// and this one's failed completion is skipped too): link only behind reads and writes. Returns false,
         /// changing nothing, when the submission queue has no slot left for that next SQE:
         /// a link may not be split across submissions (the SQE preparing it would submit).
         @inlinable @inline(__always)

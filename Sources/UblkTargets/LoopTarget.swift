@@ -270,8 +270,8 @@ public final class LoopQueueHandler: QueueHandler {
     // (about 40% of this handler's instructions, measured with callgrind).
     /// Bytes of each tag's read or write done so far (short transfers are resubmitted).
     @usableFromInline let transferred: UnsafeMutableBufferPointer<Int>
-    /// Tags whose WRITE_ZEROES fell back from ZERO_RANGE to punching a hole, or whose read
-    /// ran past the end of the backing and is being filled from /dev/zero (zero copy).
+    /// Tags whose read ran past the end of the backing and is being filled from /dev/zero
+    /// (zero copy).
     @usableFromInline let fellBack: UnsafeMutableBufferPointer<Bool>
 
     init(depth: Int, offset: Int64, readOnly: Bool, stamp: consuming ModificationStamp,
@@ -338,14 +338,18 @@ public final class LoopQueueHandler: QueueHandler {
             if readOnly { return .done(-EROFS) }
             // Not advertised when encrypting: zeroed backing would read back as noise.
             if encrypting { return .done(-EOPNOTSUPP) }
-            // As loop.c: keep the blocks allocated only when asked to (NOUNMAP).
-            fellBack[Int(request.tag)] = false
+            // As loop.c: keep the blocks allocated only when asked to (NOUNMAP); where the
+            // file system cannot zero in place (tmpfs) that fails with EOPNOTSUPP, and the
+            // block layer writes zeros instead.
             let mode = d.flags.contains(.noUnmap) ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE
             try io.fallocate(file: file, mode: mode | FALLOC_FL_KEEP_SIZE, offset: position, length: Int64(d.byteCount))
         case .unsupported:
             return .done(-EOPNOTSUPP)
         }
-        return .finishing(result: 0)
+        // Never `.finishing`: io_uring breaks a link only behind a read or write that fails
+        // or ends short; a failed fsync or fallocate would still run the linked commit, with
+        // its success result, and its own completion would be skipped: a lost fsync error.
+        return .submitted
     }
 
     /// The next step of a request whose backing operation completed with `result`.
@@ -397,12 +401,6 @@ public final class LoopQueueHandler: QueueHandler {
                 try io.write(file: file, from: rest, count: d.byteCount - done, offset: position,
                              dsync: d.flags.contains(.fua))
             }
-            return .submitted
-        case .writeZeroes where result == -EOPNOTSUPP && !fellBack[tag] && d.flags.contains(.noUnmap):
-            // Some file systems (tmpfs) cannot zero a range in place; a hole reads as zeros too.
-            fellBack[tag] = true
-            try io.fallocate(file: file, mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                             offset: offset + d.byteOffset, length: Int64(d.byteCount))
             return .submitted
         default:
             return .done(result < 0 ? result : 0)

@@ -78,15 +78,15 @@ enum DeviceLifecycle {
     }
 
     /// A device that `ublk start NAME` finds from an earlier server of that name which died:
-    /// `recoverable` if it was added with --recovery (it waits for a new server), else it
-    /// is dead and only in the way. Nil when there is none.
+    /// `recoverable` if it was added with --recovery and is not dead (it waits for a new
+    /// server), else it is only in the way. Nil when there is none.
     static func orphan(named name: String) throws -> (id: UInt32, recoverable: Bool)? {
         let control = try ControlDevice()
         let existing = Set(ControlDevice.deviceIDs())
         for record in RuntimeDirectory.all().sorted(by: { $0.id < $1.id })
         where record.name == name && existing.contains(record.id) && !RuntimeDirectory.isAlive(record.pid) {
             guard let info = try? control.deviceInfo(record.id), !RuntimeDirectory.isAlive(info.serverPID) else { continue }
-            return (record.id, info.flags.contains(.userRecovery))
+            return (record.id, info.flags.contains(.userRecovery) && info.state != .dead)
         }
         return nil
     }

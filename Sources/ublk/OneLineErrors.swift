@@ -14,7 +14,11 @@ extension Ublk {
             let code = exitCode(for: error)
             if code == .success { exit(withError: error) }
             FileHandleStderr.print("Error: \(errorLine(for: error))")
-            Glibc.exit(code.rawValue)
+            // Without atexit handlers (OpenSSL's cleanup): a failed recovery leaves its queue
+            // (and cipher) threads running until the process ends, which returns the device
+            // to the kernel to wait for the next server (`DeviceServer.run`).
+            fflush(nil)
+            Glibc._exit(code.rawValue)
         }
     }
 

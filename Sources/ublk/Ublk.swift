@@ -170,7 +170,8 @@ extension Ublk {
                     let (target, recovery) = try server.reporting { try DeviceLifecycle.recoveryPlan(orphan.id, key: options.key) }
                     return try server.serve(target: target, options: recovery, mode: .recover(orphan.id))
                 }
-                try server.reporting { try DeviceLifecycle.delete(orphan.id, control: try ControlDevice()) }
+                // Dead: pulled even if a file system on it is still mounted (it sees I/O errors already).
+                try server.reporting { try DeviceRemoval.remove(orphan.id, control: try ControlDevice(), force: true) }
                 server.note("device \(orphan.id) of \(name) lost its server and cannot be recovered: removed")
             }
             try server.start(options, name: name)

@@ -11,8 +11,8 @@ import UblkTesting
     /// A scratch file of `size` bytes filled with `fill`, removed when the test ends.
     final class ScratchFile {
         let path: String
-        init(size: Int, fill: UInt8 = 0xA5) throws {
-            var template = Array("\(FileManagerless.tmp)/ublk-test-XXXXXX".utf8CString)
+        init(size: Int, fill: UInt8 = 0xA5, directory: String = FileManagerless.tmp) throws {
+            var template = Array("\(directory)/ublk-test-XXXXXX".utf8CString)
             let fd = mkstemp(&template)
             path = String(cString: template)
             let chunk = [UInt8](repeating: fill, count: 64 * 1024)
@@ -102,6 +102,22 @@ import UblkTesting
         #expect(try queue.perform(IODescriptor(operation: .writeZeroes, flags: .noUnmap, startSector: 1024, sectorCount: 8)) == 0)
         #expect(file.bytes(at: 512 * 1024, count: 4096).allSatisfy { $0 == 0 })
         #expect(file.bytes(at: 512 * 1024 + 4096, count: 1) == [0xA5])
+    }
+
+    /// A failed fallocate (or fsync) reaches the request: io_uring does not break a link
+    /// behind one, so its commit must not be linked (it was, and committed 0). tmpfs
+    /// punches holes but cannot zero a range in place (ZERO_RANGE: EOPNOTSUPP).
+    @Test func aFailedFallocateFailsTheRequest() throws {
+        let file = try ScratchFile(size: 1 << 20, directory: "/dev/shm")
+        let target = try loop(file)
+        try #require(target.properties.supportsWriteZeroes, "/dev/shm cannot punch holes here")
+        let queue = try OfflineQueue(target: target, depth: 2)
+        #expect(try queue.perform(IODescriptor(operation: .writeZeroes, flags: .noUnmap, startSector: 8, sectorCount: 8))
+            == -EOPNOTSUPP)
+        #expect(file.bytes(at: 4096, count: 4096).allSatisfy { $0 == 0xA5 }) // left as it was, not punched
+        #expect(try queue.perform(IODescriptor(operation: .writeZeroes, startSector: 8, sectorCount: 8)) == 0)
+        #expect(file.bytes(at: 4096, count: 4096).allSatisfy { $0 == 0 })
+        #expect(try queue.perform(IODescriptor(operation: .flush, startSector: 0, sectorCount: 0)) == 0)
     }
 
     @Test func readOnlyRefusesWrites() throws {
