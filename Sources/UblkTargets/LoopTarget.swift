@@ -227,11 +227,14 @@ public final class LoopTarget: SpecifiedTarget {
     private static func readSysfs(_ path: String) -> Int? { SmallFile.integer(path) }
 
     /// Can the backing deallocate ranges? For a file: punch a hole past its end (a no-op
-    /// where holes are supported, EOPNOTSUPP where not). For a block device: its discard limit.
+    /// where holes are supported, EOPNOTSUPP where not). For a block device: its
+    /// write-zeroes limit, as loop.c takes it: a hole punched in a block device is a
+    /// zero-out that may not fall back to writing zeros (blkdev_fallocate), so a disk
+    /// that discards but cannot write zeroes would refuse every one.
     static func supportsPunchHole(_ file: borrowing FileDescriptor, status: FileStatus, size: UInt64) -> Bool {
         if status.isBlockDevice {
             let device = status.rdev
-            return (readSysfs("/sys/dev/block/\(major(device)):\(minor(device))/queue/discard_max_bytes") ?? 0) > 0
+            return (readSysfs("/sys/dev/block/\(major(device)):\(minor(device))/queue/write_zeroes_max_bytes") ?? 0) > 0
         }
         let end = MappedRegion.roundUp(Int(size), to: 4096)
         do {
