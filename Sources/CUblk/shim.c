@@ -57,6 +57,14 @@ int cublk_block_device_sector_sizes(int fd, uint32_t *logical, uint32_t *physica
     return 0;
 }
 
+int64_t cublk_direct_io_alignment(const char *path) {
+    struct statx stx;
+    memset(&stx, 0, sizeof(stx));
+    if (statx(AT_FDCWD, path, 0, STATX_DIOALIGN, &stx) != 0) return -errno;
+    if (!(stx.stx_mask & STATX_DIOALIGN)) return -EOPNOTSUPP;
+    return stx.stx_dio_offset_align;
+}
+
 int cublk_reread_partitions(int fd) {
     return ioctl(fd, BLKRRPART) == 0 ? 0 : -errno;
 }

@@ -68,6 +68,10 @@ public struct FileDescriptor: ~Copyable, Sendable {
     /// Size in bytes of a block device (`BLKGETSIZE64`).
     public func blockDeviceSize() throws(SystemError) -> UInt64 { try Syscalls.blockDeviceSize(rawValue) }
 
+    /// The file offset (and length) alignment O_DIRECT on `path` needs, as statx reports it
+    /// (STATX_DIOALIGN, Linux 6.1+; 0: the file takes no direct I/O); nil where it does not.
+    public static func directIOAlignment(path: String) -> Int? { Syscalls.directIOAlignment(path) }
+
     /// Has the kernel read this disk's partition table again and make its partitions'
     /// devices anew (`BLKRRPART`); EBUSY while a partition is open.
     public func rereadPartitions() throws(SystemError) { try Syscalls.rereadPartitions(rawValue) }

@@ -68,6 +68,13 @@ enum Syscalls {
         return (logical, physical)
     }
 
+    /// The offset alignment O_DIRECT on `path` needs (0: none is possible); nil where the
+    /// kernel or file system does not say.
+    static func directIOAlignment(_ path: String) -> Int? {
+        let result = cublk_direct_io_alignment(path)
+        return result >= 0 ? Int(result) : nil
+    }
+
     static func rereadPartitions(_ fd: Int32) throws(SystemError) {
         let result = cublk_reread_partitions(fd)
         if result < 0 { throw SystemError("ioctl BLKRRPART", errno: result) }

@@ -77,10 +77,10 @@ public final class LoopTarget: SpecifiedTarget {
         self.key = key
         let status = try Self.inspect(configuration.path)
         // The backing's own block sizes: O_DIRECT needs I/O aligned to its logical block.
-        let backingBlocks = Self.backingBlockSizes(status: status)
+        let backingBlocks = Self.backingBlockSizes(status: status, path: configuration.path)
         // Encrypted, the block size is the format's sector size: never taken from the backing.
         let logical = configuration.logicalBlockSize
-            ?? (configuration.encryption == nil ? max(512, backingBlocks.logical) : 512)
+            ?? (configuration.encryption == nil ? min(4096, max(512, backingBlocks.logical)) : 512)
         var fallback: DirectIOFallback?
         let backing = try Self.open(configuration, logical: logical, backingLogical: backingBlocks.logical,
                                     fallback: &fallback)
@@ -211,15 +211,19 @@ public final class LoopTarget: SpecifiedTarget {
     // MARK: Probing the backing
 
     /// Logical/physical block size and rotational flag of the backing (of the block
-    /// device itself, or of the device holding the file), from sysfs.
-    static func backingBlockSizes(status: FileStatus) -> (logical: Int, physical: Int, rotational: Bool) {
+    /// device itself, or of the device holding the file), from sysfs. The logical block is
+    /// at least the alignment the file's direct I/O needs where statx says it (as loop.c
+    /// takes it): a file on overlayfs, btrfs or NFS has a device number sysfs does not
+    /// know, and 512 there would make every O_DIRECT request fail on a 4K-sector disk.
+    static func backingBlockSizes(status: FileStatus, path: String) -> (logical: Int, physical: Int, rotational: Bool) {
         let device = status.isBlockDevice ? status.rdev : status.device
         let base = "/sys/dev/block/\(major(device)):\(minor(device))"
         func value(_ name: String) -> Int? {
             // A partition's queue/ is its parent's.
             readSysfs("\(base)/queue/\(name)") ?? readSysfs("\(base)/../queue/\(name)")
         }
-        let logical = value("logical_block_size") ?? 512
+        let alignment = FileDescriptor.directIOAlignment(path: path) ?? 0
+        let logical = max(value("logical_block_size") ?? 512, alignment)
         let physical = value("physical_block_size") ?? 4096
         return (logical, max(physical, logical), (value("rotational") ?? 0) == 1)
     }

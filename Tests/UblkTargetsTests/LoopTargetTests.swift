@@ -120,6 +120,16 @@ import UblkTesting
         #expect(try queue.perform(IODescriptor(operation: .flush, startSector: 0, sectorCount: 0)) == 0)
     }
 
+    /// The default block size is at least what the file's direct I/O needs (statx), so
+    /// O_DIRECT requests are never smaller than the backing takes.
+    @Test func blockSizeCoversTheDirectIOAlignment() throws {
+        let file = try ScratchFile(size: 1 << 20)
+        let alignment = FileDescriptor.directIOAlignment(path: file.path)
+        let target = try loop(file)
+        if let alignment, alignment > 0 { #expect(target.properties.logicalBlockSize >= alignment) }
+        #expect(FileDescriptor.directIOAlignment(path: "/nonexistent/file") == nil)
+    }
+
     @Test func readOnlyRefusesWrites() throws {
         let file = try ScratchFile(size: 64 * 1024)
         let queue = try OfflineQueue(target: try loop(file) { $0.readOnly = true }, depth: 1)

@@ -22,6 +22,9 @@ int cublk_use_process_affinity(void);
 int cublk_block_device_size(int fd, uint64_t *bytes);
 /// Logical and physical block size of a block device; 0 or -errno.
 int cublk_block_device_sector_sizes(int fd, uint32_t *logical, uint32_t *physical);
+/// The file offset alignment direct I/O on `path` needs (statx STATX_DIOALIGN, Linux 6.1+;
+/// 0: no direct I/O there); -EOPNOTSUPP where the kernel or file system does not say, or -errno.
+int64_t cublk_direct_io_alignment(const char *path);
 /// Has the kernel read a disk's partition table again (BLKRRPART); 0 or -errno.
 int cublk_reread_partitions(int fd);
 /// Sets a file's modification time (and so its change time) to now, its access time
