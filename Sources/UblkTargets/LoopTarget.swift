@@ -280,6 +280,11 @@ public final class LoopQueueHandler: QueueHandler {
     /// Tags whose read ran past the end of the backing and is being filled from /dev/zero
     /// (zero copy).
     @usableFromInline let fellBack: UnsafeMutableBufferPointer<Bool>
+    /// Times each tag's read or write came back with EAGAIN or EINTR and was submitted again.
+    @usableFromInline let retries: UnsafeMutableBufferPointer<UInt8>
+    /// How often a read or write is submitted again after EAGAIN or EINTR (io_uring gives
+    /// one back where it could not reissue it itself) before the error is the result.
+    static let retryLimit: UInt8 = 8
 
     init(depth: Int, offset: Int64, readOnly: Bool, stamp: consuming ModificationStamp,
          encryption: QueueEncryption? = nil) {
@@ -292,11 +297,14 @@ public final class LoopQueueHandler: QueueHandler {
         transferred.initialize(repeating: 0)
         fellBack = .allocate(capacity: depth)
         fellBack.initialize(repeating: false)
+        retries = .allocate(capacity: depth)
+        retries.initialize(repeating: 0)
     }
 
     deinit {
         transferred.deallocate()
         fellBack.deallocate()
+        retries.deallocate()
     }
 
     @inlinable
@@ -324,12 +332,14 @@ public final class LoopQueueHandler: QueueHandler {
         case .read:
             transferred[Int(request.tag)] = 0
             fellBack[Int(request.tag)] = false
+            retries[Int(request.tag)] = 0
             try io.read(file: file, into: request.data, count: d.byteCount, offset: position)
             // Encrypted data must be deciphered first (`tracked` keeps it from linking).
             return .finishing(result: Int32(d.byteCount))
         case .write:
             if readOnly { return .done(-EROFS) }
             transferred[Int(request.tag)] = 0
+            retries[Int(request.tag)] = 0
             if encrypting { return try encryptedWrite(request, from: 0, io) }
             stamp.beforeWrite()
             try io.write(file: file, from: request.data, count: d.byteCount, offset: position,
@@ -380,6 +390,11 @@ public final class LoopQueueHandler: QueueHandler {
         let tag = Int(request.tag)
         switch d.operation {
         case .read, .write:
+            if result == -EAGAIN || result == -EINTR, retries[tag] < Self.retryLimit {
+                // As loop.c takes a request the backing could not take at once again.
+                retries[tag] += 1
+                return try submitRest(request, from: transferred[tag], io)
+            }
             if result < 0 { return .done(result) }
             if result == 0 {
                 guard d.operation == .read, !fellBack[tag] else { return .done(-EIO) }
@@ -396,22 +411,28 @@ public final class LoopQueueHandler: QueueHandler {
             transferred[tag] += Int(result)
             let done = transferred[tag]
             if done >= d.byteCount { return d.operation == .read ? try readDone(request, io) : .done(Int32(d.byteCount)) }
-            // Short transfer (or the next chunk of an encrypted write): ask for the rest.
-            if d.operation == .write && encrypting { return try encryptedWrite(request, from: done, io) }
-            let position = offset + d.byteOffset + Int64(done)
-            let rest = request.data.advanced(by: done)
-            if d.operation == .read {
-                try io.read(file: fellBack[tag] ? zeroFile : file, into: rest, count: d.byteCount - done,
-                            offset: fellBack[tag] ? 0 : position)
-            } else {
-                stamp.beforeWrite()
-                try io.write(file: file, from: rest, count: d.byteCount - done, offset: position,
-                             dsync: d.flags.contains(.fua))
-            }
-            return .submitted
+            return try submitRest(request, from: done, io)
         default:
             return .done(result < 0 ? result : 0)
         }
+    }
+
+    /// Submits a read or write again from byte `done` to its end: the rest of a short
+    /// transfer, the next chunk of an encrypted write, or a retry.
+    func submitRest(_ request: IORequest, from done: Int, _ io: BackingSubmitter) throws(SystemError) -> RequestStep {
+        let d = request.descriptor
+        let tag = Int(request.tag)
+        if d.operation == .write && encrypting { return try encryptedWrite(request, from: done, io) }
+        let position = offset + d.byteOffset + Int64(done)
+        let rest = request.data.advanced(by: done)
+        if d.operation == .read {
+            try io.read(file: fellBack[tag] ? zeroFile : file, into: rest, count: d.byteCount - done,
+                        offset: fellBack[tag] ? 0 : position)
+        } else {
+            stamp.beforeWrite()
+            try io.write(file: file, from: rest, count: d.byteCount - done, offset: position, dsync: d.flags.contains(.fua))
+        }
+        return .submitted
     }
 
     /// Encrypting: counts the requests in flight around one step of a request (where the
