@@ -66,7 +66,7 @@ public enum ServerError: Error, CustomStringConvertible {
         case .noUserRecovery(let features?): "this kernel's ublk_drv has no user recovery (features: \(features)): leave out --recovery"
         case .noUserRecovery(nil): "this kernel's ublk_drv has no user recovery: leave out --recovery"
         case let .targetChanged(id, why):
-            "device \(id) cannot be recovered with this backing: \(why); its data waits: fix the backing and run ublk recover --id \(id) again, or ublk del --id \(id)"
+            "device \(id) cannot be taken over with this backing: \(why); it waits for a server: fix the backing, then ublk recover --id \(id)"
         case .notRecoverable(let id):
             "device \(id) was not added with --recovery: it cannot be recovered, only deleted (ublk del --id \(id))"
         case .stillServed(let id): "device \(id) is still served by a live server: nothing to recover"

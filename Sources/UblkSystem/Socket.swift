@@ -60,8 +60,8 @@ extension FileDescriptor {
 
     /// Seconds a connection may go without a byte from its peer before keepalive probes
     /// start, between probes, and probes unanswered: a peer that vanished without a word
-    /// (power lost, a partition, a dropped NAT entry) is noticed within about 25 s of
-    /// silence, and within `unacknowledgedLimit` while data waits for its ACK.
+    /// (power lost, a partition, a dropped NAT entry) is noticed within 15 to 25 s, by
+    /// the probes or by `unacknowledgedLimit` (which also bounds unanswered probes).
     public static let keepalive = (idle: Int32(10), interval: Int32(5), probes: Int32(3))
     /// Milliseconds sent data may go unacknowledged before the connection fails (TCP_USER_TIMEOUT).
     public static let unacknowledgedLimit = UInt32(15_000)
@@ -69,15 +69,16 @@ extension FileDescriptor {
     /// TCP_NODELAY (a request header must not wait for the previous reply's ACK), and the
     /// keepalive and user timeout above: without them a connection to a vanished peer
     /// looks alive for TCP's own ~15 minutes of retransmissions, and so would its requests.
+    /// Those two are best effort (a sandbox may lack them): the connection works without.
     func noticePeerLoss() throws {
         let tcp = Int32(IPPROTO_TCP)
         try Syscalls.setSocketOption(rawValue, level: tcp, option: TCP_NODELAY, Int32(1), name: "TCP_NODELAY")
-        try Syscalls.setSocketOption(rawValue, level: SOL_SOCKET, option: SO_KEEPALIVE, Int32(1), name: "SO_KEEPALIVE")
-        try Syscalls.setSocketOption(rawValue, level: tcp, option: TCP_KEEPIDLE, Self.keepalive.idle, name: "TCP_KEEPIDLE")
-        try Syscalls.setSocketOption(rawValue, level: tcp, option: TCP_KEEPINTVL, Self.keepalive.interval, name: "TCP_KEEPINTVL")
-        try Syscalls.setSocketOption(rawValue, level: tcp, option: TCP_KEEPCNT, Self.keepalive.probes, name: "TCP_KEEPCNT")
-        try Syscalls.setSocketOption(rawValue, level: tcp, option: TCP_USER_TIMEOUT, Self.unacknowledgedLimit,
-                                     name: "TCP_USER_TIMEOUT")
+        try? Syscalls.setSocketOption(rawValue, level: SOL_SOCKET, option: SO_KEEPALIVE, Int32(1), name: "SO_KEEPALIVE")
+        try? Syscalls.setSocketOption(rawValue, level: tcp, option: TCP_KEEPIDLE, Self.keepalive.idle, name: "TCP_KEEPIDLE")
+        try? Syscalls.setSocketOption(rawValue, level: tcp, option: TCP_KEEPINTVL, Self.keepalive.interval, name: "TCP_KEEPINTVL")
+        try? Syscalls.setSocketOption(rawValue, level: tcp, option: TCP_KEEPCNT, Self.keepalive.probes, name: "TCP_KEEPCNT")
+        try? Syscalls.setSocketOption(rawValue, level: tcp, option: TCP_USER_TIMEOUT, Self.unacknowledgedLimit,
+                                      name: "TCP_USER_TIMEOUT")
     }
 
     /// Bounds every later blocking send and receive on this socket (`SO_SNDTIMEO`,

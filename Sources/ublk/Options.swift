@@ -96,11 +96,12 @@ struct DeviceOptions: ParsableArguments {
     var size: ByteCount?
 
     @Option(name: .long, help: ArgumentHelp(
-        "Keep the device when the server dies, so `ublk recover` (and `ublk upgrade`) can take it over: `--recovery` or `--recovery reissue` makes I/O wait for the new server, `--recovery fail-io` fails it meanwhile (Linux 6.13+).",
+        "Keep the device when the server dies, so `ublk recover` (and `ublk upgrade`) can take it over: `--recovery` or `--recovery reissue` makes I/O wait for the new server, `--recovery fail-io` fails it meanwhile (Linux 6.13+); yes and no as in config files.",
         valueName: "reissue|fail-io"))
     var recovery: RecoveryPolicy = .off
 
-    @Flag(name: .long, inversion: .prefixedNo, help: "Serve a backing range that another device already serves read-write.")
+    @Flag(name: .long, inversion: .prefixedNo,
+          help: "Serve a backing range that another device already serves read-write (or holds for `ublk recover`).")
     var force = false
 
     @Option(name: .customLong("zero-copy"), help: "Requests' pages straight to the backing I/O, no copy (UBLK_F_AUTO_BUF_REG): auto (where the kernel and target allow it), on (or fail), off.")

@@ -5,7 +5,7 @@ import UblkServer
 extension Ublk {
     struct Resize: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Give a device the backing's current size (as losetup -c does), or --size BYTES (UBLK_F_UPDATE_SIZE, Linux 6.16+).",
+            abstract: "Give a device the backing's current size up to its size limit (as losetup -c does), or --size BYTES (UBLK_F_UPDATE_SIZE, Linux 6.16+).",
             discussion: """
             Grow the backing first (truncate -s, lvextend), then resize the device, then the
             file system on it (resize2fs, xfs_growfs). Shrinking below a file system that is
@@ -15,7 +15,7 @@ extension Ublk {
         @Option(name: .long, help: "The device id N of /dev/ublkbN.")
         var id: UInt32
 
-        @Option(name: .long, help: "The new size in bytes, a multiple of the block size, within the backing (suffixes K, M, G, T). Default: all the backing holds after --offset.")
+        @Option(name: .long, help: "The new size in bytes, a multiple of the block size, within the backing (suffixes K, M, G, T). It becomes the device's size limit. Default: all the backing holds after --offset, up to the limit (the add's --size, or the last resize --size).")
         var size: ByteCount?
 
         func run() throws {

@@ -142,7 +142,10 @@ extension Ublk {
 
     struct Start: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Create and serve the device configured in /etc/ublk/NAME.conf (what ublk@NAME.service runs).")
+            abstract: "Create and serve the device configured in /etc/ublk/NAME.conf (what ublk@NAME.service runs).",
+            discussion: """
+            A device an earlier server of NAME left when it died (the service restarting after a crash) is taken over if it was added with recovery = yes, else removed first.
+            """)
 
         @Argument(help: "The config's name: /etc/ublk/NAME.conf ($UBLK_CONFIG_DIR overrides the directory).")
         var name: String

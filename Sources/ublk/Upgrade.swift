@@ -70,7 +70,10 @@ extension Ublk {
             }
             let path: String
             do { path = try Background.launch(arguments, program: program, keyInput: keyInput) } catch {
-                throw CLIError("\(error) (device \(id) is quiesced and waits for a server: ublk recover --id \(id))")
+                let line = "\(error)"
+                // The new server's own line may already say how the device comes back.
+                if line.contains("ublk recover --id \(id)") { throw CLIError(line) }
+                throw CLIError("\(line) (device \(id) is quiesced and waits for a server: ublk recover --id \(id))")
             }
             for _ in 0..<300 where RuntimeDirectory.isAlive(oldPID) { usleep(100_000) }
             let newPID = RuntimeDirectory.load(id)?.pid ?? -1

@@ -68,7 +68,7 @@ kill -9 "$spid"
 wait_exit "$spid" 10
 truncate -s 16M "$small"
 KEEP_ID=$sid
-expect_error "recover onto a backing that shrank" "cannot be recovered with this backing.*holds" -- "$UBLK" recover --id "$sid"
+expect_error "recover onto a backing that shrank" "cannot be taken over with this backing.*holds.*ublk recover --id $sid" -- "$UBLK" recover --id "$sid"
 fail_on_problems "recovering onto a backing that shrank"
 [[ -b $sdev ]] || fail "$sdev is gone after the refused recover"
 truncate -s 32M "$small"
