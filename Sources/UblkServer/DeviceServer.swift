@@ -152,8 +152,10 @@ public final class DeviceServer {
                               onLive: onLive)
         let failure = waitForQueues(threads, id: id, control: control)
         requests.stop()
-        if requests.keepsDevice && failure == nil {
-            // Quiesced for `ublk upgrade`: the device and its record stay for the new server.
+        // Quiesced for `ublk upgrade`: the device and its record stay for the new server;
+        // unless it was stopped meanwhile (a signal, `ublk del`, while QUIESCE_DEV ran): a
+        // dead device waits for no one.
+        if requests.keepsDevice && failure == nil && (try? control.deviceInfo(id))?.state != .dead {
             return handOver(id, characterDevice: characterDevice, control: control)
         }
         SystemdNotifier.notify("STOPPING=1\nSTATUS=Removing /dev/ublkb\(id)")
