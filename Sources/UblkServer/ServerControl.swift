@@ -69,6 +69,9 @@ public final class ServerControl: @unchecked Sendable {
         removed = true
     }
     private var removed = false
+    /// QUIESCE_DEV timed out: the server leaves the device by ending the process once it
+    /// answered (only the channel's thread touches it).
+    private var leavesByExiting = false
 
     private func serve(_ listener: UnixListener) {
         while true {
@@ -79,7 +82,12 @@ public final class ServerControl: @unchecked Sendable {
             let request = UnixLine.read(client)
             let answer = handle(request)
             UnixLine.write(answer, to: client)
-            if answer == "ok" && request == "quiesce" { return }
+            guard answer == "ok" && request == "quiesce" else { continue }
+            if leavesByExiting {
+                stop()
+                _exit(0)
+            }
+            return
         }
     }
 
@@ -140,7 +148,15 @@ public final class ServerControl: @unchecked Sendable {
         do { info = try control.deviceInfo(deviceID) } catch { throw ServerError.control(error) }
         guard info.flags.contains(.quiesce) else { throw ServerError.notUpgradable(deviceID) }
         keepDevice.store(true, ordering: .releasing)
-        do { try control.quiesceDevice(deviceID, timeoutMilliseconds: 30_000) } catch {
+        do { try control.quiesceDevice(deviceID, timeoutMilliseconds: 30_000) } catch where error.errno == EBUSY {
+            // Requests still in the backing's hands after 30 s (a stalled backing). The
+            // kernel parks new requests from now on and aborts nothing: serving on would
+            // leave the device stalled. Ending the process leaves it to the new server,
+            // which sends the unanswered requests again (reissue; fail-io fails them).
+            logger.warning("/dev/ublkb\(deviceID): requests did not finish within 30 s of QUIESCE_DEV: this server exits, leaving them to the new one")
+            leavesByExiting = true
+            return
+        } catch {
             keepDevice.store(false, ordering: .releasing)
             throw ServerError.control(error)
         }
