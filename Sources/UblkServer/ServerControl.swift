@@ -153,7 +153,7 @@ public final class ServerControl: @unchecked Sendable {
             // kernel parks new requests from now on and aborts nothing: serving on would
             // leave the device stalled. Ending the process leaves it to the new server,
             // which sends the unanswered requests again (reissue; fail-io fails them).
-            logger.warning("/dev/ublkb\(deviceID): requests did not finish within 30 s of QUIESCE_DEV: this server exits, leaving them to the new one")
+            logger.warning("/dev/ublkb\(deviceID): requests are still in the backing's hands 30 s after QUIESCE_DEV: this server exits, leaving them to the new one")
             leavesByExiting = true
             return
         } catch {
@@ -161,7 +161,13 @@ public final class ServerControl: @unchecked Sendable {
             throw ServerError.control(error)
         }
         logger.info("/dev/ublkb\(deviceID) quiesced: leaving it to a new server")
-        abortRefetches(control)
+        if !abortRefetches(control) {
+            // A queue still waits for the backing (stalled): it would never end, and the
+            // device stays parked. Ending the process leaves it to the new server, which
+            // sends the unanswered requests again.
+            logger.warning("/dev/ublkb\(deviceID): requests are still in the backing's hands 30 s after QUIESCE_DEV: this server exits, leaving them to the new one")
+            leavesByExiting = true
+        }
     }
 
     /// QUIESCE_DEV aborts the fetches parked in the driver at that moment. A request the
@@ -169,13 +175,14 @@ public final class ServerControl: @unchecked Sendable {
     /// which nothing aborts: the queue would wait for that tag forever. So until every
     /// queue ended (at most 30 s), QUIESCE_DEV again every 200 ms: the device is still
     /// live and canceling, and the driver aborts each fetch it has not aborted before.
-    private func abortRefetches(_ control: borrowing ControlDevice) {
+    /// True once every queue ended.
+    private func abortRefetches(_ control: borrowing ControlDevice) -> Bool {
         for round in 1...600 {
-            if queuesEnded.load(ordering: .acquiring) { return }
+            if queuesEnded.load(ordering: .acquiring) { return true }
             usleep(50_000)
             if round % 4 == 0 { try? control.quiesceDevice(deviceID, timeoutMilliseconds: 1_000) }
         }
-        logger.warning("/dev/ublkb\(deviceID): the queues did not end within 30 s of QUIESCE_DEV")
+        return queuesEnded.load(ordering: .acquiring)
     }
 
     /// Asks the server of device `id` (one line), waiting at most `seconds` for the answer;
