@@ -24,6 +24,9 @@
 #   list_field ID NAME             field NAME of device ID in `ublk list --json`
 #                                  (empty if there is no such device)
 #   wait_exit PID SECS             wait until PID (not our child) is gone or a zombie
+#   loop_device FILE               a kernel loop device of FILE, detached at exit; prints its path
+#   dm_device NAME TABLE           device-mapper device /dev/mapper/NAME from TABLE (dmsetup's
+#                                  lines), its node made without udev, removed at exit
 #   has_feature NAME               does the kernel report UBLK_F_NAME (GET_FEATURES)?
 #   need_feature NAME...           print "SKIP: needs UBLK_F_NAME" and exit 77
 #                                  (the suite counts it as skipped) unless the
@@ -119,6 +122,20 @@ import json, sys
 rows = {d["id"]: d for d in json.load(sys.stdin)}
 r = rows.get(int(sys.argv[1]))
 print("" if r is None else r[sys.argv[2]])' "$1" "$2"
+}
+
+loop_device() {
+	local dev
+	dev=$(losetup --find --show "$1") || fail "losetup of $1 failed"
+	at_exit losetup -d "$dev"
+	echo "$dev"
+}
+
+# No udev in the test VM: no sync with it, and dmsetup makes the /dev/mapper node itself.
+dm_device() {
+	dmsetup create --noudevsync "$1" <<<"$2" || fail "dmsetup create $1 failed"
+	at_exit dmsetup remove --noudevsync --retry "$1"
+	dmsetup mknodes "$1"
 }
 
 has_feature() {

@@ -13,17 +13,11 @@ dir=$(mktempdir)
 name=ublk-test-errors-$$
 img=$dir/backing.img
 head -c 64M /dev/urandom >"$img"
-loopdev=$(losetup --find --show "$img")
-at_exit losetup -d "$loopdev"
+loopdev=$(loop_device "$img")
 # Sectors: [0, 32768) linear, [32768, 34816) error, [34816, 131072) linear.
-# (No udev in the test VM: no sync with it, and dmsetup makes the /dev/mapper node itself.)
-dmsetup create --noudevsync "$name" <<EOF
-0 32768 linear $loopdev 0
+dm_device "$name" "0 32768 linear $loopdev 0
 32768 2048 error
-34816 96256 linear $loopdev 34816
-EOF
-at_exit dmsetup remove --noudevsync --retry "$name"
-dmsetup mknodes "$name"
+34816 96256 linear $loopdev 34816"
 at_exit "$UBLK" del --all # (exit commands run last first: the device goes before its backing)
 backing=/dev/mapper/$name
 expect_eq "$(blockdev --getsize64 "$backing")" $((64 << 20)) "size of $backing"
@@ -90,12 +84,8 @@ echo "ok: the device is deleted cleanly after the errors"
 # line (after its few seconds of retries) and leaves no device, rather than printing a
 # device path that then goes away.
 bad=ublk-test-head-errors-$$
-dmsetup create --noudevsync "$bad" <<EOF2
-0 2048 error
-2048 129024 linear $loopdev 2048
-EOF2
-at_exit dmsetup remove --noudevsync --retry "$bad"
-dmsetup mknodes "$bad"
+dm_device "$bad" "0 2048 error
+2048 129024 linear $loopdev 2048"
 expect_error "a backing whose first block fails" "not readable" -- "$UBLK" add --file "/dev/mapper/$bad"
 fail_on_problems "with a failing first block"
 echo "ok: a backing whose first block fails: $(cat "$EXPECT_DIR/err")"

@@ -13,12 +13,8 @@ dir=$(mktempdir)
 name=ublk-test-recover-$$
 img=$dir/backing.img
 truncate -s 64M "$img"
-loopdev=$(losetup --find --show "$img")
-at_exit losetup -d "$loopdev"
-# (No udev in the test VM: no sync with it, and dmsetup makes the /dev/mapper node itself.)
-echo "0 131072 linear $loopdev 0" | dmsetup create --noudevsync "$name"
-at_exit dmsetup remove --noudevsync --retry "$name"
-dmsetup mknodes "$name"
+loopdev=$(loop_device "$img")
+dm_device "$name" "0 131072 linear $loopdev 0"
 at_exit "$UBLK" del --all --force
 backing=/dev/mapper/$name
 

@@ -16,12 +16,9 @@ dir=$(mktempdir)
 name=ublk-test-stall-$$
 img=$dir/backing.img
 head -c 32M /dev/urandom >"$img"
-loopdev=$(losetup --find --show "$img")
-at_exit losetup -d "$loopdev"
-echo "0 65536 linear $loopdev 0" | dmsetup create --noudevsync "$name"
-at_exit dmsetup remove --noudevsync --retry "$name"
+loopdev=$(loop_device "$img")
+dm_device "$name" "0 65536 linear $loopdev 0"
 at_exit dmsetup resume --noudevsync "$name"
-dmsetup mknodes "$name"
 
 dev=$("$UBLK" add --file "/dev/mapper/$name" --recovery)
 id=${dev#/dev/ublkb}
