@@ -84,7 +84,7 @@ public final class ServerControl: @unchecked Sendable {
             UnixLine.write(answer, to: client)
             guard answer == "ok" && request == "quiesce" else { continue }
             if leavesByExiting {
-                stop()
+                SmallFile.remove(Self.socketPath(deviceID))
                 _exit(0)
             }
             return
@@ -149,25 +149,25 @@ public final class ServerControl: @unchecked Sendable {
         guard info.flags.contains(.quiesce) else { throw ServerError.notUpgradable(deviceID) }
         keepDevice.store(true, ordering: .releasing)
         do { try control.quiesceDevice(deviceID, timeoutMilliseconds: 30_000) } catch where error.errno == EBUSY {
-            // Requests still in the backing's hands after 30 s (a stalled backing). The
-            // kernel parks new requests from now on and aborts nothing: serving on would
-            // leave the device stalled. Ending the process leaves it to the new server,
-            // which sends the unanswered requests again (reissue; fail-io fails them).
-            logger.warning("/dev/ublkb\(deviceID): requests are still in the backing's hands 30 s after QUIESCE_DEV: this server exits, leaving them to the new one")
-            leavesByExiting = true
-            return
+            // Every tag of a queue still in the backing's hands after 30 s: the kernel parks
+            // new requests from now on and aborts nothing.
+            return leaveByExiting()
         } catch {
             keepDevice.store(false, ordering: .releasing)
             throw ServerError.control(error)
         }
         logger.info("/dev/ublkb\(deviceID) quiesced: leaving it to a new server")
-        if !abortRefetches(control) {
-            // A queue still waits for the backing (stalled): it would never end, and the
-            // device stays parked. Ending the process leaves it to the new server, which
-            // sends the unanswered requests again.
-            logger.warning("/dev/ublkb\(deviceID): requests are still in the backing's hands 30 s after QUIESCE_DEV: this server exits, leaving them to the new one")
-            leavesByExiting = true
-        }
+        // A queue that still waits for the backing would never end.
+        if !abortRefetches(control) { leaveByExiting() }
+    }
+
+    /// A stalled backing holds requests after QUIESCE_DEV, and the device parks new ones:
+    /// serving on would leave it stalled for good. Ending the process (once the request is
+    /// answered) leaves it to the new server, which sends the unanswered requests again
+    /// (reissue; fail-io fails them).
+    private func leaveByExiting() {
+        logger.warning("/dev/ublkb\(deviceID): requests are still in the backing's hands 30 s after QUIESCE_DEV: this server exits, leaving them to the new one")
+        leavesByExiting = true
     }
 
     /// QUIESCE_DEV aborts the fetches parked in the driver at that moment. A request the
