@@ -116,9 +116,11 @@ public final class DeviceServer {
         SignalWatcher.blockSignals()
         let control = try Self.openControl()
         let info: DeviceInfo
+        // A recovered device keeps what it was given (and resized to): the queues enforce that.
+        var kept: DeviceParameters?
         switch mode {
         case .create: info = try createDevice(control)
-        case .recover(let id): info = try recoverDevice(id, control)
+        case .recover(let id): (info, kept) = try recoverDevice(id, control)
         }
         let id = info.id!
         var isLive = false
@@ -126,11 +128,9 @@ public final class DeviceServer {
             // A failure before the device went live leaves nothing behind.
             if !isLive, case .create = mode { try? control.deleteDevice(id) }
         }
-        var parameters = Self.parameters(for: target.properties, maxIOBytes: info.maxIOBufferBytes)
-        switch mode {
-        case .create: do { try control.setParameters(id, parameters) } catch { throw .control(error) }
-        // The device keeps what it was given (and resized to): the queues enforce that.
-        case .recover: if let existing = try? control.parameters(id) { parameters = existing }
+        let parameters = kept ?? Self.parameters(for: target.properties, maxIOBytes: info.maxIOBufferBytes)
+        if kept == nil {
+            do { try control.setParameters(id, parameters) } catch { throw .control(error) }
         }
         let characterDevice = try openCharacterDevice(info.characterDevicePath)
         // The size the queues enforce, which `ublk resize` changes while they run.
@@ -140,11 +140,10 @@ public final class DeviceServer {
         let threads = try startQueues(info, parameters: parameters, mode: mode, control: control,
                                       characterDevice: characterDevice.rawValue, capacity: capacity)
         do {
-            try waitUntilReadable(info.blockDevicePath)
-            if case .create = mode, info.flags.contains(.noAutoPartitionScan) { readPartitionTable(info.blockDevicePath) }
+            try waitUntilReadable(info.blockDevicePath, keeping: kept == nil ? nil : id)
+            if kept == nil, info.flags.contains(.noAutoPartitionScan) { readPartitionTable(info.blockDevicePath) }
         } catch {
             abandonStart(threads, id: id, mode: mode, control: control)
-            if case .recover = mode, case .notReadable(let path, let cause, _) = error { throw .notReadable(path, cause, kept: id) }
             throw error
         }
         isLive = true
@@ -249,19 +248,20 @@ public final class DeviceServer {
             ? .autoRegister(fallback: info.flags.contains(.zeroCopy)) : .copy(bytesPerTag: Int(info.maxIOBufferBytes))
     }
 
-    /// Takes device `id` over from a dead server: START_USER_RECOVERY.
-    private func recoverDevice(_ id: UInt32, _ control: borrowing ControlDevice) throws(ServerError) -> DeviceInfo {
+    /// Takes device `id` over from a dead server: START_USER_RECOVERY. Returns the device
+    /// and the parameters it keeps.
+    private func recoverDevice(_ id: UInt32, _ control: borrowing ControlDevice)
+        throws(ServerError) -> (DeviceInfo, DeviceParameters) {
         do {
             let existing = try control.deviceInfo(id)
             guard existing.flags.contains(.userRecovery) else { throw ServerError.notRecoverable(id) }
-            if let why = Self.mismatch(target.properties, device: try control.parameters(id)) {
-                throw ServerError.targetChanged(id, why)
-            }
+            let parameters = try control.parameters(id)
+            if let why = Self.mismatch(target.properties, device: parameters) { throw ServerError.targetChanged(id, why) }
             try Self.startUserRecovery(control, id)
             // Run by `ublk upgrade` under a service manager, this process is the service's
             // main process from here on: say so before the old server exits.
             SystemdNotifier.notify("MAINPID=\(getpid())")
-            return existing
+            return (existing, parameters)
         } catch let error as ControlError {
             throw error.errno == EBUSY ? .stillServed(id) : .control(error)
         } catch {
@@ -408,7 +408,8 @@ public final class DeviceServer {
 
     /// START_DEV has added the disk; its node comes from devtmpfs/udev. The device counts
     /// as live once the node exists and its first block can be read through the queues.
-    private func waitUntilReadable(_ path: String) throws(ServerError) {
+    /// `keeping`: the id of a device being recovered, which stays if it does not read.
+    private func waitUntilReadable(_ path: String, keeping id: UInt32?) throws(ServerError) {
         var lastError = SystemError("open \(path)", errno: ENOENT)
         for _ in 0..<250 {
             do {
@@ -423,7 +424,7 @@ public final class DeviceServer {
                 usleep(20_000)
             }
         }
-        throw .notReadable(path, lastError, kept: nil)
+        throw .notReadable(path, lastError, kept: id)
     }
 
     /// Has the kernel read the new disk's partition table (BLKRRPART; the queues serve its
