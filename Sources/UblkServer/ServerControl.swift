@@ -28,8 +28,7 @@ public final class ServerControl: @unchecked Sendable {
     /// The record under /run/ublk, rewritten after a resize. Only the channel's thread
     /// touches it once the channel runs.
     private var record: DeviceRecord?
-    /// The device's size limit (`ResizableTarget.sizeLimit`, then each size `resize` asked
-    /// for), which a resize to the backing's size stays within. Only the channel's thread
+    /// The device's size limit (its spec's `window`, then each size `resize` asked for), which a resize to the backing's size stays within. Only the channel's thread
     /// touches it.
     private var sizeLimit: UInt64?
     private let keepDevice = Atomic<Bool>(false)
@@ -42,7 +41,7 @@ public final class ServerControl: @unchecked Sendable {
         self.target = target
         self.record = record
         self.logger = logger
-        sizeLimit = (target as? any ResizableTarget)?.sizeLimit
+        sizeLimit = (target as? any SpecifiedTarget)?.spec.window.sizeLimit
     }
 
     public static func socketPath(_ id: UInt32) -> String { "\(RuntimeDirectory.path)/ublkb\(id).sock" }

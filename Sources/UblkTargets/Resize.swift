@@ -8,13 +8,9 @@ public protocol ResizableTarget: Target {
     /// for), as `losetup -c` keeps `--sizelimit`. A multiple of the logical block size,
     /// never beyond the backing; the error says what to do.
     func resizedSize(_ requested: UInt64?, limit: UInt64?) throws(TargetError) -> UInt64
-    /// The size limit the target was made with (nil: none).
-    var sizeLimit: UInt64? { get }
 }
 
 extension LoopTarget: ResizableTarget {
-    public var sizeLimit: UInt64? { configuration.size }
-
     public func resizedSize(_ requested: UInt64?, limit: UInt64?) throws(TargetError) -> UInt64 {
         let path = configuration.path
         let backing: UInt64
@@ -40,8 +36,6 @@ extension LoopTarget: ResizableTarget {
 }
 
 extension NullTarget: ResizableTarget {
-    public var sizeLimit: UInt64? { nil }
-
     public func resizedSize(_ requested: UInt64?, limit: UInt64?) throws(TargetError) -> UInt64 {
         guard let requested else { throw .sizeRequired(name) }
         let block = UInt64(properties.logicalBlockSize)
