@@ -70,7 +70,12 @@ enum Background {
         close(writeEnd)
         guard result == 0 else { throw CLIError("cannot start the server: posix_spawn: \(String(cString: strerror(result)))") }
 
-        // Everything the server says, until it closes the pipe.
+        return try awaitReport(from: readEnd, server: pid)
+    }
+
+    /// Reads everything the server says on the report pipe until it closes it: the device
+    /// path once it is live, or its error line (then waits for it to exit).
+    static func awaitReport(from readEnd: Int32, server pid: pid_t) throws -> String {
         var report = ""
         var chunk = [UInt8](repeating: 0, count: 512)
         while true {
