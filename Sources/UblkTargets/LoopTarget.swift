@@ -132,6 +132,10 @@ public final class LoopTarget: SpecifiedTarget {
         if let block = configuration.logicalBlockSize, !EncryptionConfiguration.sectorSizes.contains(block) {
             throw .encryptionBlockSize(block)
         }
+        // As dm-crypt's constructor ("Invalid iv_offset sector"): the IVs count 512-byte
+        // sectors, and a sector's must be a multiple of its size in them.
+        let block = configuration.logicalBlockSize ?? 512
+        if encryption.skip % UInt64(block / 512) != 0 { throw .skipMisaligned(skip: encryption.skip, blockSize: block) }
     }
 
     public func sync() throws {

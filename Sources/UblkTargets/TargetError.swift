@@ -41,6 +41,8 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
     case keyWithoutEncryption
     case keySizeMismatch(key: Int, configured: Int)
     case encryptionBlockSize(Int)
+    /// dm-crypt refuses an IV offset that is not a whole number of encryption sectors.
+    case skipMisaligned(skip: UInt64, blockSize: Int)
     /// The NBD export could not be reached, negotiated or served (its message says what to do).
     case nbd(NBDError)
 
@@ -83,6 +85,8 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
             "the key has \(key) bits but the device is set up for \(configured): give --key-size \(configured)"
         case .encryptionBlockSize(let size):
             "encryption works in 512- or 4096-byte sectors, not \(size): use --block-size 512 or 4096"
+        case let .skipMisaligned(skip, block):
+            "--skip \(skip) is not a multiple of \(block / 512) (\(block)-byte sectors): dm-crypt could not open the image; give a multiple of \(block / 512)"
         case .nbd(let error): error.message
         }
     }

@@ -218,6 +218,18 @@ import UblkTesting
         }
     }
 
+    /// dm-crypt refuses an IV offset that is not a whole number of 4096-byte sectors: such an
+    /// image would open nowhere else.
+    @Test func aSkipMustBeWholeSectors() throws {
+        let file = try ScratchFile(size: 1 << 20)
+        let key = try KeyFile()
+        #expect(throws: TargetError.skipMisaligned(skip: 3, blockSize: 4096)) {
+            try encrypted(file, key) { $0.logicalBlockSize = 4096; $0.encryption?.skip = 3 }
+        }
+        #expect(try encrypted(file, key) { $0.logicalBlockSize = 4096; $0.encryption?.skip = 16 }.properties.size == 1 << 20)
+        #expect(try encrypted(file, key) { $0.encryption?.skip = 3 }.properties.size == 1 << 20)
+    }
+
     @Test func theSpecCarriesTheSettingsButNeverTheKey() throws {
         let file = try ScratchFile(size: 1 << 20)
         let key = try KeyFile()
