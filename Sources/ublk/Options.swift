@@ -83,7 +83,7 @@ struct DeviceOptions: ParsableArguments {
     @Option(name: .customLong("key-size"), help: "Bits of the encryption key: 512 (AES-256-XTS, the default) or 256 (AES-128-XTS).")
     var keySize: Int?
 
-    @Option(name: .long, help: "512-byte sectors added to every encryption IV (cryptsetup --skip); moves no data.")
+    @Option(name: .long, help: "512-byte sectors added to every encryption IV (cryptsetup --skip); moves no data; a multiple of 8 with --block-size 4096.")
     var skip: UInt64?
 
     @Option(name: .customLong("cipher-threads"), help: "Threads per queue that encrypt and decrypt besides the queue's own, 0 to \(EncryptionConfiguration.maximumCipherThreads) (0: all on the queue thread; default: one per other CPU, at most 4). Where the kernel lets several threads serve a queue (PER_IO_DAEMON), each serves a share of its requests start to finish.")
