@@ -53,7 +53,7 @@ let package = Package(
             "UblkQueue", "UblkSystem", "CUblk", .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "UblkServer", dependencies: [
-            "UblkControl", "UblkQueue", "UblkTargets", "UblkSystem", "CUblk",
+            "UblkControl", "UblkQueue", "UblkTargets", "UblkCrypto", "UblkSystem", "CUblk",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "ublk", dependencies: [

@@ -1,5 +1,5 @@
 // Imports the parts of OpenSSL's libcrypto the project uses (the EVP cipher API, the
-// cipher functions of a provider, and the error queue) into Swift.
+// cipher functions of a provider, the error queue, PBKDF2 and the random generator) into Swift.
 //
 // Why libc first: as for liburing (see CLiburing/shim.h), including the libc headers
 // before the library's own keeps one definition of each libc type in Swift.
@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <openssl/evp.h>
 #include <openssl/err.h>
+#include <openssl/rand.h>
 #include <openssl/core_dispatch.h>
 #include <openssl/provider.h>
 #include <strings.h>

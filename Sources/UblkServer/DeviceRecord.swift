@@ -1,5 +1,6 @@
 import FoundationEssentials
 import Glibc
+import UblkCrypto
 import UblkSystem
 import UblkTargets
 
@@ -22,9 +23,12 @@ public struct DeviceRecord: Codable, Sendable, Equatable {
     /// The queues' busy-polling window (`--poll-us`), which a recovering server keeps;
     /// nil in records of servers from before busy polling.
     public var pollMicroseconds: Int?
+    /// An encrypted device's key check value (never the key): a new server's key must
+    /// match it. Nil for plain devices and in records of servers from before it.
+    public var keyCheck: KeyCheck?
 
     public init(id: UInt32, pid: Int32, name: String?, spec: TargetSpec, size: UInt64, queues: Int, depth: Int,
-                directIO: String, recovery: Bool, pollMicroseconds: Int? = nil) {
+                directIO: String, recovery: Bool, pollMicroseconds: Int? = nil, keyCheck: KeyCheck? = nil) {
         self.id = id
         self.pid = pid
         self.name = name
@@ -35,6 +39,7 @@ public struct DeviceRecord: Codable, Sendable, Equatable {
         self.directIO = directIO
         self.recovery = recovery
         self.pollMicroseconds = pollMicroseconds
+        self.keyCheck = keyCheck
     }
 }
 

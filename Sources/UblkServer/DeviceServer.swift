@@ -328,7 +328,7 @@ public final class DeviceServer {
             record = DeviceRecord(id: id, pid: getpid(), name: options.name, spec: target.spec,
                                   size: liveParameters.sectors << 9, queues: Int(live.queueCount), depth: Int(live.queueDepth),
                                   directIO: target.directIOState, recovery: options.recovery.isEnabled,
-                                  pollMicroseconds: options.pollMicroseconds)
+                                  pollMicroseconds: options.pollMicroseconds, keyCheck: target.keyCheck)
         }
         if let record {
             do { try RuntimeDirectory.save(record) } catch { logger.warning("cannot write the device record: \(error)") }

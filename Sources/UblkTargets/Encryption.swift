@@ -54,6 +54,12 @@ public final class EncryptionKey: @unchecked Sendable {
 
     /// A pipe that holds the key (`XTSKey.pipe`).
     public func pipe(lowest: Int32 = 0) throws(SystemError) -> FileDescriptor { try key.pipe(lowest: lowest) }
+
+    /// A new check value of the key, for the device's record (`KeyCheck`).
+    public func check() -> KeyCheck? { key.check() }
+
+    /// Whether this is the key `check` was made of.
+    public func matches(_ check: KeyCheck) -> Bool { key.matches(check) }
 }
 
 /// What became of a request's cipher work.

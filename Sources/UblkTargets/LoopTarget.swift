@@ -152,6 +152,8 @@ public final class LoopTarget: SpecifiedTarget {
 
     public var directIOState: String { directIO ? "on" : "off" }
 
+    public var keyCheck: KeyCheck? { key?.check() }
+
     public var note: String? { directIOFallback.map { "\($0): using buffered I/O" } }
 
     // MARK: Opening the backing

@@ -1,3 +1,4 @@
+import UblkCrypto
 import UblkQueue
 
 /// What a device is backed by and how: the one description of a target that the
@@ -108,8 +109,12 @@ public protocol SpecifiedTarget: Target {
     var note: String? { get }
     /// The most queues the target can serve, and why, when it cannot serve any number.
     var queueLimit: (queues: Int, reason: String)? { get }
+    /// A check value of the target's key, for the record a new server's key is checked
+    /// against; nil for targets without a key.
+    var keyCheck: KeyCheck? { get }
 }
 
 extension SpecifiedTarget {
     public var queueLimit: (queues: Int, reason: String)? { nil }
+    public var keyCheck: KeyCheck? { nil }
 }

@@ -119,7 +119,12 @@ enum DeviceLifecycle {
         guard key.isGiven else {
             throw CLIError("device \(record.id) is encrypted (\(encryption.cipher.rawValue), \(encryption.keySize)-bit key): give its key again with --key-file PATH (or - for standard input)")
         }
-        return try key.load(bits: encryption.keySize)
+        guard let loaded = try key.load(bits: encryption.keySize) else { return nil }
+        // A wrong key of the right size would read noise and write with a second key.
+        if let check = record.keyCheck, !loaded.matches(check) {
+            throw CLIError("\(key.sourceName) is not the key device \(record.id) was added with: give that key (another one would read noise and corrupt what is written)")
+        }
+        return loaded
     }
 }
 

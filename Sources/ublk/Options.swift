@@ -336,6 +336,16 @@ struct KeyOptions: ParsableArguments {
 
     var isGiven: Bool { keyFile != nil || keyFD != nil }
 
+    /// What the key was read from, for messages.
+    var sourceName: String {
+        if keyFD != nil || keyFile.map(Self.standardInputNames.contains) == true { return "the key on standard input" }
+        return "key file \(keyFile ?? "")"
+    }
+
+    /// `--key-file` values that mean standard input: `-`, and the names a shell user may
+    /// give cryptsetup for it (a background server's own standard input is /dev/null).
+    static let standardInputNames: Set<String> = ["-", "/dev/stdin", "/dev/fd/0", "/proc/self/fd/0"]
+
     /// Reads the key (into locked memory); nil when none was given.
     func load(bits: Int) throws -> EncryptionKey? {
         let size = try XTSKeySize(bits: bits)
@@ -350,13 +360,15 @@ struct KeyOptions: ParsableArguments {
     /// `--key-fd fd`, the descriptor the server gets the key input on (`Background.launch`).
     static func handingStandardInput(_ arguments: [String], to fd: Int32) -> [String]? {
         var result = arguments
-        if let index = result.firstIndex(of: "--key-file=-") {
+        if let index = result.firstIndex(where: {
+            $0.hasPrefix("--key-file=") && standardInputNames.contains(String($0.dropFirst("--key-file=".count)))
+        }) {
             result[index...index] = ["--key-fd", String(fd)]
             return result
         }
-        guard let index = result.indices.dropLast().first(where: { result[$0] == "--key-file" && result[$0 + 1] == "-" }) else {
-            return nil
-        }
+        guard let index = result.indices.dropLast().first(where: {
+            result[$0] == "--key-file" && standardInputNames.contains(result[$0 + 1])
+        }) else { return nil }
         result[index...index + 1] = ["--key-fd", String(fd)]
         return result
     }

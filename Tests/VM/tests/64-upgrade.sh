@@ -54,6 +54,9 @@ refused "$cid" "--key-file"
 refused "$cid" "short-key" --key-file "$dir/short-key"
 # From standard input too: read and checked before the old server is quiesced.
 STDIN=$dir/short-key refused "$cid" "standard input" --key-file -
+# Another key of the right size is not the device's: refused before the quiesce.
+head -c 64 /dev/urandom >"$dir/other-key"
+refused "$cid" "not the key device $cid was added with" --key-file "$dir/other-key"
 before=$(list_field "$cid" pid)
 timeout 90 "$UBLK" upgrade --id "$cid" --key-file "$dir/key" >/dev/null 2>"$dir/err" ||
 	fail "ublk upgrade of an encrypted device with --key-file failed: $(cat "$dir/err")"

@@ -5,7 +5,8 @@
 # add with the same key (fio verifies it again), and with another key it does not
 # read back (the key really is used). A key on standard input (`--key-file -`) reaches
 # the background server, and `ublk recover` of an encrypted --recovery device whose
-# server was killed asks for the key again and serves the same data with it. Where the
+# server was killed asks for the key again, refuses another key of the same size (the
+# record keeps a check value of the key, never the key), and serves the same data with it. Where the
 # kernel has PER_IO_DAEMON, the cipher threads share the queues' tags (1 + N threads per
 # queue, per-request commands); elsewhere, or with --batch-io on, they are workers.
 # timeout: 600
@@ -138,10 +139,15 @@ kill -KILL "$pid"
 wait_exit "$pid" 10
 KEEP_ID=$id expect_error "recover of an encrypted device without its key" "encrypted.*give its key again with --key-file" -- \
 	"$UBLK" recover --id "$id"
+# Another key of the right size: plain mode has no header, so only the record's check value
+# tells it from the device's; the device stays for the right key.
+head -c 64 /dev/urandom >"$dir/other-key"
+KEEP_ID=$id expect_error "recover of an encrypted device with another key" "not the key device $id was added with" -- \
+	"$UBLK" recover --id "$id" --key-file "$dir/other-key"
 fail_on_problems "with ublk recover of an encrypted device"
 "$UBLK" recover --id "$id" --key-file - <"$dir/key" >/dev/null || fail "ublk recover --key-file - failed"
 cmp <(dd if="$dev" bs=1M skip=8 count=8 iflag=direct status=none) "$dir/pattern" ||
 	fail "the data written before the crash does not read back after ublk recover with the key"
 ! grep -rqiF "$(od -An -tx1 -v "$dir/key" | tr -d ' \n')" /run/ublk 2>/dev/null || fail "a device record holds the key"
 del "$dev"
-echo "ok: --key-file - reaches the background server; ublk recover asks for the key and serves the same data"
+echo "ok: --key-file - reaches the background server; ublk recover asks for the key, refuses another one, and serves the same data"
