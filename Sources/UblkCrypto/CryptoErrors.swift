@@ -10,6 +10,8 @@ public enum XTSKeyError: Error, Equatable, Sendable, CustomStringConvertible {
     case tooShort(source: KeySource, bytes: Int, size: XTSKeySize)
     case equalHalves(source: KeySource, size: XTSKeySize)
     case cannotLockMemory(SystemError)
+    /// `--key-file -` with a terminal on standard input: the key is raw bytes, not a passphrase.
+    case terminal(source: KeySource)
 
     public var description: String {
         switch self {
@@ -17,28 +19,33 @@ public enum XTSKeyError: Error, Equatable, Sendable, CustomStringConvertible {
             return "--key-size \(bits) is not supported: use --key-size 512 (AES-256-XTS, the default) "
                 + "or --key-size 256 (AES-128-XTS)"
         case .cannotOpen(let path, let size, let error) where error.errno == ENOENT:
-            return "key file \(path) does not exist: \(XTSKeyError.advice(.file(path), size))"
+            return "key file \(path) does not exist: make one with head -c \(size.byteCount) /dev/urandom > \(path)"
         case .cannotOpen(let path, _, let error):
             return "cannot open key file \(path) (\(error.reason)): check the path and its permissions"
         case .cannotRead(let source, let error):
             return "cannot read \(source) (\(error.reason)): give --key-file a readable file or pipe"
         case .tooShort(let source, let bytes, let size):
             return "\(source) has \(bytes) bytes, --key-size \(size.rawValue) needs \(size.byteCount): "
-                + XTSKeyError.advice(source, size)
+                + (bytes * 8 == XTSKeySize.bits256.rawValue ? "if it is a 256-bit key, give --key-size 256"
+                                                            : XTSKeyError.newKeyAdvice(source, size))
         case .equalHalves(let source, let size):
             return "\(source) has two equal halves, which XTS does not allow (bytes 1-\(size.byteCount / 2) "
-                + "must differ from the rest): \(XTSKeyError.advice(source, size))"
+                + "must differ from the rest): \(XTSKeyError.newKeyAdvice(source, size))"
+        case .terminal(let source):
+            return "\(source) is a terminal, but the key is raw bytes, not a passphrase: give --key-file a file "
+                + "or a pipe (for a passphrase, run cryptsetup luksFormat on a plain ublk device)"
         case .cannotLockMemory(let error):
             return "cannot lock the key in memory (\(error.call): \(error.reason)): raise the locked-memory "
                 + "limit (ulimit -l, or LimitMEMLOCK= in the service unit)"
         }
     }
 
-    /// How to make a good key for `source`.
-    private static func advice(_ source: KeySource, _ size: XTSKeySize) -> String {
+    /// What to do about a key that cannot be one: an image opens only with its own key, so
+    /// a new key is for a new image only (never the advice to overwrite a key file).
+    private static func newKeyAdvice(_ source: KeySource, _ size: XTSKeySize) -> String {
         switch source {
-        case .file(let path): return "make one with head -c \(size.byteCount) /dev/urandom > \(path)"
-        case .stream: return "send a key made with head -c \(size.byteCount) /dev/urandom"
+        case .file: return "give the file with the whole key; for a new image, make a new key file with head -c \(size.byteCount) /dev/urandom"
+        case .stream: return "send the whole key; for a new image, make a key with head -c \(size.byteCount) /dev/urandom"
         }
     }
 }

@@ -75,6 +75,8 @@ public struct XTSKey: ~Copyable {
     init(readingRaw fd: Int32, source: KeySource, size: XTSKeySize,
          into memory: consuming LockedMemory) throws(XTSKeyError) {
         precondition(memory.count == size.byteCount, "key memory must be exactly the key size")
+        // As cryptsetup refuses to read a key file from a terminal: typed text is no key.
+        if isatty(fd) == 1 { throw .terminal(source: source) }
         let got: Int
         do { got = try memory.fill(readingFrom: fd) }
         catch { throw .cannotRead(source: source, error) }

@@ -23,8 +23,9 @@ import Testing
         let path = try files.write("short", Array(XTSVectors.key4[..<31]))
         let error = XTSKeyError.tooShort(source: .file(path), bytes: 31, size: .bits256)
         #expect(throws: error) { _ = try XTSKey(file: path, size: .bits256) }
+        // Never the advice to overwrite the file: it may be the only key of an image.
         #expect(error.description == "key file \(path) has 31 bytes, --key-size 256 needs 32: "
-            + "make one with head -c 32 /dev/urandom > \(path)")
+            + "give the file with the whole key; for a new image, make a new key file with head -c 32 /dev/urandom")
     }
 
     @Test func emptyFileIsRefused() throws {
@@ -37,8 +38,24 @@ import Testing
     /// A 256-bit key file given with the default 512 bits is too short: no silent fallback.
     @Test func defaultIs512Bits() throws {
         let path = try files.write("k32", XTSVectors.key4)
-        #expect(throws: XTSKeyError.tooShort(source: .file(path), bytes: 32, size: .bits512)) {
-            _ = try XTSKey(file: path)
+        let error = XTSKeyError.tooShort(source: .file(path), bytes: 32, size: .bits512)
+        #expect(throws: error) { _ = try XTSKey(file: path) }
+        #expect(error.description.hasSuffix("needs 64: if it is a 256-bit key, give --key-size 256"))
+    }
+
+    /// As cryptsetup: a terminal on the key's input is someone about to type a passphrase.
+    @Test func aTerminalIsRefused() throws {
+        // A pseudo-terminal: unlock the master's slave (TIOCSPTLCK 0), ask its number (TIOCGPTN).
+        let master = open("/dev/ptmx", O_RDWR | O_NOCTTY)
+        try #require(master >= 0)
+        defer { close(master) }
+        // <asm-generic/ioctls.h>: _IOW('T', 0x31, int) and _IOR('T', 0x30, unsigned int).
+        let (setLock, getNumber): (UInt, UInt) = (0x4004_5431, 0x8004_5430)
+        var unlock: Int32 = 0, number: UInt32 = 0
+        try #require(ioctl(master, setLock, &unlock) == 0 && ioctl(master, getNumber, &number) == 0)
+        let terminal = try FileDescriptor(path: "/dev/pts/\(number)", flags: O_RDONLY | O_NOCTTY)
+        #expect(throws: XTSKeyError.terminal(source: .stream("standard input"))) {
+            _ = try XTSKey(reading: terminal, named: "standard input")
         }
     }
 
@@ -110,7 +127,7 @@ import Testing
         let error = XTSKeyError.tooShort(source: .stream("the key pipe"), bytes: 40, size: .bits512)
         #expect(throws: error) { _ = try XTSKey(reading: reader, named: "the key pipe") }
         #expect(error.description == "the key pipe has 40 bytes, --key-size 512 needs 64: "
-            + "send a key made with head -c 64 /dev/urandom")
+            + "send the whole key; for a new image, make a key with head -c 64 /dev/urandom")
     }
 
     /// The key is in locked memory while it lives, and zero once its owner is gone (seen
