@@ -8,6 +8,7 @@
 #include <unistd.h>
 #include <sys/stat.h>
 #include <sys/ioctl.h>
+#include <sys/prctl.h>
 #include <linux/fs.h>
 #include <linux/io_uring.h>
 #include "include/ublk_sys.h"
@@ -67,6 +68,10 @@ int64_t cublk_direct_io_alignment(const char *path) {
 
 int cublk_reread_partitions(int fd) {
     return ioctl(fd, BLKRRPART) == 0 ? 0 : -errno;
+}
+
+int cublk_forbid_core_dumps(void) {
+    return prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0 ? 0 : -errno;
 }
 
 short cublk_posix_spawn_setsid(void) { return POSIX_SPAWN_SETSID; }

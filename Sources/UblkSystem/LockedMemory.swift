@@ -62,3 +62,31 @@ public struct LockedMemory: ~Copyable {
         return filled
     }
 }
+
+extension LockedMemory {
+    /// Keeps the rest of the process as safe as a secret's own pages, for a process that
+    /// holds a key: libraries make copies of it we do not own (OpenSSL's key schedules, in
+    /// cipher contexts on its heap), and they must not reach a core dump or swap either.
+    /// So: no core dumps (PR_SET_DUMPABLE 0), and every page locked once touched, as
+    /// cryptsetup locks its memory while it handles keys. Locking is done only where the
+    /// process may lock without limit (CAP_IPC_LOCK, or RLIMIT_MEMLOCK unlimited): with a
+    /// limit, MCL_FUTURE would make later mappings (the queues' buffers) fail.
+    /// Returns what could not be done, for a warning; the key's own pages are locked anyway.
+    public static func protectProcess() -> [SystemError] {
+        var failed: [SystemError] = []
+        do { try Syscalls.forbidCoreDumps() } catch { failed.append(error) }
+        guard mayLockWithoutLimit else { return failed + [SystemError("mlockall", errno: EPERM)] }
+        do { try Syscalls.lockAllMemory() } catch { failed.append(error) }
+        return failed
+    }
+
+    /// CAP_IPC_LOCK (bit 14 of /proc/self/status's CapEff) or an unlimited RLIMIT_MEMLOCK.
+    static var mayLockWithoutLimit: Bool {
+        var limit = rlimit()
+        if getrlimit(__rlimit_resource_t(__RLIMIT_MEMLOCK.rawValue), &limit) == 0 && limit.rlim_cur == rlim_t.max { return true }
+        guard let status = SmallFile.text("/proc/self/status"),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("CapEff:") }),
+              let bits = UInt64(line.dropFirst("CapEff:".count).filter { !$0.isWhitespace }, radix: 16) else { return false }
+        return bits & (1 << 14) != 0
+    }
+}

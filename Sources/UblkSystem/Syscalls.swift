@@ -298,6 +298,19 @@ extension Syscalls {
         _ = Glibc.madvise(address, length, MADV_WIPEONFORK)
     }
 
+    /// prctl(PR_SET_DUMPABLE, 0): no core dump of the process, and its memory (/proc/PID/mem,
+    /// ptrace) only for a caller with CAP_SYS_PTRACE.
+    static func forbidCoreDumps() throws(SystemError) {
+        let result = cublk_forbid_core_dumps()
+        if result < 0 { throw SystemError("prctl(PR_SET_DUMPABLE)", errno: -result) }
+    }
+
+    /// mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT): every page of the process stays in
+    /// memory once touched (ONFAULT: mappings are not filled in up front).
+    static func lockAllMemory() throws(SystemError) {
+        if Glibc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0 { throw SystemError("mlockall", errno: errno) }
+    }
+
     /// `explicit_bzero(3)`: a plain memset before release may be removed by the optimizer.
     static func explicitBzero(_ address: UnsafeMutableRawPointer, length: Int) {
         Glibc.explicit_bzero(address, length)

@@ -27,6 +27,8 @@ int cublk_block_device_sector_sizes(int fd, uint32_t *logical, uint32_t *physica
 int64_t cublk_direct_io_alignment(const char *path);
 /// Has the kernel read a disk's partition table again (BLKRRPART); 0 or -errno.
 int cublk_reread_partitions(int fd);
+/// prctl(PR_SET_DUMPABLE, 0) (prctl is variadic: Swift cannot call it); 0 or -errno.
+int cublk_forbid_core_dumps(void);
 /// Sets a file's modification time (and so its change time) to now, its access time
 /// unchanged (futimens with UTIME_OMIT, UTIME_NOW); 0 or -errno.
 int cublk_touch_modification_time(int fd);
