@@ -26,9 +26,13 @@ public struct DeviceRecord: Codable, Sendable, Equatable {
     /// An encrypted device's key check value (never the key): a new server's key must
     /// match it. Nil for plain devices and in records of servers from before it.
     public var keyCheck: KeyCheck?
+    /// The backing file the server opened: a new server must open the same one, not
+    /// whatever its path names now. Nil without a backing and in older records.
+    public var backingIdentity: FileIdentity?
 
     public init(id: UInt32, pid: Int32, name: String?, spec: TargetSpec, size: UInt64, queues: Int, depth: Int,
-                directIO: String, recovery: Bool, pollMicroseconds: Int? = nil, keyCheck: KeyCheck? = nil) {
+                directIO: String, recovery: Bool, pollMicroseconds: Int? = nil, keyCheck: KeyCheck? = nil,
+                backingIdentity: FileIdentity? = nil) {
         self.id = id
         self.pid = pid
         self.name = name
@@ -40,6 +44,19 @@ public struct DeviceRecord: Codable, Sendable, Equatable {
         self.recovery = recovery
         self.pollMicroseconds = pollMicroseconds
         self.keyCheck = keyCheck
+        self.backingIdentity = backingIdentity
+    }
+
+    /// Why the file `path` names now is not the backing this record's server had, or nil
+    /// if it is (or the record does not say): a new server taking the device over with
+    /// another file would serve other data under a mounted file system.
+    public func backingReplaced() -> String? {
+        guard let expected = backingIdentity, let path = spec.backing else { return nil }
+        switch FileIdentity.of(path: path) {
+        case .success(expected): return nil
+        case .success: return "\(path) is no longer the file device \(id) was added with (it was replaced, moved or re-pointed since)"
+        case .failure(let error): return "device \(id)'s backing file \(path) is gone (\(error.reason))"
+        }
     }
 }
 

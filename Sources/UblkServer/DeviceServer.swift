@@ -114,6 +114,7 @@ public final class DeviceServer {
     public func run(_ mode: Mode = .create,
                     onLive: (DeviceInfo, DeviceParameters) throws -> Void) throws(ServerError) {
         SignalWatcher.blockSignals()
+        protectKey()
         let control = try Self.openControl()
         let info: DeviceInfo
         // A recovered device keeps what it was given (and resized to): the queues enforce that.
@@ -169,6 +170,15 @@ public final class DeviceServer {
 
     /// ADD_DEV, with user recovery and zero copy when asked (and refused if the kernel lacks them).
     /// What the device got is read back from the flags ADD_DEV returns.
+    /// A server that holds a key keeps the copies its cipher library makes of it out of core
+    /// dumps and swap (`LockedMemory.protectProcess`), before the queue threads key their ciphers.
+    private func protectKey() {
+        guard (target as? any SpecifiedTarget)?.spec.encryption != nil else { return }
+        for error in LockedMemory.protectProcess() {
+            logger.warning("\(error): copies of the key that OpenSSL makes may reach a core dump or swap")
+        }
+    }
+
     private func createDevice(_ control: borrowing ControlDevice) throws(ServerError) -> DeviceInfo {
         var flags = try options.recovery.deviceFlags(features: control.features)
         flags.formUnion(try zeroCopyFlags(features: control.features))
@@ -328,7 +338,8 @@ public final class DeviceServer {
             record = DeviceRecord(id: id, pid: getpid(), name: options.name, spec: target.spec,
                                   size: liveParameters.sectors << 9, queues: Int(live.queueCount), depth: Int(live.queueDepth),
                                   directIO: target.directIOState, recovery: options.recovery.isEnabled,
-                                  pollMicroseconds: options.pollMicroseconds, keyCheck: target.keyCheck)
+                                  pollMicroseconds: options.pollMicroseconds, keyCheck: target.keyCheck,
+                                  backingIdentity: target.backingIdentity)
         }
         if let record {
             do { try RuntimeDirectory.save(record) } catch { logger.warning("cannot write the device record: \(error)") }

@@ -105,7 +105,32 @@ public struct FileStatus: Sendable {
         inode = UInt64(st.st_ino)
     }
 
+    /// Which file this is, whatever path names it: the device number of a block device,
+    /// else the file system's device and the inode.
+    public var identity: FileIdentity {
+        isBlockDevice ? FileIdentity(device: rdev, inode: 0) : FileIdentity(device: device, inode: inode)
+    }
+
     public var isRegularFile: Bool { (mode & S_IFMT) == S_IFREG }
     public var isBlockDevice: Bool { (mode & S_IFMT) == S_IFBLK }
     public var isDirectory: Bool { (mode & S_IFMT) == S_IFDIR }
+}
+
+/// A file as the kernel knows it (`FileStatus.identity`): the same file under any path, and
+/// another file under the same path once it was replaced, moved or re-pointed (a symlink).
+public struct FileIdentity: Sendable, Equatable, Codable {
+    public var device: UInt64
+    public var inode: UInt64
+
+    public init(device: UInt64, inode: UInt64) {
+        self.device = device
+        self.inode = inode
+    }
+
+    /// The identity of the file `path` names now (following symlinks), or the errno of stat.
+    public static func of(path: String) -> Result<FileIdentity, SystemError> {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return .failure(SystemError("stat", errno: errno)) }
+        return .success(FileStatus(st).identity)
+    }
 }

@@ -22,6 +22,10 @@ public struct EncryptionConfiguration: Sendable, Equatable, Codable {
     public var keySize: Int = XTSKeySize.standard.rawValue
     /// 512-byte sectors added to every IV (cryptsetup's `--skip`); it moves no data.
     public var skip: UInt64 = 0
+    /// Discards punch holes in the backing (cryptsetup's `--allow-discards`); nil or false:
+    /// not offered, as dm-crypt does not by default: holes show which blocks are unused.
+    /// (Optional so that records of servers from before it decode.)
+    public var allowDiscards: Bool?
     /// Cipher worker threads per queue (`--cipher-threads`); 0: all AES on the queue
     /// thread; nil: one per CPU besides the queue thread's, at most 4.
     public var cipherThreads: Int?

@@ -95,7 +95,8 @@ public final class LoopTarget: SpecifiedTarget {
         properties.readOnly = configuration.readOnly
         properties.rotational = backingBlocks.rotational
         let canPunch = !configuration.readOnly && Self.supportsPunchHole(backing, status: status, size: backingSize)
-        properties.supportsDiscard = canPunch
+        // Encrypted, only where asked for, as dm-crypt (`EncryptionConfiguration.allowDiscards`).
+        properties.supportsDiscard = canPunch && Self.allowsDiscards(configuration)
         properties.supportsWriteZeroes = canPunch && key == nil
         properties.discardGranularity = max(logical, min(status.blockSize, 64 * 1024))
         self.properties = properties
@@ -118,7 +119,13 @@ public final class LoopTarget: SpecifiedTarget {
                                              workers: share.count > 1 ? 0 : settings.workerThreads)
         }
         return LoopQueueHandler(depth: depth, offset: Int64(configuration.offset), readOnly: configuration.readOnly,
+                                allowsDiscards: Self.allowsDiscards(configuration),
                                 stamp: ModificationStamp(fd: file.rawValue, enabled: stampsWrites), encryption: encryption)
+    }
+
+    /// Whether discards may punch holes: always, unless encrypted without `allowDiscards`.
+    static func allowsDiscards(_ configuration: LoopConfiguration) -> Bool {
+        configuration.encryption.map { $0.allowDiscards == true } ?? true
     }
 
     /// An encrypted configuration needs its key, of its size, and a sector size dm-crypt uses.
@@ -153,6 +160,8 @@ public final class LoopTarget: SpecifiedTarget {
     public var directIOState: String { directIO ? "on" : "off" }
 
     public var keyCheck: KeyCheck? { key?.check() }
+
+    public var backingIdentity: FileIdentity? { try? file.status().identity }
 
     public var note: String? { directIOFallback.map { "\($0): using buffered I/O" } }
 
@@ -271,6 +280,8 @@ public final class LoopQueueHandler: QueueHandler {
     @usableFromInline let zeroFile = BackingSubmitter.firstTargetFile + 1
     @usableFromInline let offset: Int64
     @usableFromInline let readOnly: Bool
+    /// Discards punch holes (false: encrypted without `allowDiscards`, where none is advertised).
+    @usableFromInline let allowsDiscards: Bool
     /// Keeps the backing file's times current so that writes need not update them (and
     /// io_uring need not hand them to a worker thread): called before every backing write.
     @usableFromInline let stamp: ModificationStamp
@@ -292,10 +303,11 @@ public final class LoopQueueHandler: QueueHandler {
     /// one back where it could not reissue it itself) before the error is the result.
     static let retryLimit: UInt8 = 8
 
-    init(depth: Int, offset: Int64, readOnly: Bool, stamp: consuming ModificationStamp,
+    init(depth: Int, offset: Int64, readOnly: Bool, allowsDiscards: Bool = true, stamp: consuming ModificationStamp,
          encryption: QueueEncryption? = nil) {
         self.offset = offset
         self.readOnly = readOnly
+        self.allowsDiscards = allowsDiscards
         self.stamp = stamp
         self.encryption = encryption
         encrypting = encryption != nil
@@ -355,6 +367,8 @@ public final class LoopQueueHandler: QueueHandler {
             try io.fsync(file: file)
         case .discard:
             if readOnly { return .done(-EROFS) }
+            // Not advertised then (`supportsDiscard`): a forged request gets what the kernel would say.
+            if !allowsDiscards { return .done(-EOPNOTSUPP) }
             try io.fallocate(file: file, mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                              offset: position, length: Int64(d.byteCount))
         case .writeZeroes:

@@ -1,5 +1,6 @@
 import UblkCrypto
 import UblkQueue
+import UblkSystem
 
 /// What a device is backed by and how: the one description of a target that the
 /// command line, config files, the records under /run/ublk and recovery all share.
@@ -112,9 +113,13 @@ public protocol SpecifiedTarget: Target {
     /// A check value of the target's key, for the record a new server's key is checked
     /// against; nil for targets without a key.
     var keyCheck: KeyCheck? { get }
+    /// The backing file the target opened, for the record a new server's is checked
+    /// against; nil for targets without one.
+    var backingIdentity: FileIdentity? { get }
 }
 
 extension SpecifiedTarget {
     public var queueLimit: (queues: Int, reason: String)? { nil }
     public var keyCheck: KeyCheck? { nil }
+    public var backingIdentity: FileIdentity? { nil }
 }

@@ -6,7 +6,7 @@ import UblkSystem
 /// `read-only`, `block-size`, `offset`, `size`, `id`, `target`, `recovery`, `zero-copy`, `batch-io`,
 /// `poll-us`,
 /// for an NBD export `uri`, `reconnect-timeout`, and for an encrypted device `encryption`,
-/// `key-file` (a path), `key-size`, `skip`, `cipher-threads`); flags take yes/no, `recovery` yes, reissue,
+/// `key-file` (a path), `key-size`, `skip`, `cipher-threads`, `allow-discards`); flags take yes/no, `recovery` yes, reissue,
 /// fail-io or no. The file is turned into `ublk add` arguments and parsed by the same code
 /// as the command line, so both accept and refuse exactly the same things.
 ///
@@ -20,7 +20,7 @@ enum ConfigFile {
         getenv("UBLK_CONFIG_DIR").map { String(cString: $0) } ?? "/etc/ublk"
     }
 
-    static let flags: Set<String> = ["read-only", "force"]
+    static let flags: Set<String> = ["read-only", "force", "allow-discards"]
     /// `recovery = yes|reissue|fail-io|no` (yes is reissue, as before fail-io existed).
     static let recoveryValues = ["yes": "reissue", "reissue": "reissue", "fail-io": "fail-io", "no": nil, "off": nil] as [String: String?]
     static let options: Set<String> = ["file", "target", "id", "queues", "depth", "direct-io", "block-size", "sector-size",

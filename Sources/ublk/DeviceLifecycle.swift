@@ -1,6 +1,7 @@
 import FoundationEssentials
 import Glibc
 import UblkControl
+import UblkCrypto
 import UblkQueue
 import UblkServer
 import UblkTargets
@@ -107,7 +108,14 @@ enum DeviceLifecycle {
         options.recovery = .reissue // the device keeps the policy it was added with
         options.name = record.name
         if let poll = record.pollMicroseconds { options.pollMicroseconds = poll }
-        return (try record.spec.makeTarget(key: try recoveryKey(record, key)), options)
+        // The backing is opened by path, which may name another file now (or none).
+        let replaced = { (why: String) in CLIError("\(why): put it back, or delete the device with ublk del --id \(id)") }
+        if let why = record.backingReplaced() { throw replaced(why) }
+        let target = try record.spec.makeTarget(key: try recoveryKey(record, key))
+        if let expected = record.backingIdentity, target.backingIdentity != expected {
+            throw replaced("\(record.spec.backing ?? "the backing") changed while it was opened")
+        }
+        return (target, options)
     }
 
     /// The key of an encrypted device, of the size its record gives; nil for a plain one.
@@ -119,7 +127,14 @@ enum DeviceLifecycle {
         guard key.isGiven else {
             throw CLIError("device \(record.id) is encrypted (\(encryption.cipher.rawValue), \(encryption.keySize)-bit key): give its key again with --key-file PATH (or - for standard input)")
         }
-        guard let loaded = try key.load(bits: encryption.keySize) else { return nil }
+        let loaded: EncryptionKey
+        do {
+            guard let key = try key.load(bits: encryption.keySize) else { return nil }
+            loaded = key
+        } catch let XTSKeyError.tooShort(source, bytes, size) {
+            // The size is the device's: no --key-size to suggest, and no new key either.
+            throw CLIError("\(source) has \(bytes) bytes, but device \(record.id)'s key has \(size.byteCount): give the key it was added with")
+        }
         // A wrong key of the right size would read noise and write with a second key.
         if let check = record.keyCheck, !loaded.matches(check) {
             throw CLIError("\(key.sourceName) is not the key device \(record.id) was added with: give that key (another one would read noise and corrupt what is written)")

@@ -86,6 +86,10 @@ struct DeviceOptions: ParsableArguments {
     @Option(name: .long, help: "512-byte sectors added to every encryption IV (cryptsetup --skip); moves no data; a multiple of 8 with --block-size 4096.")
     var skip: UInt64?
 
+    @Flag(name: .customLong("allow-discards"),
+          help: "Encrypted: pass discards (fstrim) to the backing as holes, as cryptsetup --allow-discards; off by default, as there, since holes show which blocks are unused.")
+    var allowDiscards = false
+
     @Option(name: .customLong("cipher-threads"), help: "Threads per queue that encrypt and decrypt besides the queue's own, 0 to \(EncryptionConfiguration.maximumCipherThreads) (0: all on the queue thread; default: one per other CPU, at most 4). Where the kernel lets several threads serve a queue (PER_IO_DAEMON), each serves a share of its requests start to finish.")
     var cipherThreads: Int?
 
@@ -156,8 +160,8 @@ struct DeviceOptions: ParsableArguments {
     func checkEncryption() throws {
         guard let encryption else {
             if key.isGiven { throw ValidationError("--key-file without --encryption: add --encryption aes-xts-plain64, or leave out the key") }
-            if keySize != nil || skip != nil || cipherThreads != nil {
-                throw ValidationError("--key-size, --skip and --cipher-threads need --encryption aes-xts-plain64")
+            if keySize != nil || skip != nil || cipherThreads != nil || allowDiscards {
+                throw ValidationError("--key-size, --skip, --cipher-threads and --allow-discards need --encryption aes-xts-plain64")
             }
             return
         }
@@ -225,6 +229,7 @@ struct DeviceOptions: ParsableArguments {
                 settings.keySize = keySize ?? settings.keySize
                 settings.skip = skip ?? 0
                 settings.cipherThreads = cipherThreads
+                settings.allowDiscards = allowDiscards ? true : nil
                 configuration.encryption = settings
             }
             return .loop(configuration)

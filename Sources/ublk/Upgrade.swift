@@ -38,6 +38,7 @@ extension Ublk {
             let control = try ControlDevice()
             let info = try control.deviceInfo(id)
             try Self.checkUpgradable(id, info: info, features: control.features)
+            if let why = RuntimeDirectory.load(id)?.backingReplaced() { throw CLIError("\(why): nothing changed") }
             let arguments = ["recover", "--id", "\(id)"]
             if let key = try newServerKey(id) {
                 // The key as checked, read once: the new server reads it from a pipe (as a

@@ -61,6 +61,35 @@ import UblkTargets
         #expect(resolved.path == path && target.spec.backing == path && target.spec.name == "loop")
     }
 
+    /// A new server opens the backing by path: the record tells whether the path still names
+    /// the file the device was added with (not a file put in its place, nor none).
+    @Test func theRecordKnowsItsBackingFile() throws {
+        var template = Array("/tmp/ublk-record-XXXXXX".utf8CString)
+        let fd = mkstemp(&template)
+        let path = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        defer { unlink(path); unlink(path + ".new") }
+        #expect(ftruncate(fd, 1 << 20) == 0)
+        close(fd)
+        let target = try TargetSpec.loop(LoopConfiguration(path: path)).makeTarget()
+        let record = DeviceRecord(id: 7, pid: 1, name: nil, spec: target.spec, size: 1 << 20, queues: 1, depth: 1,
+                                  directIO: "off", recovery: true, backingIdentity: target.backingIdentity)
+        let again = try roundTrip(record)
+        #expect(record.backingIdentity != nil && again == record)
+        #expect(record.backingReplaced() == nil)
+        // Another file renamed over it: same path, same size, other data.
+        let other = open(path + ".new", O_CREAT | O_WRONLY, 0o600)
+        #expect(ftruncate(other, 1 << 20) == 0)
+        close(other)
+        #expect(rename(path + ".new", path) == 0)
+        #expect(record.backingReplaced()?.contains("no longer the file device 7 was added with") == true)
+        unlink(path)
+        #expect(record.backingReplaced()?.contains("is gone") == true)
+        // Records without it (older servers, targets without a backing) say nothing.
+        var older = record
+        older.backingIdentity = nil
+        #expect(older.backingReplaced() == nil)
+    }
+
     @Test func errorsKeepTheirErrno() {
         let missing = TargetError.cannotOpen("/nonexistent", SystemError("open /nonexistent", errno: ENOENT))
         #expect(missing.systemError?.errno == ENOENT)

@@ -191,6 +191,22 @@ import UblkTesting
         #expect(Array(UnsafeRawBufferPointer(start: second.0, count: 4096)) == Array(reference.suffix(4096)))
     }
 
+    /// As dm-crypt without --allow-discards: holes in the backing would show which blocks
+    /// are unused, so discard is offered only when asked for.
+    @Test func discardOnlyWhenAllowed() throws {
+        let file = try ScratchFile(size: 1 << 20)
+        let target = try encrypted(file, try KeyFile())
+        #expect(!target.properties.supportsDiscard)
+        let queue = try OfflineQueue(target: target, depth: 2, bufferSize: 64 * 1024)
+        #expect(try queue.perform(IODescriptor(operation: .discard, startSector: 0, sectorCount: 8)) == -EOPNOTSUPP)
+        #expect(file.bytes(at: 0, count: 4096).allSatisfy { $0 == 0xA5 })
+        let allowed = try encrypted(file, try KeyFile()) { $0.encryption?.allowDiscards = true }
+        #expect(allowed.properties.supportsDiscard)
+        let allowedQueue = try OfflineQueue(target: allowed, depth: 2, bufferSize: 64 * 1024)
+        #expect(try allowedQueue.perform(IODescriptor(operation: .discard, startSector: 0, sectorCount: 8)) == 0)
+        #expect(file.bytes(at: 0, count: 4096).allSatisfy { $0 == 0 })
+    }
+
     @Test func writeZeroesIsNotAdvertisedNorDone() throws {
         let file = try ScratchFile(size: 1 << 20)
         let target = try encrypted(file, try KeyFile())

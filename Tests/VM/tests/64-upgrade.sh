@@ -5,7 +5,8 @@
 # under a burst of reads at depth 32, so that the server holds requests when quiesced. A device added without
 # --recovery is refused in one line. Kernels without QUIESCE refuse in one line and
 # nothing changes. An encrypted device is upgraded with its key (--key-file PATH or -);
-# without it, or with a key of the wrong size (in a file or on standard input), the upgrade
+# without it, with a key of the wrong size (in a file or on standard input) or another key
+# (the record keeps a check value), or with another file at the backing's path, the upgrade
 # is refused in one line before anything changes (it once quiesced the device for a server
 # that could not start).
 # timeout: 400
@@ -41,6 +42,11 @@ fi
 plain=$("$UBLK" add --target null --size 16M)
 refused "${plain#/dev/ublkb}" "--recovery"
 refused "$id" "not encrypted" --key-file /dev/null
+# Another file at the backing's path: the new server would open that one. Refused before
+# the quiesce; the file put back, the upgrades below go on.
+mv "$img" "$img.orig" && truncate -s 256M "$img"
+refused "$id" "no longer the file device $id was added with"
+mv "$img.orig" "$img"
 
 # An encrypted device: its key is never recorded, so the new server is given it again.
 head -c 64 /dev/urandom >"$dir/key"

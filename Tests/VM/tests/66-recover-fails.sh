@@ -4,7 +4,8 @@
 # fails (a device-mapper table switched to an error target there), fails in one line and
 # leaves the device waiting for a server (quiesced, the mounted file system intact); once
 # the backing reads again, `ublk recover` brings it back with its data. A backing that
-# shrank below the device is refused before anything changes.
+# shrank below the device is refused before anything changes, and so is another file put
+# at the backing's path.
 # timeout: 300
 . "$(dirname "$0")/../lib.sh"
 need_ublk
@@ -72,3 +73,27 @@ truncate -s 32M "$small"
 expect_eq "$(list_field "$sid" state)" live "state after recovering onto the grown-back backing"
 expect_eq "$(blockdev --getsize64 "$sdev")" $((32 << 20)) "size of $sdev"
 echo "ok: a backing that shrank is refused ($(cat "$EXPECT_DIR/err")); grown back, $sdev recovers"
+
+# Another file renamed over the backing's path (same size): recovering onto it would serve
+# other data under whatever uses the device, so it is refused; the file put back, the
+# device recovers.
+"$UBLK" del --id "$sid"
+moved=$dir/moved.img
+truncate -s 32M "$moved"
+mdev=$("$UBLK" add --file "$moved" --recovery)
+mid=${mdev#/dev/ublkb}
+head -c 1M /dev/urandom >"$dir/pattern"
+dd if="$dir/pattern" of="$mdev" bs=1M oflag=direct conv=fsync status=none
+mpid=$(list_field "$mid" pid)
+kill -9 "$mpid"
+wait_exit "$mpid" 10
+mv "$moved" "$moved.orig"
+truncate -s 32M "$moved"
+KEEP_ID=$mid
+expect_error "recover onto another file at the backing's path" "no longer the file device $mid was added with.*put it back" -- \
+	"$UBLK" recover --id "$mid"
+fail_on_problems "recovering onto another file"
+mv "$moved.orig" "$moved"
+"$UBLK" recover --id "$mid" >/dev/null
+cmp <(dd if="$mdev" bs=1M count=1 iflag=direct status=none) "$dir/pattern" || fail "$mdev does not read back after the file was put back"
+echo "ok: another file at the backing's path is refused ($(cat "$EXPECT_DIR/err")); put back, $mdev recovers with its data"

@@ -135,6 +135,10 @@ dd if="$dir/pattern" of="$dev" bs=1M seek=8 oflag=direct conv=fsync status=none
 pid=$(list_field "$id" pid)
 tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "--key-fd 4" ||
 	fail "the background server did not get the key on an inherited descriptor: $(tr '\0' ' ' <"/proc/$pid/cmdline")"
+# The server's memory is locked (OpenSSL's key schedules are on its heap), more than the
+# key's own page: VmLck in kB.
+locked=$(awk '/^VmLck:/ { print $2 }' "/proc/$pid/status")
+((locked > 1024)) || fail "the encrypted device's server has only ${locked} kB locked"
 kill -KILL "$pid"
 wait_exit "$pid" 10
 KEEP_ID=$id expect_error "recover of an encrypted device without its key" "encrypted.*give its key again with --key-file" -- \
@@ -150,4 +154,4 @@ cmp <(dd if="$dev" bs=1M skip=8 count=8 iflag=direct status=none) "$dir/pattern"
 	fail "the data written before the crash does not read back after ublk recover with the key"
 ! grep -rqiF "$(od -An -tx1 -v "$dir/key" | tr -d ' \n')" /run/ublk 2>/dev/null || fail "a device record holds the key"
 del "$dev"
-echo "ok: --key-file - reaches the background server; ublk recover asks for the key, refuses another one, and serves the same data"
+echo "ok: --key-file - reaches the background server (its memory locked: ${locked} kB); ublk recover asks for the key, refuses another one, and serves the same data"
