@@ -49,6 +49,9 @@ public final class LoopTarget: SpecifiedTarget {
     public let directIO: Bool
     /// Set when `auto` fell back to buffered I/O: why.
     public let directIOFallback: DirectIOFallback?
+    /// Bytes at the end of the backing left out of the device, not being a whole block
+    /// (without a size limit; 0 if none).
+    public let unusedTail: UInt64
     let file: FileDescriptor
     /// Reads past the end of a backing that shrank return zeros; with zero copy the queue
     /// cannot write the request's pages itself, so they are read from here.
@@ -88,6 +91,7 @@ public final class LoopTarget: SpecifiedTarget {
         do { backingSize = status.isBlockDevice ? try backing.blockDeviceSize() : UInt64(status.size) }
         catch { throw .cannotMeasure(configuration.path, error) }
         let size = try Self.window(configuration, backingSize: backingSize, logical: logical)
+        unusedTail = configuration.size == nil ? backingSize - configuration.offset - size : 0
 
         var properties = TargetProperties(size: size)
         properties.logicalBlockSize = logical
@@ -163,7 +167,19 @@ public final class LoopTarget: SpecifiedTarget {
 
     public var backingIdentity: FileIdentity? { try? file.status().identity }
 
-    public var note: String? { directIOFallback.map { "\($0): using buffered I/O" } }
+    public var note: String? {
+        let notes = [directIOFallback.map { "\($0): using buffered I/O" }, tailNote].compactMap { $0 }
+        return notes.isEmpty ? nil : notes.joined(separator: "; ")
+    }
+
+    /// Encrypted, a backing that is not whole sectors after the offset is an image cryptsetup
+    /// refuses to open ("Device size is not aligned to requested sector size") unless the
+    /// loop device under it leaves the tail out too.
+    var tailNote: String? {
+        guard configuration.encryption != nil, unusedTail > 0 else { return nil }
+        let end = configuration.offset + properties.size
+        return "the last \(unusedTail) bytes of \(configuration.path) are not a whole \(properties.logicalBlockSize)-byte sector and stay unused; cryptsetup opens the image through losetup --sizelimit \(end)"
+    }
 
     // MARK: Opening the backing
 

@@ -191,6 +191,20 @@ import UblkTesting
         #expect(Array(UnsafeRawBufferPointer(start: second.0, count: 4096)) == Array(reference.suffix(4096)))
     }
 
+    /// cryptsetup refuses a device that is not whole sectors: the user is told how to open
+    /// the image (a plain device just leaves the tail unused, as the loop driver does).
+    @Test func aTailThatIsNoWholeSectorIsNamed() throws {
+        let file = try ScratchFile(size: (1 << 20) + 512)
+        let target = try encrypted(file, try KeyFile()) { $0.logicalBlockSize = 4096 }
+        #expect(target.properties.size == 1 << 20 && target.unusedTail == 512)
+        #expect(target.note?.hasSuffix("the last 512 bytes of \(file.path) are not a whole 4096-byte sector and stay unused; cryptsetup opens the image through losetup --sizelimit 1048576") == true)
+        #expect(try encrypted(file, try KeyFile()).note == nil)
+        var plain = LoopConfiguration(path: file.path)
+        plain.logicalBlockSize = 4096
+        plain.directIO = .off
+        #expect(try LoopTarget(plain).note == nil)
+    }
+
     /// As dm-crypt without --allow-discards: holes in the backing would show which blocks
     /// are unused, so discard is offered only when asked for.
     @Test func discardOnlyWhenAllowed() throws {
