@@ -21,8 +21,11 @@ import UblkSystem
 ///   the protocol), the socket is shut down and, once its operations are back, closed;
 ///   then reconnects are tried with backoff (a timeout SQE between attempts, so the
 ///   ring keeps turning and a stopping device is noticed), and every unanswered
-///   request is sent again on the new connection. Past the reconnect timeout the
-///   waiting requests fail with EIO, as does new I/O, while retries go on.
+///   request is sent again on the new connection. The reconnect timeout bounds an
+///   outage: from the first drop until every request it left waiting is answered, over
+///   any number of drops (a request that makes the server hang up is not resent
+///   forever). Past it the waiting requests fail with EIO, as does new I/O, while
+///   retries go on.
 public final class NBDQueueHandler: QueueHandler {
     /// The `.queue` operations, told apart by their step.
     enum Step: UInt16 {
@@ -52,6 +55,8 @@ public final class NBDQueueHandler: QueueHandler {
         var isMutation = false
         /// Bytes of header and data already sent.
         var sent = 0
+        /// Left waiting by a lost connection: belongs to the current outage.
+        var caught = false
         var cookie: UInt64 { UInt64(command.cookie) }
     }
 
@@ -60,7 +65,7 @@ public final class NBDQueueHandler: QueueHandler {
         /// Shut down; closed once its send and receive are back.
         case draining
         /// Closed; a retry timer is pending.
-        case down(NBDReconnectBackoff)
+        case down
         /// Down past the reconnect timeout: I/O fails at once, retries go on.
         case failed
     }
@@ -82,6 +87,11 @@ public final class NBDQueueHandler: QueueHandler {
     var headerMissing = NBDSimpleReplyHeader.size
     var nextMutation: UInt64 = 0
     var heldFlushes = 0
+    /// The current outage's waits and deadline: kept across drops until no request it
+    /// caught is still waiting, so the budget bounds a wait however often the server hangs up.
+    var outage: NBDReconnectBackoff?
+    /// Requests the outage caught that still wait.
+    var caughtCount = 0
     // Memory the kernel reads or writes while an operation is in flight: never moves.
     let headers: UnsafeMutableRawPointer
     let replyHeader: UnsafeMutableRawPointer
@@ -185,7 +195,7 @@ public final class NBDQueueHandler: QueueHandler {
     /// Marks `tag` ready to send and sends it if the connection is idle.
     func enqueue(tag: Int, _ io: BackingSubmitter) throws(SystemError) {
         slots[tag].phase = .queued
-        guard case .up = connection else { return } // sent when the connection is back
+        guard case .up = connection else { return catchWaiting(tag: tag) } // sent when the connection is back
         sendQueue[(sendHead + sendCount) % sendQueue.count] = UInt16(tag)
         sendCount += 1
         try sendNext(io)
@@ -203,6 +213,7 @@ public final class NBDQueueHandler: QueueHandler {
         finished.append(tag: UInt16(tag), result: result(tag: tag, errno: errno))
         slots[tag].phase = .idle
         slots[tag].request = nil
+        if slots[tag].caught { answeredAfterOutage(tag: tag) }
         if slots[tag].isMutation && heldFlushes > 0 { try releaseFlushes(io) }
     }
 
@@ -262,7 +273,7 @@ public final class NBDQueueHandler: QueueHandler {
 
     func sendCompleted(_ result: Int32, _ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
         sending = false
-        guard case .up = connection else { return try closeIfDrained(io) }
+        guard case .up = connection else { return try closeIfDrained(io, &finished) }
         if result < 0 { return try drop("send failed: \(SystemError("", errno: -result).reason)", io, &finished) }
         let tag = Int(sendQueue[sendHead])
         slots[tag].sent += Int(result)
@@ -299,7 +310,7 @@ public final class NBDQueueHandler: QueueHandler {
 
     func receiveCompleted(_ result: Int32, _ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
         receiving = false
-        guard case .up = connection else { return try closeIfDrained(io) }
+        guard case .up = connection else { return try closeIfDrained(io, &finished) }
         if result < 0 { return try drop("receive failed: \(SystemError("", errno: -result).reason)", io, &finished) }
         if result == 0 {
             do throws(NBDProtocolViolation) { try parser.endOfStream() } catch {
@@ -361,8 +372,9 @@ public final class NBDQueueHandler: QueueHandler {
 
 extension NBDQueueHandler {
     /// The connection is unusable: shut it down (its pending operations come back) and
-    /// keep every unanswered request for the next connection.
+    /// keep every unanswered request for the next connection, within the outage's budget.
     func drop(_ reason: String, _ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
+        guard case .up = connection else { return }
         logger.warning("queue \(queueID): connection to \(target.address.endpoint) lost: \(reason): reconnecting")
         socket?.shutdown()
         connection = .draining
@@ -373,17 +385,34 @@ extension NBDQueueHandler {
             case .repliedWhileSending(let errno): try finish(tag: tag, errno: errno, io, &finished)
             default: break
             }
+            if slots[tag].phase != .idle { catchWaiting(tag: tag) }
         }
-        try closeIfDrained(io)
+        if outage == nil { outage = NBDReconnectBackoff(from: .now, budget: budget) }
+        try closeIfDrained(io, &finished)
     }
 
-    /// Once no operation uses the old socket: close it and wait before the first reconnect.
-    func closeIfDrained(_ io: BackingSubmitter) throws(SystemError) {
+    /// `tag` waits for a connection: it belongs to the outage until answered.
+    func catchWaiting(tag: Int) {
+        guard !slots[tag].caught else { return }
+        slots[tag].caught = true
+        caughtCount += 1
+    }
+
+    /// A request the outage caught was answered: once none waits on a working connection,
+    /// the outage is over and the next drop has the whole budget again.
+    func answeredAfterOutage(tag: Int) {
+        slots[tag].caught = false
+        caughtCount -= 1
+        if caughtCount == 0, case .up = connection { outage = nil }
+    }
+
+    /// Once no operation uses the old socket: close it and wait before the next reconnect,
+    /// or fail what waits if the outage's budget is spent.
+    func closeIfDrained(_ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
         guard case .draining = connection, !sending, !receiving else { return }
         socket = nil
-        var backoff = NBDReconnectBackoff(from: .now, budget: budget)
-        let delay = backoff.delay(at: .now) ?? .zero
-        connection = .down(backoff)
+        connection = .down
+        guard let delay = outage?.delay(at: .now) else { return try giveUp(io, &finished) }
         try schedule(after: delay, io)
     }
 
@@ -396,9 +425,8 @@ extension NBDQueueHandler {
     /// The retry timer fired: one connect (bounded, a few seconds at most), then either
     /// resend everything or wait again; past the budget, fail what waits.
     func retry(_ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
-        var backoff: NBDReconnectBackoff?
-        if case .down(let state) = connection { backoff = state }
-        let left = backoff.map { ContinuousClock.now.duration(to: $0.deadline) } ?? .seconds(2)
+        let failed = if case .failed = connection { true } else { false }
+        let left = outage.map { ContinuousClock.now.duration(to: $0.deadline) } ?? .seconds(2)
         do throws(NBDError) {
             reconnected(try target.connectAgain(timeout: max(.milliseconds(500), min(.seconds(2), left))))
         } catch {
@@ -408,19 +436,24 @@ extension NBDQueueHandler {
             logger.notice("queue \(queueID): reconnected to \(target.address.endpoint)")
             return try resend(io)
         }
-        if var state = backoff, let delay = state.delay(at: .now) {
-            connection = .down(state)
-            return try schedule(after: delay, io)
-        }
-        if backoff != nil {
-            logger.error("queue \(queueID): \(target.address.endpoint) unreachable for \(budget): failing I/O with EIO until it is back")
-            connection = .failed
-            for tag in slots.indices where slots[tag].phase != .idle {
-                if case .heldFlush = slots[tag].phase { heldFlushes -= 1 }
-                finished.append(tag: UInt16(tag), result: -EIO)
-                slots[tag].phase = .idle
-                slots[tag].request = nil
-            }
+        if failed { return try schedule(after: .seconds(5), io) }
+        guard let delay = outage?.delay(at: .now) else { return try giveUp(io, &finished) }
+        try schedule(after: delay, io)
+    }
+
+    /// The outage outlasted the budget: every waiting request fails with EIO, and so does
+    /// new I/O until a reconnect (every 5 s) succeeds.
+    func giveUp(_ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
+        logger.error("queue \(queueID): no answer from \(target.address.endpoint) for \(budget): failing I/O with EIO until it is back")
+        connection = .failed
+        outage = nil
+        caughtCount = 0
+        for tag in slots.indices where slots[tag].phase != .idle {
+            if case .heldFlush = slots[tag].phase { heldFlushes -= 1 }
+            finished.append(tag: UInt16(tag), result: -EIO)
+            slots[tag].phase = .idle
+            slots[tag].request = nil
+            slots[tag].caught = false
         }
         try schedule(after: .seconds(5), io)
     }
@@ -437,6 +470,7 @@ extension NBDQueueHandler {
 
     /// Sends again every request that was not answered, oldest mutation first.
     func resend(_ io: BackingSubmitter) throws(SystemError) {
+        if caughtCount == 0 { outage = nil } // nothing waited: an idle connection came back
         let waiting = slots.indices.filter { slots[$0].phase == .queued }
             .sorted { (slots[$0].isMutation ? slots[$0].mutation : .max) < (slots[$1].isMutation ? slots[$1].mutation : .max) }
         for tag in waiting { try enqueue(tag: tag, io.forQueue(step: Step.send.rawValue)) }

@@ -70,13 +70,13 @@ import UblkTesting
         }
     }
 
-    /// The server's side of the handshake: an export of `size` bytes with SEND_FLUSH.
-    static func handshake(_ client: Int32) -> Bool {
+    /// The server's side of the handshake: an export of `size` bytes with `flags`
+    /// (HAS_FLAGS and SEND_FLUSH by default).
+    static func handshake(_ client: Int32, size: UInt64 = size, flags: UInt16 = 1 | 4) -> Bool {
         let greeting = ByteWriter().u64(NBDHandshake.greetingMagic).u64(NBDHandshake.optionMagic).u16(3).bytes
         guard send(client, greeting), receive(client, 4) != nil, let option = receive(client, 16) else { return false }
         let length = Int(UInt32(bigEndian: option.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 12, as: UInt32.self) }))
         guard receive(client, length) != nil else { return false }
-        let flags: UInt16 = 1 | 4 // HAS_FLAGS, SEND_FLUSH
         let info = ByteWriter().u16(0).u64(size).u16(flags).bytes
         let reply = { (type: UInt32, data: [UInt8]) in
             ByteWriter().u64(NBDHandshake.optionReplyMagic).u32(7).u32(type).u32(UInt32(data.count)).raw(data).bytes

@@ -1,0 +1,50 @@
+import Glibc
+import Testing
+import UblkQueue
+import UblkSystem
+import UblkTargets
+import UblkTesting
+@testable import UblkNBD
+
+/// Servers that drop the connection again and again, or tell the client to go: the nbd
+/// target reconnects and resends, but never past the reconnect timeout in all.
+@Suite struct NBDOutageTests {
+    static let read = IODescriptor(operation: .read, startSector: 8, sectorCount: 16)
+
+    /// A READ on which the server hangs up, on every connection for 40 connections (4 s
+    /// at the first backoff's pace), then answers: with 1 s of budget it fails with EIO
+    /// after about 1 s, after a handful of reconnects.
+    @Test func aRequestTheServerKeepsHangingUpOnFailsWithinTheTimeout() throws {
+        let server = try LoopbackServer { connection, _ in connection < 40 ? .hangUp : .reply(error: 0) }
+        defer { server.stop() }
+        let queue = try OfflineQueue(target: try server.target(timeout: 1), depth: 2, bufferSize: 64 * 1024)
+        let start = ContinuousClock.now
+        #expect(try queue.perform(Self.read) == -EIO)
+        let waited = ContinuousClock.now - start
+        #expect(waited >= .milliseconds(900) && waited < .seconds(3), "waited \(waited)")
+        #expect(server.connections <= 8, "\(server.connections) connections in \(waited)")
+    }
+
+    /// Other requests answered meanwhile do not end the outage of the one the server hangs
+    /// up on: it still fails within the budget.
+    @Test func answersToOtherRequestsDoNotExtendTheBudget() throws {
+        let server = try LoopbackServer { connection, request in
+            request.offset == 8 * 512 && connection < 40 ? .hangUp : .reply(error: 0)
+        }
+        defer { server.stop() }
+        let queue = try OfflineQueue(target: try server.target(timeout: 1), depth: 2, bufferSize: 64 * 1024)
+        let start = ContinuousClock.now
+        var poisoned: Int32?
+        try queue.start(tag: 0, Self.read)
+        try queue.start(tag: 1, IODescriptor(operation: .read, startSector: 0, sectorCount: 8))
+        while poisoned == nil && ContinuousClock.now - start < .seconds(8) {
+            try queue.reap { tag, result throws in
+                if tag == 0 { poisoned = result } else {
+                    try queue.start(tag: 1, IODescriptor(operation: .read, startSector: 0, sectorCount: 8))
+                }
+            }
+        }
+        #expect(poisoned == -EIO, "after \(ContinuousClock.now - start)")
+        while queue.inFlight > 0 { try queue.reap { _, _ in } }
+    }
+}
