@@ -106,7 +106,7 @@ public enum NBDErrorNumber {
     public static let enospc: UInt32 = 28
     public static let eoverflow: UInt32 = 75
     public static let enotsup: UInt32 = 95
-    /// The server is shutting down: the client should finish and send DISC.
+    /// The server is shutting down: no answer to pass on; the client sends DISC and tries again on a new connection.
     public static let eshutdown: UInt32 = 108
 
     /// The errno a ublk request completes with for an NBD error value (0 stays 0).

@@ -340,6 +340,7 @@ public final class NBDQueueHandler: QueueHandler {
     func complete(_ answered: (tag: Int, errno: Int32)?, _ io: BackingSubmitter,
                   _ finished: inout FinishedRequests) throws(SystemError) {
         guard let (tag, errno) = answered else { return }
+        if errno == Int32(NBDErrorNumber.eshutdown) { return try serverShuttingDown(io, &finished) }
         if slots[tag].phase == .sending {
             slots[tag].phase = .repliedWhileSending(errno: errno)
         } else {
@@ -404,6 +405,20 @@ extension NBDQueueHandler {
         slots[tag].caught = false
         caughtCount -= 1
         if caughtCount == 0, case .up = connection { outage = nil }
+    }
+
+    /// NBD_ESHUTDOWN: the server is going away and did not serve the request. The protocol
+    /// asks for a soft disconnect: DISC (unless a send in flight could tangle with it),
+    /// then the connection is dropped and the request waits for the next one, as for any
+    /// lost connection, within the outage's budget.
+    func serverShuttingDown(_ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
+        if !sending {
+            withUnsafeTemporaryAllocation(byteCount: NBDRequest.headerSize, alignment: 8) { header in
+                NBDRequest(.disconnect, cookie: 0).encode(into: header)
+                _ = Glibc.send(socketNumber, header.baseAddress, header.count, Int32(MSG_DONTWAIT | MSG_NOSIGNAL))
+            }
+        }
+        try drop("the server is shutting down (NBD_ESHUTDOWN)", io, &finished)
     }
 
     /// Once no operation uses the old socket: close it and wait before the next reconnect,

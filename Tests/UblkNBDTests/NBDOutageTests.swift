@@ -48,3 +48,17 @@ import UblkTesting
         while queue.inFlight > 0 { try queue.reap { _, _ in } }
     }
 }
+
+extension NBDOutageTests {
+    /// NBD_ESHUTDOWN is no answer to give the kernel: the client says DISC, reconnects and
+    /// sends the READ again, which the next connection answers.
+    @Test func aServerShuttingDownGetsADisconnectAndTheRequestAgain() throws {
+        let server = try LoopbackServer { connection, _ in .reply(error: connection == 0 ? NBDErrorNumber.eshutdown : 0) }
+        defer { server.stop() }
+        let queue = try OfflineQueue(target: try server.target(), depth: 2, bufferSize: 64 * 1024)
+        #expect(try queue.perform(Self.read) == 8192)
+        #expect(UnsafeRawBufferPointer(start: queue.buffer(tag: 0), count: 8192).allSatisfy { $0 == LoopbackServer.data })
+        let first = server.log.requests.withLock { $0[0].map(\.command) }
+        #expect(first == [NBDCommand.read.rawValue, NBDCommand.disconnect.rawValue])
+    }
+}
