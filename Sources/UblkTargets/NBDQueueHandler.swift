@@ -17,6 +17,8 @@ import UblkSystem
 ///   stale or duplicate reply is an unknown cookie.
 /// - A FLUSH is held until every write, trim and write-zeroes that arrived before it
 ///   has been answered: a FLUSH covers only answered writes.
+/// - A connection that dies with answered writes no FLUSH answer covered may have lost
+///   them in the server's cache: the next FLUSH fails with EIO, once (`durability`).
 /// - If the connection drops (an error, the end of the stream, or a reply that breaks
 ///   the protocol), the socket is shut down and, once its operations are back, closed;
 ///   then reconnects are tried with backoff (a timeout SQE between attempts, so the
@@ -57,6 +59,8 @@ public final class NBDQueueHandler: QueueHandler {
         var sent = 0
         /// Left waiting by a lost connection: belongs to the current outage.
         var caught = false
+        /// For a FLUSH: the count of answered writes on its connection when it was sent.
+        var covers: UInt64 = 0
         var cookie: UInt64 { UInt64(command.cookie) }
     }
 
@@ -92,6 +96,13 @@ public final class NBDQueueHandler: QueueHandler {
     var outage: NBDReconnectBackoff?
     /// Requests the outage caught that still wait.
     var caughtCount = 0
+    /// The export has a write cache (SEND_FLUSH): an answered write is not yet durable.
+    let volatileCache: Bool
+    /// Writes, trims and write-zeroes answered on this connection (without FUA), and how
+    /// many of them an answered FLUSH covers.
+    var answeredWrites: UInt64 = 0, flushedWrites: UInt64 = 0
+    /// A connection died with answered writes no FLUSH covered: the next FLUSH fails.
+    var lostWrites = false
     // Memory the kernel reads or writes while an operation is in flight: never moves.
     let headers: UnsafeMutableRawPointer
     let replyHeader: UnsafeMutableRawPointer
@@ -106,6 +117,7 @@ public final class NBDQueueHandler: QueueHandler {
         self.target = target
         self.queueID = queueID
         budget = .seconds(target.configuration.reconnectTimeout)
+        volatileCache = target.properties.volatileCache
         slots = Array(repeating: Slot(), count: depth)
         sendQueue = Array(repeating: 0, count: depth)
         headers = .allocate(byteCount: depth * 32, alignment: 8)
@@ -210,11 +222,31 @@ public final class NBDQueueHandler: QueueHandler {
 
     /// Finishes `tag`: its request completes, and FLUSHes it held back may go.
     func finish(tag: Int, errno: Int32, _ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
+        let errno = volatileCache ? durability(tag: tag, errno: errno) : errno
         finished.append(tag: UInt16(tag), result: result(tag: tag, errno: errno))
         slots[tag].phase = .idle
         slots[tag].request = nil
         if slots[tag].caught { answeredAfterOutage(tag: tag) }
         if slots[tag].isMutation && heldFlushes > 0 { try releaseFlushes(io) }
+    }
+
+    /// The errno `tag` finishes with, counting what a crash of the server could lose:
+    /// writes answered on this connection that no answered FLUSH covers. After a connection
+    /// died with some, the next FLUSH fails with EIO, once, as the kernel fails a flush
+    /// after a lost write-back: the file system learns of it rather than trusting the FLUSH.
+    func durability(tag: Int, errno: Int32) -> Int32 {
+        let command = slots[tag].command
+        switch command.command {
+        case .flush where lostWrites:
+            lostWrites = false
+            return EIO
+        case .flush where errno == 0:
+            flushedWrites = max(flushedWrites, slots[tag].covers)
+        case .write, .trim, .writeZeroes:
+            if errno == 0 && !command.flags.contains(.fua) { answeredWrites += 1 }
+        default: break
+        }
+        return errno
     }
 
     /// Sends the held FLUSHes whose writes have all been answered.
@@ -247,6 +279,7 @@ public final class NBDQueueHandler: QueueHandler {
         slots[tag].command.encode(into: UnsafeMutableRawBufferPointer(start: header, count: NBDRequest.headerSize))
         slots[tag].phase = .sending
         slots[tag].sent = 0
+        slots[tag].covers = answeredWrites
         try submitSend(tag: tag, io.forQueue(step: Step.send.rawValue))
     }
 
@@ -388,6 +421,9 @@ extension NBDQueueHandler {
             }
             if slots[tag].phase != .idle { catchWaiting(tag: tag) }
         }
+        if answeredWrites > flushedWrites { lostWrites = true }
+        answeredWrites = 0
+        flushedWrites = 0
         if outage == nil { outage = NBDReconnectBackoff(from: .now, budget: budget) }
         try closeIfDrained(io, &finished)
     }
@@ -465,6 +501,7 @@ extension NBDQueueHandler {
         caughtCount = 0
         for tag in slots.indices where slots[tag].phase != .idle {
             if case .heldFlush = slots[tag].phase { heldFlushes -= 1 }
+            if slots[tag].command.command == .flush { lostWrites = false } // told with this EIO
             finished.append(tag: UInt16(tag), result: -EIO)
             slots[tag].phase = .idle
             slots[tag].request = nil

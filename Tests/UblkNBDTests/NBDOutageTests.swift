@@ -62,3 +62,24 @@ extension NBDOutageTests {
         #expect(first == [NBDCommand.read.rawValue, NBDCommand.disconnect.rawValue])
     }
 }
+
+extension NBDOutageTests {
+    /// A WRITE answered on a connection that then dies, with no FLUSH answered since, may
+    /// be lost in a crashed server's cache: the next FLUSH fails with EIO, once. With the
+    /// FLUSH answered before the connection died, nothing is lost.
+    @Test(arguments: [false, true]) func writesAnsweredOnADeadConnectionFailTheNextFlush(flushedBefore: Bool) throws {
+        // The first connection answers everything but READs, on which it hangs up.
+        let server = try LoopbackServer { connection, request in
+            connection == 0 && request.command == NBDCommand.read.rawValue ? .hangUp : .reply(error: 0)
+        }
+        defer { server.stop() }
+        let queue = try OfflineQueue(target: try server.target(), depth: 2, bufferSize: 64 * 1024)
+        let flush = IODescriptor(operation: .flush, startSector: 0, sectorCount: 0)
+        #expect(try queue.perform(IODescriptor(operation: .write, startSector: 0, sectorCount: 8)) == 4096)
+        if flushedBefore { #expect(try queue.perform(flush) == 0) }
+        #expect(try queue.perform(Self.read) == 8192) // the first connection dies; the second answers
+        #expect(try queue.perform(flush) == (flushedBefore ? 0 : -EIO))
+        #expect(try queue.perform(flush) == 0)
+        #expect(server.connections == 2)
+    }
+}
