@@ -266,7 +266,11 @@ public final class DeviceServer {
             let existing = try control.deviceInfo(id)
             guard existing.flags.contains(.userRecovery) else { throw ServerError.notRecoverable(id) }
             let parameters = try control.parameters(id)
-            if let why = Self.mismatch(target.properties, device: parameters) { throw ServerError.targetChanged(id, why) }
+            let queueLimit = (target as? any SpecifiedTarget)?.queueLimit?.queues
+            if let why = Self.mismatch(target.properties, queueLimit: queueLimit, device: parameters,
+                                       queues: Int(existing.queueCount)) {
+                throw ServerError.targetChanged(id, why)
+            }
             try Self.startUserRecovery(control, id)
             // Run by `ublk upgrade` under a service manager, this process is the service's
             // main process from here on: say so before the old server exits.
@@ -385,15 +389,32 @@ public final class DeviceServer {
     }
 
     /// Why a target cannot serve a device the kernel already has (recovery keeps the
-    /// device's size, block size and read-only flag): a backing that shrank below it, a
-    /// block size that changed, a read-only backing under a writable device. Nil if it fits.
-    static func mismatch(_ properties: TargetProperties, device: DeviceParameters) -> String? {
+    /// device's size, block size, queues, request size and what it announced): a backing
+    /// that shrank below it, a block size that changed, a read-only backing under a
+    /// writable device, fewer queues allowed than it has (`queueLimit`), no FLUSH under an
+    /// announced write cache, no FUA under announced FUA (a FUA write would be answered
+    /// before it is durable), smaller requests than it sends. Nil if it fits.
+    static func mismatch(_ properties: TargetProperties, queueLimit: Int? = nil, device: DeviceParameters,
+                         queues: Int = 1) -> String? {
         let deviceBytes = device.sectors << 9
         if properties.size < deviceBytes { return "it holds \(properties.size) bytes, the device \(deviceBytes)" }
         if properties.logicalBlockSize != device.logicalBlockSize {
             return "its block size is \(properties.logicalBlockSize), the device's \(device.logicalBlockSize)"
         }
         if properties.readOnly && !device.readOnly { return "it is read-only, the device is writable" }
+        if let queueLimit, queues > queueLimit {
+            return "it serves \(queueLimit) queue at most (an NBD export without CAN_MULTI_CONN), the device has \(queues)"
+        }
+        if device.volatileCache && !properties.volatileCache {
+            return "it cannot flush (an NBD export without SEND_FLUSH), the device announces a write cache"
+        }
+        if device.fua && !(properties.volatileCache && properties.supportsFUA) {
+            return "it cannot force unit access (an NBD export without SEND_FUA), the device announces FUA"
+        }
+        let requestBytes = Int(device.maxSectors) << 9
+        if properties.maximumTransferBytes < requestBytes {
+            return "it takes requests of \(properties.maximumTransferBytes) bytes at most, the device sends \(requestBytes)"
+        }
         return nil
     }
 

@@ -45,4 +45,30 @@ import UblkQueue
         readOnly.readOnly = true
         #expect(DeviceServer.mismatch(readOnly, device: device)?.contains("read-only") == true)
     }
+
+    /// An NBD export a recovery finds must keep what the kept device announces: several
+    /// connections for several queues, FLUSH under a write cache, FUA, the request size.
+    @Test func aRecoveringTargetMustKeepWhatTheDeviceAnnounces() {
+        let properties = TargetProperties(size: 64 << 20)
+        let device = DeviceServer.parameters(for: properties, maxIOBytes: 512 * 1024)
+        #expect(device.volatileCache && device.fua)
+        #expect(DeviceServer.mismatch(properties, queueLimit: 1, device: device, queues: 1) == nil)
+        #expect(DeviceServer.mismatch(properties, queueLimit: 1, device: device, queues: 4)?.contains("CAN_MULTI_CONN") == true)
+        var noFlush = properties
+        noFlush.volatileCache = false
+        #expect(DeviceServer.mismatch(noFlush, device: device)?.contains("SEND_FLUSH") == true)
+        var noFUA = properties
+        noFUA.supportsFUA = false
+        #expect(DeviceServer.mismatch(noFUA, device: device)?.contains("SEND_FUA") == true)
+        var smaller = properties
+        smaller.maximumTransferBytes = 256 * 1024
+        #expect(DeviceServer.mismatch(smaller, device: device)
+            == "it takes requests of 262144 bytes at most, the device sends 524288")
+        // A device that announced none of it takes a target that has none of it.
+        let plain = DeviceServer.parameters(for: noFlush, maxIOBytes: 256 * 1024)
+        #expect(!plain.volatileCache && !plain.fua)
+        noFlush.supportsFUA = false
+        noFlush.maximumTransferBytes = 256 * 1024
+        #expect(DeviceServer.mismatch(noFlush, device: plain) == nil)
+    }
 }
