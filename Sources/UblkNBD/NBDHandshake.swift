@@ -54,14 +54,22 @@ struct NBDHandshake {
         try send(ByteWriter().u32((fixedNewstyle ? 1 : 0) | (noZeroes ? 2 : 0)).bytes, to: stream)
         // A server without fixed newstyle drops the connection on any option it does not know.
         if fixedNewstyle {
-            do { if let export = try go(over: stream) { return export } }
+            do { if let export = try go(over: stream) { return try addressable(export) } }
             catch where [.exportNotFound, .refused, .tlsNotSupported].contains(error.kind) {
                 // End the negotiation politely: the server then logs no "unexpected end of file".
                 try? sendOption(.abort, [], to: stream)
                 throw error
             }
         }
-        return try exportName(over: stream, noZeroes: noZeroes)
+        return try addressable(try exportName(over: stream, noZeroes: noZeroes))
+    }
+
+    /// The export, unless its size is beyond a signed 64-bit byte offset: no block device
+    /// (and no file system) addresses that much, so the size is a lie.
+    private func addressable(_ export: NBDExport) throws(NBDError) -> NBDExport {
+        guard export.size > UInt64(Int64.max) else { return export }
+        throw NBDError(.unusable, "NBD server \(server) claims \(export.size) bytes for export \(name), "
+            + "more than a block device can address: check the server")
     }
 
     /// `NBD_OPT_GO`; nil when the server answers `NBD_REP_ERR_UNSUP` (then EXPORT_NAME is tried).

@@ -191,7 +191,7 @@ public final class NBDQueueHandler: QueueHandler {
         if d.flags.contains(.noUnmap) { flags.insert(.noUnmap) }
         slots[tag].sequence &+= 1
         let cookie = UInt64(tag) | slots[tag].sequence << 16
-        let block = BlockRequest(operation, flags: flags, offset: UInt64(d.byteOffset), length: UInt32(d.byteCount))
+        let block = BlockRequest(operation, flags: flags, offset: UInt64(bitPattern: d.byteOffset), length: UInt32(d.byteCount))
         return target.export.request(for: block, cookie: cookie)
     }
 

@@ -94,6 +94,22 @@ final class ScriptedServer: NBDByteStream {
         }
     }
 
+    /// A size past Int64.max (no block device addresses it) is refused, by GO or EXPORT_NAME.
+    @Test func aSizeBeyondAnyBlockDeviceIsRefused() {
+        let huge = UInt64.max - 511
+        let message = "NBD server 127.0.0.1:10809 claims \(huge) bytes for export disk, more than a block device "
+            + "can address: check the server"
+        #expect(throws: NBDError(.unusable, message)) {
+            try negotiate(Self.greeting() + Self.exportInfo(size: huge, flags: 1) + Self.ack)
+        }
+        #expect(throws: NBDError(.unusable, message)) {
+            try negotiate(Self.greeting(flags: 2) + ByteWriter().u64(huge).u16(1).bytes)
+        }
+        #expect(throws: Never.self) {
+            try negotiate(Self.greeting() + Self.exportInfo(size: UInt64(Int64.max) / 512 * 512, flags: 1) + Self.ack)
+        }
+    }
+
     @Test func aRefusedGoIsFollowedByAbort() {
         let server = ScriptedServer(Self.greeting() + Self.optionReply(type: 1 << 31 | 6))
         #expect(throws: NBDError.self) { try NBDHandshake(address: Self.address).negotiate(over: server) }
