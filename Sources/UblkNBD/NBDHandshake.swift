@@ -32,6 +32,8 @@ struct NBDHandshake {
 
     /// Longest option reply accepted: info replies are a few bytes, error texts short.
     static let maximumReplyLength: UInt32 = 64 * 1024
+    /// Most info replies accepted to one GO: a server has a handful of kinds to send.
+    static let maximumInfoReplies = 32
 
     let address: NBDAddress
     var server: String { address.endpoint.description }
@@ -80,7 +82,7 @@ struct NBDHandshake {
         try sendOption(.go, request.bytes, to: stream)
         var export: (size: UInt64, flags: NBDTransmissionFlags)?
         var blockSizes: NBDBlockSizes?
-        while true {
+        for _ in 0...Self.maximumInfoReplies {
             let (type, data) = try receiveOptionReply(for: .go, from: stream)
             switch type {
             case Reply.ack:
@@ -106,6 +108,7 @@ struct NBDHandshake {
             default: throw refusal(type, text: data)
             }
         }
+        throw violation("it sent more than \(Self.maximumInfoReplies) info replies to GO")
     }
 
     /// `NBD_OPT_EXPORT_NAME`: the reply is the size and flags; a refusal is a hang-up.

@@ -145,6 +145,8 @@ final class ScriptedServer: NBDByteStream {
             + ack, "block sizes 3/4096/1048576"),
         (greeting() + exportInfo(size: 1 << 30, flags: 1) + optionReply(type: 3, ByteWriter().u16(3).u32(512).u32(4096).u32(1024).bytes)
             + ack, "block sizes 512/4096/1024"),
+        (greeting() + (0...32).flatMap { _ in optionReply(type: 3, [0, 99]) } + exportInfo(size: 1, flags: 1) + ack,
+         "more than 32 info replies"),
     ]
 
     @Test(arguments: violations)

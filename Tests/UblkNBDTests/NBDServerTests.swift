@@ -197,4 +197,28 @@ import UblkSystem
         }
         #expect(ContinuousClock.now - started < .seconds(3))
     }
+
+    /// A server that sends its whole handshake a byte every 50 ms (3.5 s) never lets one
+    /// receive wait long, but the handshake as a whole ends at the timeout.
+    @Test func aDrippingServerFailsTheHandshakeInTime() throws {
+        let listener = try SilentListener(backlog: 8)
+        let fd = listener.fd
+        let script = NBDHandshakeTests.greeting() + NBDHandshakeTests.exportInfo(size: 1 << 20, flags: 1) + NBDHandshakeTests.ack
+        let server = try OSThread {
+            let client = accept(fd, nil, nil)
+            guard client >= 0 else { return }
+            defer { close(client) }
+            for byte in script {
+                guard NBDTargetViolationTests.send(client, [byte]) else { return }
+                usleep(50_000)
+            }
+        }
+        defer { server.join() }
+        let started = ContinuousClock.now
+        #expect(throws: NBDError(.closed, "NBD server 127.0.0.1:\(listener.port) stopped answering during the handshake: "
+            + "is it overloaded?")) {
+            _ = try NBDClient.connect(to: try NBDAddress(uri: "nbd://127.0.0.1:\(listener.port)/disk"), timeout: .seconds(1))
+        }
+        #expect(ContinuousClock.now - started < .milliseconds(1500))
+    }
 }
