@@ -369,7 +369,8 @@ public final class DeviceServer {
 
     /// The device parameters (SET_PARAMS) for a target: its size and block sizes, requests
     /// up to one tag buffer, a volatile cache with FUA where the target has a cache, and
-    /// discard/write-zeroes only when the target can do them.
+    /// discard and write-zeroes each only when the target can do it (the kernel takes both
+    /// limits from the one discard parameter block).
     public static func parameters(for properties: TargetProperties, maxIOBytes: UInt32) -> DeviceParameters {
         var parameters = DeviceParameters(sectors: properties.size >> 9, maxSectors: maxIOBytes >> 9)
         parameters.logicalBlockShift = UInt8(properties.logicalBlockSize.trailingZeroBitCount)
@@ -380,9 +381,9 @@ public final class DeviceServer {
         parameters.rotational = properties.rotational
         parameters.volatileCache = properties.volatileCache
         parameters.fua = properties.volatileCache && properties.supportsFUA
-        if properties.supportsDiscard {
+        if properties.supportsDiscard || properties.supportsWriteZeroes {
             parameters.discard = .init(granularity: UInt32(properties.discardGranularity),
-                                       maxDiscardSectors: UInt32.max >> 9,
+                                       maxDiscardSectors: properties.supportsDiscard ? UInt32.max >> 9 : 0,
                                        maxWriteZeroesSectors: properties.supportsWriteZeroes ? UInt32.max >> 9 : 0)
         }
         return parameters
@@ -405,10 +406,11 @@ public final class DeviceServer {
         if let queueLimit, queues > queueLimit {
             return "it serves \(queueLimit) queue at most (an NBD export without CAN_MULTI_CONN), the device has \(queues)"
         }
-        if device.volatileCache && !properties.volatileCache {
+        // (A read-only device writes nothing to flush or force.)
+        if device.volatileCache && !device.readOnly && !properties.volatileCache {
             return "it cannot flush (an NBD export without SEND_FLUSH), the device announces a write cache"
         }
-        if device.fua && !(properties.volatileCache && properties.supportsFUA) {
+        if device.fua && !device.readOnly && !(properties.volatileCache && properties.supportsFUA) {
             return "it cannot force unit access (an NBD export without SEND_FUA), the device announces FUA"
         }
         let requestBytes = Int(device.maxSectors) << 9

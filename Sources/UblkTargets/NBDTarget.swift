@@ -66,8 +66,9 @@ public final class NBDTarget: SpecifiedTarget {
         properties.physicalBlockSize = Int(capabilities.physicalBlockSize)
         properties.readOnly = readOnly || capabilities.readOnly
         properties.rotational = capabilities.rotational
-        properties.volatileCache = capabilities.volatileCache
-        properties.supportsFUA = capabilities.fua
+        // A read-only device writes nothing to flush: a cache announced would only get FLUSHes refused.
+        properties.volatileCache = !properties.readOnly && capabilities.volatileCache
+        properties.supportsFUA = properties.volatileCache && capabilities.fua
         properties.supportsDiscard = !properties.readOnly && capabilities.discard
         properties.supportsWriteZeroes = !properties.readOnly && capabilities.writeZeroes
         properties.discardGranularity = Int(capabilities.physicalBlockSize)

@@ -31,6 +31,20 @@ import UblkQueue
         #expect(parameters.logicalBlockShift == 9 && parameters.maxSectors == 128)
     }
 
+    /// Write-zeroes without discard (an NBD export with SEND_WRITE_ZEROES but not SEND_TRIM)
+    /// is announced alone, and discard alone likewise.
+    @Test func writeZeroesAndDiscardAreAnnouncedEachOnItsOwn() {
+        var properties = TargetProperties(size: 1 << 20)
+        properties.supportsWriteZeroes = true
+        let zeroes = DeviceServer.parameters(for: properties, maxIOBytes: 64 * 1024).discard
+        #expect(zeroes?.maxDiscardSectors == 0 && zeroes?.maxWriteZeroesSectors == UInt32.max >> 9)
+        #expect(zeroes?.granularity == 4096)
+        properties.supportsWriteZeroes = false
+        properties.supportsDiscard = true
+        let discard = DeviceServer.parameters(for: properties, maxIOBytes: 64 * 1024).discard
+        #expect(discard?.maxDiscardSectors == UInt32.max >> 9 && discard?.maxWriteZeroesSectors == 0)
+    }
+
     /// Recovery keeps the device: a target that no longer fits it is refused, one that
     /// grew (or is the same) serves it.
     @Test func aRecoveringTargetMustFitTheDevice() {
@@ -70,5 +84,12 @@ import UblkQueue
         noFlush.supportsFUA = false
         noFlush.maximumTransferBytes = 256 * 1024
         #expect(DeviceServer.mismatch(noFlush, device: plain) == nil)
+        // A read-only device (from before --read-only stopped announcing a cache) flushes nothing.
+        var readOnlyDevice = device
+        readOnlyDevice.readOnly = true
+        var readOnlyTarget = properties
+        readOnlyTarget.readOnly = true
+        readOnlyTarget.volatileCache = false
+        #expect(DeviceServer.mismatch(readOnlyTarget, device: readOnlyDevice) == nil)
     }
 }
