@@ -31,6 +31,8 @@ final class LoopbackServer: Sendable {
     /// Every connection accepted so far, with the requests it read.
     final class Log: Sendable {
         let requests = Mutex<[[Request]]>([])
+        /// The connection being served (-1: none), shut down by `stop`.
+        let client = Mutex<Int32>(-1)
     }
 
     let port: UInt16
@@ -52,10 +54,11 @@ final class LoopbackServer: Sendable {
         thread = try OSThread { Self.serve(listener, log, flags: flags, size: size, script) }
     }
 
-    /// Stops accepting; the connection being served ends with its client.
+    /// Stops accepting and ends the connection being served.
     func stop() {
         guard !stopped.exchange(true, ordering: .relaxed) else { return }
         shutdown(listener, Int32(SHUT_RDWR))
+        log.client.withLock { if $0 >= 0 { shutdown($0, Int32(SHUT_RDWR)) } }
         thread.join()
         close(listener)
     }
@@ -67,7 +70,8 @@ final class LoopbackServer: Sendable {
         while true {
             let client = accept(listener, nil, nil)
             guard client >= 0 else { return }
-            defer { close(client) }
+            log.client.withLock { $0 = client }
+            defer { log.client.withLock { $0 = -1; close(client) } } // never shut down once its number is free
             let connection = log.requests.withLock { $0.append([]); return $0.count - 1 }
             guard NBDTargetViolationTests.handshake(client, size: size, flags: flags) else { continue }
             while let header = NBDTargetViolationTests.receive(client, NBDRequest.headerSize) {
