@@ -255,12 +255,23 @@ extension IORing {
         /// one `io_uring_enter` for both.
         @inlinable @discardableResult
         public func submit(waitingFor count: UInt32) throws(SystemError) -> Int {
+            var busy = 0
             while true {
                 let result = count == 0 ? io_uring_submit(ring) : io_uring_submit_and_wait(ring, count)
                 if result >= 0 { return Int(result) }
                 if result == -EINTR { continue }
-                // EBUSY/EAGAIN: the completion queue is full; the caller must reap first.
-                if (result == -EBUSY || result == -EAGAIN) && io_uring_cq_ready(ring) > 0 { return 0 }
+                if result == -EBUSY || result == -EAGAIN {
+                    // The completion queue is full: the caller must reap first.
+                    if io_uring_cq_ready(ring) > 0 { return 0 }
+                    // Else the kernel could not take the submission for now (no memory for
+                    // its requests): it passes. A queue thread that gave up here would leave
+                    // its requests held, and on 7.x the device's STOP_DEV would wait for them.
+                    if busy < IORing.busyRetries {
+                        busy += 1
+                        usleep(1000)
+                        continue
+                    }
+                }
                 throw SystemError("io_uring_enter", errno: result)
             }
         }
@@ -351,4 +362,7 @@ extension IORing {
     public static let commandAreaOffset = 48
     /// Completions looked at per `io_uring_peek_batch_cqe`.
     public static let reapBatch = 32
+    /// Submissions the kernel refuses for now (EAGAIN, EBUSY with nothing to reap) are tried
+    /// again this many times, a millisecond apart, before the refusal is an error.
+    public static let busyRetries = 1000
 }
