@@ -1,5 +1,6 @@
 import Glibc
 import UblkQueue
+import UblkSystem
 
 /// A null device's settings.
 public struct NullConfiguration: Sendable, Equatable, Codable {
@@ -32,12 +33,23 @@ public final class NullTarget: SpecifiedTarget {
     public let name = "null"
     public let configuration: NullConfiguration
     public let properties: TargetProperties
-    public let fixedFiles: [Int32] = []
-    /// Requests complete without their data: zero copy is the runtime alone.
-    public var supportsZeroCopy: Bool { true }
+    /// /dev/zero, which fills a read's own pages with zero copy (nil if it cannot be opened).
+    private let zeros: FileDescriptor?
+    public let fixedFiles: [Int32]
+    /// Writes complete without their data; a read's pages are zeroed from /dev/zero by
+    /// the kernel, with no copy through a buffer of ours.
+    public var supportsZeroCopy: Bool { !fixedFiles.isEmpty }
 
     public init(_ configuration: NullConfiguration) {
         self.configuration = configuration
+        do {
+            let zeros = try FileDescriptor(path: "/dev/zero", flags: O_RDONLY)
+            fixedFiles = [zeros.rawValue]
+            self.zeros = consume zeros
+        } catch {
+            zeros = nil
+            fixedFiles = []
+        }
         var properties = TargetProperties(size: configuration.size)
         properties.logicalBlockSize = configuration.logicalBlockSize
         properties.physicalBlockSize = max(configuration.logicalBlockSize, 4096)
@@ -84,8 +96,9 @@ public final class NullQueueHandler: QueueHandler {
         let descriptor = request.descriptor
         switch descriptor.operation {
         case .read:
-            // Zero copy: the reader's own pages, left as they are (as null_blk leaves them).
-            guard case .buffer(let buffer) = request.data else { return .done(Int32(descriptor.byteCount)) }
+            // Zero copy: the reader's own pages, which hold whatever they held before (a
+            // page cache page is not cleared before a read fills it): /dev/zero fills them.
+            guard case .buffer(let buffer) = request.data else { return zeroFill(request, from: 0, io) }
             let tag = Int(request.tag)
             if dirtyBytes[tag] > 0 {
                 buffer.initializeMemory(as: UInt8.self, repeating: 0, count: dirtyBytes[tag])
@@ -106,7 +119,23 @@ public final class NullQueueHandler: QueueHandler {
         }
     }
 
+    /// A zero-copy read's fill from /dev/zero completed (visibly only if it failed or was
+    /// short: else the commit linked behind it went): the rest is filled again.
     public func complete(_ request: IORequest, backingResult: Int32, _ io: BackingSubmitter) -> RequestStep {
-        .done(backingResult)
+        let tag = Int(request.tag)
+        guard backingResult > 0 else { return .done(backingResult < 0 ? backingResult : -EIO) }
+        dirtyBytes[tag] += Int(backingResult)
+        if dirtyBytes[tag] >= request.descriptor.byteCount { return .done(Int32(request.descriptor.byteCount)) }
+        return zeroFill(request, from: dirtyBytes[tag], io)
+    }
+
+    /// Reads /dev/zero into a zero-copy read's pages from byte `done` (`dirtyBytes` counts
+    /// what is filled: with zero copy no buffer of ours is dirty).
+    func zeroFill(_ request: IORequest, from done: Int, _ io: BackingSubmitter) -> RequestStep {
+        dirtyBytes[Int(request.tag)] = done
+        let count = request.descriptor.byteCount - done
+        do { try io.read(file: BackingSubmitter.firstTargetFile, into: request.data.advanced(by: done), count: count, offset: 0) }
+        catch { return .done(-error.errno) }
+        return .finishing(result: Int32(request.descriptor.byteCount))
     }
 }
