@@ -21,6 +21,10 @@ public struct DeviceParameters: Sendable, Equatable {
     public var fua = true
     /// Discard and write-zeroes limits; nil when the backing cannot punch holes.
     public var discard: Discard?
+    /// The alignment of request buffers in memory, as a mask (511: 512 bytes); nil leaves
+    /// ublk_drv's 4 bytes. With zero copy a request's own pages go to the backing: an
+    /// O_DIRECT backing needs them aligned as the block layer aligns them for loop (511).
+    public var dmaAlignment: UInt32?
     /// Device numbers of /dev/ublkcN and /dev/ublkbN (GET_PARAMS only).
     public private(set) var deviceNumbers: DeviceNumbers?
 
@@ -70,6 +74,7 @@ public struct DeviceParameters: Sendable, Equatable {
             discard.maxSegments = raw.discard.max_discard_segments
             self.discard = discard
         }
+        if raw.types & UInt32(UBLK_PARAM_TYPE_DMA_ALIGN) != 0 { dmaAlignment = raw.dma.alignment }
         if raw.types & UInt32(UBLK_PARAM_TYPE_DEVT) != 0 {
             deviceNumbers = DeviceNumbers(characterMajor: raw.devt.char_major, characterMinor: raw.devt.char_minor,
                                           diskMajor: raw.devt.disk_major, diskMinor: raw.devt.disk_minor)
@@ -99,6 +104,10 @@ public struct DeviceParameters: Sendable, Equatable {
             raw.discard.max_discard_sectors = discard.maxDiscardSectors
             raw.discard.max_write_zeroes_sectors = discard.maxWriteZeroesSectors
             raw.discard.max_discard_segments = discard.maxSegments
+        }
+        if let dmaAlignment {
+            raw.types |= UInt32(UBLK_PARAM_TYPE_DMA_ALIGN)
+            raw.dma.alignment = dmaAlignment
         }
         return raw
     }

@@ -129,7 +129,10 @@ public final class DeviceServer {
             // A failure before the device went live leaves nothing behind.
             if !isLive, case .create = mode { try? control.deleteDevice(id) }
         }
-        let parameters = kept ?? Self.parameters(for: target.properties, maxIOBytes: info.maxIOBufferBytes)
+        var parameters = kept ?? Self.parameters(for: target.properties, maxIOBytes: info.maxIOBufferBytes)
+        // Zero copy hands the reader's own pages to the backing (O_DIRECT there): aligned as
+        // for loop, not ublk_drv's default 4 bytes, which an O_DIRECT backing refuses.
+        if kept == nil, case .autoRegister = Self.bufferMode(info) { parameters.dmaAlignment = Self.zeroCopyAlignment }
         if kept == nil {
             do { try control.setParameters(id, parameters) } catch { throw .control(error) }
         }
@@ -358,6 +361,10 @@ public final class DeviceServer {
         watcher.start()
         return requests
     }
+
+    /// The request buffers' memory alignment with zero copy: 512 bytes, the block layer's
+    /// default, which the kernel loop driver gets and an O_DIRECT backing accepts.
+    static let zeroCopyAlignment: UInt32 = 511
 
     /// Joins every queue thread; a queue that ended early stops the device. Returns the first failure.
     private func waitForQueues(_ threads: QueueThreads, id: UInt32, control: borrowing ControlDevice) -> (any Error)? {

@@ -11,11 +11,16 @@ import Testing
         parameters.readOnly = true
         parameters.discard = .init(granularity: 4096, maxDiscardSectors: 8192, maxWriteZeroesSectors: 8192)
         let raw = parameters.raw
-        #expect(raw.len == 112)
+        #expect(raw.len == 120)
         #expect(raw.types == UInt32(UBLK_PARAM_TYPE_BASIC | UBLK_PARAM_TYPE_DISCARD))
         #expect(raw.basic.attrs & UInt32(UBLK_ATTR_READ_ONLY) != 0)
         #expect(raw.basic.dev_sectors == 524_288)
         #expect(DeviceParameters(raw: raw) == parameters)
+        // Zero copy: the buffers' alignment goes with its own type bit.
+        parameters.dmaAlignment = 511
+        let aligned = parameters.raw
+        #expect(aligned.types & UInt32(UBLK_PARAM_TYPE_DMA_ALIGN) != 0 && aligned.dma.alignment == 511)
+        #expect(DeviceParameters(raw: aligned) == parameters)
     }
 
     @Test func noDiscardWhenUnsupported() {

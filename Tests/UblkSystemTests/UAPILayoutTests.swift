@@ -13,7 +13,7 @@ import Testing
         #expect(MemoryLayout<ublk_param_discard>.size == 20)
         #expect(MemoryLayout<ublk_param_devt>.size == 16)
         #expect(MemoryLayout<ublk_param_zoned>.size == 32)
-        #expect(MemoryLayout<ublk_params>.size == 112)
+        #expect(MemoryLayout<ublk_params>.size == 120)
         #expect(MemoryLayout<ublk_batch_io>.size == 16)
         #expect(MemoryLayout<ublk_elem_header>.size == 8)
     }
@@ -63,6 +63,7 @@ import Testing
         #expect(MemoryLayout<ublk_params>.offset(of: \.discard) == 40)
         #expect(MemoryLayout<ublk_params>.offset(of: \.devt) == 60)
         #expect(MemoryLayout<ublk_params>.offset(of: \.zoned) == 76)
+        #expect(MemoryLayout<ublk_params>.offset(of: \.dma) == 108)
         #expect(MemoryLayout<ublk_param_basic>.offset(of: \.max_sectors) == 8)
         #expect(MemoryLayout<ublk_param_basic>.offset(of: \.dev_sectors) == 16)
     }

@@ -204,6 +204,7 @@ struct ublk_elem_header {
 #define UBLK_PARAM_TYPE_DISCARD (1 << 1)
 #define UBLK_PARAM_TYPE_DEVT    (1 << 2)
 #define UBLK_PARAM_TYPE_ZONED   (1 << 3)
+#define UBLK_PARAM_TYPE_DMA_ALIGN (1 << 4)
 
 struct ublk_param_basic {
     uint32_t attrs;
@@ -241,6 +242,13 @@ struct ublk_param_zoned {
     uint8_t  reserved[20];
 };
 
+/// The memory alignment the block layer guarantees a request's buffers (a mask:
+/// `dma_alignment`); without it ublk_drv sets 3.
+struct ublk_param_dma_align {
+    uint32_t alignment;
+    uint8_t  pad[4];
+};
+
 /// `len` is the size the server knows; the kernel copies min(len, its own size).
 struct ublk_params {
     uint32_t len;
@@ -249,6 +257,7 @@ struct ublk_params {
     struct ublk_param_discard discard;
     struct ublk_param_devt devt;
     struct ublk_param_zoned zoned;
+    struct ublk_param_dma_align dma;
 };
 
 #endif

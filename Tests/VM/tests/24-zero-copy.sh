@@ -2,7 +2,9 @@
 # 24-zero-copy — requests' pages go straight to the backing file (UBLK_F_AUTO_BUF_REG).
 # Where the kernel lacks the feature: `--zero-copy on` is refused in one line and leaves
 # no device; the default (auto) silently copies. Where it has it: the default uses zero
-# copy, `ublk list` says so (and `--zero-copy off` gives copy), the null target takes it,
+# copy, `ublk list` says so (and `--zero-copy off` gives copy), its request buffers are
+# 512-byte aligned (dma_alignment 511, as loop's), the null target takes it (and a direct
+# read of it returns zeros in the reader's pages),
 # and the mount test and the fio integrity load (direct I/O on and off, 1 and 2 queues)
 # pass with `--zero-copy on`.
 # timeout: 600
@@ -29,6 +31,10 @@ fi
 
 dev=$("$UBLK" add --file "$dir/disk.img")
 expect_eq "$(data_path "$dev")" zero-copy "data path of the default device"
+# The reader's pages go to the backing as they are: aligned as for loop (512 bytes), which
+# an O_DIRECT backing accepts, not ublk_drv's default 4.
+align=/sys/block/${dev#/dev/}/queue/dma_alignment
+[[ ! -r $align ]] || expect_eq "$(cat "$align")" 511 "dma_alignment of a zero-copy device"
 "$UBLK" list | grep -q " zero-copy " || fail "ublk list does not show the zero-copy data path"
 "$UBLK" del --id "${dev#/dev/ublkb}"
 dev=$("$UBLK" add --file "$dir/disk.img" --zero-copy off)
@@ -37,6 +43,14 @@ expect_eq "$(data_path "$dev")" copy "data path with --zero-copy off"
 dev=$("$UBLK" add --target null --size 64M --zero-copy on)
 expect_eq "$(data_path "$dev")" zero-copy "data path of the null target"
 dd if="$dev" of=/dev/null bs=1M count=16 iflag=direct status=none || fail "reading the zero-copy null device failed"
+# A direct read lands in the reader's own pages: they must come back zeroed, not as they were.
+python3 -c '
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 1 << 20)
+buf.write(b"\xaa" * (1 << 20))
+sys.exit(0 if os.preadv(fd, [buf], 4096) == 1 << 20 and buf[:] == bytes(1 << 20) else 1)
+' "$dev" || fail "a direct read of the zero-copy null device did not return zeros"
 dd if=/dev/zero of="$dev" bs=1M count=16 oflag=direct status=none || fail "writing the zero-copy null device failed"
 "$UBLK" del --id "${dev#/dev/ublkb}"
 echo "ok: default and --zero-copy on use zero copy, off copies, the null target takes it"
