@@ -92,6 +92,11 @@ extension Ublk {
             guard info.flags.contains(.quiesce) else {
                 throw CLIError("device \(id) was added without UBLK_F_QUIESCE (by an older server): it cannot be upgraded in place")
             }
+            // QUIESCE_DEV makes ublk_drv end new requests at once unless they wait for a new
+            // server, which fail-io says they must not: every write of the handover would fail.
+            guard !info.flags.contains(.userRecoveryFailIO) else {
+                throw CLIError("device \(id) was added with --recovery fail-io, which fails I/O while no server serves it: an upgrade would fail the writes made during the handover (add it with --recovery to upgrade it in place); nothing changed")
+            }
             // See DeviceServer.batchFlags: quiescing a batched queue under load failed writes.
             guard !info.flags.contains(.batchIO) else {
                 throw CLIError("device \(id) uses batched I/O commands (--batch-io on), whose queues ublk_drv stops without waiting for the requests in flight: it cannot be upgraded in place (add it with --batch-io off to allow it); nothing changed")

@@ -2,6 +2,7 @@
 # 62-recovery-fail-io — `--recovery fail-io` (UBLK_F_USER_RECOVERY_FAIL_IO): after the
 # server is killed, I/O fails within a second instead of waiting; `ublk list` says
 # fail-io; `ublk recover` brings the device back with the data written before the kill.
+# `ublk upgrade` of such a device is refused (its handover would fail I/O).
 # Kernels without the feature refuse the option in one line and add nothing.
 # timeout: 300
 . "$(dirname "$0")/../lib.sh"
@@ -28,6 +29,13 @@ id=${dev#/dev/ublkb}
 head -c 8M /dev/urandom >"$dir/pattern"
 dd if="$dir/pattern" of="$dev" bs=1M oflag=direct conv=fsync status=none
 pid=$(list_field "$id" pid)
+# An upgrade would fail the handover's I/O (QUIESCE_DEV ends new requests at once under
+# fail-io): refused before anything changes.
+if has_feature QUIESCE; then
+	KEEP_ID=$id expect_error "ublk upgrade of a fail-io device" "fail-io.*nothing changed" -- "$UBLK" upgrade --id "$id"
+	fail_on_problems "with ublk upgrade of a fail-io device"
+	expect_eq "$(list_field "$id" pid)/$(list_field "$id" state)" "$pid/live" "server and state after the refused upgrade"
+fi
 started=$(date +%s%N)
 kill -KILL "$pid"
 wait_exit "$pid" 10
