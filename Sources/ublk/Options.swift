@@ -7,28 +7,77 @@ import UblkServer
 import UblkNBD
 import UblkTargets
 
-/// A byte count written with an optional binary suffix: 4096, 512K, 256M, 1G, 2T.
-struct ByteCount: ExpressibleByArgument, Sendable, Equatable {
+/// A byte count as util-linux's losetup reads `--offset` and `--sizelimit` (strtosize):
+/// a number, decimal or hex (`0x1000`), with an optional suffix: K, M, G, T, P, E, or
+/// KiB, MiB..., are powers of 1024; KB, MB, GB... powers of 1000. A fraction (`1.5G`) is
+/// taken if it makes whole bytes. What losetup would read differently is refused rather
+/// than read another way: a leading 0 (octal to losetup).
+struct ByteCount: Sendable, Equatable {
     var value: UInt64
 
     init(_ value: UInt64) { self.value = value }
 
-    init?(argument: String) {
-        let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
-        var text = Substring(argument.uppercased())
-        if text.hasSuffix("IB") { text = text.dropLast(2) } else if text.hasSuffix("B") { text = text.dropLast() }
-        var multiplier: UInt64 = 1
-        if let last = text.last, let unit = units[last] {
-            multiplier = unit
-            text = text.dropLast()
-        }
-        guard let number = UInt64(text) else { return nil }
-        let (product, overflow) = number.multipliedReportingOverflow(by: multiplier)
-        if overflow { return nil }
-        value = product
+    /// The size options' help: what losetup takes.
+    static let suffixHelp = "Suffixes K, M, G, T (or KiB, MiB...: powers of 1024) or KB, MB, GB, TB (powers of 1000), as losetup; hex 0x..."
+
+    /// What a size may look like, for the error line.
+    static let accepted = "give bytes, e.g. 4096, 0x1000, 512K or 1.5G (K, M, G, T, P, E and KiB, MiB... are powers of 1024; KB, MB, GB... powers of 1000, as with losetup)"
+
+    /// Why a size was refused, said after ArgumentParser's "The value 'X' is invalid for '--size <size>': ".
+    struct Invalid: Error, CustomStringConvertible {
+        var description: String
     }
 
-    static var defaultCompletionKind: CompletionKind { .default }
+    /// `text` read as util-linux reads a size; the `transform` of the size options.
+    static func parse(_ text: String) throws -> ByteCount {
+        let lower = text.lowercased()
+        let isHex = lower.hasPrefix("0x")
+        let digits = isHex ? lower.dropFirst(2).prefix(while: \.isHexDigit) : lower.prefix(while: Self.isDigit)
+        var rest = lower[digits.endIndex...]
+        var fraction = Substring("")
+        if !isHex, rest.first == "." {
+            fraction = rest.dropFirst().prefix(while: Self.isDigit)
+            rest = rest[fraction.endIndex...]
+        }
+        guard !digits.isEmpty, let multiplier = multiplier(suffix: rest) else { throw Invalid(description: accepted) }
+        if !isHex && digits.count > 1 && digits.first == "0" {
+            throw Invalid(description: "losetup reads a leading 0 as octal: leave the 0 out (or write hex, 0x...)")
+        }
+        let tooLarge = Invalid(description: "more than 2^64 bytes: give a smaller size")
+        guard let whole = UInt64(digits, radix: isHex ? 16 : 10) else { throw tooLarge }
+        let (product, overflow) = whole.multipliedReportingOverflow(by: multiplier)
+        let (total, carry) = product.addingReportingOverflow(try bytes(fraction, times: multiplier))
+        if overflow || carry { throw tooLarge }
+        return ByteCount(total)
+    }
+
+    /// The bytes the digits after the point stand for, `multiplier` being the suffix's:
+    /// a whole number, or refused (losetup would round, silently).
+    static func bytes(_ fraction: Substring, times multiplier: UInt64) throws -> UInt64 {
+        let significant = String(fraction.reversed().drop { $0 == "0" }.reversed())
+        if significant.isEmpty { return 0 }
+        let denominator = (0..<significant.count).reduce(UInt128(1)) { power, _ in power * 10 }
+        guard significant.count <= 19, let numerator = UInt128(significant),
+              (numerator * UInt128(multiplier)) % denominator == 0 else {
+            throw Invalid(description: "not a whole number of bytes: give one (1.5K is 1536 bytes, 1.1K is no whole number)")
+        }
+        return UInt64(numerator * UInt128(multiplier) / denominator)
+    }
+
+    static func isDigit(_ character: Character) -> Bool { ("0"..."9").contains(character) }
+
+    /// What a (lower-cased) suffix multiplies by: k and kib are 1024, kb 1000; b alone is bytes.
+    static func multiplier(suffix: Substring) -> UInt64? {
+        if suffix.isEmpty || suffix == "b" { return 1 }
+        guard let unit = suffix.first, let power = Array("kmgtpe").firstIndex(of: unit) else { return nil }
+        let base: UInt64
+        switch suffix.dropFirst() {
+        case "", "ib": base = 1024
+        case "b": base = 1000
+        default: return nil
+        }
+        return (0...power).reduce(1) { product, _ in product * base }
+    }
 }
 
 extension DirectIOMode: ExpressibleByArgument {}
@@ -74,7 +123,8 @@ struct DeviceOptions: ParsableArguments {
             help: "Logical block size: 512, 1024, 2048 or 4096 (losetup --sector-size).")
     var blockSize: Int?
 
-    @Option(name: .long, help: "Start of the device in the backing file, in bytes (losetup --offset; cryptsetup's --offset N is N×512 here). Suffixes K, M, G.")
+    @Option(name: .long, help: "Start of the device in the backing file, in bytes (losetup --offset; cryptsetup's --offset N is N×512 here). \(ByteCount.suffixHelp)",
+            transform: ByteCount.parse)
     var offset: ByteCount?
 
     @Option(name: .long, help: "Encrypt the backing as dm-crypt plain mode does: aes-xts-plain64 (the only cipher). Needs --key-file.")
@@ -96,7 +146,8 @@ struct DeviceOptions: ParsableArguments {
     @OptionGroup var key: KeyOptions
 
     @Option(name: [.long, .customLong("sizelimit")],
-            help: "Device size in bytes (losetup --sizelimit; required for the null target). Suffixes K, M, G, T.")
+            help: "Device size in bytes (losetup --sizelimit; required for the null target). \(ByteCount.suffixHelp)",
+            transform: ByteCount.parse)
     var size: ByteCount?
 
     @Option(name: .long, help: ArgumentHelp(

@@ -15,7 +15,8 @@ extension Ublk {
         @Option(name: .long, help: "The device id N of /dev/ublkbN.")
         var id: UInt32
 
-        @Option(name: .long, help: "The new size in bytes, a multiple of the block size, within the backing (suffixes K, M, G, T). It becomes the device's size limit. Default: all the backing holds after --offset, up to the limit (the add's --size, or the last resize --size).")
+        @Option(name: .long, help: "The new size in bytes, a multiple of the block size, within the backing. It becomes the device's size limit. Default: all the backing holds after --offset, up to the limit (the add's --size, or the last resize --size). \(ByteCount.suffixHelp)",
+                transform: ByteCount.parse)
         var size: ByteCount?
 
         func run() throws {

@@ -15,15 +15,35 @@ import UblkTargets
         } catch { return DeviceOptions.message(for: error) }
     }
 
-    @Test func byteCountsTakeBinarySuffixes() {
-        #expect(ByteCount(argument: "4096")?.value == 4096)
-        #expect(ByteCount(argument: "512K")?.value == 512 << 10)
-        #expect(ByteCount(argument: "256m")?.value == 256 << 20)
-        #expect(ByteCount(argument: "1GiB")?.value == 1 << 30)
-        #expect(ByteCount(argument: "2T")?.value == 2 << 40)
-        #expect(ByteCount(argument: "lots") == nil)
-        #expect(ByteCount(argument: "-1") == nil)
-        #expect(ByteCount(argument: "99999999999T") == nil)
+    /// As util-linux's strtosize (losetup --offset, --sizelimit): K and KiB are 1024, KB 1000.
+    @Test func byteCountsReadAsLosetupReadsThem() throws {
+        func bytes(_ text: String) -> UInt64? { try? ByteCount.parse(text).value }
+        #expect(bytes("4096") == 4096)
+        #expect(bytes("512K") == 512 << 10)
+        #expect(bytes("256m") == 256 << 20)
+        #expect(bytes("1GiB") == 1 << 30)
+        #expect(bytes("2T") == 2 << 40)
+        #expect(bytes("1P") == 1 << 50 && bytes("1E") == 1 << 60)
+        #expect(bytes("1KB") == 1000 && bytes("64MB") == 64_000_000 && bytes("1GB") == 1_000_000_000)
+        #expect(bytes("2TB") == 2_000_000_000_000 && bytes("1PB") == 1_000_000_000_000_000)
+        #expect(bytes("0x1000") == 4096 && bytes("0X10K") == 16 << 10 && bytes("0x1b") == 27)
+        #expect(bytes("1.5K") == 1536 && bytes("0.5M") == 512 << 10 && bytes("1.5KB") == 1500 && bytes("2.000G") == 2 << 30)
+        #expect(bytes("512B") == 512 && bytes("0") == 0)
+        for refused in ["lots", "-1", "99999999999T", "16E", "12Q", "1.1K", "1.5", "010", "0x", "1KBB", "1Kb5", " 1", "1.2.3K",
+                        "0x1.8K", "18446744073709551616"] {
+            #expect(bytes(refused) == nil, "\(refused)")
+        }
+    }
+
+    @Test func aSizeRefusalSaysWhatIsAccepted() {
+        func line(_ size: String) -> String {
+            do { _ = try Ublk.parseAsRoot(["add", "--file", "a", "--size", size]); return "accepted" } catch { return Ublk.errorLine(for: error) }
+        }
+        #expect(line("12Q") == "The value '12Q' is invalid for '--size <size>': \(ByteCount.accepted): see `ublk add --help`")
+        #expect(line("1.1K").contains("not a whole number of bytes"))
+        #expect(line("010").contains("octal"))
+        #expect(line("99999999999T").contains("more than 2^64 bytes"))
+        #expect((try? Ublk.parseAsRoot(["resize", "--id", "0", "--size", "1GB"])) != nil)
     }
 
     @Test func configFileBecomesAddArguments() throws {

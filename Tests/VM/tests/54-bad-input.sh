@@ -5,7 +5,8 @@
 # (root reads anything, so root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH;
 # a non-root user is told to run as root before the backing is looked at),
 # directory and empty backing files;
-# --size/--offset not a multiple of the block size or beyond the file; --depth 0
+# --size/--offset not a multiple of the block size (1MB is 10^6 bytes, as in
+# losetup) or beyond the file, or not whole bytes (1.1K); --depth 0
 # and 4097; --queues 0; --block-size 3000 and 8192; --direct-io bogus; an --id
 # already in use (the device using it survives); ublk_drv not loaded; not root;
 # del/recover of ids that do not exist. Every case runs, then all failures are listed.
@@ -47,6 +48,9 @@ expect_error "--offset beyond the file" "beyond the end" -- "$UBLK" add --file "
 expect_error "--size + --offset beyond the file" "beyond the end" -- "$UBLK" add --file "$dir/ok.img" --offset 32M --size 48M
 expect_error "--block-size 4096 with --size 6144" "multiple of the block size" -- "$UBLK" add --file "$dir/ok.img" --block-size 4096 --size 6144
 expect_error "null target --size 1000" "multiple of the block size" -- "$UBLK" add --target null --size 1000
+# MB is 10^6 bytes, as losetup reads it (util-linux strtosize): no multiple of 512.
+expect_error "--offset 1MB" "multiple of the block size" -- "$UBLK" add --file "$dir/ok.img" --offset 1MB
+expect_error "--size 1.1K" "whole number of bytes" -- "$UBLK" add --file "$dir/ok.img" --size 1.1K
 
 # Queue shape and other options.
 expect_error "--depth 0" "depth.*(1 to 4096)" -- "$UBLK" add --file "$dir/ok.img" --depth 0
@@ -94,7 +98,8 @@ insmod "$UBLK_VM_MODULES/ublk_drv.ko"
 _wait_until 10 -c /dev/ublk-control || fail "/dev/ublk-control did not come back after insmod"
 
 # And after all that, a good add still works.
-dev=$("$UBLK" add --file "$dir/ok.img") || fail "a valid ublk add failed after the bad ones"
+dev=$("$UBLK" add --file "$dir/ok.img" --offset 0x100000 --size 1.5M) || fail "a valid ublk add failed after the bad ones"
+expect_eq "$(list_field "${dev#/dev/ublkb}" offset)/$(list_field "${dev#/dev/ublkb}" size)" "1048576/1572864" "--offset 0x100000 --size 1.5M"
 "$UBLK" del --id "${dev#/dev/ublkb}"
 
 fail_on_problems "with bad input"
