@@ -8,12 +8,15 @@ extension Ublk {
     /// status 0) still prints the help.
     static func main() {
         do {
-            var command = try parseAsRoot(DeviceOptions.normalized(Array(CommandLine.arguments.dropFirst())))
+            let arguments = Array(CommandLine.arguments.dropFirst())
+            try refuseRepeatedID(arguments)
+            var command = try parseAsRoot(DeviceOptions.normalized(arguments))
             try command.run()
         } catch {
             let code = exitCode(for: error)
             if code == .success { exit(withError: error) }
-            FileHandleStderr.print("Error: \(errorLine(for: error))")
+            // A bare exit status (`del`, whose failures are each said in a line of their own).
+            if !(error is ExitCode) { FileHandleStderr.print("Error: \(errorLine(for: error))") }
             // Without atexit handlers (OpenSSL's cleanup): a failed recovery leaves its queue
             // (and cipher) threads running until the process ends, which returns the device
             // to the kernel to wait for the next server (`DeviceServer.run`).
@@ -22,11 +25,23 @@ extension Ublk {
         }
     }
 
+    /// ArgumentParser gives an option given twice its last value, silently: `ublk recover
+    /// --id 1 --id 2`, written after a command that takes several devices, would act on
+    /// device 2 alone. `--id` may be repeated only for `del`, which removes each.
+    static func refuseRepeatedID(_ arguments: [String]) throws {
+        guard let command = arguments.first, command != "del" else { return }
+        let given = arguments.prefix { $0 != "--" }.filter { $0 == "--id" || $0.hasPrefix("--id=") }.count
+        if given > 1 {
+            throw ValidationError("--id is given \(given) times: give one, `ublk \(command)` acts on one device (only `ublk del` takes several): see `ublk \(command) --help`")
+        }
+    }
+
     /// The one line printed (after "Error: ") for `error`.
     static func errorLine(for error: Error) -> String {
         var line = oneLine(message(for: error))
         // A command-line mistake (unknown option, bad value): point at the help, as the usage text did.
-        if exitCode(for: error) == .validationFailure, let help = helpCommand(fullMessage(for: error, columns: 1000)) {
+        if exitCode(for: error) == .validationFailure, !line.hasSuffix("--help`"),
+           let help = helpCommand(fullMessage(for: error, columns: 1000)) {
             if line.hasSuffix(".") { line.removeLast() }
             line += ": see `\(help)`"
         }

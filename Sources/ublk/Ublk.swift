@@ -183,10 +183,11 @@ extension Ublk {
 
     struct Delete: ParsableCommand {
         static let configuration = CommandConfiguration(
-            commandName: "del", abstract: "Stop devices and remove them (their servers exit); a mounted or open device is refused unless --force.")
+            commandName: "del", abstract: "Stop devices and remove them (their servers exit); a mounted or open device is refused unless --force.",
+            discussion: "Several devices (--id 1 --id 2, as losetup -d takes several) are removed in turn: one that cannot be is named in a line of its own, the others still go, and the exit status is 1.")
 
-        @Option(name: .long, help: "The device id N of /dev/ublkbN.")
-        var id: UInt32?
+        @Option(name: .long, help: "The device id N of /dev/ublkbN; give it again for more devices.")
+        var id: [UInt32] = []
 
         @Flag(name: .long, help: "Every ublk device (busy ones are kept and named, unless --force).")
         var all = false
@@ -195,17 +196,27 @@ extension Ublk {
         var force = false
 
         func validate() throws {
-            if (id == nil) == !all { throw ValidationError("give --id N or --all") }
+            if id.isEmpty && !all { throw ValidationError("give --id N (again for more devices) or --all") }
+            if !id.isEmpty && all { throw ValidationError("--all removes every device: leave out --id") }
+        }
+
+        /// The ids to remove, each once, in the order given.
+        var ids: [UInt32] {
+            var seen = Set<UInt32>()
+            return id.filter { seen.insert($0).inserted }
         }
 
         func run() throws {
             let control = try ControlDevice()
-            let ids = all ? ControlDevice.deviceIDs() : [id!]
-            var failures: [String] = []
-            for id in ids {
-                do { try DeviceRemoval.remove(id, control: control, force: force) } catch { failures.append("\(error)") }
+            var failed = false
+            for id in all ? ControlDevice.deviceIDs() : ids {
+                do { try DeviceRemoval.remove(id, control: control, force: force) } catch {
+                    FileHandleStderr.print("Error: \(error)")
+                    failed = true
+                }
             }
-            if !failures.isEmpty { throw CLIError(failures.joined(separator: "; ")) }
+            // Each failure is said already: exit 1 without another line.
+            if failed { throw ExitCode.failure }
         }
     }
 

@@ -258,4 +258,31 @@ import UblkTargets
         #expect(Ublk.Add.deviceArguments(from: arguments) == ["--depth", "8"])
         #expect(Ublk.Add.deviceArguments(from: ["ublk", "add", "--config=/x", "--queues", "1"]) == ["--queues", "1"])
     }
+
+    /// `losetup -d /dev/loop1 /dev/loop2` is `ublk del --id 1 --id 2`: both, in turn.
+    @Test func delTakesSeveralIDs() throws {
+        let command = try Ublk.parseAsRoot(["del", "--id", "1", "--id=2", "--id", "1"])
+        let delete = try #require(command as? Ublk.Delete)
+        #expect(delete.ids == [1, 2])
+        func line(_ arguments: [String]) -> String {
+            do { _ = try Ublk.parseAsRoot(arguments); return "accepted" } catch { return Ublk.errorLine(for: error) }
+        }
+        #expect(line(["del"]).hasPrefix("give --id N (again for more devices) or --all"))
+        #expect(line(["del", "--all", "--id", "1"]).hasPrefix("--all removes every device: leave out --id"))
+        #expect(line(["del", "--all"]) == "accepted")
+    }
+
+    /// Elsewhere a second --id is refused, not silently taken instead of the first.
+    @Test func aRepeatedIDIsRefusedWhereOneDeviceIsMeant() throws {
+        for arguments in [["recover", "--id", "1", "--id", "2"], ["resize", "--id=1", "--id=2"],
+                          ["upgrade", "--id", "1", "--id", "2"], ["add", "--file", "a", "--id", "1", "--id", "2"]] {
+            #expect(throws: ValidationError.self, "\(arguments)") { try Ublk.refuseRepeatedID(arguments) }
+        }
+        do { try Ublk.refuseRepeatedID(["recover", "--id", "1", "--id", "2"]) } catch {
+            #expect(Ublk.errorLine(for: error) == "--id is given 2 times: give one, `ublk recover` acts on one device (only `ublk del` takes several): see `ublk recover --help`")
+        }
+        try Ublk.refuseRepeatedID(["del", "--id", "1", "--id", "2"])
+        try Ublk.refuseRepeatedID(["recover", "--id", "1"])
+        try Ublk.refuseRepeatedID(["add", "--file", "a", "--id", "1", "--", "--id"])
+    }
 }
