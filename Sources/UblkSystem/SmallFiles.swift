@@ -3,14 +3,17 @@ import Glibc
 /// Whole-file reads and atomic writes of small files: sysfs and procfs attributes,
 /// config files, the device records under /run/ublk.
 public enum SmallFile {
-    /// The whole content of `path`.
-    public static func read(_ path: String) throws -> [UInt8] {
+    /// The whole content of `path`, read front to back with read(2) (not pread: a pipe
+    /// such as `<(...)` or /dev/stdin has no offsets). More than `limit` bytes is an
+    /// error (EFBIG), so that /dev/zero or a wrong file is not read into memory forever.
+    public static func read(_ path: String, limit: Int = 16 << 20) throws -> [UInt8] {
         let file = try FileDescriptor(path: path, flags: O_RDONLY)
         var bytes: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)
         while true {
-            let count = try chunk.withUnsafeMutableBytes { try file.read(into: $0, at: Int64(bytes.count)) }
+            let count = try chunk.withUnsafeMutableBytes { try Syscalls.read(file.rawValue, $0) }
             if count == 0 { return bytes }
+            if bytes.count + count > limit { throw SystemError("read \(path)", errno: EFBIG) }
             bytes += chunk[0..<count]
         }
     }

@@ -27,13 +27,25 @@ enum ConfigFile {
                                        "offset", "size", "sizelimit",
                                        "zero-copy", "batch-io", "poll-us", "encryption", "key-file", "key-size", "skip", "cipher-threads", "uri", "reconnect-timeout"]
 
+    /// The most a config file may hold: a few dozen lines are plenty.
+    static let sizeLimit = 1 << 20
+
     /// The `ublk add` arguments the file at `path` stands for.
     static func arguments(path: String) throws -> [String] {
         let bytes: [UInt8]
-        do { bytes = try SmallFile.read(path) } catch {
-            throw CLIError("cannot read config file \(path): \((error as? SystemError)?.reason ?? "\(error)"): create it (see README.md, Running as a service)")
-        }
+        do { bytes = try SmallFile.read(path, limit: sizeLimit) } catch { throw readError(error, path: path) }
         return try arguments(text: String(decoding: bytes, as: UTF8.self), path: path)
+    }
+
+    /// Why the file at `path` could not be read, and what to do; "create it" only where it is missing.
+    static func readError(_ error: any Error, path: String) -> CLIError {
+        guard let error = error as? SystemError else { return CLIError("cannot read config file \(path): \(error)") }
+        switch error.errno {
+        case ENOENT: return CLIError("config file \(path) does not exist: create it (see README.md, Running as a service)")
+        case EFBIG: return CLIError("config file \(path) holds more than \(sizeLimit >> 20) MiB: give a file of `key = value` lines")
+        case EISDIR: return CLIError("config file \(path) is a directory: give a file of `key = value` lines")
+        default: return CLIError("cannot read config file \(path): \(error.reason)")
+        }
     }
 
     /// `line` up to its comment: a `#` that starts the line or follows a space or tab (so

@@ -115,7 +115,7 @@ extension Ublk {
 
         func run() throws {
             if !server.foreground {
-                print(try Background.launch(Array(CommandLine.arguments.dropFirst())))
+                print(try Background.launch(try backgroundArguments()))
                 return
             }
             let options: DeviceOptions
@@ -126,6 +126,20 @@ extension Ublk {
                 options = device
             }
             try server.start(options, name: nil)
+        }
+
+        /// The background server's arguments. A config file is read here, where standard
+        /// input is still the user's (`--config /dev/stdin`; the server's is /dev/null):
+        /// the server gets the file's options, then the command line's.
+        func backgroundArguments(commandLine: [String] = CommandLine.arguments) throws -> [String] {
+            guard let config else { return Array(commandLine.dropFirst()) }
+            let given = Self.deviceArguments(from: commandLine)
+            // The file's options the command line gives too are left out: an --id twice is refused.
+            let names = Set(given.filter { $0.hasPrefix("--") }.map { $0.split(separator: "=", maxSplits: 1)[0] })
+            let fileArguments = try ConfigFile.arguments(path: config).filter {
+                !names.contains($0.split(separator: "=", maxSplits: 1)[0])
+            }
+            return ["add"] + fileArguments + given + (server.verbose ? ["--verbose"] : [])
         }
 
         /// The device options given on this command line (without --config and the server flags).

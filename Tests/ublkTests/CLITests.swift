@@ -285,4 +285,33 @@ import UblkTargets
         try Ublk.refuseRepeatedID(["recover", "--id", "1"])
         try Ublk.refuseRepeatedID(["add", "--file", "a", "--id", "1", "--", "--id"])
     }
+
+    /// A config file may be a pipe (`--config <(...)`, /dev/stdin); what cannot be read is
+    /// said in one line, with "create it" only for a file that is missing.
+    @Test func configFilesAreReadFromPipesAndRefusedInOneLine() throws {
+        var ends: [Int32] = [0, 0]
+        #expect(pipe(&ends) == 0)
+        _ = "file = /srv/piped.img\n".withCString { write(ends[1], $0, strlen($0)) }
+        close(ends[1])
+        defer { close(ends[0]) }
+        #expect(try DeviceOptions.resolve(config: "/dev/fd/\(ends[0])", overrides: []).file == "/srv/piped.img")
+        func message(_ path: String) -> String {
+            do { _ = try ConfigFile.arguments(path: path); return "read" } catch { return "\(error)" }
+        }
+        // In the background the CLI reads the file: the server's standard input is /dev/null.
+        var more: [Int32] = [0, 0]
+        #expect(pipe(&more) == 0)
+        _ = "target = null\nsize = 1G\nid = 3\n".withCString { write(more[1], $0, strlen($0)) }
+        close(more[1])
+        defer { close(more[0]) }
+        let commandLine = ["ublk", "add", "--config", "/dev/fd/\(more[0])", "--size", "2G", "--id=5", "-v"]
+        let add = try #require(try Ublk.parseAsRoot(Array(commandLine.dropFirst())) as? Ublk.Add)
+        let arguments = try add.backgroundArguments(commandLine: commandLine)
+        #expect(arguments == ["add", "--target=null", "--size", "2G", "--id=5", "--verbose"])
+        try Ublk.refuseRepeatedID(arguments)
+        #expect(try Ublk.Add.parse(["--file", "a"]).backgroundArguments(commandLine: ["ublk", "add", "--file", "a"]) == ["add", "--file", "a"])
+        #expect(message("/nonexistent/a.conf") == "config file /nonexistent/a.conf does not exist: create it (see README.md, Running as a service)")
+        #expect(message("/tmp") == "config file /tmp is a directory: give a file of `key = value` lines")
+        #expect(message("/dev/zero") == "config file /dev/zero holds more than 1 MiB: give a file of `key = value` lines")
+    }
 }

@@ -9,7 +9,8 @@
 # losetup) or beyond the file, or not whole bytes (1.1K); --depth 0
 # and 4097; --queues 0; --block-size 3000 and 8192; --direct-io bogus; an --id
 # already in use (the device using it survives); ublk_drv not loaded; not root;
-# del/recover of ids that do not exist. Every case runs, then all failures are listed.
+# del/recover of ids that do not exist; config files missing, a directory or
+# endless (/dev/zero), and read from standard input or <(...). Every case runs, then all failures are listed.
 # timeout: 300
 . "$(dirname "$0")/../lib.sh"
 need_ublk
@@ -75,6 +76,16 @@ KEEP_ID=7 expect_error "--id already in use, --foreground" "already in use" -- "
 dd if=/dev/ublkb7 of=/dev/null bs=4k count=16 iflag=direct status=none || problem "--id already in use: /dev/ublkb7 no longer reads"
 "$UBLK" del --id 7
 wait_gone /dev/ublkb7 10
+
+# Config files that cannot be: one line, "create it" only for a missing one.
+expect_error "--config of a missing file" "does not exist: create it" -- "$UBLK" add --config "$dir/nope.conf"
+expect_error "--config of a directory" "is a directory" -- "$UBLK" add --config "$dir/adir"
+expect_error "--config /dev/zero" "more than 1 MiB" -- "$UBLK" add --config /dev/zero
+# ...and pipes are read: standard input, and a process substitution.
+dev=$(printf 'file = %s\n' "$dir/ok.img" | "$UBLK" add --config /dev/stdin) || problem "--config /dev/stdin failed"
+[[ -b $dev ]] && "$UBLK" del --id "${dev#/dev/ublkb}" || problem "--config /dev/stdin made no device"
+dev=$("$UBLK" add --config <(printf 'target = null\nsize = 16M\n')) || problem "--config <(...) failed"
+[[ -b $dev ]] && "$UBLK" del --id "${dev#/dev/ublkb}" || problem "--config <(...) made no device"
 
 # Ids that do not exist.
 expect_error "del --id 99" "does not exist.*ublk list" -- "$UBLK" del --id 99
