@@ -7,8 +7,9 @@ import UblkSystem
 /// `poll-us`,
 /// for an NBD export `uri`, `reconnect-timeout`, and for an encrypted device `encryption`,
 /// `key-file` (a path), `key-size`, `skip`, `cipher-threads`, `allow-discards`); flags take yes/no, `recovery` yes, reissue,
-/// fail-io or no. The file is turned into `ublk add` arguments and parsed by the same code
-/// as the command line, so both accept and refuse exactly the same things.
+/// fail-io or no. A relative `file` or `key-file` is found from the config file's directory.
+/// The file is turned into `ublk add` arguments and parsed by the same code as the command
+/// line, so both accept and refuse exactly the same things.
 ///
 ///     # /etc/ublk/data.conf
 ///     file = /srv/data.img
@@ -34,8 +35,22 @@ enum ConfigFile {
     static func arguments(path: String) throws -> [String] {
         let bytes: [UInt8]
         do { bytes = try SmallFile.read(path, limit: sizeLimit) } catch { throw readError(error, path: path) }
-        return try arguments(text: String(decoding: bytes, as: UTF8.self), path: path)
+        // A pipe (`<(...)`, /dev/stdin) has no neighbours: its relative paths are the working directory's.
+        var status = stat()
+        let isFile = stat(path, &status) == 0 && status.st_mode & S_IFMT == S_IFREG
+        return try arguments(text: String(decoding: bytes, as: UTF8.self), path: path, base: isFile ? directory(of: path) : nil)
     }
+
+    /// The directory `path` is in, as written ("." for a bare name).
+    static func directory(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        return slash == path.startIndex ? "/" : String(path[..<slash])
+    }
+
+    /// The keys that name files: a relative one is the config file's neighbour, found from
+    /// its directory (`base`) as a user reading the file expects, not from the working
+    /// directory of whoever runs it (`/` under systemd).
+    static let pathKeys: Set<String> = ["file", "key-file"]
 
     /// Why the file at `path` could not be read, and what to do; "create it" only where it is missing.
     static func readError(_ error: any Error, path: String) -> CLIError {
@@ -60,6 +75,11 @@ enum ConfigFile {
     }
 
     static func arguments(text: String, path: String) throws -> [String] {
+        try arguments(text: text, path: path, base: directory(of: path))
+    }
+
+    /// `text` as `ublk add` arguments; relative paths are taken from `base` (nil: the working directory).
+    static func arguments(text: String, path: String, base: String?) throws -> [String] {
         var arguments: [String] = []
         for (index, rawLine) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
             let line = withoutComment(String(rawLine)).trimmingSpaces
@@ -82,6 +102,8 @@ enum ConfigFile {
                 }
             } else if key == "key-file" && value == "-" {
                 throw CLIError("\(path):\(index + 1): key-file = - reads standard input, which a service does not have: give the key file's path")
+            } else if pathKeys.contains(key), let base, !value.hasPrefix("/"), base != "." {
+                arguments.append("--\(key)=\(base == "/" ? "" : base)/\(value)")
             } else if options.contains(key) {
                 // One word: a value that starts with a dash (`skip = -1`, a file named
                 // `-x`) is the option's value, not an option of its own.

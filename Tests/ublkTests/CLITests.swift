@@ -314,4 +314,29 @@ import UblkTargets
         #expect(message("/tmp") == "config file /tmp is a directory: give a file of `key = value` lines")
         #expect(message("/dev/zero") == "config file /dev/zero holds more than 1 MiB: give a file of `key = value` lines")
     }
+
+    /// `file = disk.img` in /etc/ublk/a.conf is /etc/ublk/disk.img, wherever ublk runs.
+    @Test func relativePathsInAConfigFileAreItsNeighbours() throws {
+        let text = "file = images/disk.img\nkey-file = a.key\n"
+        #expect(try ConfigFile.arguments(text: text, path: "/etc/ublk/a.conf") == ["--file=/etc/ublk/images/disk.img", "--key-file=/etc/ublk/a.key"])
+        #expect(try ConfigFile.arguments(text: "file = /srv/a.img", path: "/etc/ublk/a.conf") == ["--file=/srv/a.img"])
+        #expect(try ConfigFile.arguments(text: "file = a.img", path: "/a.conf") == ["--file=/a.img"])
+        #expect(try ConfigFile.arguments(text: "file = a.img", path: "conf/a.conf") == ["--file=conf/a.img"])
+        #expect(try ConfigFile.arguments(text: "file = a.img", path: "a.conf") == ["--file=a.img"])
+        #expect(try ConfigFile.arguments(text: "file = a.img", path: "/dev/fd/63", base: nil) == ["--file=a.img"])
+        // Read from a real file: its directory; from a pipe: the working directory.
+        var template = Array("/tmp/ublk-config-XXXXXX".utf8CString)
+        let fd = mkstemp(&template)
+        let path = String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        defer { unlink(path) }
+        _ = "file = disk.img\n".withCString { write(fd, $0, strlen($0)) }
+        close(fd)
+        #expect(try ConfigFile.arguments(path: path) == ["--file=/tmp/disk.img"])
+        var ends: [Int32] = [0, 0]
+        #expect(pipe(&ends) == 0)
+        _ = "file = disk.img\n".withCString { write(ends[1], $0, strlen($0)) }
+        close(ends[1])
+        defer { close(ends[0]) }
+        #expect(try ConfigFile.arguments(path: "/dev/fd/\(ends[0])") == ["--file=disk.img"])
+    }
 }

@@ -2,7 +2,7 @@
 # 30-service — what the systemd unit relies on: with NOTIFY_SOCKET set, the server
 # sends READY=1 only once /dev/ublkbN exists and reads, and on SIGTERM sends
 # STOPPING=1 and removes the device (exit 0). `ublk start NAME` serves a config
-# file; `ublk list` in another shell shows it, and marks it dead once the server
+# file (whose relative `file` is found from the file's directory, run from /); `ublk list` in another shell shows it, and marks it dead once the server
 # was killed instead of lying.
 # timeout: 200
 . "$(dirname "$0")/../lib.sh"
@@ -10,12 +10,14 @@ need_ublk
 at_exit "$UBLK" del --all
 
 dir=$(mktempdir)
-truncate -s 64M "$dir/disk.img"
 export UBLK_CONFIG_DIR=$dir/etc
 mkdir "$UBLK_CONFIG_DIR"
+truncate -s 64M "$UBLK_CONFIG_DIR/disk.img"
+# A relative file is the config file's neighbour, whatever the working directory (/ here, as under systemd).
+cd /
 cat >"$UBLK_CONFIG_DIR/data.conf" <<CONF
 # a test device
-file = $dir/disk.img
+file = disk.img
 queues = 1
 depth = 32
 direct-io = off   # buffered
@@ -55,7 +57,7 @@ server=$!
 for _ in $(seq 100); do grep -q "ready-device-readable" "$dir/notify.log" 2>/dev/null && break; sleep 0.1; done
 cat "$dir/notify.log"
 grep -q "^ready-device-readable=True /dev/ublkb" "$dir/notify.log" || fail "READY=1 came before the device was readable (or never)"
-grep -q "^STATUS=Serving /dev/ublkb.* (loop, $dir/disk.img)" "$dir/notify.log" || fail "STATUS does not name the device"
+grep -q "^STATUS=Serving /dev/ublkb.* (loop, $UBLK_CONFIG_DIR/disk.img)" "$dir/notify.log" || fail "STATUS does not name the device"
 dev=$(awk '/^ready-device-readable/ { print $2 }' "$dir/notify.log")
 expect_eq "$(blockdev --getss "$dev")" 4096 "block size from the config file"
 
