@@ -112,7 +112,7 @@ struct DeviceOptions: ParsableArguments {
     @Option(name: .long, help: "Requests in flight per queue, 1 to 4096.")
     var depth: Int = 128
 
-    @Option(name: .customLong("direct-io"), help: "O_DIRECT on the backing: on, off or auto (on when the backing allows it).")
+    @Option(name: .customLong("direct-io"), help: "O_DIRECT on the backing: on (a bare --direct-io too, as losetup's), off or auto (on when the backing allows it).")
     var directIO: DirectIOMode = .auto
 
     @Flag(name: .customLong("read-only"), inversion: .prefixedNo,
@@ -317,10 +317,25 @@ struct DeviceOptions: ParsableArguments {
 }
 
 extension DeviceOptions {
-    /// The command line as the parser should see it: `normalizingRecovery`, then
-    /// `joiningNegativeValues`.
+    /// The command line as the parser should see it: `normalizingDirectIO`,
+    /// `normalizingRecovery`, then `joiningNegativeValues`.
     static func normalized(_ arguments: [String]) -> [String] {
-        joiningNegativeValues(normalizingRecovery(arguments))
+        joiningNegativeValues(normalizingRecovery(normalizingDirectIO(arguments)))
+    }
+
+    /// A bare `--direct-io` (losetup's `--direct-io[=on|off]`) means on: it becomes
+    /// `--direct-io=on` where no value follows (the end, or another option). Any other word
+    /// after it stays its value, so that a wrong one is named by the option's own check.
+    static func normalizingDirectIO(_ arguments: [String]) -> [String] {
+        var result: [String] = []
+        var rest = arguments[...]
+        while let argument = rest.popFirst() {
+            if argument == "--" { return result + [argument] + rest }
+            let next = rest.first
+            let valueFollows = next.map { !$0.hasPrefix("-") || $0.dropFirst().first?.isNumber == true } ?? false
+            result.append(argument == "--direct-io" && !valueFollows ? "--direct-io=on" : argument)
+        }
+        return result
     }
 
     /// `--option -5` becomes `--option=-5`: the parser takes a word that starts with a dash

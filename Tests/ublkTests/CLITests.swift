@@ -339,4 +339,24 @@ import UblkTargets
         defer { close(ends[0]) }
         #expect(try ConfigFile.arguments(path: "/dev/fd/\(ends[0])") == ["--file=disk.img"])
     }
+
+    /// losetup's `--direct-io[=on|off]`: bare, it means on.
+    @Test func aBareDirectIOMeansOn() throws {
+        #expect(DeviceOptions.normalizingDirectIO(["--file", "a", "--direct-io"]) == ["--file", "a", "--direct-io=on"])
+        #expect(DeviceOptions.normalizingDirectIO(["--direct-io", "--file", "a"]) == ["--direct-io=on", "--file", "a"])
+        #expect(DeviceOptions.normalizingDirectIO(["--direct-io", "off", "--file", "a"]) == ["--direct-io", "off", "--file", "a"])
+        #expect(DeviceOptions.normalizingDirectIO(["--direct-io", "-1"]) == ["--direct-io", "-1"])
+        #expect(DeviceOptions.normalizingDirectIO(["--", "--direct-io"]) == ["--", "--direct-io"])
+        for (arguments, expected) in [(["add", "--file", "a", "--direct-io"], DirectIOMode.on),
+                                      (["add", "--direct-io", "-v", "--file", "a"], .on),
+                                      (["add", "--file", "a", "--direct-io=off"], .off),
+                                      (["add", "--file", "a", "--direct-io", "auto"], .auto)] {
+            let add = try #require(try Ublk.parseAsRoot(DeviceOptions.normalized(arguments)) as? Ublk.Add)
+            #expect(add.device.directIO == expected, "\(arguments)")
+        }
+        do {
+            _ = try Ublk.parseAsRoot(DeviceOptions.normalized(["add", "--file", "a", "--direct-io", "bogus"]))
+            Issue.record("--direct-io bogus parsed")
+        } catch { #expect(Ublk.errorLine(for: error).contains("'bogus' is invalid for '--direct-io")) }
+    }
 }

@@ -1,7 +1,7 @@
 #!/bin/bash
 # 23-direct-io — --direct-io on|off|auto: auto uses O_DIRECT where the backing
-# allows it and otherwise says so in one line and uses buffered I/O; `on`
-# refuses a backing that cannot do it.
+# allows it and otherwise says so in one line and uses buffered I/O; `on` (and a
+# bare --direct-io) refuses a backing that cannot do it.
 # timeout: 200
 . "$(dirname "$0")/../lib.sh"
 need_ublk
@@ -29,11 +29,15 @@ expect_eq "$(dio_of "$dev")" off "direct I/O after the fallback"
 dd if=/dev/urandom of="$dev" bs=512 count=7 oflag=direct status=none || fail "512-byte writes failed on the buffered fallback"
 "$UBLK" del --id "${dev#/dev/ublkb}"
 
-if "$UBLK" add --file "$loopdev" --block-size 512 --direct-io on 2>"$dir/err"; then
-	fail "--direct-io on accepted a backing that cannot do it"
-fi
-cat "$dir/err"
-grep -q -- "--direct-io off" "$dir/err" || fail "the error does not say what to do"
+for on in "--direct-io on" "--direct-io"; do
+	# (A bare --direct-io is on, as losetup's --direct-io[=on|off].)
+	# shellcheck disable=SC2086
+	if "$UBLK" add --file "$loopdev" --block-size 512 $on 2>"$dir/err"; then
+		fail "$on accepted a backing that cannot do it"
+	fi
+	cat "$dir/err"
+	grep -q -- "--direct-io off" "$dir/err" || fail "the error of $on does not say what to do"
+done
 dev=$("$UBLK" add --file "$loopdev")
 expect_eq "$(blockdev --getss "$dev")" 4096 "block size follows a 4096-byte backing"
 expect_eq "$(dio_of "$dev")" on "direct I/O on a 4096-byte backing at block size 4096"
