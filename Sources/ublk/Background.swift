@@ -109,16 +109,23 @@ enum Background {
     }
 
     /// The server's side: the final report (`ready PATH` or `error MESSAGE`) on the
-    /// inherited descriptor, which is then closed.
-    static func report(_ line: String, to fd: Int32) {
-        note(line, to: fd, prefix: "")
-        close(fd)
+    /// inherited descriptor, which is then closed. False if it did not get through: the
+    /// launching CLI is gone (interrupted), and nobody heard of the device.
+    @discardableResult
+    static func report(_ line: String, to fd: Int32) -> Bool {
+        defer { close(fd) }
+        return note(line, to: fd, prefix: "")
     }
 
-    /// The server's side: a line the launching CLI shows the user on stderr.
-    static func note(_ line: String, to fd: Int32, prefix: String = "note ") {
+    /// The server's side: a line the launching CLI shows the user on stderr. False if it
+    /// did not get through.
+    @discardableResult
+    static func note(_ line: String, to fd: Int32, prefix: String = "note ") -> Bool {
+        // A CLI that is gone must be an EPIPE we see, not a SIGPIPE that kills the server.
+        signal(SIGPIPE, SIG_IGN)
         let text = prefix + line + "\n"
-        _ = text.withCString { write(fd, $0, strlen($0)) }
+        // At most PIPE_BUF bytes go into a pipe whole or not at all.
+        return text.withCString { write(fd, $0, strlen($0)) } == text.utf8.count
     }
 }
 

@@ -77,7 +77,18 @@ struct ServerFlags: ParsableArguments {
                     note("\(info.queueCount) queues, not \(options.queues): ublk_drv gives a device at most one per CPU")
                 }
                 logger.info("\(path) is live: target \(target.name), \(parameters.sectors << 9) bytes, \(info.queueCount) queues × \(info.queueDepth)")
-                if let readyFD { Background.report("ready \(path)", to: readyFD) } else { print(path) }
+                if let readyFD {
+                    let heard = Background.report("ready \(path)", to: readyFD)
+                    reported = true
+                    // The CLI was interrupted while the device came up: nobody knows of it, and
+                    // nothing has used it yet. Stopped (`goLive`), it goes as with `ublk del`
+                    // rather than stay behind. A recovered device was in use before: served on.
+                    if !heard, case .create = mode {
+                        throw CLIError("the ublk command that started this server is gone (interrupted?) and never heard of \(path): removing it")
+                    }
+                } else {
+                    print(path)
+                }
                 reported = true
                 fflush(nil) // stdout: the path must reach a pipe before the server carries on
                 let backing = target.spec.backing.map { ", \($0)" } ?? ", -"

@@ -359,4 +359,20 @@ import UblkTargets
             Issue.record("--direct-io bogus parsed")
         } catch { #expect(Ublk.errorLine(for: error).contains("'bogus' is invalid for '--direct-io")) }
     }
+
+    /// The server learns that its report did not get through (the CLI is gone), and is
+    /// not killed by SIGPIPE for it.
+    @Test func aReportToAGoneCLIFailsWithoutKillingTheServer() {
+        var ends: [Int32] = [0, 0]
+        #expect(pipe(&ends) == 0)
+        #expect(Background.note("one", to: ends[1]))
+        #expect(Background.report("ready /dev/ublkb0", to: ends[1]))
+        var buffer = [UInt8](repeating: 0, count: 64)
+        let count = read(ends[0], &buffer, buffer.count)
+        #expect(String(decoding: buffer[0..<max(count, 0)], as: UTF8.self) == "note one\nready /dev/ublkb0\n")
+        close(ends[0])
+        #expect(pipe(&ends) == 0)
+        close(ends[0])
+        #expect(!Background.report("ready /dev/ublkb0", to: ends[1]))
+    }
 }
