@@ -8,12 +8,17 @@ public enum SmallFile {
     /// error (EFBIG), so that /dev/zero or a wrong file is not read into memory forever.
     public static func read(_ path: String, limit: Int = 16 << 20) throws -> [UInt8] {
         let file = try FileDescriptor(path: path, flags: O_RDONLY)
+        return try read(from: file.rawValue, named: path, limit: limit)
+    }
+
+    /// Everything left to read on `fd` (standard input, say), which stays open; as `read(_:limit:)`.
+    public static func read(from fd: Int32, named name: String, limit: Int = 16 << 20) throws -> [UInt8] {
         var bytes: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)
         while true {
-            let count = try chunk.withUnsafeMutableBytes { try Syscalls.read(file.rawValue, $0) }
+            let count = try chunk.withUnsafeMutableBytes { try Syscalls.read(fd, $0) }
             if count == 0 { return bytes }
-            if bytes.count + count > limit { throw SystemError("read \(path)", errno: EFBIG) }
+            if bytes.count + count > limit { throw SystemError("read \(name)", errno: EFBIG) }
             bytes += chunk[0..<count]
         }
     }

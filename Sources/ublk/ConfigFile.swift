@@ -34,11 +34,18 @@ enum ConfigFile {
     /// The `ublk add` arguments the file at `path` stands for.
     static func arguments(path: String) throws -> [String] {
         let bytes: [UInt8]
-        do { bytes = try SmallFile.read(path, limit: sizeLimit) } catch { throw readError(error, path: path) }
-        // A pipe (`<(...)`, /dev/stdin) has no neighbours: its relative paths are the working directory's.
+        // Standard input by name, as for --key-file: /dev/stdin need not exist (no udev).
+        let isStandardInput = KeyOptions.standardInputNames.contains(path)
+        do {
+            bytes = isStandardInput ? try SmallFile.read(from: STDIN_FILENO, named: path, limit: sizeLimit)
+                                    : try SmallFile.read(path, limit: sizeLimit)
+        } catch { throw readError(error, path: path) }
+        // A pipe (`<(...)`, standard input) has no neighbours, nor has a file named by a
+        // descriptor (/dev/fd/N, /proc/self/fd/N): their relative paths are the working directory's.
         var status = stat()
-        let isFile = stat(path, &status) == 0 && status.st_mode & S_IFMT == S_IFREG
-        return try arguments(text: String(decoding: bytes, as: UTF8.self), path: path, base: isFile ? directory(of: path) : nil)
+        let hasNeighbours = !isStandardInput && !path.hasPrefix("/dev/") && !path.hasPrefix("/proc/")
+            && stat(path, &status) == 0 && status.st_mode & S_IFMT == S_IFREG
+        return try arguments(text: String(decoding: bytes, as: UTF8.self), path: path, base: hasNeighbours ? directory(of: path) : nil)
     }
 
     /// The directory `path` is in, as written ("." for a bare name).

@@ -117,7 +117,7 @@ extension Ublk {
         @OptionGroup var device: DeviceOptions
         @OptionGroup var server: ServerFlags
 
-        @Option(name: .long, help: "Read the device options from this file (`key = value` lines, keys as the options here; a relative file or key-file is found from the file's directory), or a pipe (/dev/stdin); options given on the command line override it.")
+        @Option(name: .long, help: "Read the device options from this file (`key = value` lines, keys as the options here; a relative file or key-file is found from the file's directory), or standard input (- or /dev/stdin); options given on the command line override it.")
         var config: String?
 
         func validate() throws {

@@ -338,6 +338,20 @@ import UblkTargets
         close(ends[1])
         defer { close(ends[0]) }
         #expect(try ConfigFile.arguments(path: "/dev/fd/\(ends[0])") == ["--file=disk.img"])
+        // Standard input by name, whether /dev/stdin exists or not.
+        var input: [Int32] = [0, 0]
+        #expect(pipe(&input) == 0)
+        _ = "file = stdin.img\n".withCString { write(input[1], $0, strlen($0)) }
+        close(input[1])
+        let saved = dup(STDIN_FILENO)
+        dup2(input[0], STDIN_FILENO)
+        close(input[0])
+        #expect(try ConfigFile.arguments(path: "-") == ["--file=stdin.img"])
+        dup2(saved, STDIN_FILENO)
+        close(saved)
+        let again = open(path, O_RDONLY)
+        defer { close(again) }
+        #expect(try ConfigFile.arguments(path: "/dev/fd/\(again)") == ["--file=disk.img"])
     }
 
     /// losetup's `--direct-io[=on|off]`: bare, it means on.
