@@ -209,10 +209,13 @@ extension Ublk {
     struct Delete: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "del", abstract: "Stop devices and remove them (their servers exit); a mounted or open device is refused unless --force.",
-            discussion: "Several devices (--id 1 --id 2, as losetup -d takes several) are removed in turn: one that cannot be is named in a line of its own, the others still go, and the exit status is 1.")
+            discussion: "Several devices (--id 1 --id 2, or /dev/ublkb1 /dev/ublkb2 as losetup -d takes them) are removed in turn: one that cannot be is named in a line of its own, the others still go, and the exit status is 1.")
 
         @Option(name: .long, help: "The device id N of /dev/ublkbN; give it again for more devices.")
         var id: [UInt32] = []
+
+        @Argument(help: "Devices by path, as losetup -d takes them: /dev/ublkbN (or a link to one).")
+        var devices: [String] = []
 
         @Flag(name: .long, help: "Every ublk device (busy ones are kept and named, unless --force).")
         var all = false
@@ -221,14 +224,29 @@ extension Ublk {
         var force = false
 
         func validate() throws {
-            if id.isEmpty && !all { throw ValidationError("give --id N (again for more devices) or --all") }
-            if !id.isEmpty && all { throw ValidationError("--all removes every device: leave out --id") }
+            let named = !id.isEmpty || !devices.isEmpty
+            if !named && !all { throw ValidationError("give --id N or /dev/ublkbN (more than one if you like), or --all") }
+            if named && all { throw ValidationError("--all removes every device: leave out --id and the paths") }
+            for path in devices where Self.id(of: path) == nil {
+                throw ValidationError("\(path) is not a ublk device: give /dev/ublkbN (or --id N)")
+            }
         }
 
-        /// The ids to remove, each once, in the order given.
+        /// The ids to remove, each once: those of --id, then those of the paths.
         var ids: [UInt32] {
             var seen = Set<UInt32>()
-            return id.filter { seen.insert($0).inserted }
+            return (id + devices.compactMap(Self.id(of:))).filter { seen.insert($0).inserted }
+        }
+
+        /// N of /dev/ublkbN, `path` or where its links lead (not a partition, /dev/ublkbNpK).
+        static func id(of path: String) -> UInt32? {
+            let resolved = realpath(path, nil).map { pointer in
+                defer { free(pointer) }
+                return String(cString: pointer)
+            } ?? path
+            let number = resolved.dropFirst("/dev/ublkb".count)
+            guard resolved.hasPrefix("/dev/ublkb"), !number.isEmpty, number.allSatisfy({ ("0"..."9").contains($0) }) else { return nil }
+            return UInt32(number)
         }
 
         func run() throws {

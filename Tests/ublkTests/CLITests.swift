@@ -267,9 +267,17 @@ import UblkTargets
         func line(_ arguments: [String]) -> String {
             do { _ = try Ublk.parseAsRoot(arguments); return "accepted" } catch { return Ublk.errorLine(for: error) }
         }
-        #expect(line(["del"]).hasPrefix("give --id N (again for more devices) or --all"))
+        #expect(line(["del"]).hasPrefix("give --id N or /dev/ublkbN (more than one if you like), or --all"))
         #expect(line(["del", "--all", "--id", "1"]).hasPrefix("--all removes every device: leave out --id"))
+        #expect(line(["del", "--all", "/dev/ublkb1"]).hasPrefix("--all removes every device"))
         #expect(line(["del", "--all"]) == "accepted")
+        // Paths, as losetup -d takes them.
+        let paths = try #require(try Ublk.parseAsRoot(["del", "/dev/ublkb3", "--id", "1", "/dev/ublkb1"]) as? Ublk.Delete)
+        #expect(paths.ids == [1, 3])
+        #expect(line(["del", "/dev/ublkb1p2"]).hasPrefix("/dev/ublkb1p2 is not a ublk device: give /dev/ublkbN (or --id N)"))
+        #expect(line(["del", "/dev/loop0"]).hasPrefix("/dev/loop0 is not a ublk device"))
+        #expect(line(["del", "/dev/ublkc1"]).hasPrefix("/dev/ublkc1 is not a ublk device"))
+        #expect(line(["del", "/dev/ublkb+1"]).hasPrefix("/dev/ublkb+1 is not a ublk device"))
     }
 
     /// Elsewhere a second --id is refused, not silently taken instead of the first.

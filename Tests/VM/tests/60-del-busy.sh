@@ -3,7 +3,7 @@
 #  * a mounted device: `del` exits non-zero in one line naming the mount point, the
 #    device stays and still works; an open one: the line names the pid;
 #  * `del --all` removes the idle devices, keeps the busy one and names it; so does
-#    `del --id A --id B ...`, which names a missing id too and exits 1;
+#    `del --id A --id B ... /dev/ublkbC`, which names a missing id too and exits 1;
 #  * `del --force` on a mounted device returns within a few seconds (the file system
 #    sees I/O errors), and once it is unmounted the device and its server are gone.
 # Holds on kernels with TRY_STOP_DEV (SAFE_STOP_DEV) and without (a scan decides).
@@ -54,14 +54,14 @@ echo "ok: del --all removed $idle and kept $dev: $(cat "$dir/err")"
 first=$("$UBLK" add --target null --size 16M)
 second=$("$UBLK" add --target null --size 16M)
 rc=0
-"$UBLK" del --id "${first#/dev/ublkb}" --id "$id" --id 99 --id "${second#/dev/ublkb}" >"$dir/out" 2>"$dir/err" || rc=$?
+"$UBLK" del --id "${first#/dev/ublkb}" --id "$id" --id 99 "$second" >"$dir/out" 2>"$dir/err" || rc=$?
 expect_eq "$rc" 1 "status of del with a busy and a missing id among four"
 expect_eq "$(wc -l <"$dir/err")" 2 "lines of del with a busy and a missing id ($(cat "$dir/err"))"
 grep -qF "device $id is in use" "$dir/err" || fail "del of several ids does not name the busy device: $(cat "$dir/err")"
 grep -qF "device 99 does not exist" "$dir/err" || fail "del of several ids does not name the missing device: $(cat "$dir/err")"
 [[ ! -e $first && ! -e $second ]] || fail "del of several ids kept an idle device ($first, $second)"
 [[ -b $dev ]] || fail "del of several ids removed the mounted $dev"
-echo "ok: del --id ${first#/dev/ublkb} --id $id --id 99 --id ${second#/dev/ublkb} removed the idle two: $(paste -sd'|' "$dir/err")"
+echo "ok: del --id ${first#/dev/ublkb} --id $id --id 99 $second removed the idle two: $(paste -sd'|' "$dir/err")"
 
 # Open (not mounted): the holder's pid is named.
 umount "$dir/mnt"
