@@ -263,17 +263,23 @@ extension IORing {
                 if result == -EBUSY || result == -EAGAIN {
                     // The completion queue is full: the caller must reap first.
                     if io_uring_cq_ready(ring) > 0 { return 0 }
-                    // Else the kernel could not take the submission for now (no memory for
-                    // its requests): it passes. A queue thread that gave up here would leave
-                    // its requests held, and on 7.x the device's STOP_DEV would wait for them.
-                    if busy < IORing.busyRetries {
-                        busy += 1
-                        usleep(1000)
-                        continue
-                    }
+                    if Self.waitOutRefusal(&busy) { continue }
                 }
                 throw SystemError("io_uring_enter", errno: result)
             }
+        }
+
+        /// The kernel could not take a submission for now (no memory for its requests): it
+        /// passes. A queue thread that gave up at once would leave its requests held, and on
+        /// 7.x the device's STOP_DEV would wait for them. True after a millisecond's pause,
+        /// while `busy` (the pauses so far) is below `IORing.busyRetries`. Out of line: the
+        /// turn loop's submission stays small.
+        @usableFromInline
+        static func waitOutRefusal(_ busy: inout Int) -> Bool {
+            guard busy < IORing.busyRetries else { return false }
+            busy += 1
+            usleep(1000)
+            return true
         }
 
         /// `submit(waitingFor:)`, busy-polling first: submits, then spins for up to
