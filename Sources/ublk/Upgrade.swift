@@ -124,10 +124,21 @@ extension Ublk {
 
         func deviceID() throws -> UInt32 {
             if let id { return id }
-            guard let record = RuntimeDirectory.all().first(where: { $0.name == name }) else {
+            guard let record = Self.record(named: name!, in: RuntimeDirectory.all(), existing: Set(ControlDevice.deviceIDs()),
+                                           isAlive: RuntimeDirectory.isAlive) else {
                 throw CLIError("no device was started as \(name!) (ublk start \(name!)): see ublk list")
             }
             return record.id
+        }
+
+        /// The record of the device started as `name`. Records outlive a server killed hard
+        /// and a device removed by other means: the one whose device exists and whose server
+        /// lives comes first, then one whose device exists (the checks after say it has no
+        /// server), never one without a device.
+        static func record(named name: String, in records: [DeviceRecord], existing: Set<UInt32>,
+                           isAlive: (Int32) -> Bool) -> DeviceRecord? {
+            let named = records.filter { $0.name == name && existing.contains($0.id) }
+            return named.first { isAlive($0.pid) } ?? named.first
         }
     }
 }

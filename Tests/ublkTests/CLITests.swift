@@ -170,6 +170,21 @@ import UblkTargets
         #expect(try DeviceOptions.resolve(config: path, overrides: []).key.keyFile == nil)
     }
 
+    /// `ublk upgrade --name NAME` (systemctl reload) takes the device whose server lives, not
+    /// a record left by one killed hard or of a device removed by other means.
+    @Test func anUpgradeByNameSkipsStaleRecords() {
+        func record(_ id: UInt32, pid: Int32, _ name: String? = "data") -> DeviceRecord {
+            DeviceRecord(id: id, pid: pid, name: name, spec: .null(NullConfiguration(size: 1 << 20)), size: 1 << 20,
+                         queues: 1, depth: 1, directIO: "-", recovery: true)
+        }
+        let records = [record(0, pid: 10), record(1, pid: 11), record(2, pid: 12), record(3, pid: 13, "other")]
+        let alive: (Int32) -> Bool = { $0 == 12 || $0 == 13 }
+        let upgrade = Ublk.Upgrade.self
+        #expect(upgrade.record(named: "data", in: records, existing: [1, 2, 3], isAlive: alive)?.id == 2)
+        #expect(upgrade.record(named: "data", in: records, existing: [1, 3], isAlive: alive)?.id == 1)
+        #expect(upgrade.record(named: "data", in: records, existing: [3], isAlive: alive) == nil)
+    }
+
     @Test func encryptionOptionsGoTogether() {
         func message(_ arguments: [String]) -> String {
             do {
