@@ -130,10 +130,10 @@ public final class DeviceServer {
             if !isLive, case .create = mode { try? control.deleteDevice(id) }
         }
         var parameters = kept ?? Self.parameters(for: target.properties, maxIOBytes: info.maxIOBufferBytes)
-        // Zero copy hands the reader's own pages to the backing (O_DIRECT there): aligned as
-        // for loop, not ublk_drv's default 4 bytes, which an O_DIRECT backing refuses.
-        if kept == nil, case .autoRegister = Self.bufferMode(info) { parameters.dmaAlignment = Self.zeroCopyAlignment }
         if kept == nil {
+            // Zero copy hands the reader's own pages to the backing (O_DIRECT there): aligned
+            // as for loop, not ublk_drv's default 4 bytes, which an O_DIRECT backing refuses.
+            if case .autoRegister = Self.bufferMode(info) { parameters.dmaAlignment = Self.zeroCopyAlignment }
             do { try control.setParameters(id, parameters) } catch { throw .control(error) }
         }
         let characterDevice = try openCharacterDevice(info.characterDevicePath)
@@ -171,8 +171,6 @@ public final class DeviceServer {
         if let failure { throw .queueFailed(id, failure) }
     }
 
-    /// ADD_DEV, with user recovery and zero copy when asked (and refused if the kernel lacks them).
-    /// What the device got is read back from the flags ADD_DEV returns.
     /// A server that holds a key keeps the copies its cipher library makes of it out of core
     /// dumps and swap (`LockedMemory.protectProcess`), before the queue threads key their ciphers.
     private func protectKey() {
@@ -182,6 +180,8 @@ public final class DeviceServer {
         }
     }
 
+    /// ADD_DEV, with user recovery and zero copy when asked (and refused if the kernel lacks them).
+    /// What the device got is read back from the flags ADD_DEV returns.
     private func createDevice(_ control: borrowing ControlDevice) throws(ServerError) -> DeviceInfo {
         var flags = try options.recovery.deviceFlags(features: control.features)
         flags.formUnion(try zeroCopyFlags(features: control.features))
