@@ -129,8 +129,6 @@ public struct FileIdentity: Sendable, Equatable, Codable {
 
     /// The identity of the file `path` names now (following symlinks), or the errno of stat.
     public static func of(path: String) -> Result<FileIdentity, SystemError> {
-        var st = stat()
-        guard stat(path, &st) == 0 else { return .failure(SystemError("stat", errno: errno)) }
-        return .success(FileStatus(st).identity)
+        Result { () throws(SystemError) in FileStatus(try Syscalls.status(ofPath: path)).identity }
     }
 }

@@ -82,8 +82,7 @@ extension LockedMemory {
 
     /// CAP_IPC_LOCK (bit 14 of /proc/self/status's CapEff) or an unlimited RLIMIT_MEMLOCK.
     static var mayLockWithoutLimit: Bool {
-        var limit = rlimit()
-        if getrlimit(__rlimit_resource_t(__RLIMIT_MEMLOCK.rawValue), &limit) == 0 && limit.rlim_cur == rlim_t.max { return true }
+        if Syscalls.memoryLockLimit() == nil { return true }
         guard let status = SmallFile.text("/proc/self/status"),
               let line = status.split(separator: "\n").first(where: { $0.hasPrefix("CapEff:") }),
               let bits = UInt64(line.dropFirst("CapEff:".count).filter { !$0.isWhitespace }, radix: 16) else { return false }

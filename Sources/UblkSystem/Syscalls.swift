@@ -20,6 +20,13 @@ enum Syscalls {
         return st
     }
 
+    /// stat(2) of what `path` names now (symlinks followed).
+    static func status(ofPath path: String) throws(SystemError) -> stat {
+        var st = stat()
+        _ = try retryingOnInterrupt("stat \(path)") { stat(path, &st) }
+        return st
+    }
+
     static func fsync(_ fd: Int32) throws(SystemError) {
         _ = try retryingOnInterrupt("fsync") { Glibc.fsync(fd) }
     }
@@ -303,6 +310,14 @@ extension Syscalls {
     static func forbidCoreDumps() throws(SystemError) {
         let result = cublk_forbid_core_dumps()
         if result < 0 { throw SystemError("prctl(PR_SET_DUMPABLE)", errno: -result) }
+    }
+
+    /// The soft RLIMIT_MEMLOCK in bytes, nil when unlimited.
+    static func memoryLockLimit() -> UInt64? {
+        var limit = rlimit()
+        // Unreadable counts as a limit (nothing locks without one then).
+        guard getrlimit(__rlimit_resource_t(__RLIMIT_MEMLOCK.rawValue), &limit) == 0 else { return 0 }
+        return limit.rlim_cur == rlim_t.max ? nil : UInt64(limit.rlim_cur)
     }
 
     /// mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT): every page of the process stays in
