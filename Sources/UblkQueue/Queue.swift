@@ -74,6 +74,17 @@ public struct TagShare: Sendable, Equatable {
     public func slotCount(depth: Int) -> Int { (depth + count - 1) / count }
 }
 
+/// Where a tag's request is, as the queue sees it.
+public enum TagState: UInt8, Sendable {
+    /// The kernel's: a FETCH or COMMIT_AND_FETCH (or a batched fetch) waits for the next request.
+    case withKernel
+    /// The queue's: it arrived and is not committed yet (the handler may have I/O in flight).
+    case held
+    /// Its commit is linked behind its last backing operation: the kernel commits it when
+    /// that completes, unless it fails or ends short (then the completion brings it back).
+    case linked
+}
+
 /// How a queue gives each tag room for its data.
 public enum TagBufferMode: Sendable, Equatable {
     /// The driver copies request data to and from a buffer per tag of `bytesPerTag`
@@ -234,12 +245,18 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     @usableFromInline let linksCommits = IORing.copiesLinkedCommands
     /// How long a turn spins for a completion before it sleeps (`QueueConfiguration.pollMicroseconds`).
     @usableFromInline @exclusivity(unchecked) var poll: BusyPoll
-    /// Per tag: its request is in the queue's hands (arrived, not yet committed, no commit
-    /// linked behind its I/O); `busyTags` counts them. Turns spin only while there is at
-    /// most one: with more in flight the wait is short anyway, and a sleep gathers their
-    /// completions into one turn.
-    @usableFromInline let tagBusy: UnsafeMutableBufferPointer<Bool>
+    /// Per tag: where its request is (`TagState`). With busy polling `busyTags` counts the
+    /// `.held` ones: turns spin only while there is at most one (with more in flight the
+    /// wait is short anyway, and a sleep gathers their completions into one turn).
+    @usableFromInline let tagStates: UnsafeMutableBufferPointer<TagState>
     @usableFromInline @exclusivity(unchecked) var busyTags = 0
+    /// Set when a turn failed (`fail`): the queue then answers every request it holds or
+    /// gets with EIO until the kernel ends its commands, and `run` throws this at the end.
+    @usableFromInline @exclusivity(unchecked) var failure: SystemError?
+    /// `failure != nil`, as one byte the hot path tests.
+    @usableFromInline @exclusivity(unchecked) var failed = false
+    /// Told once, at once, when the queue fails (the server stops the device there).
+    public var onFailure: (SystemError) -> Void = { _ in }
     public let depth: Int
     /// The tags this queue's thread serves (`fetchAll` fetches only these).
     @usableFromInline let share: TagShare
@@ -262,8 +279,8 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         registeredByQueue.initialize(repeating: false)
         resultAfterUnregister = .allocate(capacity: depth)
         resultAfterUnregister.initialize(repeating: 0)
-        tagBusy = .allocate(capacity: depth)
-        tagBusy.initialize(repeating: false)
+        tagStates = .allocate(capacity: depth)
+        tagStates.initialize(repeating: .withKernel)
         self.ring = ring
         self.source = source
         self.handler = handler
@@ -285,7 +302,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         requests.deallocate()
         registeredByQueue.deallocate()
         resultAfterUnregister.deallocate()
-        tagBusy.deallocate()
+        tagStates.deallocate()
         finishedStorage.deallocate()
     }
 
@@ -305,9 +322,11 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     }
 
     /// Serves requests until the kernel retires every tag (STOP_DEV, device removal).
+    /// Throws what made a turn fail, once the queue has wound down after it (`fail`).
     @inlinable
     public func run() throws(SystemError) {
         while live > 0 { try turn() }
+        if let failure { throw failure }
     }
 
     /// One turn of the loop: one `io_uring_enter` that submits what is queued and waits
@@ -317,13 +336,33 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// (two where commits are not linked), and a call per turn costs its prologue and spills.
     @inlinable @inline(__always)
     public func turn() throws(SystemError) {
-        let answeredDuring = try source.flush(ring.handle)
-        if poll.nanoseconds > 0 {
-            try submitPolling(waitingFor: 1 + answeredDuring)
-        } else {
-            try ring.handle.submit(waitingFor: 1 + answeredDuring)
+        do {
+            let answeredDuring = try source.flush(ring.handle)
+            if poll.nanoseconds > 0 {
+                try submitPolling(waitingFor: 1 + answeredDuring)
+            } else {
+                try ring.handle.submit(waitingFor: 1 + answeredDuring)
+            }
+            try reapReady()
+        } catch {
+            try fail(error)
         }
-        try reapReady()
+    }
+
+    /// A turn failed: the ring refused a submission, the kernel a batched command, or the
+    /// handler lost track of its state. The queue cannot serve on, but it must not leave
+    /// with requests in its hands: 7.x fails those only when /dev/ublkcN closes (6.12 also
+    /// when the ring's commands are cancelled), so STOP_DEV, which waits for them, would
+    /// wait forever. So every request it holds is answered with EIO now, every
+    /// one that arrives later at once, and the queue runs on until the kernel ends its
+    /// commands. A second failure ends it at once: the ring itself is lost.
+    @usableFromInline
+    func fail(_ error: SystemError) throws(SystemError) {
+        guard !failed else { throw error }
+        (failure, failed) = (error, true)
+        logger.error("queue \(queueID) failed: \(error); its requests fail with EIO until the device stops")
+        onFailure(error)
+        for tag in share.tags(depth: depth) where tagStates[tag] == .held { try finish(tag: tag, result: -EIO) }
     }
 
     /// The submission of a turn with busy polling, out of line: it keeps the turn loop
@@ -344,7 +383,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         }
     }
 
-    @inlinable
+    @inlinable @inline(__always)
     func completed(_ userData: UserData, result: Int32, flags: UInt32) throws(SystemError) {
         let tag = Int(userData.tag)
         switch userData.kind {
@@ -362,9 +401,13 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
             try bufferCommandCompleted(tag: tag, step: userData.step, result: result)
         case .target where tag < depth:
             source.backingCompleted(tag: tag)
+            // A completion behind a linked commit: the link broke, the request is back.
+            if tagStates[tag] == .linked { setState(tag, .held) }
             try step(tag: tag, backingResult: result)
-        case .queue:
+        case .queue where !failed:
             try queueOperationCompleted(step: userData.step, result: result)
+        case .queue:
+            break  // The handler is abandoned (`fail`): its requests were answered.
         case .command, .target, nil:
             break
         }
@@ -406,7 +449,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// command completion of the turn loop (and the offline queue's `start`).
     @inlinable @inline(__always)
     public func arrived(tag: Int) throws(SystemError) {
-        setBusy(tag, true)
+        setState(tag, .held)
         var limits = self.limits
         if let capacity { limits.sectors = capacity.sectors }
         switch IODescriptor(raw: source.descriptor(tag: tag)).validated(for: limits) {
@@ -444,23 +487,26 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// Sends the commit of `tag`'s request, which leaves the queue's hands.
     @inlinable @inline(__always)
     func commit(tag: Int, result: Int32) throws(SystemError) {
-        setBusy(tag, false)
+        setState(tag, .withKernel)
         try source.commit(requests[tag], result: result, step: CommandStep.fetch, ring.handle)
     }
 
-    /// Marks `tag`'s request as in the queue's hands or not, keeping `busyTags` the count
-    /// (only with busy polling, its one reader).
+    /// Moves `tag` to `state`, keeping `busyTags` the count of `.held` tags (only with busy
+    /// polling, its one reader).
     @inlinable @inline(__always)
-    func setBusy(_ tag: Int, _ busy: Bool) {
-        guard poll.nanoseconds > 0, tagBusy[tag] != busy else { return }
-        tagBusy[tag] = busy
-        busyTags += busy ? 1 : -1
+    func setState(_ tag: Int, _ state: TagState) {
+        if poll.nanoseconds > 0, (tagStates[tag] == .held) != (state == .held) {
+            busyTags += state == .held ? 1 : -1
+        }
+        tagStates[tag] = state
     }
 
-    /// Completes the tag's request: a commit, after unregistering pages the queue registered itself.
+    /// Completes the tag's request: a commit, after unregistering pages the queue registered
+    /// itself. The request leaves the handler's hands here, before the unregistering.
     @inlinable
     func finish(tag: Int, result: Int32) throws(SystemError) {
         if registeredByQueue[tag] {
+            setState(tag, .withKernel)
             registeredByQueue[tag] = false
             resultAfterUnregister[tag] = result
             return try source.unregisterBuffer(requests[tag], ring.handle)
@@ -474,6 +520,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// finishes the request with that errno.
     @inlinable @inline(__always)
     func step(tag: Int, backingResult: Int32?) throws(SystemError) {
+        if failed { return try abandon(tag: tag) }
         let io = BackingSubmitter(ring: ring.handle, tag: UInt16(tag))
         let requests = self.requests
         let outcome = handlerReference._withUnsafeGuaranteedRef { handler in
@@ -489,7 +536,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
             // Pages the queue registered itself go back before the commit: no link then.
             guard linksCommits, !registeredByQueue[tag] else { return }
             // The rest is the kernel's: the link commits when the operation completes.
-            if try source.linkCommit(requests[tag], result: expected, ring.handle) { setBusy(tag, false) }
+            if try source.linkCommit(requests[tag], result: expected, ring.handle) { setState(tag, .linked) }
             return
         case .success(.done(let value)): result = value
         case .failure(let error):
@@ -498,6 +545,14 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         }
         if result < 0 { logFailure(tag: tag, result: result) }
         try finish(tag: tag, result: result)
+    }
+
+    /// A step of a failed queue (`fail`): a request that is the queue's (just arrived, or
+    /// back from a broken link) is answered with EIO; the completion of one answered
+    /// already is dropped.
+    @usableFromInline
+    func abandon(tag: Int) throws(SystemError) {
+        if tagStates[tag] != .withKernel { try finish(tag: tag, result: -EIO) }
     }
 
     @usableFromInline

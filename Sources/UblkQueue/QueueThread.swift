@@ -13,7 +13,9 @@ import UblkSystem
 /// ordered by a synchronising call: `thread` is written by the starting thread before
 /// and after the queue thread exists (join); `setupError` is written by the queue thread
 /// before it posts `ready` and read after `ready.wait()`; `runError` is written before
-/// the queue thread ends and read after `pthread_join`; `finished` is atomic.
+/// the queue thread ends and read after `pthread_join`; `failure` is written before
+/// `failing` is set (releasing) and read after it is seen set (acquiring); `finished`
+/// and `failing` are atomic; `failureReported` is the joining thread's alone.
 final class QueueThread: @unchecked Sendable {
     private var thread: OSThread?
     private let configuration: QueueConfiguration
@@ -25,6 +27,12 @@ final class QueueThread: @unchecked Sendable {
     private let ended: UblkSystem.Semaphore
     /// Set just before `ended` is signalled.
     private let finished = Atomic<Bool>(false)
+    /// The queue failed and winds down (`Queue.fail`); set, with `failure`, before `ended`
+    /// is signalled for it, which happens once more when the thread ends.
+    private let failing = Atomic<Bool>(false)
+    private var failure: Error?
+    /// `QueueThreads.joinAll` has reported the failure.
+    var failureReported = false
     // Written by the queue thread before it posts `ready` / before it ends; read after.
     private var setupError: Error?
     private var runError: Error?
@@ -63,6 +71,10 @@ final class QueueThread: @unchecked Sendable {
             try target.serveQueue(configuration, characterDevice: characterDevice, logger: logger) {
                 fetched = true
                 ready.signal()
+            } failing: { [self] error in
+                failure = error
+                failing.store(true, ordering: .releasing)
+                ended.signal()
             }
             // A target's own serveQueue that returns without having fetched served nothing.
             if !fetched { setupError = SystemError("the queue ended before it fetched its tags", errno: EIO) }
@@ -79,6 +91,9 @@ final class QueueThread: @unchecked Sendable {
 
     /// The thread has ended (after its queue got going); `join` waits for its last instructions only.
     var hasEnded: Bool { finished.load(ordering: .acquiring) }
+
+    /// Why the queue failed, once it has (it may still be winding down).
+    var failingError: Error? { failing.load(ordering: .acquiring) ? failure : nil }
 
     /// Waits for the thread to end (after STOP_DEV aborted its fetches); the queue's
     /// ring, mapping and buffers are released by then. Returns the error that ended it early, if any.
@@ -109,19 +124,26 @@ public final class QueueThreads {
                                              logger: logger, ended: ended))
     }
 
-    /// Waits until every thread has ended, joining each as it ends. `failed` runs at once
-    /// for each that ended with an error (the server stops the device there, which ends the
-    /// others). Returns the first such error.
+    /// Waits until every thread has ended, joining each as it ends. `failed` runs at once,
+    /// once, for each whose queue failed: as it starts to wind down (answering its requests
+    /// with EIO until the device stops), or as it ends with an error. The server stops the
+    /// device there, which ends the others. Returns the first such error.
     public func joinAll(failed: (any Error) -> Void = { _ in }) -> (any Error)? {
         var failure: (any Error)?
+        func report(_ thread: QueueThread, _ error: any Error) {
+            guard !thread.failureReported else { return }
+            thread.failureReported = true
+            failure = failure ?? error
+            failed(error)
+        }
         while !running.isEmpty {
+            // A signal per thread that ended, and one per queue that failed before: a wake
+            // finds at most one thread to join, and a failure's wake may find none.
             ended.wait()
-            // One signal per ended thread and one wait per join: an ended thread is there.
+            for thread in running { if let error = thread.failingError { report(thread, error) } }
             guard let index = running.firstIndex(where: { $0.hasEnded }) else { continue }
-            if let error = running.remove(at: index).join() {
-                failure = failure ?? error
-                failed(error)
-            }
+            let thread = running.remove(at: index)
+            if let error = thread.join() { report(thread, error) }
         }
         return failure
     }

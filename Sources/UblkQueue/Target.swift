@@ -102,10 +102,11 @@ public protocol Target: AnyObject, Sendable {
     /// touching it, so requests may keep their own pages (zero copy).
     var supportsZeroCopy: Bool { get }
     /// Serves one queue on the calling thread until the device stops; `fetched` runs once
-    /// every tag is fetched. Leave it to the default, which runs the queue engine
-    /// specialised for `Handler`.
+    /// every tag is fetched, `failing` at once if the queue fails (it then answers its
+    /// requests with EIO until the device stops, and throws). Leave it to the default,
+    /// which runs the queue engine specialised for `Handler`.
     func serveQueue(_ configuration: QueueConfiguration, characterDevice: Int32, logger: Logger,
-                    fetched: () -> Void) throws
+                    fetched: () -> Void, failing: @escaping (any Error) -> Void) throws
 }
 
 extension Target {
@@ -117,20 +118,22 @@ extension Target {
 
     @inlinable
     public func serveQueue(_ configuration: QueueConfiguration, characterDevice: Int32, logger: Logger,
-                           fetched: () -> Void) throws {
+                           fetched: () -> Void, failing: @escaping (any Error) -> Void) throws {
         if configuration.batchedCommands {
             try serve(Queue<Handler, UblkBatchCommands>(configuration, characterDevice: characterDevice, target: self,
-                                                        logger: logger), fetched: fetched)
+                                                        logger: logger), fetched: fetched, failing: failing)
         } else {
             try serve(Queue<Handler, UblkCommands>(configuration, characterDevice: characterDevice, target: self,
-                                                   logger: logger), fetched: fetched)
+                                                   logger: logger), fetched: fetched, failing: failing)
         }
     }
 
     @inlinable
-    func serve<Source>(_ queue: Queue<Handler, Source>, fetched: () -> Void) throws {
+    func serve<Source>(_ queue: Queue<Handler, Source>, fetched: () -> Void,
+                       failing: @escaping (any Error) -> Void) throws {
         try queue.fetchAll()
         fetched()
+        queue.onFailure = failing
         try queue.run()
     }
 }
@@ -151,7 +154,8 @@ public protocol QueueHandler: AnyObject {
     func start(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> RequestStep
     func complete(_ request: IORequest, backingResult: Int32, _ io: BackingSubmitter) throws(SystemError) -> RequestStep
     /// An operation submitted through `io.forQueue(step:)` completed with `result`. A
-    /// thrown error ends the queue (the handler's own state can no longer be trusted).
+    /// thrown error fails the queue (the handler's own state can no longer be trusted):
+    /// its requests are answered with EIO until the device stops (`Queue.fail`).
     func queueOperationCompleted(step: UInt16, result: Int32, _ io: BackingSubmitter,
                                  finished: inout FinishedRequests) throws(SystemError)
     /// The queue is going away (its loop ended, or failed): called while its ring and tag

@@ -20,6 +20,9 @@ import UblkTargets
         let failing: UInt16
         /// This queue returns at once without fetching (a target's serveQueue gone wrong).
         var idle: UInt16 = .max
+        /// Queue `failing` winds down as the engine's does (`Queue.fail`): it says it failed,
+        /// serves on until stopped, then throws.
+        var windsDown = false
         let stopped = Atomic<Bool>(false)
         let gaveUp = Atomic<Int>(0)
         let patience: Double
@@ -36,10 +39,19 @@ import UblkTargets
         func sync() throws {}
 
         func serveQueue(_ configuration: QueueConfiguration, characterDevice: Int32, logger: Logger,
-                        fetched: () -> Void) throws {
+                        fetched: () -> Void, failing: @escaping (any Error) -> Void) throws {
             if configuration.queueID == idle { return }
             fetched()
-            if configuration.queueID == failing { throw SystemError("io_uring_enter", errno: EIO) }
+            let error = SystemError("io_uring_enter", errno: EIO)
+            if configuration.queueID == self.failing {
+                guard windsDown else { throw error }
+                failing(error)
+            }
+            serveUntilStopped()
+            if configuration.queueID == self.failing { throw error }
+        }
+
+        func serveUntilStopped() {
             let deadline = Self.now() + patience
             while !stopped.load(ordering: .acquiring) {
                 if Self.now() > deadline {
@@ -82,6 +94,17 @@ import UblkTargets
         #expect((failure as? SystemError)?.errno == EIO)
         #expect(reported == 1)
         // Queues 0 and 1 were stopped because of queue 2's failure, not left to time out.
+        #expect(target.gaveUp.load(ordering: .relaxed) == 0)
+    }
+
+    /// A queue that fails and winds down is reported as it starts to (so the device is
+    /// stopped, which its winding down needs), and not once more when it ends.
+    @Test func aQueueWindingDownIsReportedOnce() throws {
+        let target = ScriptedTarget(failing: 1)
+        target.windsDown = true
+        let (failure, reported) = try run(target, queues: 2)
+        #expect((failure as? SystemError)?.errno == EIO)
+        #expect(reported == 1)
         #expect(target.gaveUp.load(ordering: .relaxed) == 0)
     }
 
