@@ -1,3 +1,5 @@
+import Glibc
+
 /// A block request as the target sees it, independent of the queue's descriptor layout
 /// (the NBD target fills it from the ublk descriptor).
 public struct BlockRequest: Equatable, Hashable, Sendable {
@@ -72,6 +74,13 @@ extension NBDExport {
         let writable = !flags.contains(.readOnly)
         let cache = writable && flags.contains(.sendFlush)
         let transfer = min(sizes.maximumPayload, Self.maximumTransferLimit) / logical * logical
+        // ublk gives each tag a buffer of whole pages (ADD_DEV rounds the request size down
+        // to one): an export that takes less than a page per request leaves it none.
+        let page = UInt32(sysconf(Int32(_SC_PAGESIZE)))
+        guard transfer >= page else {
+            throw NBDError(.unusable, "export \(name) takes \(sizes.maximumPayload) bytes per request at most; "
+                + "a ublk device sends requests of up to a page (\(page) bytes)")
+        }
         return NBDDeviceCapabilities(
             readOnly: !writable, volatileCache: cache, fua: cache && flags.contains(.sendFUA),
             discard: writable && flags.contains(.sendTrim), writeZeroes: writable && flags.contains(.sendWriteZeroes),

@@ -416,7 +416,10 @@ extension NBDQueueHandler {
         for tag in slots.indices {
             switch slots[tag].phase {
             case .sending, .awaitingReply: slots[tag].phase = .queued
-            case .repliedWhileSending(let errno): try finish(tag: tag, errno: errno, io, &finished)
+            // Answered, but the send did not complete: a failure stands; a success is not
+            // believed (a write's data may not all have gone), the request goes again.
+            case .repliedWhileSending(let errno) where errno != 0: try finish(tag: tag, errno: errno, io, &finished)
+            case .repliedWhileSending: slots[tag].phase = .queued
             default: break
             }
             if slots[tag].phase != .idle { catchWaiting(tag: tag) }

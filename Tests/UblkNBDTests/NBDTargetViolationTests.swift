@@ -84,6 +84,48 @@ import UblkTesting
         return send(client, reply(3, info) + reply(1, []))
     }
 
+    /// A server that answers a WRITE with success before its data arrived, then hangs up:
+    /// the success is not believed (the data never got there), the WRITE goes again on the
+    /// next connection and completes only once that one took all of it. (The lost
+    /// connection used to complete it with the early answer.)
+    @Test func aWriteAnsweredBeforeItsDataArrivedGoesAgain() throws {
+        let listener = try SilentListener(backlog: 4)
+        var small: Int32 = 4096  // A small window: the 8 MiB cannot all be in flight.
+        setsockopt(listener.fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+        let fd = listener.fd
+        let whole = UnsafeMutablePointer<Bool>.allocate(capacity: 1)
+        whole.initialize(to: false)
+        defer { whole.deallocate() }
+        let address = UInt(bitPattern: whole)
+        let server = try OSThread {
+            // First connection: the header only, an answer at once, then gone.
+            let first = accept(fd, nil, nil)
+            guard first >= 0, Self.handshake(first, size: 16 << 20), let early = Self.receive(first, NBDRequest.headerSize),
+                  Self.reply(first, to: early) else { return }
+            usleep(200_000)
+            close(first)
+            // Second: the whole WRITE, then the answer.
+            let second = accept(fd, nil, nil)
+            guard second >= 0 else { return }
+            defer { close(second) }
+            guard Self.handshake(second, size: 16 << 20), let write = Self.receive(second, NBDRequest.headerSize),
+                  let data = Self.receive(second, 8 << 20) else { return }
+            UnsafeMutablePointer<Bool>(bitPattern: address)!.pointee = data.allSatisfy { $0 == Self.good }
+            _ = Self.reply(second, to: write)
+            _ = Self.receive(second, NBDRequest.headerSize)  // DISC, or the end
+        }
+        var configuration = NBDConfiguration(uri: "nbd://127.0.0.1:\(listener.port)/x")
+        configuration.reconnectTimeout = 10
+        do {
+            let queue = try OfflineQueue(target: try NBDTarget(configuration), depth: 1, bufferSize: 8 << 20)
+            memset(queue.buffer(tag: 0), Int32(Self.good), 8 << 20)
+            #expect(try queue.perform(IODescriptor(operation: .write, startSector: 0, sectorCount: 16384)) == 8 << 20)
+        }
+        shutdown(fd, Int32(SHUT_RDWR))
+        server.join()
+        #expect(whole.pointee, "the WRITE completed without its data reaching the server whole")
+    }
+
     /// A FLUSH that arrives while a WRITE is unanswered waits for that answer: the server
     /// holds the WRITE's reply for 300 ms and sees nothing else meanwhile.
     @Test func aFlushWaitsForTheWritesBeforeIt() throws {

@@ -107,5 +107,9 @@ import Testing
         #expect(throws: NBDError.self) {
             try export(Self.everything, sizes: NBDBlockSizes(minimum: 8192, preferred: 8192, maximumPayload: 1 << 20)).deviceCapabilities()
         }
+        // Less than a page per request: ublk's buffers would be none (it rounds down to pages).
+        #expect(throws: NBDError.self) {
+            try export(Self.everything, sizes: NBDBlockSizes(minimum: 512, preferred: 512, maximumPayload: 2048)).deviceCapabilities()
+        }
     }
 }
