@@ -265,12 +265,15 @@ public final class LoopTarget: SpecifiedTarget {
     /// where holes are supported, EOPNOTSUPP where not). For a block device: its
     /// write-zeroes limit, as loop.c takes it: a hole punched in a block device is a
     /// zero-out that may not fall back to writing zeros (blkdev_fallocate), so a disk
-    /// that discards but cannot write zeroes would refuse every one.
+    /// that discards but cannot write zeroes would refuse every one. A file within a page
+    /// of the largest file size (tmpfs and XFS make sparse ones of 2^63 - 1 bytes) has no
+    /// room past its end to try: it is taken as one that cannot.
     static func supportsPunchHole(_ file: borrowing FileDescriptor, status: FileStatus, size: UInt64) -> Bool {
         if status.isBlockDevice {
             let device = status.rdev
             return (readSysfs("/sys/dev/block/\(major(device)):\(minor(device))/queue/write_zeroes_max_bytes") ?? 0) > 0
         }
+        guard size <= UInt64(Int64.max) - 2 * 4096 else { return false }
         let end = MappedRegion.roundUp(Int(size), to: 4096)
         do {
             try file.allocate(mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset: Int64(end), length: 4096)

@@ -59,6 +59,27 @@ import UblkTesting
         #expect(bytes[4096..<8192].allSatisfy { $0 == 0 })
     }
 
+    /// A sparse backing of the largest size a file can have (tmpfs makes one): served, its
+    /// last sectors read as zeros. The probe for hole punching, past the end, once trapped
+    /// on rounding the size up.
+    @Test func theLargestFileIsServed() throws {
+        let path = "/dev/shm/ublk-largest-\(getpid())"
+        let fd = open(path, O_RDWR | O_CREAT | O_EXCL, 0o600)
+        #expect(fd >= 0)
+        defer { close(fd); unlink(path) }
+        #expect(ftruncate(fd, Int(Int64.max)) == 0)
+        var configuration = LoopConfiguration(path: path)
+        configuration.directIO = .off
+        let target = try LoopTarget(configuration)
+        let size = target.properties.size
+        #expect(size > UInt64(Int64.max) - 4096 && !target.properties.supportsDiscard)
+        let queue = try OfflineQueue(target: target, depth: 1, bufferSize: 4096)
+        memset(queue.buffer(tag: 0), 0xEE, 4096)
+        let last = IODescriptor(operation: .read, startSector: size / 512 - 8, sectorCount: 8)
+        #expect(try queue.perform(last) == 4096)
+        #expect(UnsafeRawBufferPointer(start: queue.buffer(tag: 0), count: 4096).allSatisfy { $0 == 0 })
+    }
+
     @Test func oddButValidRequestsFinish() throws {
         let file = try ScratchFile(size: 256 * 1024)
         let queue = try OfflineQueue(target: try LoopTarget(LoopConfiguration(path: file.path)), depth: 2, bufferSize: 64 * 1024)
