@@ -40,6 +40,7 @@ extension NullTarget: ResizableTarget {
         guard let requested else { throw .sizeRequired(name) }
         let block = UInt64(properties.logicalBlockSize)
         if requested == 0 || requested % block != 0 { throw .sizeMisaligned(size: requested, blockSize: Int(block)) }
+        if requested > UInt64(Int64.max) { throw .sizeTooLarge(requested) }
         return requested
     }
 }

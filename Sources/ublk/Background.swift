@@ -98,6 +98,56 @@ enum Background {
         throw CLIError("the server exited before the device was live: see \(logPath)")
     }
 
+    /// Is `program` a ublk that can take a device over (`ublk upgrade --binary`)? It must
+    /// be an executable file whose `recover --help` says `ublk recover`, within 5 s: a
+    /// directory, `/bin/true` or another program would be found out only after the old
+    /// server had left the device, which then waits for `ublk recover`.
+    static func isUblk(_ program: String) -> Bool {
+        var status = stat()
+        guard stat(program, &status) == 0, status.st_mode & S_IFMT == S_IFREG, access(program, X_OK) == 0 else {
+            return false
+        }
+        var ends: [Int32] = [0, 0]
+        guard pipe(&ends) == 0 else { return false }
+        _ = fcntl(ends[0], F_SETFD, FD_CLOEXEC)
+        defer { close(ends[0]) }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_adddup2(&actions, ends[1], 1)
+        posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+        let argv: [String] = ["ublk", "recover", "--help"]
+        var cArguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+        defer { for argument in cArguments { free(argument) } }
+        var pid: pid_t = 0
+        let spawned = posix_spawn(&pid, program, &actions, nil, &cArguments, environ) == 0
+        close(ends[1])
+        guard spawned else { return false }
+        let output = readAll(ends[0], limit: 1 << 16, seconds: 5)
+        kill(pid, SIGKILL)  // (One that is still running is no ublk.)
+        var exit: Int32 = 0
+        waitpid(pid, &exit, 0)
+        return output?.contains("ublk recover") == true && exit == 0
+    }
+
+    /// What `fd` gives until its end, if that comes within `limit` bytes and `seconds`.
+    static func readAll(_ fd: Int32, limit: Int, seconds: Int32) -> String? {
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        let deadline = time(nil) + Int(seconds)
+        while bytes.count <= limit {
+            let left = deadline - time(nil)
+            guard left > 0, poll(&poller, 1, Int32(left) * 1000) > 0 else { return nil }
+            let count = read(fd, &chunk, chunk.count)
+            if count == 0 { return String(decoding: bytes, as: UTF8.self) }
+            if count < 0 { if errno == EINTR { continue } else { return nil } }
+            bytes += chunk[0..<count]
+        }
+        return nil
+    }
+
     /// This program's file, for posix_spawn. Not "/proc/self/exe" itself: the kernel names a
     /// process after the file it executes, and ps, top and pgrep would show the server as "exe".
     static var executable: String {

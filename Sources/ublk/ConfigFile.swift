@@ -45,7 +45,9 @@ enum ConfigFile {
         var status = stat()
         let hasNeighbours = !isStandardInput && !path.hasPrefix("/dev/") && !path.hasPrefix("/proc/")
             && stat(path, &status) == 0 && status.st_mode & S_IFMT == S_IFREG
-        return try arguments(text: String(decoding: bytes, as: UTF8.self), path: path, base: hasNeighbours ? directory(of: path) : nil)
+        // A byte order mark (an editor's, on Windows) is no part of the first key.
+        let text = bytes.starts(with: [0xEF, 0xBB, 0xBF]) ? bytes.dropFirst(3) : bytes[...]
+        return try arguments(text: String(decoding: text, as: UTF8.self), path: path, base: hasNeighbours ? directory(of: path) : nil)
     }
 
     /// The directory `path` is in, as written ("." for a bare name).

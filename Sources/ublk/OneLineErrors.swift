@@ -28,11 +28,18 @@ extension Ublk {
     /// ArgumentParser gives an option given twice its last value, silently: `ublk recover
     /// --id 1 --id 2`, written after a command that takes several devices, would act on
     /// device 2 alone. `--id` may be repeated only for `del`, which removes each.
+    /// Nor may what names the data and its key: of `--file a --file b`, or of two key files,
+    /// one would be taken silently (and a `--key-file -` among them read in the background
+    /// while the foreground took the last).
     static func refuseRepeatedID(_ arguments: [String]) throws {
-        guard let command = arguments.first, command != "del" else { return }
-        let given = arguments.prefix { $0 != "--" }.filter { $0 == "--id" || $0.hasPrefix("--id=") }.count
-        if given > 1 {
-            throw ValidationError("--id is given \(given) times: give one, `ublk \(command)` acts on one device (only `ublk del` takes several): see `ublk \(command) --help`")
+        guard let command = arguments.first else { return }
+        let options = arguments.prefix { $0 != "--" }
+        func given(_ option: String) -> Int { options.filter { $0 == option || $0.hasPrefix(option + "=") }.count }
+        if command != "del", case let count = given("--id"), count > 1 {
+            throw ValidationError("--id is given \(count) times: give one, `ublk \(command)` acts on one device (only `ublk del` takes several): see `ublk \(command) --help`")
+        }
+        for option in ["--file", "--uri", "--key-file", "--config"] where given(option) > 1 {
+            throw ValidationError("\(option) is given \(given(option)) times: give it once: see `ublk \(command) --help`")
         }
     }
 

@@ -56,11 +56,12 @@ struct ByteCount: Sendable, Equatable {
     static func bytes(_ fraction: Substring, times multiplier: UInt64) throws -> UInt64 {
         let significant = String(fraction.reversed().drop { $0 == "0" }.reversed())
         if significant.isEmpty { return 0 }
+        let notWhole = Invalid(description: "not a whole number of bytes: give one (1.5K is 1536 bytes, 1.1K is no whole number)")
+        // More than 19 significant digits are refused, before 10^digits could overflow:
+        // only bytes of an E or a P need that many (1/2^60 has 60), and nobody writes those.
+        guard significant.count <= 19, let numerator = UInt128(significant) else { throw notWhole }
         let denominator = (0..<significant.count).reduce(UInt128(1)) { power, _ in power * 10 }
-        guard significant.count <= 19, let numerator = UInt128(significant),
-              (numerator * UInt128(multiplier)) % denominator == 0 else {
-            throw Invalid(description: "not a whole number of bytes: give one (1.5K is 1536 bytes, 1.1K is no whole number)")
-        }
+        guard (numerator * UInt128(multiplier)) % denominator == 0 else { throw notWhole }
         return UInt64(numerator * UInt128(multiplier) / denominator)
     }
 
@@ -174,6 +175,10 @@ struct DeviceOptions: ParsableArguments {
 
     /// Checks what can be checked without touching the backing or the kernel.
     func check() throws {
+        // ublk_drv numbers its devices below 2^20 (UBLK_MAX_UBLKS); ADD_DEV said only EINVAL.
+        if let id, id >= 1 << 20 {
+            throw ValidationError("--id \(id) is out of range: ublk devices are numbered 0 to \((1 << 20) - 1)")
+        }
         if !(1...4096).contains(depth) {
             throw ValidationError("--depth \(depth) is out of range: give 1 to 4096")
         }
@@ -181,7 +186,7 @@ struct DeviceOptions: ParsableArguments {
             throw ValidationError("--poll-us \(pollMicroseconds) is out of range: give 0 (no polling) to 1000000 microseconds")
         }
         if let queues, queues < 1 || queues > 4096 {
-            throw ValidationError("--queues \(queues) is out of range: give 1 or more (one per CPU is plenty)")
+            throw ValidationError("--queues \(queues) is out of range: give 1 to 4096 (one per CPU is plenty)")
         }
         if let blockSize, ![512, 1024, 2048, 4096].contains(blockSize) {
             throw ValidationError("--block-size \(blockSize) is not a power of two from 512 to 4096: give 512, 1024, 2048 or 4096")
@@ -200,6 +205,10 @@ struct DeviceOptions: ParsableArguments {
             let block = UInt64(blockSize ?? 512)
             if size.value == 0 || size.value % block != 0 {
                 throw ValidationError("--size \(size.value) is not a positive multiple of the block size \(block)")
+            }
+            // As for an NBD export: no block device addresses more (offsets are signed).
+            if size.value > UInt64(Int64.max) {
+                throw ValidationError("--size \(size.value) is more than 2^63 - 1 bytes, which no block device addresses: give a smaller size")
             }
             if offset != nil { throw ValidationError("the null target has no backing file: leave out --offset") }
         case .nbd:
@@ -247,13 +256,19 @@ struct DeviceOptions: ParsableArguments {
 
     /// Options from a config file, overridden by `overrides` (command-line arguments).
     static func resolve(config path: String, overrides: [String]) throws -> DeviceOptions {
-        let arguments = try ConfigFile.arguments(path: path) + overrides
-        let options: DeviceOptions
-        do { options = try DeviceOptions.parse(arguments) } catch {
-            throw CLIError("\(path): \(DeviceOptions.message(for: error))")
+        try checked(ConfigFile.arguments(path: path) + overrides, config: path)
+    }
+
+    /// The options of a config file at `config` (and the command line's after them), parsed
+    /// and checked; what is wrong is said in one line that names the file.
+    static func checked(_ arguments: [String], config: String) throws -> DeviceOptions {
+        do {
+            let options = try DeviceOptions.parse(arguments)
+            try options.check()
+            return options
+        } catch {
+            throw CLIError("\(config): \(DeviceOptions.message(for: error))")
         }
-        do { try options.check() } catch { throw CLIError("\(path): \(DeviceOptions.message(for: error))") }
-        return options
     }
 
     /// The target these options describe.

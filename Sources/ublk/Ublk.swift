@@ -122,6 +122,10 @@ extension Ublk {
 
         func validate() throws {
             if config == nil { try device.check() }
+            if let config, KeyOptions.standardInputNames.contains(config),
+               let keyFile = device.key.keyFile, KeyOptions.standardInputNames.contains(keyFile) {
+                throw ValidationError("--config \(config) and --key-file \(keyFile) both read standard input: give one of them a file")
+            }
         }
 
         func run() throws {
@@ -141,7 +145,8 @@ extension Ublk {
 
         /// The background server's arguments. A config file is read here, where standard
         /// input is still the user's (`--config /dev/stdin`; the server's is /dev/null):
-        /// the server gets the file's options, then the command line's.
+        /// the server gets the file's options, then the command line's. They are checked
+        /// here too: the server has no way yet to say what is wrong with them.
         func backgroundArguments(commandLine: [String] = CommandLine.arguments) throws -> [String] {
             guard let config else { return Array(commandLine.dropFirst()) }
             let given = Self.deviceArguments(from: commandLine)
@@ -150,6 +155,7 @@ extension Ublk {
             let fileArguments = try ConfigFile.arguments(path: config).filter {
                 !names.contains($0.split(separator: "=", maxSplits: 1)[0])
             }
+            _ = try DeviceOptions.checked(fileArguments + given, config: config)
             return ["add"] + fileArguments + given + (server.verbose ? ["--verbose"] : [])
         }
 

@@ -56,7 +56,9 @@ extension Ublk {
                            keyInput: Int32) throws {
             let oldPID = try ServedDevice.requireServer(id)
             let program = binary ?? Background.executable
-            guard access(program, X_OK) == 0 else { throw CLIError("cannot execute \(program): give --binary PATH of a ublk binary") }
+            guard Background.isUblk(program) else {
+                throw CLIError("\(program) is no ublk binary (its `recover --help` does not say `ublk recover`): give --binary PATH of one; nothing changed")
+            }
 
             _ = try ServerControl.request(id, "quiesce")
             // The kernel marks the device quiesced once the old server closed /dev/ublkcN.

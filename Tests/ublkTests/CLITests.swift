@@ -41,6 +41,8 @@ import UblkTargets
         }
         #expect(line("12Q") == "The value '12Q' is invalid for '--size <size>': \(ByteCount.accepted): see `ublk add --help`")
         #expect(line("1.1K").contains("not a whole number of bytes"))
+        // Forty digits after the point: refused, not an overflow of 10^40.
+        #expect(line("1.0000000000000000000000000000000000000001G").contains("not a whole number of bytes"))
         #expect(line("010").contains("octal"))
         #expect(line("99999999999T").contains("more than 2^64 bytes"))
         #expect((try? Ublk.parseAsRoot(["resize", "--id", "0", "--size", "1GB"])) != nil)
@@ -305,6 +307,11 @@ import UblkTargets
             #expect(Ublk.errorLine(for: error) == "--id is given 2 times: give one, `ublk recover` acts on one device (only `ublk del` takes several): see `ublk recover --help`")
         }
         try Ublk.refuseRepeatedID(["del", "--id", "1", "--id", "2"])
+        // What names the data or its key: once.
+        do { try Ublk.refuseRepeatedID(["add", "--file", "a", "--key-file", "-", "--key-file=k"]) } catch {
+            #expect(Ublk.errorLine(for: error) == "--key-file is given 2 times: give it once: see `ublk add --help`")
+        }
+        #expect(throws: ValidationError.self) { try Ublk.refuseRepeatedID(["add", "--file", "a", "--file", "b"]) }
         try Ublk.refuseRepeatedID(["recover", "--id", "1"])
         try Ublk.refuseRepeatedID(["add", "--file", "a", "--id", "1", "--", "--id"])
     }
@@ -333,6 +340,16 @@ import UblkTargets
         #expect(arguments == ["add", "--target=null", "--size", "2G", "--id=5", "--verbose"])
         try Ublk.refuseRepeatedID(arguments)
         #expect(try Ublk.Add.parse(["--file", "a"]).backgroundArguments(commandLine: ["ublk", "add", "--file", "a"]) == ["add", "--file", "a"])
+        // A bad value in the file is said here, in the line --foreground says, not left to the
+        // server, which could only say that it exited.
+        var bad: [Int32] = [0, 0]
+        #expect(pipe(&bad) == 0)
+        _ = "file = disk.img\ndepth = 0\n".withCString { write(bad[1], $0, strlen($0)) }
+        close(bad[1])
+        defer { close(bad[0]) }
+        let badLine = ["ublk", "add", "--config", "/dev/fd/\(bad[0])"]
+        let badAdd = try #require(try Ublk.parseAsRoot(Array(badLine.dropFirst())) as? Ublk.Add)
+        #expect(throws: CLIError.self) { try badAdd.backgroundArguments(commandLine: badLine) }
         #expect(message("/nonexistent/a.conf") == "config file /nonexistent/a.conf does not exist: create it (see README.md, Running as a service)")
         #expect(message("/tmp") == "config file /tmp is a directory: give a file of `key = value` lines")
         #expect(message("/dev/zero") == "config file /dev/zero holds more than 1 MiB: give a file of `key = value` lines")
@@ -411,5 +428,23 @@ import UblkTargets
         #expect(pipe(&ends) == 0)
         close(ends[0])
         #expect(!Background.report("ready /dev/ublkb0", to: ends[1]))
+    }
+}
+
+/// `ublk upgrade --binary`: a program that is no ublk is found out before the old server
+/// leaves the device.
+@Suite struct UpgradeBinaryTests {
+    @Test func onlyAUblkTakesADeviceOver() throws {
+        #expect(!Background.isUblk("/bin/true"))
+        #expect(!Background.isUblk("/usr/bin"))
+        #expect(!Background.isUblk("/bin/echo"))  // It says `recover --help`, not `ublk recover`.
+        #expect(!Background.isUblk("/nonexistent/ublk"))
+        let script = "/tmp/ublk-fake-\(getpid())"
+        defer { unlink(script) }
+        let text = "#!/bin/sh\necho 'USAGE: ublk recover --id <id>'\n"
+        let fd = open(script, O_WRONLY | O_CREAT | O_TRUNC, 0o755)
+        #expect(fd >= 0 && write(fd, text, text.utf8.count) == text.utf8.count)
+        close(fd)
+        #expect(Background.isUblk(script))
     }
 }

@@ -6,7 +6,8 @@
 # --recovery is refused in one line. Kernels without QUIESCE refuse in one line and
 # nothing changes. An encrypted device is upgraded with its key (--key-file PATH or -);
 # without it, with a key of the wrong size (in a file or on standard input) or another key
-# (the record keeps a check value), or with another file at the backing's path, the upgrade
+# (the record keeps a check value), with another file at the backing's path, or with a
+# --binary that is no ublk (a directory, /bin/true), the upgrade
 # is refused in one line before anything changes (it once quiesced the device for a server
 # that could not start).
 # timeout: 400
@@ -47,6 +48,10 @@ refused "$id" "not encrypted" --key-file /dev/null
 mv "$img" "$img.orig" && truncate -s 256M "$img"
 refused "$id" "no longer the file device $id was added with"
 mv "$img.orig" "$img"
+# A --binary that is no ublk (a directory, a program that does nothing) is found out
+# before the quiesce, not after the old server left the device.
+refused "$id" "is no ublk binary" --binary /usr/bin
+refused "$id" "is no ublk binary" --binary /bin/true
 
 # An encrypted device: its key is never recorded, so the new server is given it again.
 head -c 64 /dev/urandom >"$dir/key"
