@@ -377,7 +377,9 @@ extension DeviceOptions {
     /// `--recovery` takes an optional value, which ArgumentParser options cannot: a bare
     /// `--recovery` (not followed by one of the policies) becomes `--recovery=reissue`, its
     /// meaning from before fail-io existed; `--recovery VALUE` becomes `--recovery=VALUE`.
-    /// VALUE may also be a config file's `yes` (reissue) or `no` (off).
+    /// VALUE may also be a config file's `yes` (reissue) or `no` (off). Another word (no
+    /// option) is kept as its value too, so that the option's check names the policies
+    /// (`add` takes no word of its own, which it could be).
     static func normalizingRecovery(_ arguments: [String]) -> [String] {
         var result: [String] = []
         var index = 0
@@ -391,6 +393,9 @@ extension DeviceOptions {
             guard argument == "--recovery" else { result.append(argument); continue }
             if index < arguments.count, let policy = recoveryPolicy(arguments[index]) {
                 result.append("--recovery=\(policy)")
+                index += 1
+            } else if index < arguments.count, !arguments[index].hasPrefix("-"), arguments.first == "add" {
+                result.append("--recovery=\(arguments[index])")
                 index += 1
             } else {
                 result.append("--recovery=reissue")

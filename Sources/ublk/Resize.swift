@@ -7,8 +7,8 @@ extension Ublk {
         static let configuration = CommandConfiguration(
             abstract: "Give a device the backing's current size up to its size limit (as losetup -c does), or --size BYTES (UBLK_F_UPDATE_SIZE, Linux 6.16+).",
             discussion: """
-            Grow the backing first (truncate -s, lvextend), then resize the device, then the
-            file system on it (resize2fs, xfs_growfs). Shrinking below a file system that is
+            Grow the backing first (truncate -s, lvextend), then resize the device, then the \
+            file system on it (resize2fs, xfs_growfs). Shrinking below a file system that is \
             mounted is the administrator's business, as with loop devices.
             """)
 

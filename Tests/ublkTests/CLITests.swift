@@ -108,6 +108,11 @@ import UblkTargets
         #expect(DeviceOptions.normalizingRecovery(["--recovery=no"]) == ["--recovery=off"])
         #expect(DeviceOptions.normalizingRecovery(["--recovery=sometimes"]) == ["--recovery=sometimes"])
         #expect(throws: (any Error).self) { try DeviceOptions.parse(["--file", "a", "--recovery=sometimes"]) }
+        // `add --recovery maybe`: the option's own check names the policies, not "unexpected argument".
+        #expect(DeviceOptions.normalizingRecovery(["add", "--recovery", "maybe"]) == ["add", "--recovery=maybe"])
+        do { _ = try Ublk.parseAsRoot(DeviceOptions.normalized(["add", "--file", "a", "--recovery", "maybe"])) } catch {
+            #expect(Ublk.errorLine(for: error).contains("fail-io"), "\(Ublk.errorLine(for: error))")
+        }
         for (value, expected) in [("yes", ["--recovery=reissue"]), ("reissue", ["--recovery=reissue"]),
                                   ("fail-io", ["--recovery=fail-io"]), ("no", [])] {
             #expect(try ConfigFile.arguments(text: "recovery = \(value)", path: "r.conf") == expected)
