@@ -80,6 +80,11 @@ public enum TagState: UInt8, Sendable {
     case withKernel
     /// The queue's: it arrived and is not committed yet (the handler may have I/O in flight).
     case held
+    /// The queue registers its pages (REGISTER_IO_BUF, the zero-copy fallback) or gives
+    /// them back before its commit (UNREGISTER_IO_BUF): that command's completion carries
+    /// it on, and nothing else may commit it meanwhile (the kernel would not end a request
+    /// whose pages are still registered).
+    case registering
     /// Its commit is linked behind its last backing operation: the kernel commits it when
     /// that completes, unless it fails or ends short (then the completion brings it back).
     case linked
@@ -356,6 +361,9 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// wait forever. So every request it holds is answered with EIO now, every
     /// one that arrives later at once, and the queue runs on until the kernel ends its
     /// commands. A second failure ends it at once: the ring itself is lost.
+    /// (A request whose backing I/O is still in flight is answered too, without waiting for
+    /// it: a network target's may never come. Such a write may then take a later request's
+    /// data from the tag's buffer: its range is undefined, as a failed write's is on a disk.)
     @usableFromInline
     func fail(_ error: SystemError) throws(SystemError) {
         guard !failed else { throw error }
@@ -458,8 +466,10 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
             try commit(tag: tag, result: -error.errno)
         case .success(let descriptor):
             requests[tag].descriptor = descriptor
-            if descriptor.flags.contains(.needsBufferRegistration) {
+            // (A failed queue answers at once, pages registered or not.)
+            if descriptor.flags.contains(.needsBufferRegistration) && !failed {
                 try source.registerBuffer(requests[tag], ring.handle)
+                setState(tag, .registering)
                 return
             }
             try step(tag: tag, backingResult: nil)
@@ -471,6 +481,7 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     @usableFromInline
     func bufferCommandCompleted(tag: Int, step commandStep: UInt16, result: Int32) throws(SystemError) {
         if commandStep == CommandStep.registered {
+            setState(tag, .held)
             if result < 0 {
                 logger.error("queue \(queueID) tag \(tag): REGISTER_IO_BUF failed: \(SystemError("", errno: result).reason)")
                 return try commit(tag: tag, result: result)
@@ -487,8 +498,9 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     /// Sends the commit of `tag`'s request, which leaves the queue's hands.
     @inlinable @inline(__always)
     func commit(tag: Int, result: Int32) throws(SystemError) {
-        setState(tag, .withKernel)
+        // Once the commit is prepared: one that could not be stays the queue's to answer.
         try source.commit(requests[tag], result: result, step: CommandStep.fetch, ring.handle)
+        setState(tag, .withKernel)
     }
 
     /// Moves `tag` to `state`, keeping `busyTags` the count of `.held` tags (only with busy
@@ -506,10 +518,10 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
     @inlinable
     func finish(tag: Int, result: Int32) throws(SystemError) {
         if registeredByQueue[tag] {
-            setState(tag, .withKernel)
-            registeredByQueue[tag] = false
             resultAfterUnregister[tag] = result
-            return try source.unregisterBuffer(requests[tag], ring.handle)
+            try source.unregisterBuffer(requests[tag], ring.handle)
+            registeredByQueue[tag] = false
+            return setState(tag, .registering)
         }
         try commit(tag: tag, result: result)
     }
@@ -547,12 +559,12 @@ public final class Queue<Handler: QueueHandler, Source: CommandSource> {
         try finish(tag: tag, result: result)
     }
 
-    /// A step of a failed queue (`fail`): a request that is the queue's (just arrived, or
-    /// back from a broken link) is answered with EIO; the completion of one answered
-    /// already is dropped.
+    /// A step of a failed queue (`fail`): a request that is the queue's (just arrived, its
+    /// pages just registered, or back from a broken link) is answered with EIO; the
+    /// completion of one answered already (or whose buffer command is in flight) is dropped.
     @usableFromInline
     func abandon(tag: Int) throws(SystemError) {
-        if tagStates[tag] != .withKernel { try finish(tag: tag, result: -EIO) }
+        if tagStates[tag] == .held { try finish(tag: tag, result: -EIO) }
     }
 
     @usableFromInline

@@ -46,9 +46,6 @@ public final class UblkBatchCommands: DriverCommandSource {
     @usableFromInline @exclusivity(unchecked) var prepared = false
     /// The multishot fetch is armed: the kernel will post at least one more completion for it.
     @usableFromInline @exclusivity(unchecked) var fetchArmed = false
-    /// The fetch ended with an error: the next `flush` throws it (after the count of
-    /// commands the kernel holds has been settled, as `batchCompleted` cannot do and throw).
-    @usableFromInline @exclusivity(unchecked) var fetchFailure: SystemError?
 
     /// The provided-buffer group FETCH_IO_CMDS takes its tag buffers from.
     static let tagBufferGroup: UInt16 = 0
@@ -171,10 +168,6 @@ public final class UblkBatchCommands: DriverCommandSource {
     /// then another is sure to come (a request, or the fetch's end when the queue stops).
     @inlinable
     public func flush(_ ring: IORing.Handle) throws(SystemError) -> UInt32 {
-        if let failure = fetchFailure {
-            fetchFailure = nil
-            throw failure
-        }
         guard gathered > 0, sent == 0 else { return 0 }
         try send(ring)
         return fetchArmed ? 1 : 0
@@ -244,9 +237,8 @@ public final class UblkBatchCommands: DriverCommandSource {
     /// A FETCH completion: the tags in its buffer arrived (each is now held until committed;
     /// a tag whose commit was linked replaces its settled request in the count). Without
     /// IORING_CQE_F_MORE the fetch has ended: for good when the queue stops (-ENODEV; the
-    /// linked commits not yet accounted for are settled) or the kernel refused it (the same,
-    /// and the queue fails at its next turn), else (-ENOBUFS: no buffer was free) it is
-    /// armed again.
+    /// linked commits not yet accounted for are settled), else (-ENOBUFS: no buffer was
+    /// free) it is armed again.
     @inlinable
     func fetched(result: Int32, flags: UInt32, _ ring: IORing.Handle,
                  arrived: (Int) throws(SystemError) -> Void) throws(SystemError) -> Int {
@@ -269,15 +261,14 @@ public final class UblkBatchCommands: DriverCommandSource {
         guard flags & IORING_CQE_F_MORE == 0 else { return delivered }
         fetchArmed = false
         switch result {
-        case -ENOBUFS, 0...:
-            try armFetch(ring)
-            return delivered
-        case -ENODEV: break
-        default: fetchFailure = SystemError("FETCH_IO_CMDS of queue \(queueID)", errno: result)
+        case -ENODEV:
+            let settled = linkedCommits
+            linked.update(repeating: false)
+            return delivered - 1 - settled
+        case -ENOBUFS, 0...: try armFetch(ring)
+        default: throw SystemError("FETCH_IO_CMDS of queue \(queueID)", errno: result)
         }
-        let settled = linkedCommits
-        linked.update(repeating: false)
-        return delivered - 1 - settled
+        return delivered
     }
 
     /// A COMMIT's answer: the bytes of elements the kernel took, which stops at the first

@@ -90,6 +90,7 @@ enum ConfigFile {
     /// `text` as `ublk add` arguments; relative paths are taken from `base` (nil: the working directory).
     static func arguments(text: String, path: String, base: String?) throws -> [String] {
         var arguments: [String] = []
+        var seen: [String: Int] = [:]
         for (index, rawLine) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
             let line = withoutComment(String(rawLine)).trimmingSpaces
             if line.isEmpty { continue }
@@ -98,6 +99,10 @@ enum ConfigFile {
                 throw CLIError("\(path):\(index + 1): expected `key = value`, got `\(line)`")
             }
             let (key, value) = (parts[0], parts[1])
+            // One would be taken silently (the last, or, for `file`, refused by the server).
+            if let first = seen.updateValue(index + 1, forKey: key) {
+                throw CLIError("\(path):\(index + 1): \(key) is given again (first on line \(first)): give it once")
+            }
             if key == "recovery" {
                 guard let policy = recoveryValues[value.lowercased()] else {
                     throw CLIError("\(path):\(index + 1): recovery takes yes, reissue, fail-io or no, not `\(value)`")

@@ -1,8 +1,9 @@
 import CLiburing
+import CUblk
 import Glibc
 import Logging
 import Testing
-import UblkQueue
+@testable import UblkQueue
 import UblkSystem
 import UblkTesting
 
@@ -81,5 +82,63 @@ import UblkTesting
         try queue.reap { tag, result in results[tag] = result }
         #expect(queue.inFlight == 0)
         #expect(target.handler.completions == 0)
+    }
+
+    /// A handler that keeps every request (`.submitted`, nothing in flight).
+    final class Keeping: QueueHandler {
+        func start(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> RequestStep { .submitted }
+        func complete(_ request: IORequest, backingResult: Int32, _ io: BackingSubmitter) throws(SystemError)
+            -> RequestStep { .done(0) }
+    }
+
+    /// Records the commands the queue sends, none to a kernel.
+    final class Recorder: CommandSource {
+        var commits: [(tag: UInt16, result: Int32)] = []
+        var unregisters: [UInt16] = []
+        var descriptors: [ublksrv_io_desc]
+        init(depth: Int) { descriptors = Array(repeating: ublksrv_io_desc(), count: depth) }
+        func fetch(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError) {}
+        func descriptor(tag: Int) -> ublksrv_io_desc { descriptors[tag] }
+        func commit(_ request: IORequest, result: Int32, step: UInt16, _ ring: IORing.Handle) throws(SystemError) {
+            commits.append((request.tag, result))
+        }
+        func registerBuffer(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError) {}
+        func unregisterBuffer(_ request: IORequest, _ ring: IORing.Handle) throws(SystemError) { unregisters.append(request.tag) }
+    }
+
+    /// A zero-copy queue (the fallback: the queue registers pages the driver could not)
+    /// whose tag 0 is registering its request's pages when the queue fails.
+    func registeringWhenTheQueueFails() throws -> (Queue<Keeping, Recorder>, Recorder) {
+        let recorder = Recorder(depth: 2)
+        recorder.descriptors[0].op_flags = UInt32(UBLK_IO_OP_READ) | UInt32(UBLK_IO_F_NEED_REG_BUF)
+        recorder.descriptors[0].nr_sectors = 8
+        var ring = try IORing(entries: 8)
+        try ring.registerSparseBuffers(2)
+        let queue = try Queue(ring: ring, source: recorder, handler: Keeping(), queueID: 0, depth: 2,
+                              buffers: .autoRegister(fallback: true),
+                              limits: DeviceLimits(sectors: 1 << 20, maxIOBytes: 4096), logger: Logger(label: "test"))
+        try queue.arrived(tag: 0)
+        try queue.fail(SystemError("test", errno: EIO))
+        // Not answered while its REGISTER_IO_BUF is in flight: its completion carries it on.
+        #expect(recorder.commits.isEmpty)
+        return (queue, recorder)
+    }
+
+    /// Registered after all: the pages go back (UNREGISTER_IO_BUF) before the EIO commit;
+    /// the kernel would not end a request whose pages are still registered.
+    @Test func pagesRegisteredAfterTheFailureGoBackFirst() throws {
+        let (queue, recorder) = try registeringWhenTheQueueFails()
+        try queue.completed(UserData(.command, tag: 0, step: CommandStep.registered), result: 0, flags: 0)
+        #expect(recorder.unregisters == [0] && recorder.commits.isEmpty)
+        try queue.completed(UserData(.command, tag: 0, step: CommandStep.unregistered), result: 0, flags: 0)
+        #expect(recorder.commits.map(\.tag) == [0] && recorder.commits.map(\.result) == [-EIO])
+    }
+
+    /// The registration failed: the request is answered once, with that error.
+    @Test func aFailedRegistrationIsAnsweredOnce() throws {
+        let (queue, recorder) = try registeringWhenTheQueueFails()
+        try queue.completed(UserData(.command, tag: 0, step: CommandStep.registered), result: -EINVAL, flags: 0)
+        #expect(recorder.commits.map(\.tag) == [0] && recorder.commits.map(\.result) == [-EINVAL])
+        #expect(recorder.unregisters.isEmpty)
     }
 }

@@ -145,6 +145,7 @@ import UblkTargets
         func message(_ text: String) -> String {
             do { _ = try ConfigFile.arguments(text: text, path: "x.conf"); return "accepted" } catch { return "\(error)" }
         }
+        #expect(message("file = /a\ndepth = 8\n\nfile = /b") == "x.conf:4: file is given again (first on line 1): give it once")
         #expect(message("file = /a\nqueus = 2") == "x.conf:2: unknown key `queus`: use one of allow-discards, batch-io, block-size, cipher-threads, depth, direct-io, encryption, file, force, id, key-file, key-size, offset, poll-us, queues, read-only, reconnect-timeout, recovery, sector-size, size, sizelimit, skip, target, uri, zero-copy")
         #expect(message("read-only = maybe").hasPrefix("x.conf:1: read-only takes yes or no"))
         #expect(message("file /a").hasPrefix("x.conf:1: expected `key = value`"))
