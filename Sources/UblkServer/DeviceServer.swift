@@ -111,7 +111,9 @@ public final class DeviceServer {
     /// A recovery that fails after its queues started leaves them running until the
     /// process ends (stopping them would stop the device): the kernel takes that end as
     /// the server gone again, and the device waits for the next one.
-    public func run(_ mode: Mode = .create,
+    /// `onAdded` gets the new device's id as soon as ADD_DEV made it (a launching CLI removes
+    /// it should this process die before it could do so itself).
+    public func run(_ mode: Mode = .create, onAdded: (UInt32) -> Void = { _ in },
                     onLive: (DeviceInfo, DeviceParameters) throws -> Void) throws(ServerError) {
         SignalWatcher.blockSignals()
         protectKey()
@@ -120,7 +122,9 @@ public final class DeviceServer {
         // A recovered device keeps what it was given (and resized to): the queues enforce that.
         var kept: DeviceParameters?
         switch mode {
-        case .create: info = try createDevice(control)
+        case .create:
+            info = try createDevice(control)
+            onAdded(info.id!)
         case .recover(let id): (info, kept) = try recoverDevice(id, control)
         }
         let id = info.id!

@@ -60,7 +60,11 @@ enum Background {
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
         defer { posix_spawnattr_destroy(&attributes) }
-        posix_spawnattr_setflags(&attributes, cublk_posix_spawn_setsid())
+        // No signal blocked in the server (`ublk upgrade` blocks interrupts while it spawns one).
+        var noSignals = sigset_t()
+        sigemptyset(&noSignals)
+        posix_spawnattr_setsigmask(&attributes, &noSignals)
+        posix_spawnattr_setflags(&attributes, cublk_posix_spawn_setsid() | Int16(POSIX_SPAWN_SETSIGMASK))
 
         let argv = ["ublk"] + arguments + ["--foreground", "--ready-fd", "3"]
         var cArguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
@@ -74,7 +78,10 @@ enum Background {
     }
 
     /// Reads everything the server says on the report pipe until it closes it: the device
-    /// path once it is live, or its error line (then waits for it to exit).
+    /// path once it is live, or its error line (then waits for it to exit). A server killed
+    /// before either (a signal, a crash) could not remove the device it had added (`added
+    /// N`): that is done here. (One that exited removed it itself, and its id may be
+    /// another add's by now.)
     static func awaitReport(from readEnd: Int32, server pid: pid_t) throws -> String {
         var report = ""
         var chunk = [UInt8](repeating: 0, count: 512)
@@ -84,7 +91,9 @@ enum Background {
             if count < 0 && errno == EINTR { continue }
             break
         }
+        var added: UInt32?
         for line in report.split(separator: "\n") {
+            if line.hasPrefix("added ") { added = UInt32(line.dropFirst(6)) }
             if line.hasPrefix("note ") { FileHandleStderr.print("ublk: \(line.dropFirst(5))") }
             if line.hasPrefix("ready ") { return String(line.dropFirst(6)) }
             if line.hasPrefix("error ") {
@@ -95,6 +104,12 @@ enum Background {
         }
         var status: Int32 = 0
         waitpid(pid, &status, 0)
+        let killed = status & 0x7f != 0 && status & 0x7f != 0x7f  // WIFSIGNALED
+        if killed, let added {
+            let removed = removeLeftover(added)
+            throw CLIError("the server was killed (signal \(status & 0x7f)) before the device was live; "
+                + (removed ? "its device \(added) is removed" : "ublk del --id \(added) removes what it left") + ": see \(logPath)")
+        }
         throw CLIError("the server exited before the device was live: see \(logPath)")
     }
 
@@ -146,6 +161,13 @@ enum Background {
             bytes += chunk[0..<count]
         }
         return nil
+    }
+
+    /// Removes device `id`, which a killed server added; false if it could not.
+    static func removeLeftover(_ id: UInt32) -> Bool {
+        guard let control = try? ControlDevice() else { return false }
+        if (try? control.deviceInfo(id)) == nil { return true }
+        return (try? DeviceLifecycle.delete(id, control: control)) != nil
     }
 
     /// This program's file, for posix_spawn. Not "/proc/self/exe" itself: the kernel names a

@@ -27,7 +27,8 @@ enum DeviceRemoval {
     /// holders, mounts and openers are looked up.
     static func busyHolders(_ id: UInt32, control: borrowing ControlDevice) throws -> [String]? {
         guard control.features?.contains(.safeStop) == true else {
-            let holders = DeviceSafety.holders(of: id)
+            let live = (try? control.deviceInfo(id))?.state == .live
+            let holders = DeviceSafety.holders(of: id, probing: live)
             return holders.isEmpty ? nil : holders
         }
         do {

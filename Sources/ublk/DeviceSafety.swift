@@ -13,17 +13,43 @@ enum DeviceSafety {
     /// mounts, and processes that have it open. Empty when nothing visible holds it (a
     /// holder in another mount namespace, or an open the kernel alone knows of, is missed:
     /// TRY_STOP_DEV, where the kernel has it, makes the final decision).
-    static func holders(of id: UInt32) -> [String] {
+    ///
+    /// With `probing` (a live device: opening it does no I/O that could wait for a server),
+    /// an exclusive open finds what claims it unseen from here: a file system whose mount
+    /// names no device number of its own (btrfs), a mount in another mount namespace, swap.
+    /// Loop devices over it are found by their backing file.
+    static func holders(of id: UInt32, probing: Bool = false) -> [String] {
         let disk = "ublkb\(id)"
         let names = [disk] + SmallFile.entries(of: "/sys/block/\(disk)").filter { $0.hasPrefix(disk + "p") }
+        let paths = Set(names.map { "/dev/\($0)" })
         var found: [String] = []
         for name in names {
             found += SmallFile.entries(of: "/sys/class/block/\(name)/holders").map { "used by /dev/\($0)" }
         }
         let numbers = Set(names.compactMap { SmallFile.text("/sys/class/block/\($0)/dev")?.trimmingSpaces.trimmingNewline })
         found += mountPoints(of: numbers).map { "mounted on \($0)" }
-        found += openers(of: Set(names.map { "/dev/\($0)" }))
+        found += loopDevices(over: paths).map { "backing /dev/\($0)" }
+        found += openers(of: paths)
+        if found.isEmpty && probing {
+            found += paths.sorted().filter(isClaimed).map { "\($0) claimed (a mount, perhaps in another namespace, or swap)" }
+        }
         return found
+    }
+
+    /// Is the block device at `path` claimed: opened exclusively (mounted, swap, stacked)?
+    static func isClaimed(_ path: String) -> Bool {
+        let fd = open(path, O_RDONLY | O_EXCL | O_NONBLOCK | O_CLOEXEC)
+        if fd >= 0 { close(fd) }
+        return fd < 0 && errno == EBUSY
+    }
+
+    /// The loop devices whose backing file is one of `paths`.
+    static func loopDevices(over paths: Set<String>) -> [String] {
+        SmallFile.entries(of: "/sys/block").filter { name in
+            name.hasPrefix("loop") && SmallFile.text("/sys/block/\(name)/loop/backing_file").map {
+                paths.contains($0.trimmingNewline)
+            } == true
+        }.sorted()
     }
 
     /// Mount points whose source is one of the block devices `numbers` ("major:minor").
@@ -85,6 +111,41 @@ enum DeviceSafety {
             }
             throw CLIError("ublk device \(record.id) already serves \(backing) read-write (\(range)): use --read-only, another --offset/--size range, or --force")
         }
+    }
+
+    /// Holds the backing of a new read-write loop device from the overlap check until the
+    /// device's record is written (it is live): two `ublk add` of one file at once each
+    /// passed the check before either had a record, and both served it read-write. Per
+    /// backing (a lock file named by its identity, under /run/ublk/locks), so an add that
+    /// is slow to come up holds back only adds of the same backing, and those for 30 s at most.
+    final class BackingLock {
+        private var fd: Int32 = -1
+
+        init(for target: any Target) throws {
+            guard let loop = target as? LoopTarget, !loop.configuration.readOnly,
+                  let identity = backingIdentity(loop.configuration.path) else { return }
+            let directory = RuntimeDirectory.path + "/locks"
+            SmallFile.makeDirectory(RuntimeDirectory.path)
+            SmallFile.makeDirectory(directory)
+            let name = identity.map { String($0, radix: 16) }.joined(separator: "-")
+            fd = open("\(directory)/\(name)", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { return }  // No /run/ublk: nothing records devices to race for.
+            for _ in 0..<300 {
+                if flock(fd, LOCK_EX | LOCK_NB) == 0 { return }
+                usleep(100_000)
+            }
+            release()
+            throw CLIError("another ublk add of \(loop.configuration.path) has been setting up its device for 30 s: wait for it (ublk list), then try again")
+        }
+
+        /// Lets the next add of the backing go on (to find this device's record).
+        func release() {
+            guard fd >= 0 else { return }
+            close(fd)
+            fd = -1
+        }
+
+        deinit { release() }
     }
 
     /// What names a backing: the block device itself, or the file's (device, inode).

@@ -51,6 +51,7 @@ struct ServerFlags: ParsableArguments {
         // "Not loaded" or "run as root" first: without the driver the backing does not matter.
         try reporting { _ = try ControlDevice() }
         let target = try reporting { try device.spec.makeTarget(key: try device.loadKey()) }
+        let lock = try reporting { try DeviceSafety.BackingLock(for: target) }
         try reporting { try DeviceSafety.refuseOverlap(target, force: device.force) }
         if let remark = target.note { note(remark) }
         var options = device.serverOptions
@@ -59,11 +60,13 @@ struct ServerFlags: ParsableArguments {
             options.queues = limit.queues
             note(limit.reason)
         }
-        try serve(target: target, options: options, mode: .create)
+        try serve(target: target, options: options, mode: .create) { lock.release() }
     }
 
     /// Runs a server in this process; reports on `--ready-fd` once live or on failure.
-    func serve(target: any SpecifiedTarget, options: ServerOptions, mode: DeviceServer.Mode) throws {
+    /// `whenLive` runs once the device is live and its record written.
+    func serve(target: any SpecifiedTarget, options: ServerOptions, mode: DeviceServer.Mode,
+               whenLive: () -> Void = {}) throws {
         let logger = makeLogger()
         // The launching CLI may be gone by the time we report: a closed pipe must not kill a live device.
         signal(SIGPIPE, SIG_IGN)
@@ -71,7 +74,10 @@ struct ServerFlags: ParsableArguments {
         // `--ready-fd` is answered (and closed) exactly once: "ready" when live, else "error".
         var reported = false
         do {
-            try server.run(mode) { info, parameters in
+            try server.run(mode, onAdded: { id in
+                if let readyFD { Background.note("\(id)", to: readyFD, prefix: "added ") }
+            }) { info, parameters in
+                whenLive()
                 let path = info.blockDevicePath
                 if case .create = mode, Int(info.queueCount) < options.queues {
                     note("\(info.queueCount) queues, not \(options.queues): ublk_drv gives a device at most one per CPU")

@@ -60,7 +60,20 @@ extension Ublk {
                 throw CLIError("\(program) is no ublk binary (its `recover --help` does not say `ublk recover`): give --binary PATH of one; nothing changed")
             }
 
-            _ = try ServerControl.request(id, "quiesce")
+            // From the quiesce until the new server is started, an interrupt (Ctrl-C, a service
+            // manager's stop) would leave the device without a server: it waits (each step
+            // here is bounded), and ends this process once the new server has its device.
+            var interrupts = sigset_t()
+            sigemptyset(&interrupts)
+            for signal in [SIGINT, SIGTERM, SIGHUP, SIGQUIT] { sigaddset(&interrupts, signal) }
+            pthread_sigmask(SIG_BLOCK, &interrupts, nil)
+            defer { pthread_sigmask(SIG_UNBLOCK, &interrupts, nil) }
+            do {
+                // Longer than the server's worst case (30 s for requests in flight, 30 more for a stalled backing).
+                _ = try ServerControl.request(id, "quiesce", seconds: 90)
+            } catch {
+                throw CLIError("\(error) (if device \(id) is quiesced now, see ublk list: ublk recover --id \(id))")
+            }
             // The kernel marks the device quiesced once the old server closed /dev/ublkcN.
             var stillLive = true
             for _ in 0..<300 {

@@ -454,3 +454,31 @@ import UblkTargets
         #expect(Background.isUblk(script))
     }
 }
+
+/// A background server killed before its device was live (a signal, a crash) could not
+/// remove the device it had added: the launching CLI says so, naming the device.
+@Suite struct KilledServerTests {
+    @Test func aKilledServerIsSaidToBe() throws {
+        var ends: [Int32] = [0, 0]
+        #expect(pipe(&ends) == 0)
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, ends[1], 3)
+        let argv: [String] = ["sh", "-c", "echo 'added 7' >&3; kill -9 $$"]
+        var cArguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+        defer { for argument in cArguments { free(argument) } }
+        var pid: pid_t = 0
+        #expect(posix_spawn(&pid, "/bin/sh", &actions, nil, &cArguments, environ) == 0)
+        close(ends[1])
+        defer { close(ends[0]) }
+        do {
+            _ = try Background.awaitReport(from: ends[0], server: pid)
+            Issue.record("a killed server was taken for a live device")
+        } catch {
+            // No ublk driver on a test host: the device cannot be looked up, so it is named.
+            #expect("\(error)".hasPrefix("the server was killed (signal 9) before the device was live; "))
+            #expect("\(error)".contains("ublk del --id 7"))
+        }
+    }
+}

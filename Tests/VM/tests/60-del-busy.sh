@@ -4,6 +4,7 @@
 #    device stays and still works; an open one: the line names the pid;
 #  * `del --all` removes the idle devices, keeps the busy one and names it; so does
 #    `del --id A --id B ... /dev/ublkbC`, which names a missing id too and exits 1;
+#  * swap on it (no mount, no process names it) is found as well;
 #  * `del --force` on a mounted device returns within a few seconds (the file system
 #    sees I/O errors), and once it is unmounted the device and its server are gone.
 # Holds on kernels with TRY_STOP_DEV (SAFE_STOP_DEV) and without (a scan decides).
@@ -71,6 +72,15 @@ sleep 0.5
 refused "$id" "open by pid $holder"
 kill "$holder"
 wait "$holder" 2>/dev/null || true
+
+# Swap on it: claimed, though no mount or process names it (the scan's exclusive open
+# finds it where the kernel has no TRY_STOP_DEV).
+if mkswap -q "$dev" >/dev/null 2>&1 && swapon "$dev" 2>/dev/null; then
+	if has_feature SAFE_STOP_DEV; then refused "$id" "in use"; else refused "$id" "claimed"; fi
+	swapoff "$dev"
+else
+	echo "note: no swap in this guest, the claimed-device case is not run"
+fi
 
 # --force on a mounted device: returns at once; the device goes once unmounted.
 mount "$dev" "$dir/mnt"

@@ -2,7 +2,8 @@
 # 61-add-overlap — `ublk add` refuses a second read-write device over bytes a live device
 # already serves read-write (as losetup refuses an overlapping read-write loop device):
 # one line naming the device, no device left; a hard link is the same file; --read-only,
-# a disjoint --offset/--size window and --force are allowed.
+# a disjoint --offset/--size window and --force are allowed. Two adds of one file at once
+# give one device.
 # timeout: 300
 . "$(dirname "$0")/../lib.sh"
 need_ublk
@@ -36,3 +37,21 @@ expect_eq "$(blockdev --getsize64 "$second")" $((32 << 20)) "size of the disjoin
 forced=$("$UBLK" add --file "$img" --force)
 for dev in "$ro" "$second" "$forced"; do [[ -b $dev ]] || fail "$dev was not added"; done
 echo "ok: --read-only ($ro), a disjoint window ($second) and --force ($forced) are served"
+
+# Two adds of one file at once: one device, the other add refused (each used to pass the
+# check before the other had a record, and both served the file read-write).
+"$UBLK" del --all --force >/dev/null 2>&1
+race=$dir/race.img
+truncate -s 64M "$race"
+for round in 1 2 3; do
+	"$UBLK" add --file "$race" >"$dir/race1.out" 2>"$dir/race1.err" & p1=$!
+	"$UBLK" add --file "$race" >"$dir/race2.out" 2>"$dir/race2.err" & p2=$!
+	rc1=0 rc2=0
+	wait "$p1" || rc1=$?
+	wait "$p2" || rc2=$?
+	expect_eq "$(ls /sys/class/ublk-char | wc -l)" 1 "devices after two adds of one file at once (round $round: $(cat "$dir"/race?.err))"
+	((rc1 + rc2 > 0 && rc1 * rc2 == 0)) || fail "round $round: statuses $rc1 and $rc2 (expected one success)"
+	grep -qF "already serves" "$dir/race1.err" "$dir/race2.err" || fail "round $round: the refusal does not say why: $(cat "$dir"/race?.err)"
+	"$UBLK" del --all
+done
+echo "ok: two adds of one file at once give one device, three times"
