@@ -168,9 +168,14 @@ public final class DeviceServer {
         SystemdNotifier.notify("STOPPING=1\nSTATUS=Removing /dev/ublkb\(id)")
         do { try target.sync() } catch { logger.error("sync of the backing failed: \(error)") }
         _ = consume characterDevice
-        do { try control.deleteDevice(id) } catch {
-            if !error.isNoSuchDevice { logger.warning("\(error)") }
-        }
+        // DEL_DEV_ASYNC where the kernel has it: DEL_DEV waits for the disk's last opener,
+        // and a server stopped by a signal under a mounted file system did not end until the
+        // unmount (its id is freed then, as after `ublk del --force`).
+        do { try control.deleteDeviceAsync(id) } catch where [EOPNOTSUPP, EINVAL, ENOTTY].contains(error.errno) {
+            do { try control.deleteDevice(id) } catch where !error.isNoSuchDevice { logger.warning("\(error)") } catch {}
+        } catch where !error.isNoSuchDevice {
+            logger.warning("\(error)")
+        } catch {}
         RuntimeDirectory.remove(id)
         if let failure { throw .queueFailed(id, failure) }
     }

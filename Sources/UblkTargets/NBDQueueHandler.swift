@@ -28,10 +28,13 @@ import UblkSystem
 ///   any number of drops (a request that makes the server hang up is not resent
 ///   forever). Past it the waiting requests fail with EIO, as does new I/O, while
 ///   retries go on.
+/// - A connection on which requests wait while nothing moves (no reply comes, no send
+///   goes out) for the reconnect timeout is taken as lost too (`watchdogFired`): a server
+///   that hangs with its TCP connection up is noticed, as the kernel's nbd times out.
 public final class NBDQueueHandler: QueueHandler {
     /// The `.queue` operations, told apart by their step.
     enum Step: UInt16 {
-        case send = 1, receive, retry
+        case send = 1, receive, retry, watchdog
     }
 
     enum Phase: Equatable {
@@ -110,6 +113,11 @@ public final class NBDQueueHandler: QueueHandler {
     let vectors: UnsafeMutablePointer<iovec>
     let timer: UnsafeMutablePointer<__kernel_timespec>
     var started = false
+    /// When the connection last moved: a reply came in, a send went out, or it came up.
+    var lastProgress = ContinuousClock.now
+    /// The watchdog's timer is pending (`watchdogTimer`, armed while requests are sent).
+    var watchdogArmed = false
+    let watchdogTimer: UnsafeMutablePointer<__kernel_timespec>
 
     init(socket: consuming FileDescriptor, target: NBDTarget, queueID: Int, depth: Int) {
         socketNumber = socket.rawValue
@@ -128,6 +136,8 @@ public final class NBDQueueHandler: QueueHandler {
         vectors.initialize(repeating: iovec(), count: 2)
         timer = .allocate(capacity: 1)
         timer.initialize(to: __kernel_timespec())
+        watchdogTimer = .allocate(capacity: 1)
+        watchdogTimer.initialize(to: __kernel_timespec())
     }
 
     deinit {
@@ -137,6 +147,7 @@ public final class NBDQueueHandler: QueueHandler {
         message.deallocate()
         vectors.deallocate()
         timer.deallocate()
+        watchdogTimer.deallocate()
     }
 
     // MARK: Requests
@@ -267,6 +278,7 @@ public final class NBDQueueHandler: QueueHandler {
         case .send: try sendCompleted(result, io, &finished)
         case .receive: try receiveCompleted(result, io, &finished)
         case .retry: try retry(io, &finished)
+        case .watchdog: try watchdogFired(result, io, &finished)
         case nil: break
         }
     }
@@ -281,6 +293,7 @@ public final class NBDQueueHandler: QueueHandler {
         slots[tag].sent = 0
         slots[tag].covers = answeredWrites
         try submitSend(tag: tag, io.forQueue(step: Step.send.rawValue))
+        if !watchdogArmed { try armWatchdog(after: watchdogPeriod, io) }
     }
 
     /// Sends what is left of `tag`'s header and data.
@@ -308,6 +321,7 @@ public final class NBDQueueHandler: QueueHandler {
         sending = false
         guard case .up = connection else { return try closeIfDrained(io, &finished) }
         if result < 0 { return try drop("send failed: \(SystemError("", errno: -result).reason)", io, &finished) }
+        if result > 0 { lastProgress = .now }
         let tag = Int(sendQueue[sendHead])
         slots[tag].sent += Int(result)
         let total = NBDRequest.headerSize + (slots[tag].command.carriesData ? Int(slots[tag].command.length) : 0)
@@ -351,6 +365,7 @@ public final class NBDQueueHandler: QueueHandler {
             }
             return try drop("the server closed the connection", io, &finished)
         }
+        lastProgress = .now
         var replies = Replies(handler: self)
         do {
             if receivingReadData {
@@ -495,6 +510,37 @@ extension NBDQueueHandler {
         try schedule(after: delay, io)
     }
 
+    /// How long requests may wait on a connection on which nothing moves: the reconnect
+    /// timeout (at least a second).
+    var watchdogPeriod: Duration { max(budget, .seconds(1)) }
+
+    func armWatchdog(after delay: Duration, _ io: BackingSubmitter) throws(SystemError) {
+        let (seconds, attoseconds) = delay.components
+        watchdogTimer.pointee = __kernel_timespec(tv_sec: seconds, tv_nsec: attoseconds / 1_000_000_000)
+        try io.forQueue(step: Step.watchdog.rawValue).timeout(watchdogTimer)
+        watchdogArmed = true
+    }
+
+    /// The watchdog's timer fired: if requests wait on the connection and nothing moved on
+    /// it for `watchdogPeriod`, it is dropped (and the requests sent again on a new one,
+    /// within the outage's budget); while some wait, it is armed again for the rest.
+    func watchdogFired(_ result: Int32, _ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
+        watchdogArmed = false
+        guard result == -ETIME, case .up = connection else { return }
+        let waiting = slots.contains {
+            switch $0.phase {
+            case .sending, .awaitingReply, .repliedWhileSending: true
+            default: false
+            }
+        }
+        guard waiting else { return }
+        let still = lastProgress.duration(to: .now)
+        if still >= watchdogPeriod {
+            return try drop("no reply for \(still.components.seconds) s while requests wait", io, &finished)
+        }
+        try armWatchdog(after: watchdogPeriod - still, io)
+    }
+
     /// The outage outlasted the budget: every waiting request fails with EIO, and so does
     /// new I/O until a reconnect (every 5 s) succeeds.
     func giveUp(_ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
@@ -517,6 +563,7 @@ extension NBDQueueHandler {
         socketNumber = newSocket.rawValue
         socket = consume newSocket
         connection = .up
+        lastProgress = .now
         parser = NBDReplyParser()
         headerMissing = NBDSimpleReplyHeader.size
         sendHead = 0

@@ -126,6 +126,40 @@ import UblkTesting
         #expect(whole.pointee, "the WRITE completed without its data reaching the server whole")
     }
 
+    /// A server that takes a READ and then says nothing, its connection up (keepalive and
+    /// TCP's timeouts never fire): after the reconnect timeout (2 s here) without a reply
+    /// the connection is given up and the READ sent again on a new one. (It waited for
+    /// good; the server here gives up after 10 s, which the test tells apart by the time.)
+    @Test func aServerThatFallsSilentIsLeft() throws {
+        let listener = try SilentListener(backlog: 4)
+        let fd = listener.fd
+        let server = try OSThread {
+            let silent = accept(fd, nil, nil)
+            guard silent >= 0 else { return }
+            defer { close(silent) }
+            guard Self.handshake(silent), Self.receive(silent, NBDRequest.headerSize) != nil else { return }
+            var poller = pollfd(fd: silent, events: Int16(POLLIN), revents: 0)
+            _ = poll(&poller, 1, 10_000)  // until the client hangs up, or 10 s
+            let client = accept(fd, nil, nil)
+            guard client >= 0 else { return }
+            Self.serve(client, lie: nil)
+            close(client)
+        }
+        var configuration = NBDConfiguration(uri: "nbd://127.0.0.1:\(listener.port)/x")
+        configuration.reconnectTimeout = 2
+        let started = ContinuousClock.now
+        do {
+            let queue = try OfflineQueue(target: try NBDTarget(configuration), depth: 2, bufferSize: 64 * 1024)
+            memset(queue.buffer(tag: 0), 0, 8192)
+            #expect(try queue.perform(IODescriptor(operation: .read, startSector: 8, sectorCount: 16)) == 8192)
+            #expect(UnsafeRawBufferPointer(start: queue.buffer(tag: 0), count: 8192).allSatisfy { $0 == Self.good })
+        }
+        let took = started.duration(to: .now)
+        shutdown(fd, Int32(SHUT_RDWR))
+        server.join()
+        #expect(took < .seconds(8), "the READ waited \(took) on a silent server")
+    }
+
     /// A FLUSH that arrives while a WRITE is unanswered waits for that answer: the server
     /// holds the WRITE's reply for 300 ms and sees nothing else meanwhile.
     @Test func aFlushWaitsForTheWritesBeforeIt() throws {

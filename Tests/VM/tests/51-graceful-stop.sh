@@ -8,7 +8,8 @@
 #    its log says why it stopped and nothing failed; with --recovery too (a signal
 #    is a stop, not a crash: the device goes);
 #  * `ublk del` while fio hammers the device refuses (it is open); `del --force`
-#    returns, fio ends (with errors or not) instead of hanging, and no server process is left.
+#    returns, fio ends (with errors or not) instead of hanging, and no server process is left;
+#  * SIGTERM to the server of a mounted device: it ends at once, the device goes with the unmount.
 # timeout: 300
 . "$(dirname "$0")/../lib.sh"
 need_ublk
@@ -110,3 +111,21 @@ wait_exit "$pid" 10
 left=$(pgrep -x ublk || true)
 [[ -z $left ]] || fail "ublk processes left: $(ps -o pid,args -p "${left//$'\n'/,}")"
 echo "ok: ublk del --force under fio load returned; fio ended (status $fio_rc); no server left"
+
+# SIGTERM to a server whose device is mounted: it ends at once (the file system sees I/O
+# errors, as under del --force); it used to wait in DEL_DEV until the unmount.
+img=$dir/mounted.img
+truncate -s 64M "$img"
+dev=$("$UBLK" add --file "$img")
+id=${dev#/dev/ublkb}
+pid=$(list_field "$id" pid)
+mkfs.ext4 -q -F "$dev"
+mkdir -p "$dir/mnt"
+mount "$dev" "$dir/mnt"
+kill -TERM "$pid"
+wait_exit "$pid" 15
+umount "$dir/mnt" 2>/dev/null || umount -l "$dir/mnt"
+wait_gone "$dev" 10
+[[ ! -e /dev/ublkc$id ]] || fail "/dev/ublkc$id left after the unmount"
+_wait_until 10 ! -e "/sys/class/ublk-char/ublkc$id" || fail "device $id still exists 10 s after the unmount"
+echo "ok: SIGTERM to the server of a mounted device: it ended at once; the device went with the unmount"

@@ -78,6 +78,7 @@ wait "$holder" 2>/dev/null || true
 if mkswap -q "$dev" >/dev/null 2>&1 && swapon "$dev" 2>/dev/null; then
 	if has_feature SAFE_STOP_DEV; then refused "$id" "in use"; else refused "$id" "claimed"; fi
 	swapoff "$dev"
+	mkfs.ext4 -q -F "$dev"  # (mkswap wrote over it)
 else
 	echo "note: no swap in this guest, the claimed-device case is not run"
 fi
