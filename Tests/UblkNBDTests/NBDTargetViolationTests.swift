@@ -136,10 +136,13 @@ import UblkTesting
         let server = try OSThread {
             let silent = accept(fd, nil, nil)
             guard silent >= 0 else { return }
-            defer { close(silent) }
-            guard Self.handshake(silent), Self.receive(silent, NBDRequest.headerSize) != nil else { return }
+            guard Self.handshake(silent), Self.receive(silent, NBDRequest.headerSize) != nil else {
+                close(silent)
+                return
+            }
             var poller = pollfd(fd: silent, events: Int16(POLLIN), revents: 0)
             _ = poll(&poller, 1, 10_000)  // until the client hangs up, or 10 s
+            close(silent)
             let client = accept(fd, nil, nil)
             guard client >= 0 else { return }
             Self.serve(client, lie: nil)
