@@ -168,16 +168,32 @@ public final class DeviceServer {
         SystemdNotifier.notify("STOPPING=1\nSTATUS=Removing /dev/ublkb\(id)")
         do { try target.sync() } catch { logger.error("sync of the backing failed: \(error)") }
         _ = consume characterDevice
-        // DEL_DEV_ASYNC where the kernel has it: DEL_DEV waits for the disk's last opener,
-        // and a server stopped by a signal under a mounted file system did not end until the
-        // unmount (its id is freed then, as after `ublk del --force`).
-        do { try control.deleteDeviceAsync(id) } catch where [EOPNOTSUPP, EINVAL, ENOTTY].contains(error.errno) {
-            do { try control.deleteDevice(id) } catch where !error.isNoSuchDevice { logger.warning("\(error)") } catch {}
-        } catch where !error.isNoSuchDevice {
-            logger.warning("\(error)")
-        } catch {}
+        removeDevice(id, control: control)
         RuntimeDirectory.remove(id)
         if let failure { throw .queueFailed(id, failure) }
+    }
+
+    /// DEL_DEV waits for the disk's last opener: a server stopped by a signal under a mounted
+    /// file system did not end until the unmount. So DEL_DEV_ASYNC where the kernel has it,
+    /// then up to 5 s for the id to be freed (at once when nothing holds the disk, so that a
+    /// service restarted with the same `id` finds it free); a disk still mounted then keeps
+    /// its id until the unmount, as after `ublk del --force`. Any kernel that refuses
+    /// DEL_DEV_ASYNC (before 6.9; 6.9 to 6.10.2 answer ENOTSUPP even where they have it)
+    /// gets DEL_DEV.
+    private func removeDevice(_ id: UInt32, control: borrowing ControlDevice) {
+        do {
+            try control.deleteDeviceAsync(id)
+        } catch where error.isNoSuchDevice {
+            return
+        } catch {
+            do { try control.deleteDevice(id) } catch where !error.isNoSuchDevice { logger.warning("\(error)") } catch {}
+            return
+        }
+        for _ in 0..<500 {
+            guard (try? control.deviceInfo(id)) != nil else { return }
+            usleep(10_000)
+        }
+        logger.notice("/dev/ublkb\(id) is still open (a file system mounted on it?): its id is freed once it is closed")
     }
 
     /// A server that holds a key keeps the copies its cipher library makes of it out of core

@@ -29,8 +29,9 @@ import UblkSystem
 ///   forever). Past it the waiting requests fail with EIO, as does new I/O, while
 ///   retries go on.
 /// - A connection on which requests wait while nothing moves (no reply comes, no send
-///   goes out) for the reconnect timeout is taken as lost too (`watchdogFired`): a server
-///   that hangs with its TCP connection up is noticed, as the kernel's nbd times out.
+///   goes out) for the reconnect timeout, and at least 30 s, is given up too
+///   (`watchdogFired`): a server that hangs with its TCP connection up is noticed, as the
+///   kernel's nbd times out. (Not as a crash: its answered writes are not taken as lost.)
 public final class NBDQueueHandler: QueueHandler {
     /// The `.queue` operations, told apart by their step.
     enum Step: UInt16 {
@@ -422,7 +423,10 @@ public final class NBDQueueHandler: QueueHandler {
 extension NBDQueueHandler {
     /// The connection is unusable: shut it down (its pending operations come back) and
     /// keep every unanswered request for the next connection, within the outage's budget.
-    func drop(_ reason: String, _ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
+    /// `serverMayHaveCrashed` false: we hang up on a server that is alive, whose cache keeps
+    /// the writes it answered (a FLUSH on the next connection covers them).
+    func drop(_ reason: String, _ io: BackingSubmitter, _ finished: inout FinishedRequests,
+              serverMayHaveCrashed: Bool = true) throws(SystemError) {
         guard case .up = connection else { return }
         logger.warning("queue \(queueID): connection to \(target.address.endpoint) lost: \(reason): reconnecting")
         socket?.shutdown()
@@ -439,7 +443,7 @@ extension NBDQueueHandler {
             }
             if slots[tag].phase != .idle { catchWaiting(tag: tag) }
         }
-        if answeredWrites > flushedWrites { lostWrites = true }
+        if serverMayHaveCrashed && answeredWrites > flushedWrites { lostWrites = true }
         answeredWrites = 0
         flushedWrites = 0
         if outage == nil { outage = NBDReconnectBackoff(from: .now, budget: budget) }
@@ -511,8 +515,8 @@ extension NBDQueueHandler {
     }
 
     /// How long requests may wait on a connection on which nothing moves: the reconnect
-    /// timeout (at least a second).
-    var watchdogPeriod: Duration { max(budget, .seconds(1)) }
+    /// timeout, and at least `NBDTarget.minimumSilence`.
+    var watchdogPeriod: Duration { max(budget, target.minimumSilence) }
 
     func armWatchdog(after delay: Duration, _ io: BackingSubmitter) throws(SystemError) {
         let (seconds, attoseconds) = delay.components
@@ -536,7 +540,8 @@ extension NBDQueueHandler {
         guard waiting else { return }
         let still = lastProgress.duration(to: .now)
         if still >= watchdogPeriod {
-            return try drop("no reply for \(still.components.seconds) s while requests wait", io, &finished)
+            return try drop("no reply for \(still.components.seconds) s while requests wait", io, &finished,
+                            serverMayHaveCrashed: false)
         }
         try armWatchdog(after: watchdogPeriod - still, io)
     }

@@ -32,11 +32,17 @@ public final class NBDTarget: SpecifiedTarget {
     public let export: NBDExport
     public let properties: TargetProperties
     public let fixedFiles: [Int32] = []
+    /// The least time requests wait on a connection on which nothing moves before it counts
+    /// as lost (`NBDQueueHandler.watchdogFired`), however short the reconnect timeout: a
+    /// server that takes long over a FLUSH or a large transfer is slow, not gone. (Tests
+    /// shorten it.)
+    public let minimumSilence: Duration
     /// The first connection, kept for the first queue handler that asks.
     private let firstSocket: Mutex<FileDescriptor?>
 
-    public init(_ configuration: NBDConfiguration) throws(TargetError) {
+    public init(_ configuration: NBDConfiguration, minimumSilence: Duration = .seconds(30)) throws(TargetError) {
         self.configuration = configuration
+        self.minimumSilence = minimumSilence
         guard configuration.reconnectTimeout >= 0 else { throw .nbd(Self.badTimeout(configuration.reconnectTimeout)) }
         do {
             address = try NBDAddress(uri: configuration.uri)

@@ -52,7 +52,8 @@ enum DeviceRemoval {
         } catch {
             // Already stopped: deletion still applies.
         }
-        do { try control.deleteDeviceAsync(id) } catch where [EOPNOTSUPP, EINVAL, ENOTTY].contains(error.errno) {
+        // (524: the kernel's own ENOTSUPP, which 6.9 to 6.10.2 answer DEL_DEV_ASYNC with.)
+        do { try control.deleteDeviceAsync(id) } catch where [EOPNOTSUPP, EINVAL, ENOTTY, 524].contains(error.errno) {
             // No DEL_DEV_ASYNC here: the server deletes the device once its queues ended.
         } catch where error.errno == ENODEV || error.errno == ENOENT {
             // The server deleted it already.

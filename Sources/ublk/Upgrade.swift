@@ -60,14 +60,13 @@ extension Ublk {
                 throw CLIError("\(program) is no ublk binary (its `recover --help` does not say `ublk recover`): give --binary PATH of one; nothing changed")
             }
 
-            // From the quiesce until the new server is started, an interrupt (Ctrl-C, a service
-            // manager's stop) would leave the device without a server: it waits (each step
-            // here is bounded), and ends this process once the new server has its device.
+            // From the quiesce on, an interrupt (Ctrl-C, a service manager's stop) would leave
+            // the device without a server, or end this command before it said how the device
+            // comes back: interrupts are held until it ends (each step here is bounded).
             var interrupts = sigset_t()
             sigemptyset(&interrupts)
             for signal in [SIGINT, SIGTERM, SIGHUP, SIGQUIT] { sigaddset(&interrupts, signal) }
             pthread_sigmask(SIG_BLOCK, &interrupts, nil)
-            defer { pthread_sigmask(SIG_UNBLOCK, &interrupts, nil) }
             do {
                 // Longer than the server's worst case (30 s for requests in flight, 30 more for a stalled backing).
                 _ = try ServerControl.request(id, "quiesce", seconds: 90)

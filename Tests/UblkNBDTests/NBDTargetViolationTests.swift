@@ -127,7 +127,8 @@ import UblkTesting
     }
 
     /// A server that takes a READ and then says nothing, its connection up (keepalive and
-    /// TCP's timeouts never fire): after the reconnect timeout (2 s here) without a reply
+    /// TCP's timeouts never fire): after the reconnect timeout (2 s here, and the least
+    /// silence shortened to match) without a reply
     /// the connection is given up and the READ sent again on a new one. (It waited for
     /// good; the server here gives up after 10 s, which the test tells apart by the time.)
     @Test func aServerThatFallsSilentIsLeft() throws {
@@ -152,7 +153,8 @@ import UblkTesting
         configuration.reconnectTimeout = 2
         let started = ContinuousClock.now
         do {
-            let queue = try OfflineQueue(target: try NBDTarget(configuration), depth: 2, bufferSize: 64 * 1024)
+            let queue = try OfflineQueue(target: try NBDTarget(configuration, minimumSilence: .seconds(2)), depth: 2,
+                                         bufferSize: 64 * 1024)
             memset(queue.buffer(tag: 0), 0, 8192)
             #expect(try queue.perform(IODescriptor(operation: .read, startSector: 8, sectorCount: 16)) == 8192)
             #expect(UnsafeRawBufferPointer(start: queue.buffer(tag: 0), count: 8192).allSatisfy { $0 == Self.good })
@@ -161,6 +163,37 @@ import UblkTesting
         shutdown(fd, Int32(SHUT_RDWR))
         server.join()
         #expect(took < .seconds(8), "the READ waited \(took) on a silent server")
+    }
+
+    /// A server slow to answer (a FLUSH over much dirty data) is not taken for a silent
+    /// one: the least silence (30 s) holds however short the reconnect timeout is; nor is a
+    /// connection given up for silence taken as a crash (its writes lost, the next FLUSH
+    /// failed). Here, 3 s to answer a WRITE and the FLUSH after it, with a reconnect
+    /// timeout of 0: both succeed.
+    @Test func aSlowServerIsNotASilentOne() throws {
+        let listener = try SilentListener(backlog: 4)
+        let fd = listener.fd
+        let server = try OSThread {
+            let client = accept(fd, nil, nil)
+            guard client >= 0 else { return }
+            defer { close(client) }
+            guard Self.handshake(client), let write = Self.receive(client, NBDRequest.headerSize),
+                  Self.receive(client, 4096) != nil else { return }
+            sleep(3)
+            guard Self.reply(client, to: write), let flush = Self.receive(client, NBDRequest.headerSize) else { return }
+            sleep(3)
+            _ = Self.reply(client, to: flush)
+            _ = Self.receive(client, NBDRequest.headerSize)  // DISC, or the end
+        }
+        var configuration = NBDConfiguration(uri: "nbd://127.0.0.1:\(listener.port)/x")
+        configuration.reconnectTimeout = 0
+        do {
+            let queue = try OfflineQueue(target: try NBDTarget(configuration), depth: 2, bufferSize: 64 * 1024)
+            #expect(try queue.perform(IODescriptor(operation: .write, startSector: 0, sectorCount: 8)) == 4096)
+            #expect(try queue.perform(IODescriptor(operation: .flush, startSector: 0, sectorCount: 0), tag: 1) == 0)
+        }
+        shutdown(fd, Int32(SHUT_RDWR))
+        server.join()
     }
 
     /// A FLUSH that arrives while a WRITE is unanswered waits for that answer: the server
