@@ -14,7 +14,8 @@ extension Ublk {
             Needs a device added with --recovery. `systemctl reload ublk@NAME` runs this.
             An encrypted device needs its key for the new server: --key-file PATH or -
             (with --name, the config's key-file is used when none is given). The key is
-            read and checked before anything changes.
+            read and checked before anything changes. From the quiesce on, Ctrl-C and
+            SIGTERM are held until the command ends.
             """)
 
         @Option(name: .long, help: "The device id N of /dev/ublkbN.")
@@ -23,7 +24,7 @@ extension Ublk {
         @Option(name: .long, help: "The device started by `ublk start NAME` (what ublk@NAME.service runs).")
         var name: String?
 
-        @Option(name: .long, help: "The new server's program (default: this ublk binary, e.g. the one just installed).")
+        @Option(name: .long, help: "The new server's program (default: this ublk binary, e.g. the one just installed); it must be a ublk (its `recover --help` is checked before anything changes).")
         var binary: String?
 
         /// An encrypted device's key: never recorded, so the new server must be given it.
