@@ -490,9 +490,16 @@ extension NBDQueueHandler {
     }
 
     func schedule(after delay: Duration, _ io: BackingSubmitter) throws(SystemError) {
+        try start(timer, after: delay, step: .retry, io)
+    }
+
+    /// A timeout SQE on `timer` (which the kernel reads until it fires) for `delay`,
+    /// completing as the queue operation `step`.
+    func start(_ timer: UnsafeMutablePointer<__kernel_timespec>, after delay: Duration, step: Step,
+               _ io: BackingSubmitter) throws(SystemError) {
         let (seconds, attoseconds) = delay.components
         timer.pointee = __kernel_timespec(tv_sec: seconds, tv_nsec: attoseconds / 1_000_000_000)
-        try io.forQueue(step: Step.retry.rawValue).timeout(timer)
+        try io.forQueue(step: step.rawValue).timeout(timer)
     }
 
     /// The retry timer fired: one connect (bounded, a few seconds at most), then either
@@ -519,9 +526,7 @@ extension NBDQueueHandler {
     var watchdogPeriod: Duration { max(budget, target.minimumSilence) }
 
     func armWatchdog(after delay: Duration, _ io: BackingSubmitter) throws(SystemError) {
-        let (seconds, attoseconds) = delay.components
-        watchdogTimer.pointee = __kernel_timespec(tv_sec: seconds, tv_nsec: attoseconds / 1_000_000_000)
-        try io.forQueue(step: Step.watchdog.rawValue).timeout(watchdogTimer)
+        try start(watchdogTimer, after: delay, step: .watchdog, io)
         watchdogArmed = true
     }
 

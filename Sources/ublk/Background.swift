@@ -66,13 +66,10 @@ enum Background {
         posix_spawnattr_setsigmask(&attributes, &noSignals)
         posix_spawnattr_setflags(&attributes, cublk_posix_spawn_setsid() | Int16(POSIX_SPAWN_SETSIGMASK))
 
-        let argv = ["ublk"] + arguments + ["--foreground", "--ready-fd", "3"]
-        var cArguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
-        defer { for argument in cArguments { free(argument) } }
-        var pid: pid_t = 0
-        let result = posix_spawn(&pid, program, &actions, &attributes, &cArguments, environ)
+        let spawned = spawn(program, ["ublk"] + arguments + ["--foreground", "--ready-fd", "3"], &actions, &attributes)
         close(writeEnd)
-        guard result == 0 else { throw CLIError("cannot start the server: posix_spawn: \(String(cString: strerror(result)))") }
+        let pid: pid_t
+        do { pid = try spawned.get() } catch { throw CLIError("cannot start the server: \(error)") }
 
         return try awaitReport(from: readEnd, server: pid)
     }
@@ -132,18 +129,25 @@ enum Background {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_adddup2(&actions, ends[1], 1)
         posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
-        let argv: [String] = ["ublk", "recover", "--help"]
-        var cArguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
-        defer { for argument in cArguments { free(argument) } }
-        var pid: pid_t = 0
-        let spawned = posix_spawn(&pid, program, &actions, nil, &cArguments, environ) == 0
+        let spawned = spawn(program, ["ublk", "recover", "--help"], &actions, nil)
         close(ends[1])
-        guard spawned else { return false }
+        guard case .success(let pid) = spawned else { return false }
         let output = readAll(ends[0], limit: 1 << 16, seconds: 5)
         kill(pid, SIGKILL)  // (One that is still running is no ublk.)
         var exit: Int32 = 0
         waitpid(pid, &exit, 0)
         return output?.contains("ublk recover") == true && exit == 0
+    }
+
+    /// posix_spawn of `program` with `argv` (its C strings made and freed here) and this
+    /// process's environment: the child's pid.
+    static func spawn(_ program: String, _ argv: [String], _ actions: inout posix_spawn_file_actions_t,
+                      _ attributes: UnsafePointer<posix_spawnattr_t>?) -> Result<pid_t, SystemError> {
+        var cArguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+        defer { for argument in cArguments { free(argument) } }
+        var pid: pid_t = 0
+        let result = posix_spawn(&pid, program, &actions, attributes, &cArguments, environ)
+        return result == 0 ? .success(pid) : .failure(SystemError("posix_spawn", errno: result))
     }
 
     /// What `fd` gives until its end, if that comes within `limit` bytes and `seconds`.
