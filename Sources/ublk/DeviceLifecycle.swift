@@ -4,6 +4,7 @@ import UblkControl
 import UblkCrypto
 import UblkQueue
 import UblkServer
+import UblkSystem
 import UblkTargets
 
 /// One row of `ublk list`.
@@ -35,6 +36,31 @@ struct DeviceRow: Codable {
     var encryption: EncryptionConfiguration?
 }
 
+/// The backing `ublk list --file PATH` looks for, found as losetup -j finds it: the same
+/// file (device and inode; a device's record keeps its backing's from the add, so a backing
+/// renamed since is still found) or the same block device (its device number, whichever
+/// node names it).
+struct BackingMatch {
+    let file: FileIdentity
+    /// As `DeviceSafety.backingIdentity`: the device number of a block device.
+    let backing: [UInt64]?
+
+    init(_ path: String) throws(CLIError) {
+        switch FileIdentity.of(path: path) {
+        case .success(let identity): file = identity
+        case .failure(let error): throw CLIError("cannot look at \(path): \(error.reason)")
+        }
+        backing = DeviceSafety.backingIdentity(path)
+    }
+
+    /// Whether the device of `record` serves this backing (a device without a record: unknown, no).
+    func matches(_ record: DeviceRecord?) -> Bool {
+        guard let record, case .loop(let loop) = record.spec else { return false }
+        if record.backingIdentity == file { return true }
+        return backing != nil && DeviceSafety.backingIdentity(loop.path) == backing
+    }
+}
+
 /// What `del`, `list` and `recover` do with devices started by any server.
 enum DeviceLifecycle {
     /// STOP_DEV, then DEL_DEV (which waits for the server to close /dev/ublkcN).
@@ -54,12 +80,14 @@ enum DeviceLifecycle {
         RuntimeDirectory.remove(id)
     }
 
-    static func list(control: borrowing ControlDevice) -> [DeviceRow] {
+    /// The rows of the devices `include` takes (by id and record; every device by default).
+    static func list(control: borrowing ControlDevice,
+                     where include: (UInt32, DeviceRecord?) -> Bool = { _, _ in true }) -> [DeviceRow] {
         var rows: [DeviceRow] = []
         for id in ControlDevice.deviceIDs() {
-            guard let info = try? control.deviceInfo(id) else { continue }
-            let parameters = try? control.parameters(id)
             let record = RuntimeDirectory.load(id)
+            guard include(id, record), let info = try? control.deviceInfo(id) else { continue }
+            let parameters = try? control.parameters(id)
             let pid = info.serverPID > 0 ? info.serverPID : (record?.pid ?? -1)
             let alive = RuntimeDirectory.isAlive(pid)
             var state = "\(info.state)"

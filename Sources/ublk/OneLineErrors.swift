@@ -27,7 +27,8 @@ extension Ublk {
 
     /// ArgumentParser gives an option given twice its last value, silently: `ublk recover
     /// --id 1 --id 2`, written after a command that takes several devices, would act on
-    /// device 2 alone. `--id` may be repeated only for `del`, which removes each.
+    /// device 2 alone. `--id` may be repeated only for `del`, which removes each, and
+    /// `list`, which shows each.
     /// Nor may what names the data and its key: of `--file a --file b`, or of two key files,
     /// one would be taken silently (and a `--key-file -` among them read in the background
     /// while the foreground took the last).
@@ -35,8 +36,8 @@ extension Ublk {
         guard let command = arguments.first else { return }
         let options = arguments.prefix { $0 != "--" }
         func given(_ option: String) -> Int { options.filter { $0 == option || $0.hasPrefix(option + "=") }.count }
-        if command != "del", case let count = given("--id"), count > 1 {
-            throw ValidationError("--id is given \(count) times: give one, `ublk \(command)` acts on one device (only `ublk del` takes several): see `ublk \(command) --help`")
+        if command != "del" && command != "list", case let count = given("--id"), count > 1 {
+            throw ValidationError("--id is given \(count) times: give one, `ublk \(command)` acts on one device (only `ublk del` and `ublk list` take several): see `ublk \(command) --help`")
         }
         for option in ["--file", "--uri", "--key-file", "--config"] where given(option) > 1 {
             throw ValidationError("\(option) is given \(given(option)) times: give it once: see `ublk \(command) --help`")

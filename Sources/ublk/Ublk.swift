@@ -223,11 +223,7 @@ extension Ublk {
             commandName: "del", abstract: "Stop devices and remove them (their servers exit); a mounted or open device is refused unless --force.",
             discussion: "Several devices (--id 1 --id 2, or /dev/ublkb1 /dev/ublkb2 as losetup -d takes them) are removed in turn: one that cannot be is named in a line of its own, the others still go, and the exit status is 1.")
 
-        @Option(name: .long, help: "The device id N of /dev/ublkbN; give it again for more devices.")
-        var id: [UInt32] = []
-
-        @Argument(help: "Devices by path, as losetup -d takes them: /dev/ublkbN (or a link to one).")
-        var devices: [String] = []
+        @OptionGroup var chosen: DeviceChoice
 
         @Flag(name: .long, help: "Every ublk device (busy ones are kept and named, unless --force).")
         var all = false
@@ -236,30 +232,12 @@ extension Ublk {
         var force = false
 
         func validate() throws {
-            let named = !id.isEmpty || !devices.isEmpty
-            if !named && !all { throw ValidationError("give --id N or /dev/ublkbN (more than one if you like), or --all") }
-            if named && all { throw ValidationError("--all removes every device: leave out --id and the paths") }
-            for path in devices where Self.id(of: path) == nil {
-                throw ValidationError("\(path) is not a ublk device: give /dev/ublkbN (or --id N)")
-            }
+            if chosen.isEmpty && !all { throw ValidationError("give --id N or /dev/ublkbN (more than one if you like), or --all") }
+            if !chosen.isEmpty && all { throw ValidationError("--all removes every device: leave out --id and the paths") }
         }
 
         /// The ids to remove, each once: those of --id, then those of the paths.
-        var ids: [UInt32] {
-            var seen = Set<UInt32>()
-            return (id + devices.compactMap(Self.id(of:))).filter { seen.insert($0).inserted }
-        }
-
-        /// N of /dev/ublkbN, `path` or where its links lead (not a partition, /dev/ublkbNpK).
-        static func id(of path: String) -> UInt32? {
-            let resolved = realpath(path, nil).map { pointer in
-                defer { free(pointer) }
-                return String(cString: pointer)
-            } ?? path
-            let number = resolved.dropFirst("/dev/ublkb".count)
-            guard resolved.hasPrefix("/dev/ublkb"), !number.isEmpty, number.allSatisfy({ ("0"..."9").contains($0) }) else { return nil }
-            return UInt32(number)
-        }
+        var ids: [UInt32] { chosen.ids }
 
         func run() throws {
             let control = try ControlDevice()
@@ -276,15 +254,34 @@ extension Ublk {
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Show the ublk devices: id, state, target, size, queues, depth, direct I/O, data path (zero-copy or copy), server pid, backing; --json adds commands (batched or per-request), pollMicroseconds (the busy-polling window), readOnly, and offset and sizeLimit (losetup's OFFSET and SIZELIMIT).")
+        static let configuration = CommandConfiguration(
+            abstract: "Show the ublk devices: id, state, target, size, queues, depth, direct I/O, data path (zero-copy or copy), server pid, backing; --json adds commands (batched or per-request), pollMicroseconds (the busy-polling window), readOnly, and offset and sizeLimit (losetup's OFFSET and SIZELIMIT).",
+            discussion: "Devices named (--id N, or /dev/ublkbN as losetup takes one) are the only ones shown; one that does not exist is named in a line of its own, and the exit status is 1. --file PATH shows the devices that serve that file or block device, found by its inode as losetup -j finds them (none: nothing but the header, or [] with --json).")
+
+        @OptionGroup var chosen: DeviceChoice
+
+        @Option(name: .long, help: ArgumentHelp("Only the devices backed by this file or block device (losetup -j).", valueName: "path"))
+        var file: String?
 
         @Flag(name: .long, help: "JSON output for scripts.")
         var json = false
 
         func run() throws {
             let control = try ControlDevice()
-            let rows = DeviceLifecycle.list(control: control)
+            let backing = try file.map { path throws(CLIError) in try BackingMatch(path) }
+            let rows = DeviceLifecycle.list(control: control) { id, record in
+                (chosen.isEmpty || chosen.ids.contains(id)) && backing.map { $0.matches(record) } != false
+            }
             if json { print(DeviceListing.json(rows)) } else { print(DeviceListing.table(rows), terminator: "") }
+            // A device named that exists but serves another file is left out without a word.
+            var failed = false
+            for id in chosen.ids where !rows.contains(where: { $0.id == id }) {
+                do { _ = try control.deviceInfo(id) } catch {
+                    failed = true
+                    FileHandleStderr.print(error.isNoSuchDevice ? "Error: ublk device \(id) does not exist: `ublk list` alone shows every device" : "Error: \(error)")
+                }
+            }
+            if failed { throw ExitCode.failure }
         }
     }
 
@@ -332,6 +329,41 @@ extension Ublk {
                 ? "linked commits: yes (io_uring copies a linked command's SQE when submitted)"
                 : "linked commits: no (io_uring reads a linked command's SQE only when it starts: each commit waits a queue turn)")
         }
+    }
+}
+
+/// Devices named on the command line, by id (`--id N`, repeatable) or by path (/dev/ublkbN,
+/// or a link to one, as losetup takes them): what `del` removes and `list` shows.
+struct DeviceChoice: ParsableArguments {
+    @Option(name: .long, help: "The device id N of /dev/ublkbN; give it again for more devices.")
+    var id: [UInt32] = []
+
+    @Argument(help: "Devices by path, as losetup takes them: /dev/ublkbN (or a link to one).")
+    var devices: [String] = []
+
+    var isEmpty: Bool { id.isEmpty && devices.isEmpty }
+
+    func validate() throws {
+        for path in devices where Self.id(of: path) == nil {
+            throw ValidationError("\(path) is not a ublk device: give /dev/ublkbN (or --id N)")
+        }
+    }
+
+    /// The ids named, each once: those of --id, then those of the paths.
+    var ids: [UInt32] {
+        var seen = Set<UInt32>()
+        return (id + devices.compactMap(Self.id(of:))).filter { seen.insert($0).inserted }
+    }
+
+    /// N of /dev/ublkbN, `path` or where its links lead (not a partition, /dev/ublkbNpK).
+    static func id(of path: String) -> UInt32? {
+        let resolved = realpath(path, nil).map { pointer in
+            defer { free(pointer) }
+            return String(cString: pointer)
+        } ?? path
+        let number = resolved.dropFirst("/dev/ublkb".count)
+        guard resolved.hasPrefix("/dev/ublkb"), !number.isEmpty, number.allSatisfy({ ("0"..."9").contains($0) }) else { return nil }
+        return UInt32(number)
     }
 }
 

@@ -2,6 +2,7 @@ import ArgumentParser
 import Glibc
 import Testing
 import UblkServer
+import UblkSystem
 import UblkTargets
 @testable import ublk
 
@@ -301,6 +302,41 @@ import UblkTargets
         #expect(line(["del", "/dev/loop0"]).hasPrefix("/dev/loop0 is not a ublk device"))
         #expect(line(["del", "/dev/ublkc1"]).hasPrefix("/dev/ublkc1 is not a ublk device"))
         #expect(line(["del", "/dev/ublkb+1"]).hasPrefix("/dev/ublkb+1 is not a ublk device"))
+        // list takes the same choice, and none means every device.
+        let list = try #require(try Ublk.parseAsRoot(["list", "/dev/ublkb3", "--id", "1", "--json"]) as? Ublk.List)
+        #expect(list.chosen.ids == [1, 3] && list.json)
+        #expect(try #require(try Ublk.parseAsRoot(["list"]) as? Ublk.List).chosen.isEmpty)
+        #expect(line(["list", "/dev/sda"]).hasPrefix("/dev/sda is not a ublk device"))
+    }
+
+    /// `ublk list --file PATH` finds a device by its backing's inode, as losetup -j does:
+    /// through another name of the file, and after the file was renamed.
+    @Test func listFindsADeviceByItsBacking() throws {
+        var template = Array("/tmp/ublk-list-test.XXXXXX".utf8CString)
+        let directory = String(cString: try #require(mkdtemp(&template)))
+        defer { for name in ["moved", "hard-link", "other"] { unlink("\(directory)/\(name).img") }; rmdir(directory) }
+        let (path, other) = ("\(directory)/disk.img", "\(directory)/other.img")
+        for file in [path, other] {
+            let fd = open(file, O_CREAT | O_WRONLY, 0o600)
+            #expect(fd >= 0)
+            close(fd)
+        }
+        #expect(link(path, "\(directory)/hard-link.img") == 0)
+        let identity = try FileIdentity.of(path: path).get()
+        let record = DeviceRecord(id: 1, pid: 1, name: nil, spec: .loop(LoopConfiguration(path: path)), size: 1 << 20,
+                                  queues: 1, depth: 1, directIO: "off", recovery: false, backingIdentity: identity)
+        #expect(try BackingMatch(path).matches(record))
+        #expect(try BackingMatch("\(directory)/hard-link.img").matches(record))
+        #expect(try !BackingMatch(other).matches(record))
+        // Renamed: the record's path names nothing now, its inode is still the file's.
+        #expect(rename(path, "\(directory)/moved.img") == 0)
+        #expect(try BackingMatch("\(directory)/moved.img").matches(record))
+        // A null or nbd device has no backing file, and a device without a record is unknown.
+        let nbd = DeviceRecord(id: 2, pid: 1, name: nil, spec: .nbd(NBDConfiguration(uri: other)), size: 1 << 20,
+                               queues: 1, depth: 1, directIO: "-", recovery: false)
+        #expect(try !BackingMatch(other).matches(nbd))
+        #expect(try !BackingMatch(other).matches(nil))
+        #expect(throws: CLIError.self) { try BackingMatch("\(directory)/missing.img") }
     }
 
     /// Elsewhere a second --id is refused, not silently taken instead of the first.
@@ -310,9 +346,11 @@ import UblkTargets
             #expect(throws: ValidationError.self, "\(arguments)") { try Ublk.refuseRepeatedID(arguments) }
         }
         do { try Ublk.refuseRepeatedID(["recover", "--id", "1", "--id", "2"]) } catch {
-            #expect(Ublk.errorLine(for: error) == "--id is given 2 times: give one, `ublk recover` acts on one device (only `ublk del` takes several): see `ublk recover --help`")
+            #expect(Ublk.errorLine(for: error) == "--id is given 2 times: give one, `ublk recover` acts on one device (only `ublk del` and `ublk list` take several): see `ublk recover --help`")
         }
         try Ublk.refuseRepeatedID(["del", "--id", "1", "--id", "2"])
+        try Ublk.refuseRepeatedID(["list", "--id", "1", "--id", "2"])
+        #expect(throws: ValidationError.self) { try Ublk.refuseRepeatedID(["list", "--file", "a", "--file", "b"]) }
         // What names the data or its key: once.
         do { try Ublk.refuseRepeatedID(["add", "--file", "a", "--key-file", "-", "--key-file=k"]) } catch {
             #expect(Ublk.errorLine(for: error) == "--key-file is given 2 times: give it once: see `ublk add --help`")

@@ -1,7 +1,8 @@
 #!/bin/bash
 # 11-null-list-del — the null target reads zeros; `ublk list` shows every live
 # device with id, state, target, backing, size, queues, depth, direct I/O and
-# server pid; `ublk del --all` leaves no /dev/ublkb*.
+# server pid, or only the devices named or those over a file (losetup -j);
+# `ublk del --all` leaves no /dev/ublkb*.
 # timeout: 200
 . "$(dirname "$0")/../lib.sh"
 need_ublk
@@ -38,6 +39,24 @@ assert r["backing"] == sys.argv[3] and r["queues"] == 2 and r["depth"] == 64 and
 assert r["directIO"] == "off" and r["serverAlive"] is True, r
 PY
 echo "ok: ublk list and list --json show both devices"
+
+# As losetup DEVICE and losetup -j FILE: only the devices named, or those over the file
+# (by its inode: a hard link finds it too); a device that does not exist fails in one line.
+ids() { "$UBLK" list "$@" | awk 'NR > 1 { print $1 }' | tr '\n' ' '; }
+ln "$dir/a.img" "$dir/link.img"
+truncate -s 1M "$dir/other.img"
+expect_eq "$(ids "$loopdev")" "$l " "ublk list $loopdev"
+expect_eq "$(ids --id "$n" "$loopdev")" "$(printf '%s\n' "$n" "$l" | sort -n | tr '\n' ' ')" "ublk list --id $n $loopdev"
+expect_eq "$(ids --file "$dir/link.img")" "$l " "ublk list --file (a hard link of the backing)"
+expect_eq "$(ids --file "$dir/other.img")" "" "ublk list --file (a file no device serves)"
+"$UBLK" list --json --file "$dir/other.img" | python3 -c 'import json, sys; assert json.load(sys.stdin) == []' ||
+	fail "ublk list --json --file (a file no device serves) is not []"
+set +e
+out=$("$UBLK" list --id 999 "$loopdev" 2>&1); rc=$?
+set -e
+((rc == 1)) || fail "ublk list --id 999 exited $rc"
+[[ $(grep -c . <<<"$out") == 3 && $out == *"ublk device 999 does not exist"* ]] || fail "ublk list --id 999: $out"
+echo "ok: ublk list DEVICE, --id and --file show only those; a missing one fails in one line"
 
 "$UBLK" del --all
 shopt -s nullglob
