@@ -120,29 +120,48 @@ enum DeviceSafety {
     /// is slow to come up holds back only adds of the same backing, and those for 30 s at most.
     final class BackingLock {
         private var fd: Int32 = -1
+        private var path = ""
+        /// The lock is this add's: its release removes the file.
+        private var held = false
 
-        init(for target: any Target) throws {
+        init(for target: any Target, directory: String = RuntimeDirectory.path + "/locks") throws {
             guard let loop = target as? LoopTarget, !loop.configuration.readOnly,
                   let identity = backingIdentity(loop.configuration.path) else { return }
-            let directory = RuntimeDirectory.path + "/locks"
             SmallFile.makeDirectory(RuntimeDirectory.path)
             SmallFile.makeDirectory(directory)
-            let name = identity.map { String($0, radix: 16) }.joined(separator: "-")
-            fd = open("\(directory)/\(name)", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-            guard fd >= 0 else { return }  // No /run/ublk: nothing records devices to race for.
+            path = "\(directory)/" + identity.map { String($0, radix: 16) }.joined(separator: "-")
             for _ in 0..<300 {
-                if flock(fd, LOCK_EX | LOCK_NB) == 0 { return }
-                usleep(100_000)
+                if fd < 0 { fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600) }
+                guard fd >= 0 else { return }  // No /run/ublk: nothing records devices to race for.
+                if flock(fd, LOCK_EX | LOCK_NB) == 0 {
+                    held = lockedFileIsNamed
+                    if held { return }
+                    // Its holder removed the file as it let go: a lock on it is no lock. Again.
+                    close(fd)
+                    fd = -1
+                } else {
+                    usleep(100_000)
+                }
             }
             release()
             throw CLIError("another ublk add of \(loop.configuration.path) has been setting up its device for 30 s: wait for it (ublk list), then try again")
         }
 
-        /// Lets the next add of the backing go on (to find this device's record).
+        /// Whether `path` still names the file locked (or the releasing holder removed it).
+        private var lockedFileIsNamed: Bool {
+            var locked = stat()
+            guard fstat(fd, &locked) == 0, case .success(let named) = FileIdentity.of(path: path) else { return false }
+            return named == FileIdentity(device: UInt64(locked.st_dev), inode: UInt64(locked.st_ino))
+        }
+
+        /// Lets the next add of the backing go on (to find this device's record). The lock
+        /// file goes too, while still locked: an add waiting on it then finds it unnamed
+        /// and takes a new one, so /run/ublk/locks keeps no file per backing ever added.
         func release() {
             guard fd >= 0 else { return }
+            if held { unlink(path) }
             close(fd)
-            fd = -1
+            (fd, held) = (-1, false)
         }
 
         deinit { release() }

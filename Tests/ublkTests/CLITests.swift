@@ -520,3 +520,29 @@ import UblkTargets
         }
     }
 }
+
+/// The lock that keeps two adds of one backing apart goes with its release: /run/ublk/locks
+/// keeps no file per backing ever added, and the next add of that backing takes a new one.
+@Suite struct BackingLockTests {
+    @Test func aReleasedLockLeavesNoFile() throws {
+        var template = Array("/tmp/ublk-lock-test.XXXXXX".utf8CString)
+        let directory = String(cString: try #require(mkdtemp(&template)))
+        let (backing, locks) = ("\(directory)/disk.img", "\(directory)/locks")
+        defer { unlink(backing); rmdir(locks); rmdir(directory) }
+        let fd = open(backing, O_CREAT | O_WRONLY, 0o600)
+        #expect(fd >= 0 && ftruncate(fd, 1 << 20) == 0)
+        close(fd)
+        let target = try LoopTarget(LoopConfiguration(path: backing))
+        for _ in 0..<2 {
+            let lock = try DeviceSafety.BackingLock(for: target, directory: locks)
+            #expect(SmallFile.entries(of: locks).count == 1)
+            lock.release()
+            #expect(SmallFile.entries(of: locks).isEmpty)
+        }
+        // A read-only device takes no lock: it cannot be a second writer.
+        var readOnly = LoopConfiguration(path: backing)
+        readOnly.readOnly = true
+        _ = try DeviceSafety.BackingLock(for: try LoopTarget(readOnly), directory: locks)
+        #expect(SmallFile.entries(of: locks).isEmpty)
+    }
+}

@@ -54,4 +54,6 @@ for round in 1 2 3; do
 	grep -qF "already serves" "$dir/race1.err" "$dir/race2.err" || fail "round $round: the refusal does not say why: $(cat "$dir"/race?.err)"
 	"$UBLK" del --all
 done
-echo "ok: two adds of one file at once give one device, three times"
+# Each add's lock file goes when its device is live (or the add gives up).
+expect_eq "$(ls -A /run/ublk/locks)" "" "lock files left under /run/ublk/locks"
+echo "ok: two adds of one file at once give one device, three times, and leave no lock file"
