@@ -98,9 +98,14 @@ public enum RuntimeDirectory {
     public static func isAlive(_ pid: Int32) -> Bool {
         guard pid > 0 else { return false }
         if kill(pid, 0) != 0 && errno == ESRCH { return false }
-        guard let text = SmallFile.text("/proc/\(pid)/stat") else { return false }
-        guard let close = text.lastIndex(of: ")") else { return true }
-        let state = text[text.index(after: close)...].drop { $0 == " " }.first
+        guard let state = processState(pid) else { return false }
         return state != "Z" && state != "X"
+    }
+
+    /// The state of process `pid` as /proc shows it (R, S, D, T stopped, t traced, Z, ...),
+    /// or nil if there is no such process.
+    public static func processState(_ pid: Int32) -> Character? {
+        guard pid > 0, let text = SmallFile.text("/proc/\(pid)/stat"), let close = text.lastIndex(of: ")") else { return nil }
+        return text[text.index(after: close)...].drop { $0 == " " }.first
     }
 }

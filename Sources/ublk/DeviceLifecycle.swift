@@ -63,21 +63,52 @@ struct BackingMatch {
 
 /// What `del`, `list` and `recover` do with devices started by any server.
 enum DeviceLifecycle {
-    /// STOP_DEV, then DEL_DEV (which waits for the server to close /dev/ublkcN).
-    static func delete(_ id: UInt32, control: borrowing ControlDevice) throws(ControlError) {
+    /// STOP_DEV, then DEL_DEV_ASYNC and a wait for the server to close /dev/ublkcN, which
+    /// frees the id: what DEL_DEV waits for, but bounded (`awaitRelease`), since a server
+    /// that is stopped (SIGSTOP) or stuck never closes it, and DEL_DEV, uninterruptible
+    /// from here, would wait with it. Kernels without DEL_DEV_ASYNC (before 6.9) get DEL_DEV.
+    static func delete(_ id: UInt32, control: borrowing ControlDevice) throws {
         let info = try control.deviceInfo(id)
         do { try control.stopDevice(id) } catch {
             // Already stopped (e.g. quiesced with a dead server): deletion still applies.
             if error.isNoSuchDevice { throw error }
         }
-        do { try control.deleteDevice(id) } catch {
-            // The server deleted it on its way out.
-            if !error.isNoSuchDevice { throw error }
-        }
-        // Let the server finish its own shutdown (sync, exit) before we return.
         let pid = RuntimeDirectory.load(id)?.pid ?? info.serverPID
+        // (524: the kernel's own ENOTSUPP, which 6.9 to 6.10.2 answer DEL_DEV_ASYNC with.)
+        do { try control.deleteDeviceAsync(id) } catch where [EOPNOTSUPP, EINVAL, ENOTTY, 524].contains(error.errno) {
+            try deleteWaiting(id, control: control)
+        } catch where error.isNoSuchDevice {
+            // The server deleted it on its way out.
+        } catch { throw error }
+        try awaitRelease(id, server: pid, control: control)
+        // Let the server finish its own shutdown (sync, exit) before we return.
         for _ in 0..<500 where RuntimeDirectory.isAlive(pid) && pid != getpid() { usleep(10_000) }
         RuntimeDirectory.remove(id)
+    }
+
+    /// DEL_DEV, where there is no DEL_DEV_ASYNC: the kernel waits for the server itself.
+    static func deleteWaiting(_ id: UInt32, control: borrowing ControlDevice) throws(ControlError) {
+        do { try control.deleteDevice(id) } catch where error.isNoSuchDevice {
+            // The server deleted it on its way out.
+        }
+    }
+
+    /// Waits until the id of removed device `id` is free: its server has closed /dev/ublkcN
+    /// (it syncs the backing and exits), so `ublk add --id` can take it again. A server
+    /// stopped by a signal for a second is said at once; one that has not closed it in 120 s
+    /// (a backing that stalls its sync) is said then. The device is gone either way.
+    static func awaitRelease(_ id: UInt32, server pid: Int32, control: borrowing ControlDevice) throws(CLIError) {
+        var stoppedTicks = 0
+        for _ in 0..<12_000 {
+            guard (try? control.deviceInfo(id)) != nil else { return }
+            let state = RuntimeDirectory.processState(pid)
+            stoppedTicks = state == "T" || state == "t" ? stoppedTicks + 1 : 0
+            if stoppedTicks == 100 {
+                throw CLIError("ublk device \(id) is removed, but its server (pid \(pid)) is stopped, and id \(id) stays taken until it ends: kill -CONT \(pid)")
+            }
+            usleep(10_000)
+        }
+        throw CLIError("ublk device \(id) is removed, but its server (pid \(pid)) has not ended in 120 s (its backing stalls?), and id \(id) stays taken until it does")
     }
 
     /// The rows of the devices `include` takes (by id and record; every device by default).

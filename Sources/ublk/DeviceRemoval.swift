@@ -2,10 +2,40 @@ import Glibc
 import UblkControl
 import UblkServer
 
+/// A device `ublk del` leaves because something holds it (see `DeviceRemoval.remove`).
+struct DeviceBusy: Error, CustomStringConvertible {
+    var description: String
+}
+
 /// `ublk del`: a device that is mounted or open is refused, naming what holds it, as
 /// one removes a disk only once nothing uses it; `--force` pulls it out anyway.
 enum DeviceRemoval {
-    /// Removes device `id`. Without `force` a busy device is refused (CLIError naming the
+    /// Removes the devices `ids` in turn, and then again those that were busy, as long as
+    /// that removes any: a device stacked on another (its server holds the lower one open,
+    /// as its backing) is removed first wherever it comes in the order, and the lower one
+    /// then. Returns the failures of the devices that stay, each with its id.
+    static func remove(_ ids: [UInt32], control: borrowing ControlDevice, force: Bool) -> [(UInt32, Error)] {
+        var pending = ids
+        var failed: [(UInt32, Error)] = []
+        while true {
+            var busy: [(UInt32, Error)] = []
+            let failedBefore = failed.count
+            for id in pending {
+                do { try remove(id, control: control, force: force) } catch {
+                    if error is DeviceBusy { busy.append((id, error)) } else { failed.append((id, error)) }
+                }
+            }
+            let removed = pending.count - busy.count - (failed.count - failedBefore)
+            // Nothing was removed this pass (so nothing was let go), or nothing is left busy.
+            if busy.isEmpty || removed == 0 {
+                let left = failed + busy
+                return ids.compactMap { id in left.first { $0.0 == id } }
+            }
+            pending = busy.map(\.0)
+        }
+    }
+
+    /// Removes device `id`. Without `force` a busy device is refused (DeviceBusy naming the
     /// holder); with it, the device is stopped at once and deleted without waiting for its
     /// openers: the file system on it sees I/O errors, and the command returns.
     static func remove(_ id: UInt32, control: borrowing ControlDevice, force: Bool) throws {
@@ -16,7 +46,7 @@ enum DeviceRemoval {
         }
         guard force else {
             let what = holders.isEmpty ? "open" : holders.joined(separator: ", ")
-            throw CLIError("ublk device \(id) is in use (\(what)): unmount or close it first, or remove it as a pulled disk with --force")
+            throw DeviceBusy(description: "ublk device \(id) is in use (\(what)): unmount or close it first, or remove it as a pulled disk with --force")
         }
         try pull(id, control: control)
     }

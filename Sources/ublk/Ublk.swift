@@ -221,7 +221,7 @@ extension Ublk {
     struct Delete: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "del", abstract: "Stop devices and remove them (their servers exit); a mounted or open device is refused unless --force.",
-            discussion: "Several devices (--id 1 --id 2, or /dev/ublkb1 /dev/ublkb2 as losetup -d takes them) are removed in turn: one that cannot be is named in a line of its own, the others still go, and the exit status is 1.")
+            discussion: "Several devices (--id 1 --id 2, or /dev/ublkb1 /dev/ublkb2 as losetup -d takes them) are removed in turn, then again those that were in use as long as that removes any (a device stacked on another goes first, in any order): one that cannot be is named in a line of its own, the others still go, and the exit status is 1. A device whose server is stopped (SIGSTOP) or stuck is removed, but its id stays taken until the server ends: said after a second, or after 120 s.")
 
         @OptionGroup var chosen: DeviceChoice
 
@@ -241,15 +241,10 @@ extension Ublk {
 
         func run() throws {
             let control = try ControlDevice()
-            var failed = false
-            for id in all ? ControlDevice.deviceIDs() : ids {
-                do { try DeviceRemoval.remove(id, control: control, force: force) } catch {
-                    FileHandleStderr.print("Error: \(error)")
-                    failed = true
-                }
-            }
+            let failures = DeviceRemoval.remove(all ? ControlDevice.deviceIDs() : ids, control: control, force: force)
+            for (_, error) in failures { FileHandleStderr.print("Error: \(error)") }
             // Each failure is said already: exit 1 without another line.
-            if failed { throw ExitCode.failure }
+            if !failures.isEmpty { throw ExitCode.failure }
         }
     }
 

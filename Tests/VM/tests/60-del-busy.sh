@@ -6,7 +6,8 @@
 #    `del --id A --id B ... /dev/ublkbC`, which names a missing id too and exits 1;
 #  * swap on it (no mount, no process names it) is found as well;
 #  * `del --force` on a mounted device returns within a few seconds (the file system
-#    sees I/O errors), and once it is unmounted the device and its server are gone.
+#    sees I/O errors), and once it is unmounted the device and its server are gone;
+#  * stacked devices go in one del, in any order; a stopped server (SIGSTOP) is said.
 # Holds on kernels with TRY_STOP_DEV (SAFE_STOP_DEV) and without (a scan decides).
 # timeout: 300
 . "$(dirname "$0")/../lib.sh"
@@ -102,3 +103,39 @@ wait_exit "$pid" 10
 [[ -z $("$UBLK" list | tail -n +2) ]] || fail "ublk list still shows devices: $("$UBLK" list)"
 [[ ! -e /run/ublk/ublkb$id.json ]] || fail "the record of the pulled device is still in /run/ublk"
 echo "ok: after the unmount the device and its server (pid $pid) are gone"
+
+# Stacked: a device whose backing is another ublk device (its server holds the lower one
+# open). Removed in any order: a lower one named first is in use until the upper one has
+# gone, and del tries it again then.
+lower=$("$UBLK" add --file "$img")
+upper=$("$UBLK" add --file "$lower")
+top=$("$UBLK" add --file "$upper")
+timeout 60 "$UBLK" del "$lower" "$top" "$upper" 2>"$dir/err" || fail "ublk del of three stacked devices, lowest first: status $? ($(cat "$dir/err"))"
+for d in "$lower" "$upper" "$top"; do [[ ! -e $d ]] || fail "del of stacked devices kept $d"; done
+lower=$("$UBLK" add --file "$img")
+upper=$("$UBLK" add --file "$lower")
+timeout 60 "$UBLK" del --all 2>"$dir/err" || fail "ublk del --all of two stacked devices: status $? ($(cat "$dir/err"))"
+[[ ! -e $lower && ! -e $upper ]] || fail "del --all of stacked devices kept one ($lower, $upper)"
+echo "ok: stacked devices are removed by one del, whatever the order"
+
+# A server stopped by a signal never closes /dev/ublkcN, and DEL_DEV would wait with it:
+# del removes the disk, says so and how to free the id, and returns.
+dev=$("$UBLK" add --file "$img")
+id=${dev#/dev/ublkb}
+pid=$(list_field "$id" pid)
+kill -STOP "$pid"
+rc=0
+started=$SECONDS
+timeout 60 "$UBLK" del --id "$id" 2>"$dir/err" || rc=$?
+took=$((SECONDS - started))
+kill -CONT "$pid"
+expect_eq "$rc" 1 "status of del of a device whose server is stopped ($(cat "$dir/err"))"
+((took <= 10)) || fail "del of a device whose server is stopped took $took s"
+expect_eq "$(wc -l <"$dir/err")" 1 "lines of del with a stopped server ($(cat "$dir/err"))"
+grep -qF "kill -CONT $pid" "$dir/err" || fail "del with a stopped server does not say what to do: $(cat "$dir/err")"
+[[ ! -e $dev ]] || fail "del with a stopped server kept $dev"
+wait_exit "$pid" 20
+wait_gone "/dev/ublkc$id" 10
+dev=$("$UBLK" add --file "$img" --id "$id")
+"$UBLK" del "$dev"
+echo "ok: del with a stopped server returned in $took s: $(cat "$dir/err"); continued, it ended and id $id was free"
