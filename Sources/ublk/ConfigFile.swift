@@ -2,7 +2,7 @@ import Glibc
 import UblkSystem
 
 /// A device config file: one `ublk add` option per line, `key = value`, with `#`
-/// comments. Keys are the long option names (`file`, `queues`, `depth`, `direct-io`,
+/// comments; a value may be quoted (`file = "/srv/my disk.img"`). Keys are the long option names (`file`, `queues`, `depth`, `direct-io`,
 /// `read-only`, `block-size`, `offset`, `size`, `id`, `target`, `recovery`, `zero-copy`, `batch-io`,
 /// `poll-us`,
 /// for an NBD export `uri`, `reconnect-timeout`, and for an encrypted device `encryption`,
@@ -91,14 +91,16 @@ enum ConfigFile {
     static func arguments(text: String, path: String, base: String?) throws -> [String] {
         var arguments: [String] = []
         var seen: [String: Int] = [:]
-        for (index, rawLine) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+        // By "\r\n" too (a file from Windows): Swift takes it for one Character, not "\n".
+        let lines = text.split(omittingEmptySubsequences: false) { $0 == "\n" || $0 == "\r\n" }
+        for (index, rawLine) in lines.enumerated() {
             let line = withoutComment(String(rawLine)).trimmingSpaces
             if line.isEmpty { continue }
             let parts = line.split(separator: "=", maxSplits: 1).map { String($0).trimmingSpaces }
-            guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else {
+            guard parts.count == 2, !parts[0].isEmpty, !parts[1].unquoted.isEmpty else {
                 throw CLIError("\(path):\(index + 1): expected `key = value`, got `\(line)`")
             }
-            let (key, value) = (parts[0], parts[1])
+            let (key, value) = (parts[0], parts[1].unquoted)
             // One would be taken silently (the last, or, for `file`, refused by the server).
             if let first = seen.updateValue(index + 1, forKey: key) {
                 throw CLIError("\(path):\(index + 1): \(key) is given again (first on line \(first)): give it once")
@@ -131,6 +133,13 @@ enum ConfigFile {
 }
 
 extension String {
+    /// Without the double or single quotes around it, as a shell or systemd takes
+    /// `file = "/srv/my disk.img"` (nothing inside is unescaped).
+    var unquoted: String {
+        guard count >= 2, let first, first == "\"" || first == "'", last == first else { return self }
+        return String(dropFirst().dropLast())
+    }
+
     var trimmingSpaces: String {
         var s = Substring(self)
         while let c = s.first, c == " " || c == "\t" || c == "\r" { s.removeFirst() }

@@ -80,6 +80,11 @@ import UblkTargets
         let options = try DeviceOptions.parse(arguments + ["--no-read-only"])
         #expect(!options.readOnly && options.force && options.size?.value == 64 << 20 && options.blockSize == 4096)
         #expect(options.file == "/srv/disk#2.img")
+        // Lines ended by CR LF (an editor on Windows), and quoted values.
+        let windows = "file = \"/srv/my disk.img\"\r\nqueues = '2'\r\nread-only = yes\r\n"
+        #expect(try ConfigFile.arguments(text: windows, path: "w.conf") == ["--file=/srv/my disk.img", "--queues=2", "--read-only"])
+        #expect(try ConfigFile.arguments(text: "size = \"1G'", path: "q.conf") == ["--size=\"1G'"])
+        #expect(throws: CLIError.self) { try ConfigFile.arguments(text: "file = \"\"", path: "q.conf") }
     }
 
     @Test func losetupsNamesAreAccepted() throws {
