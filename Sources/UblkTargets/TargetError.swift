@@ -60,7 +60,7 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
         switch self {
         case let .cannotOpen(path, error):
             switch error.errno {
-            case ENOENT: "backing file \(path) does not exist: create it first (e.g. truncate -s 1G \(path))"
+            case ENOENT: "backing file \(path) does not exist: create it first (e.g. truncate -s 1G \(path.shellWord))"
             case EACCES, EPERM: "backing file \(path) is not readable: check its permissions"
             default: "cannot open backing file \(path): \(error.reason)"
             }
@@ -70,7 +70,7 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .notWritable(path, error):
             "backing file \(path) cannot be opened for writing (\(error.reason)): use --read-only"
         case let .cannotMeasure(path, error): "cannot read the size of \(path): \(error)"
-        case .empty(let path): "backing file \(path) is empty: give it a size (e.g. truncate -s 1G \(path))"
+        case .empty(let path): "backing file \(path) is empty: give it a size (e.g. truncate -s 1G \(path.shellWord))"
         case .unsupportedBlockSize(let size): "block size \(size) is not one of 512, 1024, 2048, 4096"
         case let .offsetMisaligned(offset, block): "offset \(offset) is not a multiple of the block size \(block)"
         case let .offsetBeyondEnd(offset, path, backing):
@@ -91,5 +91,17 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
             "--skip \(skip) is not a multiple of \(block / 512) (\(block)-byte sectors): dm-crypt could not open the image; give a multiple of \(block / 512)"
         case .nbd(let error): error.message
         }
+    }
+}
+
+extension String {
+    /// The path as one word of a shell command the user can paste: as it is when only
+    /// harmless characters make it up, else in single quotes (`'my disk.img'`).
+    var shellWord: String {
+        let plain = !isEmpty && unicodeScalars.allSatisfy { scalar in
+            scalar.isASCII && (("a"..."z").contains(scalar) || ("A"..."Z").contains(scalar) || ("0"..."9").contains(scalar)
+                               || "/._-+,:@%=".unicodeScalars.contains(scalar))
+        }
+        return plain ? self : "'" + split(separator: "'", omittingEmptySubsequences: false).joined(separator: "'\\''") + "'"
     }
 }

@@ -144,7 +144,9 @@ import UblkTesting
             configure(&configuration)
             do { _ = try LoopTarget(configuration); return "accepted" } catch { return error.description }
         }
-        #expect(message { _ in }.contains("does not exist"))
+        #expect(message { _ in }.contains("does not exist: create it first (e.g. truncate -s 1G /nonexistent/disk.img)"))
+        // The hint is a command to paste: a path with spaces or quotes is one word of it.
+        #expect(message { $0.path = "/nonexistent/my disk's.img" }.hasSuffix("truncate -s 1G '/nonexistent/my disk'\\''s.img')"))
         #expect(message { $0.path = "/tmp" }.contains("is a directory"))
         let empty = try ScratchFile(size: 0)
         #expect(message { $0.path = empty.path }.contains("is empty"))
