@@ -1,6 +1,7 @@
 import Glibc
 import UblkControl
 import UblkServer
+import UblkSystem
 
 /// A device `ublk del` leaves because something holds it (see `DeviceRemoval.remove`).
 struct DeviceBusy: Error, CustomStringConvertible {
@@ -39,7 +40,8 @@ enum DeviceRemoval {
     /// holder); with it, the device is stopped at once and deleted without waiting for its
     /// openers: the file system on it sees I/O errors, and the command returns.
     static func remove(_ id: UInt32, control: borrowing ControlDevice, force: Bool) throws {
-        do { _ = try control.deviceInfo(id) } catch { throw CLIError("\(error)") }
+        let info: DeviceInfo
+        do { info = try control.deviceInfo(id) } catch { throw CLIError("\(error)") }
         guard let holders = try busyHolders(id, control: control) else {
             // Not busy (and, where the kernel has TRY_STOP_DEV, already stopped).
             return try DeviceLifecycle.delete(id, control: control)
@@ -48,7 +50,19 @@ enum DeviceRemoval {
             let what = holders.isEmpty ? "open" : holders.joined(separator: ", ")
             throw DeviceBusy(description: "ublk device \(id) is in use (\(what)): unmount or close it first, or remove it as a pulled disk with --force")
         }
+        try refuseStoppedServer(id, pid: RuntimeDirectory.load(id)?.pid ?? info.serverPID)
         try pull(id, control: control)
+    }
+
+    /// A device still open, whose server is stopped by a signal (SIGSTOP, a debugger) with
+    /// requests in its hands: STOP_DEV would wait for them, without end and beyond Ctrl-C,
+    /// as long as the server stays stopped. (An idle one is removed: `DeviceLifecycle.awaitRelease`.)
+    static func refuseStoppedServer(_ id: UInt32, pid: Int32) throws {
+        let state = RuntimeDirectory.processState(pid)
+        guard state == "T" || state == "t", let text = SmallFile.text("/sys/block/ublkb\(id)/inflight") else { return }
+        let inFlight = text.split(whereSeparator: { $0 == " " || $0 == "\n" }).compactMap { Int($0) }.reduce(0, +)
+        guard inFlight > 0 else { return }
+        throw CLIError("ublk device \(id) has \(inFlight) request(s) in flight and its server (pid \(pid)) is stopped: continue it (kill -CONT \(pid)) or end it (kill -9 \(pid), they fail), then ublk del again")
     }
 
     /// nil when nothing holds the device, else what holds it (empty: the kernel says it is

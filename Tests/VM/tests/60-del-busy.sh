@@ -7,7 +7,8 @@
 #  * swap on it (no mount, no process names it) is found as well;
 #  * `del --force` on a mounted device returns within a few seconds (the file system
 #    sees I/O errors), and once it is unmounted the device and its server are gone;
-#  * stacked devices go in one del, in any order; a stopped server (SIGSTOP) is said.
+#  * stacked devices go in one del, in any order; a stopped server (SIGSTOP) is said,
+#    and `del --force` does not wait on requests a stopped server holds.
 # Holds on kernels with TRY_STOP_DEV (SAFE_STOP_DEV) and without (a scan decides).
 # timeout: 300
 . "$(dirname "$0")/../lib.sh"
@@ -139,3 +140,27 @@ wait_gone "/dev/ublkc$id" 10
 dev=$("$UBLK" add --file "$img" --id "$id")
 "$UBLK" del "$dev"
 echo "ok: del with a stopped server returned in $took s: $(cat "$dir/err"); continued, it ended and id $id was free"
+
+# --force with a request in the stopped server's hands: STOP_DEV would wait for it as long
+# as the server stays stopped, so del says so instead; continued, the request completes.
+dev=$("$UBLK" add --file "$img")
+id=${dev#/dev/ublkb}
+pid=$(list_field "$id" pid)
+kill -STOP "$pid"
+dd if="$dev" of=/dev/null bs=4k count=1 iflag=direct status=none &
+reader=$!
+for _ in $(seq 50); do
+	read -r reads writes <"/sys/block/ublkb$id/inflight"
+	((reads + writes > 0)) && break
+	sleep 0.2
+done
+((reads + writes > 0)) || fail "the read did not reach the stopped server's device"
+rc=0
+timeout 30 "$UBLK" del --id "$id" --force 2>"$dir/err" || rc=$?
+kill -CONT "$pid"
+expect_eq "$rc" 1 "status of del --force with a request held by a stopped server ($(cat "$dir/err"))"
+grep -qF "in flight and its server (pid $pid) is stopped" "$dir/err" || fail "del --force with a stopped server: $(cat "$dir/err")"
+wait "$reader" || fail "the read held by the stopped server failed after it was continued"
+[[ -b $dev ]] || fail "the refused del --force removed $dev"
+"$UBLK" del "$dev"
+echo "ok: del --force with a request held by a stopped server: $(cat "$dir/err")"
