@@ -172,13 +172,16 @@ public final class LoopTarget: SpecifiedTarget {
         return notes.isEmpty ? nil : notes.joined(separator: "; ")
     }
 
-    /// Encrypted, a backing that is not whole sectors after the offset is an image cryptsetup
-    /// refuses to open ("Device size is not aligned to requested sector size") unless the
-    /// loop device under it leaves the tail out too.
+    /// A backing that is not whole blocks after the offset loses its tail, as under loop;
+    /// said as losetup says it ("the end of the file will be ignored"). Encrypted, such an
+    /// image is one cryptsetup refuses to open ("Device size is not aligned to requested
+    /// sector size") unless the loop device under it leaves the tail out too.
     var tailNote: String? {
-        guard configuration.encryption != nil, unusedTail > 0 else { return nil }
-        let end = configuration.offset + properties.size
-        return "the last \(unusedTail) bytes of \(configuration.path) are not a whole \(properties.logicalBlockSize)-byte sector and stay unused; cryptsetup opens the image through losetup --sizelimit \(end)"
+        guard unusedTail > 0 else { return nil }
+        let encrypted = configuration.encryption != nil
+        let note = "the last \(unusedTail) bytes of \(configuration.path) are not a whole \(properties.logicalBlockSize)-byte \(encrypted ? "sector" : "block") and stay unused"
+        guard encrypted else { return note }
+        return note + "; cryptsetup opens the image through losetup --sizelimit \(configuration.offset + properties.size)"
     }
 
     // MARK: Opening the backing

@@ -214,7 +214,7 @@ enum DeviceListing {
         let header = ["ID", "STATE", "TARGET", "SIZE", "QUEUES", "DEPTH", "DIO", "DATA", "PID", "BACKING"]
         let lines = [header] + rows.map {
             [String($0.id), $0.state, $0.target, humanSize($0.size), String($0.queues), String($0.depth), $0.directIO, $0.dataPath,
-             $0.pid > 0 ? String($0.pid) : "-", $0.backing]
+             $0.pid > 0 ? String($0.pid) : "-", $0.backing.escapingControlCharacters]
         }
         let widths = header.indices.map { column in lines.map { $0[column].count }.max() ?? 0 }
         return lines.map { line in
@@ -234,6 +234,21 @@ enum DeviceListing {
 }
 
 extension String {
+    /// One line of a table whatever a path holds: a newline, tab or other control character
+    /// as `\n`, `\t` or `\xNN` (a file name may hold any of them; `--json` escapes them too).
+    var escapingControlCharacters: String {
+        guard unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) else { return self }
+        return unicodeScalars.map { scalar -> String in
+            switch scalar {
+            case "\n": "\\n"
+            case "\t": "\\t"
+            case _ where scalar.value < 0x20 || scalar.value == 0x7F:
+                "\\x" + (scalar.value < 0x10 ? "0" : "") + String(scalar.value, radix: 16)
+            default: String(scalar)
+            }
+        }.joined()
+    }
+
     func padding(to width: Int) -> String {
         count >= width ? self : self + String(repeating: " ", count: width - count)
     }

@@ -71,7 +71,9 @@ enum DeviceSafety {
             let fds = SmallFile.entries(of: "/proc/\(pid)/fd")
             if fds.contains(where: { linkTarget("/proc/\(pid)/fd/\($0)").map(paths.contains) ?? false }) {
                 let command = SmallFile.text("/proc/\(pid)/comm")?.trimmingNewline ?? "?"
-                found.append("open by pid \(pid) (\(command))")
+                // The server of a device stacked on this one: name that device, to remove first.
+                let upper = RuntimeDirectory.all().first { $0.pid == pid }.map { ": /dev/ublkb\($0.id) is stacked on it" } ?? ""
+                found.append("open by pid \(pid) (\(command)\(upper))")
             }
         }
         return found

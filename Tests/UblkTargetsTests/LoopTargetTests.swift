@@ -155,6 +155,12 @@ import UblkTesting
         #expect(message { $0.path = small.path; $0.offset = 128 * 1024 }.contains("beyond the end"))
         #expect(message { $0.path = small.path; $0.size = 100 }.contains("not a positive multiple"))
         #expect(message { $0.path = small.path; $0.size = 128 * 1024 }.contains("beyond the end"))
+        // Not whole blocks: the tail is left out, and said, as losetup warns of it.
+        let odd = try ScratchFile(size: 1_000_000)
+        let target = try LoopTarget(LoopConfiguration(path: odd.path))
+        #expect(target.properties.size == 999_936)
+        #expect(target.note == "the last 64 bytes of \(odd.path) are not a whole 512-byte block and stay unused")
+        #expect(try LoopTarget(LoopConfiguration(path: small.path)).note == nil)
     }
 
     @Test func nullTargetReadsZerosAfterWrites() throws {

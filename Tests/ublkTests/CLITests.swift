@@ -314,6 +314,13 @@ import UblkTargets
         #expect(line(["list", "/dev/sda"]).hasPrefix("/dev/sda is not a ublk device"))
     }
 
+    /// A table row stays one line whatever the backing's name holds.
+    @Test func controlCharactersInATableAreEscaped() {
+        #expect("/srv/a b.img".escapingControlCharacters == "/srv/a b.img")
+        #expect("/srv/a\nb\tc\u{1}d\u{7f}.img".escapingControlCharacters == "/srv/a\\nb\\tc\\x01d\\x7f.img")
+        #expect("/srv/é☃.img".escapingControlCharacters == "/srv/é☃.img")
+    }
+
     /// `ublk list --file PATH` finds a device by its backing's inode, as losetup -j does:
     /// through another name of the file, and after the file was renamed.
     @Test func listFindsADeviceByItsBacking() throws {

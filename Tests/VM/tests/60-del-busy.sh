@@ -111,6 +111,10 @@ echo "ok: after the unmount the device and its server (pid $pid) are gone"
 lower=$("$UBLK" add --file "$img")
 upper=$("$UBLK" add --file "$lower")
 top=$("$UBLK" add --file "$upper")
+rc=0
+"$UBLK" del "$lower" 2>"$dir/err" || rc=$?
+expect_eq "$rc" 1 "status of del of a device another is stacked on"
+grep -qF "$upper is stacked on it" "$dir/err" || fail "del of a device another is stacked on does not name that one: $(cat "$dir/err")"
 timeout 60 "$UBLK" del "$lower" "$top" "$upper" 2>"$dir/err" || fail "ublk del of three stacked devices, lowest first: status $? ($(cat "$dir/err"))"
 for d in "$lower" "$upper" "$top"; do [[ ! -e $d ]] || fail "del of stacked devices kept $d"; done
 lower=$("$UBLK" add --file "$img")
