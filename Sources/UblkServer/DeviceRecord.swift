@@ -70,7 +70,7 @@ public enum RuntimeDirectory {
 
     /// Writes the record atomically (temporary file + rename).
     public static func save(_ record: DeviceRecord) throws {
-        SmallFile.makeDirectory(path)
+        SmallFile.makeDirectories(path)
         try SmallFile.writeAtomically(recordPath(record.id), Array(try JSONEncoder().encode(record)))
     }
 

@@ -65,6 +65,15 @@ public enum SmallFile {
     /// Creates directory `path` unless it exists.
     public static func makeDirectory(_ path: String, mode: mode_t = 0o755) { Syscalls.mkdir(path, mode) }
 
+    /// `path` and any of its parents that are missing, as `mkdir -p` (failures show later, when the directory is used).
+    public static func makeDirectories(_ path: String, mode: mode_t = 0o755) {
+        var prefix = path.hasPrefix("/") ? "" : "."
+        for component in path.split(separator: "/") {
+            prefix += "/" + component
+            Syscalls.mkdir(prefix, mode)
+        }
+    }
+
     /// Names in directory `path` (without . and ..); empty if it cannot be read.
     public static func entries(of path: String) -> [String] {
         (try? Syscalls.directoryEntries(path)) ?? []

@@ -42,7 +42,7 @@ enum Background {
         defer { close(readEnd) }
 
         let directory = "/" + logPath.split(separator: "/").dropLast().joined(separator: "/")
-        SmallFile.makeDirectory(directory)
+        SmallFile.makeDirectories(directory)
         let log = access(directory, W_OK) == 0 ? logPath : "/dev/null"
 
         let keyArguments = KeyOptions.handingStandardInput(commandArguments, to: keyDescriptor)

@@ -129,8 +129,7 @@ enum DeviceSafety {
         init(for target: any Target, directory: String = RuntimeDirectory.path + "/locks") throws {
             guard let loop = target as? LoopTarget, !loop.configuration.readOnly,
                   let identity = backingIdentity(loop.configuration.path) else { return }
-            SmallFile.makeDirectory(RuntimeDirectory.path)
-            SmallFile.makeDirectory(directory)
+            SmallFile.makeDirectories(directory)
             path = "\(directory)/" + identity.map { String($0, radix: 16) }.joined(separator: "-")
             for _ in 0..<300 {
                 if fd < 0 { fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600) }

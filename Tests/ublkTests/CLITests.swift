@@ -551,6 +551,11 @@ import UblkTargets
             lock.release()
             #expect(SmallFile.entries(of: locks).isEmpty)
         }
+        // A locks directory whose parents are missing is made, parents too.
+        let deeper = "\(directory)/run/ublk/locks"
+        defer { rmdir(deeper); rmdir("\(directory)/run/ublk"); rmdir("\(directory)/run") }
+        try DeviceSafety.BackingLock(for: target, directory: deeper).release()
+        #expect(SmallFile.entries(of: "\(directory)/run/ublk") == ["locks"])
         // A read-only device takes no lock: it cannot be a second writer.
         var readOnly = LoopConfiguration(path: backing)
         readOnly.readOnly = true
