@@ -51,11 +51,32 @@ public struct DeviceRecord: Codable, Sendable, Equatable {
     /// if it is (or the record does not say): a new server taking the device over with
     /// another file would serve other data under a mounted file system.
     public func backingReplaced() -> String? {
+        guard let path = spec.backing else { return nil }
+        switch backingPath() {
+        case nil, .same?: return nil
+        case .replaced?: return "\(path) is no longer the file device \(id) was added with (it was replaced, moved or re-pointed since)"
+        case .gone(let error)?: return "device \(id)'s backing file \(path) is gone (\(error.reason))"
+        }
+    }
+
+    /// What the backing's path names now.
+    public enum BackingPath: Equatable, Sendable {
+        /// The file the device was added with.
+        case same
+        /// Another file (the backing was replaced, moved or re-pointed).
+        case replaced
+        /// Nothing the server could open (deleted, or unreachable: the error).
+        case gone(SystemError)
+    }
+
+    /// What the backing's path names now, or nil if the record does not say (no file
+    /// backing, or a record from before identities were kept).
+    public func backingPath() -> BackingPath? {
         guard let expected = backingIdentity, let path = spec.backing else { return nil }
         switch FileIdentity.of(path: path) {
-        case .success(expected): return nil
-        case .success: return "\(path) is no longer the file device \(id) was added with (it was replaced, moved or re-pointed since)"
-        case .failure(let error): return "device \(id)'s backing file \(path) is gone (\(error.reason))"
+        case .success(expected): return .same
+        case .success: return .replaced
+        case .failure(let error): return .gone(error)
         }
     }
 }

@@ -34,6 +34,9 @@ struct DeviceRow: Codable {
     var name: String?
     /// Cipher, key size and IV skip of an encrypted device (never the key).
     var encryption: EncryptionConfiguration?
+    /// The backing's path no longer names the file the device serves: "deleted" (it names
+    /// nothing, as losetup's "(deleted)") or "replaced" (another file); absent otherwise.
+    var backingChanged: String? = nil
 }
 
 /// The backing `ublk list --file PATH` looks for, found as losetup -j finds it: the same
@@ -133,8 +136,18 @@ enum DeviceLifecycle {
                 readOnly: parameters?.readOnly ?? false, blockSize: parameters?.logicalBlockSize ?? 512,
                 offset: record?.spec.window.offset ?? 0, sizeLimit: record?.spec.window.sizeLimit,
                 name: record?.name, encryption: record?.spec.encryption))
+            rows[rows.count - 1].backingChanged = record.flatMap(Self.backingChange)
         }
         return rows
+    }
+
+    /// "deleted" or "replaced" when the record's backing path no longer names its file.
+    static func backingChange(_ record: DeviceRecord) -> String? {
+        switch record.backingPath() {
+        case .gone(let error)? where error.errno == ENOENT: "deleted"
+        case .replaced?: "replaced"
+        default: nil
+        }
     }
 
     /// A device that `ublk start NAME` finds from an earlier server of that name which died:
@@ -214,7 +227,7 @@ enum DeviceListing {
         let header = ["ID", "STATE", "TARGET", "SIZE", "QUEUES", "DEPTH", "DIO", "DATA", "PID", "BACKING"]
         let lines = [header] + rows.map {
             [String($0.id), $0.state, $0.target, humanSize($0.size), String($0.queues), String($0.depth), $0.directIO, $0.dataPath,
-             $0.pid > 0 ? String($0.pid) : "-", $0.backing.escapingControlCharacters]
+             $0.pid > 0 ? String($0.pid) : "-", $0.backing.escapingControlCharacters + ($0.backingChanged.map { " (\($0))" } ?? "")]
         }
         let widths = header.indices.map { column in lines.map { $0[column].count }.max() ?? 0 }
         return lines.map { line in

@@ -58,6 +58,14 @@ set -e
 [[ $(grep -c . <<<"$out") == 3 && $out == *"ublk device 999 does not exist"* ]] || fail "ublk list --id 999: $out"
 echo "ok: ublk list DEVICE, --id and --file show only those; a missing one fails in one line"
 
+# As losetup: a backing whose name was removed shows "(deleted)" (the device still serves it).
+mv "$dir/a.img" "$dir/moved.img"
+rm "$dir/link.img"
+[[ $("$UBLK" list "$loopdev" | tail -n 1) == *"$dir/a.img (deleted)" ]] || fail "list of a device whose backing was renamed away: $("$UBLK" list "$loopdev")"
+expect_eq "$(list_field "$l" backingChanged)" deleted "backingChanged in list --json"
+expect_eq "$(ids --file "$dir/moved.img")" "$l " "ublk list --file (the backing under its new name)"
+echo "ok: a backing renamed away shows (deleted) and is found under its new name"
+
 "$UBLK" del --all
 shopt -s nullglob
 left=(/dev/ublkb* /dev/ublkc*)
