@@ -102,6 +102,8 @@ extension String {
             scalar.isASCII && (("a"..."z").contains(scalar) || ("A"..."Z").contains(scalar) || ("0"..."9").contains(scalar)
                                || "/._-+,:@%=".unicodeScalars.contains(scalar))
         }
-        return plain ? self : "'" + split(separator: "'", omittingEmptySubsequences: false).joined(separator: "'\\''") + "'"
+        // (A relative path that starts with a dash would be taken for an option.)
+        let word = hasPrefix("-") ? "./" + self : self
+        return plain ? word : "'" + word.split(separator: "'", omittingEmptySubsequences: false).joined(separator: "'\\''") + "'"
     }
 }

@@ -73,12 +73,23 @@ enum ConfigFile {
     }
 
     /// `line` up to its comment: a `#` that starts the line or follows a space or tab (so
-    /// a value such as `file = /srv/disk#2.img` keeps its `#`).
+    /// a value such as `file = /srv/disk#2.img` keeps its `#`), outside the quotes of a
+    /// value (`file = "/srv/my #1.img"`).
     static func withoutComment(_ line: String) -> String {
         var previous: Character = " "
+        var quote: Character?
+        var afterEquals = false
         for index in line.indices {
-            if line[index] == "#" && (previous == " " || previous == "\t") { return String(line[..<index]) }
-            previous = line[index]
+            let character = line[index]
+            if let open = quote {
+                if character == open { quote = nil }
+            } else if character == "#" && (previous == " " || previous == "\t") {
+                return String(line[..<index])
+            } else if (character == "\"" || character == "'") && afterEquals && (previous == " " || previous == "\t" || previous == "=") {
+                quote = character  // A quote that opens the value.
+            }
+            if character == "=" { afterEquals = true }
+            previous = character
         }
         return line
     }

@@ -45,7 +45,7 @@ struct DeviceRow: Codable {
 /// node names it).
 struct BackingMatch {
     let file: FileIdentity
-    /// As `DeviceSafety.backingIdentity`: the device number of a block device.
+    /// As `DeviceSafety.backingIdentity`: a block device's number, or a file's device and inode.
     let backing: [UInt64]?
 
     init(_ path: String) throws(CLIError) {
@@ -57,10 +57,14 @@ struct BackingMatch {
     }
 
     /// Whether the device of `record` serves this backing (a device without a record: unknown, no).
+    /// By the file the record keeps; by what its path names now only for a block device
+    /// (any node of it) or a record that keeps no file: a file put in the backing's place
+    /// since is not the file the device serves.
     func matches(_ record: DeviceRecord?) -> Bool {
         guard let record, case .loop(let loop) = record.spec else { return false }
         if record.backingIdentity == file { return true }
-        return backing != nil && DeviceSafety.backingIdentity(loop.path) == backing
+        guard let backing, backing.count == 1 || record.backingIdentity == nil else { return false }
+        return DeviceSafety.backingIdentity(loop.path) == backing
     }
 }
 
@@ -70,23 +74,29 @@ enum DeviceLifecycle {
     /// frees the id: what DEL_DEV waits for, but bounded (`awaitRelease`), since a server
     /// that is stopped (SIGSTOP) or stuck never closes it, and DEL_DEV, uninterruptible
     /// from here, would wait with it. Kernels without DEL_DEV_ASYNC (before 6.9) get DEL_DEV.
-    static func delete(_ id: UInt32, control: borrowing ControlDevice) throws {
+    /// False when the server has ended but the id stays taken: a user of the removed disk
+    /// (a file system still mounted) holds it until it lets go.
+    @discardableResult
+    static func delete(_ id: UInt32, control: borrowing ControlDevice) throws -> Bool {
         let info = try control.deviceInfo(id)
         do { try control.stopDevice(id) } catch {
             // Already stopped (e.g. quiesced with a dead server): deletion still applies.
             if error.isNoSuchDevice { throw error }
         }
         let pid = RuntimeDirectory.load(id)?.pid ?? info.serverPID
+        // The server's record goes with it, not a record a new device of the same id made since.
+        defer { if RuntimeDirectory.load(id)?.pid == pid { RuntimeDirectory.remove(id) } }
         // (524: the kernel's own ENOTSUPP, which 6.9 to 6.10.2 answer DEL_DEV_ASYNC with.)
         do { try control.deleteDeviceAsync(id) } catch where [EOPNOTSUPP, EINVAL, ENOTTY, 524].contains(error.errno) {
+            try refuseStopped(id, server: pid)
             try deleteWaiting(id, control: control)
         } catch where error.isNoSuchDevice {
             // The server deleted it on its way out.
         } catch { throw error }
-        try awaitRelease(id, server: pid, control: control)
+        let freed = try awaitRelease(id, server: pid, serverPID: info.serverPID, control: control)
         // Let the server finish its own shutdown (sync, exit) before we return.
         for _ in 0..<500 where RuntimeDirectory.isAlive(pid) && pid != getpid() { usleep(10_000) }
-        RuntimeDirectory.remove(id)
+        return freed
     }
 
     /// DEL_DEV, where there is no DEL_DEV_ASYNC: the kernel waits for the server itself.
@@ -97,21 +107,35 @@ enum DeviceLifecycle {
     }
 
     /// Waits until the id of removed device `id` is free: its server has closed /dev/ublkcN
-    /// (it syncs the backing and exits), so `ublk add --id` can take it again. A server
-    /// stopped by a signal for a second is said at once; one that has not closed it in 120 s
-    /// (a backing that stalls its sync) is said then. The device is gone either way.
-    static func awaitRelease(_ id: UInt32, server pid: Int32, control: borrowing ControlDevice) throws(CLIError) {
-        var stoppedTicks = 0
+    /// (it syncs the backing and exits), so `ublk add --id` can take it again; true then,
+    /// or when a new device has taken the id already (GET_DEV_INFO names another server's pid).
+    /// False when the server has ended a second ago and the id is still taken (a user of
+    /// the removed disk holds it). A server stopped by a signal for a second is said at
+    /// once; one that has not ended in 120 s (a backing that stalls its sync) then.
+    static func awaitRelease(_ id: UInt32, server pid: Int32, serverPID: Int32,
+                             control: borrowing ControlDevice) throws(CLIError) -> Bool {
+        var (stoppedTicks, goneTicks) = (0, 0)
         for _ in 0..<12_000 {
-            guard (try? control.deviceInfo(id)) != nil else { return }
-            let state = RuntimeDirectory.processState(pid)
-            stoppedTicks = state == "T" || state == "t" ? stoppedTicks + 1 : 0
-            if stoppedTicks == 100 {
-                throw CLIError("ublk device \(id) is removed, but its server (pid \(pid)) is stopped, and id \(id) stays taken until it ends: kill -CONT \(pid)")
+            // (6.12 resets a stopped device's server pid: only another live pid is a new device.)
+            guard let info = try? control.deviceInfo(id), info.serverPID <= 0 || info.serverPID == serverPID else { return true }
+            switch RuntimeDirectory.processState(pid) {
+            case "T"?, "t"?: (stoppedTicks, goneTicks) = (stoppedTicks + 1, 0)
+            case nil, "Z"?, "X"?: (stoppedTicks, goneTicks) = (0, goneTicks + 1)
+            default: (stoppedTicks, goneTicks) = (0, 0)
             }
+            if stoppedTicks == 100 { try refuseStopped(id, server: pid) }
+            if goneTicks == 100 { return false }
             usleep(10_000)
         }
         throw CLIError("ublk device \(id) is removed, but its server (pid \(pid)) has not ended in 120 s (its backing stalls?), and id \(id) stays taken until it does")
+    }
+
+    /// Says that removed device `id`'s server is stopped by a signal (SIGSTOP, a debugger):
+    /// it cannot close /dev/ublkcN, so the id stays taken until it goes on.
+    static func refuseStopped(_ id: UInt32, server pid: Int32) throws(CLIError) {
+        let state = RuntimeDirectory.processState(pid)
+        guard state == "T" || state == "t" else { return }
+        throw CLIError("ublk device \(id) is removed, but its server (pid \(pid)) is stopped, and id \(id) stays taken until it ends: kill -CONT \(pid)")
     }
 
     /// The rows of the devices `include` takes (by id and record; every device by default).

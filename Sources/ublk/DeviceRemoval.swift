@@ -3,6 +3,15 @@ import UblkControl
 import UblkServer
 import UblkSystem
 
+/// A device `ublk del` removed, whose server has ended, but whose id stays taken: a user of
+/// the removed disk (a file system still mounted) holds it until it lets go.
+struct IDStillTaken: Error, CustomStringConvertible {
+    var id: UInt32
+    var description: String {
+        "ublk device \(id) is removed, but id \(id) stays taken until the last user of /dev/ublkb\(id) lets go (a file system still mounted?)"
+    }
+}
+
 /// A device `ublk del` leaves because something holds it (see `DeviceRemoval.remove`).
 struct DeviceBusy: Error, CustomStringConvertible {
     var description: String
@@ -44,7 +53,8 @@ enum DeviceRemoval {
         do { info = try control.deviceInfo(id) } catch { throw CLIError("\(error)") }
         guard let holders = try busyHolders(id, control: control) else {
             // Not busy (and, where the kernel has TRY_STOP_DEV, already stopped).
-            return try DeviceLifecycle.delete(id, control: control)
+            if try DeviceLifecycle.delete(id, control: control) { return }
+            throw IDStillTaken(id: id)
         }
         guard force else {
             let what = holders.isEmpty ? "open" : holders.joined(separator: ", ")
@@ -54,15 +64,14 @@ enum DeviceRemoval {
         try pull(id, control: control)
     }
 
-    /// A device still open, whose server is stopped by a signal (SIGSTOP, a debugger) with
-    /// requests in its hands: STOP_DEV would wait for them, without end and beyond Ctrl-C,
-    /// as long as the server stays stopped. (An idle one is removed: `DeviceLifecycle.awaitRelease`.)
+    /// A device still open, whose server is stopped by a signal (SIGSTOP, a debugger):
+    /// STOP_DEV would wait, without end and beyond Ctrl-C, for the requests it holds and for
+    /// those the removal itself sends (a mounted file system writes back as its disk goes).
+    /// (An idle device of a stopped server is removed: `DeviceLifecycle.awaitRelease`.)
     static func refuseStoppedServer(_ id: UInt32, pid: Int32) throws {
         let state = RuntimeDirectory.processState(pid)
-        guard state == "T" || state == "t", let text = SmallFile.text("/sys/block/ublkb\(id)/inflight") else { return }
-        let inFlight = text.split(whereSeparator: { $0 == " " || $0 == "\n" }).compactMap { Int($0) }.reduce(0, +)
-        guard inFlight > 0 else { return }
-        throw CLIError("ublk device \(id) has \(inFlight) request(s) in flight and its server (pid \(pid)) is stopped: continue it (kill -CONT \(pid)) or end it (kill -9 \(pid), they fail), then ublk del again")
+        guard state == "T" || state == "t" else { return }
+        throw CLIError("ublk device \(id) is in use and its server (pid \(pid)) is stopped, which removing it would wait for: continue it (kill -CONT \(pid)) or end it (kill -9 \(pid)), then ublk del again")
     }
 
     /// nil when nothing holds the device, else what holds it (empty: the kernel says it is

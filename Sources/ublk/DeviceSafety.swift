@@ -160,7 +160,8 @@ enum DeviceSafety {
         /// and takes a new one, so /run/ublk/locks keeps no file per backing ever added.
         func release() {
             guard fd >= 0 else { return }
-            if held { unlink(path) }
+            // (Only the file it locked: one removed behind its back may be another add's now.)
+            if held && lockedFileIsNamed { unlink(path) }
             close(fd)
             (fd, held) = (-1, false)
         }

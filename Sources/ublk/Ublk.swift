@@ -211,7 +211,11 @@ extension Ublk {
                     return try server.serve(target: target, options: recovery, mode: .recover(orphan.id))
                 }
                 // Dead: pulled even if a file system on it is still mounted (it sees I/O errors already).
-                try server.reporting { try DeviceRemoval.remove(orphan.id, control: try ControlDevice(), force: true) }
+                try server.reporting {
+                    // Its id may stay taken by a mount for a while: the new device takes another
+                    // (a config that names the id is refused in one line until the unmount).
+                    do { try DeviceRemoval.remove(orphan.id, control: try ControlDevice(), force: true) } catch is IDStillTaken {}
+                }
                 server.note("device \(orphan.id) of \(name) lost its server and cannot be recovered: removed")
             }
             try server.start(options, name: name)
@@ -221,7 +225,7 @@ extension Ublk {
     struct Delete: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "del", abstract: "Stop devices and remove them (their servers exit); a mounted or open device is refused unless --force.",
-            discussion: "Several devices (--id 1 --id 2, or /dev/ublkb1 /dev/ublkb2 as losetup -d takes them) are removed in turn, then again those that were in use as long as that removes any (a device stacked on another goes first, in any order): one that cannot be is named in a line of its own, the others still go, and the exit status is 1. A device whose server is stopped (SIGSTOP) or stuck is removed, but its id stays taken until the server ends: said after a second, or after 120 s.")
+            discussion: "Several devices (--id 1 --id 2, or /dev/ublkb1 /dev/ublkb2 as losetup -d takes them) are removed in turn, then again those that were in use as long as that removes any (a device stacked on another goes first, in any order): one that cannot be is named in a line of its own, the others still go, and the exit status is 1. A device whose server is stopped (SIGSTOP) or stuck is removed, but its id stays taken until the server ends: said after a second, or after 120 s; --force of an open device whose server is stopped is refused (kill -CONT it first).")
 
         @OptionGroup var chosen: DeviceChoice
 

@@ -84,6 +84,9 @@ import UblkTargets
         let windows = "file = \"/srv/my disk.img\"\r\nqueues = '2'\r\nread-only = yes\r\n"
         #expect(try ConfigFile.arguments(text: windows, path: "w.conf") == ["--file=/srv/my disk.img", "--queues=2", "--read-only"])
         #expect(try ConfigFile.arguments(text: "size = \"1G'", path: "q.conf") == ["--size=\"1G'"])
+        // Quotes keep a `#` that would start a comment; a comment may follow them.
+        #expect(try ConfigFile.arguments(text: "file = \"/srv/my #1.img\" # the first\nqueues='2'#x", path: "/etc/ublk/q.conf")
+                == ["--file=/srv/my #1.img", "--queues='2'#x"])
         #expect(throws: CLIError.self) { try ConfigFile.arguments(text: "file = \"\"", path: "q.conf") }
     }
 
@@ -343,6 +346,11 @@ import UblkTargets
         // Renamed: the record's path names nothing now, its inode is still the file's.
         #expect(rename(path, "\(directory)/moved.img") == 0)
         #expect(try BackingMatch("\(directory)/moved.img").matches(record))
+        // A new file in the backing's place is not the file the device serves, as for losetup -j.
+        let fd = open(path, O_CREAT | O_WRONLY, 0o600)
+        close(fd)
+        defer { unlink(path) }
+        #expect(try !BackingMatch(path).matches(record))
         // A null or nbd device has no backing file, and a device without a record is unknown.
         let nbd = DeviceRecord(id: 2, pid: 1, name: nil, spec: .nbd(NBDConfiguration(uri: other)), size: 1 << 20,
                                queues: 1, depth: 1, directIO: "-", recovery: false)
@@ -559,7 +567,8 @@ import UblkTargets
         // A read-only device takes no lock: it cannot be a second writer.
         var readOnly = LoopConfiguration(path: backing)
         readOnly.readOnly = true
-        _ = try DeviceSafety.BackingLock(for: try LoopTarget(readOnly), directory: locks)
+        let none = try DeviceSafety.BackingLock(for: try LoopTarget(readOnly), directory: locks)
         #expect(SmallFile.entries(of: locks).isEmpty)
+        withExtendedLifetime(none) {}
     }
 }

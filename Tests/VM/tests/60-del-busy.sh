@@ -163,8 +163,33 @@ rc=0
 timeout 30 "$UBLK" del --id "$id" --force 2>"$dir/err" || rc=$?
 kill -CONT "$pid"
 expect_eq "$rc" 1 "status of del --force with a request held by a stopped server ($(cat "$dir/err"))"
-grep -qF "in flight and its server (pid $pid) is stopped" "$dir/err" || fail "del --force with a stopped server: $(cat "$dir/err")"
+grep -qF "is in use and its server (pid $pid) is stopped" "$dir/err" || fail "del --force with a stopped server: $(cat "$dir/err")"
 wait "$reader" || fail "the read held by the stopped server failed after it was continued"
 [[ -b $dev ]] || fail "the refused del --force removed $dev"
 "$UBLK" del "$dev"
 echo "ok: del --force with a request held by a stopped server: $(cat "$dir/err")"
+
+# A server that died (no --recovery) under a mounted file system: the disk is gone, and its
+# id stays taken until the unmount. del says so at once (or, where its scan still finds the
+# mount, refuses in one line); it never waits for the unmount.
+dev=$("$UBLK" add --file "$img")
+id=${dev#/dev/ublkb}
+pid=$(list_field "$id" pid)
+mkfs.ext4 -q -F "$dev"
+mount "$dev" "$dir/mnt"
+kill -9 "$pid"
+wait_exit "$pid" 10
+rc=0
+started=$SECONDS
+timeout 60 "$UBLK" del --id "$id" 2>"$dir/err" || rc=$?
+took=$((SECONDS - started))
+expect_eq "$rc" 1 "status of del of a dead server's mounted device ($(cat "$dir/err"))"
+expect_eq "$(wc -l <"$dir/err")" 1 "lines of del of a dead server's mounted device ($(cat "$dir/err"))"
+grep -qE "stays taken until the last user of /dev/ublkb$id|in use" "$dir/err" || fail "del of a dead server's mounted device: $(cat "$dir/err")"
+((took <= 10)) || fail "del of a dead server's mounted device took $took s"
+umount "$dir/mnt" || umount -l "$dir/mnt"
+timeout 30 "$UBLK" del --id "$id" 2>/dev/null || true  # (where the scan refused it)
+wait_gone "/sys/class/ublk-char/ublkc$id" 10
+dev=$("$UBLK" add --file "$img" --id "$id")
+"$UBLK" del "$dev"
+echo "ok: del of a dead server's mounted device returned in $took s: $(cat "$dir/err"); after the unmount id $id was free"
