@@ -193,6 +193,15 @@ extension Ublk {
             if name.isEmpty || name.contains("/") { throw ValidationError("NAME must be a plain name, as in /etc/ublk/NAME.conf") }
         }
 
+        /// A device of `name` whose server is alive: the config is started already.
+        static func refuseRunning(_ name: String) throws {
+            let existing = Set(ControlDevice.deviceIDs())
+            guard let running = RuntimeDirectory.all().first(where: {
+                $0.name == name && existing.contains($0.id) && RuntimeDirectory.isAlive($0.pid)
+            }) else { return }
+            throw CLIError("\(name) is already started: /dev/ublkb\(running.id), served by pid \(running.pid) (ublk del --id \(running.id) stops it)")
+        }
+
         func run() throws {
             if !server.foreground {
                 print(try Background.launch(Array(CommandLine.arguments.dropFirst())))
@@ -201,6 +210,8 @@ extension Ublk {
             let options = try server.reporting {
                 try DeviceOptions.resolve(config: "\(ConfigFile.directory)/\(name).conf", overrides: [])
             }
+            // Started already (and its server alive): say so, rather than refuse its backing as taken.
+            try server.reporting { try Self.refuseRunning(name) }
             // A server of this name that died (the service restarting after a crash) left
             // its device: take it over if it waits for one, rather than make a second
             // device on the same backing; remove it if it cannot be taken over.

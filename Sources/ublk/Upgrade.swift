@@ -2,6 +2,7 @@ import ArgumentParser
 import Glibc
 import UblkControl
 import UblkServer
+import UblkSystem
 import UblkTargets
 
 extension Ublk {
@@ -36,6 +37,7 @@ extension Ublk {
 
         func run() throws {
             let id = try deviceID()
+            _ = try Self.holdUpgradeLock(id)  // (held until the process ends)
             let control = try ControlDevice()
             let info = try control.deviceInfo(id)
             try Self.checkUpgradable(id, info: info, features: control.features)
@@ -97,6 +99,21 @@ extension Ublk {
         }
 
         /// The one-line refusals, before anything changes.
+        /// Takes the lock of device `id`'s upgrade (a file under /run/ublk/locks), held until
+        /// the process ends: a second `ublk upgrade` of the device at once (two administrators,
+        /// two reloads) is refused before anything changes, instead of running into the first
+        /// one's handover. Returns the lock's descriptor (-1 where no lock file can be made).
+        static func holdUpgradeLock(_ id: UInt32, directory: String = RuntimeDirectory.path + "/locks") throws -> Int32 {
+            SmallFile.makeDirectories(directory)
+            let fd = open("\(directory)/upgrade-ublkb\(id)", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { return -1 }
+            guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+                close(fd)
+                throw CLIError("another ublk upgrade of device \(id) is under way: wait for it to end (ublk list shows the new server); nothing changed")
+            }
+            return fd
+        }
+
         static func checkUpgradable(_ id: UInt32, info: DeviceInfo, features: FeatureFlags?) throws {
             guard features?.contains(.quiesce) == true else {
                 throw CLIError("this kernel's ublk_drv has no QUIESCE_DEV (UBLK_F_QUIESCE, Linux 6.16+): an upgrade would risk I/O errors; nothing changed")

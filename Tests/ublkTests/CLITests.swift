@@ -498,6 +498,24 @@ import UblkTargets
 /// `ublk upgrade --binary`: a program that is no ublk is found out before the old server
 /// leaves the device.
 @Suite struct UpgradeBinaryTests {
+    /// Two upgrades of one device at once: the second is refused before anything changes.
+    @Test func oneUpgradeOfADeviceAtATime() throws {
+        var template = Array("/tmp/ublk-upgrade-lock.XXXXXX".utf8CString)
+        let directory = String(cString: try #require(mkdtemp(&template)))
+        defer { unlink("\(directory)/upgrade-ublkb7"); unlink("\(directory)/upgrade-ublkb8"); rmdir(directory) }
+        let first = try Ublk.Upgrade.holdUpgradeLock(7, directory: directory)
+        #expect(first >= 0)
+        do {
+            _ = try Ublk.Upgrade.holdUpgradeLock(7, directory: directory)
+            Issue.record("a second upgrade of device 7 was let in")
+        } catch {
+            #expect("\(error)" == "another ublk upgrade of device 7 is under way: wait for it to end (ublk list shows the new server); nothing changed")
+        }
+        close(try Ublk.Upgrade.holdUpgradeLock(8, directory: directory))  // another device: its own lock
+        close(first)
+        close(try Ublk.Upgrade.holdUpgradeLock(7, directory: directory))  // the first ended
+    }
+
     @Test func onlyAUblkTakesADeviceOver() throws {
         #expect(!Background.isUblk("/bin/true"))
         #expect(!Background.isUblk("/usr/bin"))

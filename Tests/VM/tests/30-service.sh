@@ -77,6 +77,10 @@ echo "ok: READY=1 after the device read, STOPPING=1 and removal on SIGTERM"
 # Background start, then a killed server: list says so.
 dev=$("$UBLK" start data)
 pid=$(list_field "${dev#/dev/ublkb}" pid)
+# Started twice: the second says it is running, in one line.
+if "$UBLK" start data 2>"$dir/err"; then fail "a second ublk start data was accepted"; fi
+grep -qF "data is already started: $dev, served by pid $pid" "$dir/err" || fail "a second start: $(cat "$dir/err")"
+expect_eq "$(wc -l <"$dir/err")" 1 "lines of a second start"
 kill -KILL "$pid"
 for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
 "$UBLK" list
