@@ -123,6 +123,16 @@ public enum RuntimeDirectory {
         return state != "Z" && state != "X"
     }
 
+    /// Whether `pid` is stopped by a signal (SIGSTOP) or a debugger: it runs no code, and
+    /// holds whatever it holds, until it goes on.
+    public static func isStopped(_ pid: Int32) -> Bool {
+        let state = processState(pid)
+        return state == "T" || state == "t"
+    }
+
+    /// Where the lock files of adds and upgrades live.
+    public static var locksPath: String { path + "/locks" }
+
     /// The state of process `pid` as /proc shows it (R, S, D, T stopped, t traced, Z, ...),
     /// or nil if there is no such process.
     public static func processState(_ pid: Int32) -> Character? {

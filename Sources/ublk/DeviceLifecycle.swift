@@ -133,8 +133,7 @@ enum DeviceLifecycle {
     /// Says that removed device `id`'s server is stopped by a signal (SIGSTOP, a debugger):
     /// it cannot close /dev/ublkcN, so the id stays taken until it goes on.
     static func refuseStopped(_ id: UInt32, server pid: Int32) throws(CLIError) {
-        let state = RuntimeDirectory.processState(pid)
-        guard state == "T" || state == "t" else { return }
+        guard RuntimeDirectory.isStopped(pid) else { return }
         throw CLIError("ublk device \(id) is removed, but its server (pid \(pid)) is stopped, and id \(id) stays taken until it ends: kill -CONT \(pid)")
     }
 

@@ -69,8 +69,7 @@ enum DeviceRemoval {
     /// those the removal itself sends (a mounted file system writes back as its disk goes).
     /// (An idle device of a stopped server is removed: `DeviceLifecycle.awaitRelease`.)
     static func refuseStoppedServer(_ id: UInt32, pid: Int32) throws {
-        let state = RuntimeDirectory.processState(pid)
-        guard state == "T" || state == "t" else { return }
+        guard RuntimeDirectory.isStopped(pid) else { return }
         throw CLIError("ublk device \(id) is in use and its server (pid \(pid)) is stopped, which removing it would wait for: continue it (kill -CONT \(pid)) or end it (kill -9 \(pid)), then ublk del again")
     }
 

@@ -126,7 +126,7 @@ enum DeviceSafety {
         /// The lock is this add's: its release removes the file.
         private var held = false
 
-        init(for target: any Target, directory: String = RuntimeDirectory.path + "/locks") throws {
+        init(for target: any Target, directory: String = RuntimeDirectory.locksPath) throws {
             guard let loop = target as? LoopTarget, !loop.configuration.readOnly,
                   let identity = backingIdentity(loop.configuration.path) else { return }
             SmallFile.makeDirectories(directory)

@@ -103,7 +103,7 @@ extension Ublk {
         /// the process ends: a second `ublk upgrade` of the device at once (two administrators,
         /// two reloads) is refused before anything changes, instead of running into the first
         /// one's handover. Returns the lock's descriptor (-1 where no lock file can be made).
-        static func holdUpgradeLock(_ id: UInt32, directory: String = RuntimeDirectory.path + "/locks") throws -> Int32 {
+        static func holdUpgradeLock(_ id: UInt32, directory: String = RuntimeDirectory.locksPath) throws -> Int32 {
             SmallFile.makeDirectories(directory)
             let fd = open("\(directory)/upgrade-ublkb\(id)", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
             guard fd >= 0 else { return -1 }
