@@ -67,7 +67,7 @@ extension NBDExport {
     public func deviceCapabilities() throws(NBDError) -> NBDDeviceCapabilities {
         let sizes = blockSizes
         guard sizes.minimum <= Self.maximumLogicalBlockSize else {
-            throw NBDError(.unusable, "export \(name) needs \(sizes.minimum)-byte blocks; ublk devices take at most "
+            throw NBDError(.unusable, "export \(shownName) needs \(sizes.minimum)-byte blocks; ublk devices take at most "
                 + "\(Self.maximumLogicalBlockSize)-byte blocks")
         }
         let logical = max(512, sizes.minimum)
@@ -78,7 +78,7 @@ extension NBDExport {
         // to one): an export that takes less than a page per request leaves it none.
         let page = UInt32(sysconf(Int32(_SC_PAGESIZE)))
         guard transfer >= page else {
-            throw NBDError(.unusable, "export \(name) takes \(sizes.maximumPayload) bytes per request at most; "
+            throw NBDError(.unusable, "export \(shownName) takes \(sizes.maximumPayload) bytes per request at most; "
                 + "a ublk device sends requests of up to a page (\(page) bytes)")
         }
         return NBDDeviceCapabilities(

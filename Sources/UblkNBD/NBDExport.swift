@@ -93,6 +93,11 @@ public struct NBDExport: Equatable, Hashable, Sendable {
         self.negotiation = negotiation
     }
 
+    /// The name as messages show it: the default export's empty name would read as a gap.
+    public var shownName: String { Self.shownName(name) }
+
+    static func shownName(_ name: String) -> String { name.isEmpty ? "\"\" (the default export)" : name }
+
     /// Whether several connections may serve this export (one per ublk queue): only when
     /// the server promises that FLUSH and FUA on one connection cover writes on all.
     public var allowsMultipleConnections: Bool { flags.contains(.canMultiConn) }

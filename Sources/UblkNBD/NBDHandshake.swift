@@ -37,7 +37,7 @@ struct NBDHandshake {
 
     let address: NBDAddress
     var server: String { address.endpoint.description }
-    var name: String { address.exportName.isEmpty ? "\"\" (the default export)" : address.exportName }
+    var name: String { NBDExport.shownName(address.exportName) }
 
     func negotiate<Stream: NBDByteStream & ~Copyable>(over stream: borrowing Stream) throws(NBDError) -> NBDExport {
         var greeting = ByteReader(try receive(18, from: stream))

@@ -30,7 +30,7 @@ extension NBDExport {
     /// so the new export must keep the size and every feature the device relies on.
     public func replacementProblem(_ fresh: NBDExport) -> NBDError? {
         guard fresh.size == size else {
-            return NBDError(.unusable, "export \(name) now has \(fresh.size) bytes instead of \(size): "
+            return NBDError(.unusable, "export \(shownName) now has \(fresh.size) bytes instead of \(size): "
                 + "the device cannot change size, remove it and add it again")
         }
         let needed: NBDTransmissionFlags = [.readOnly, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .canMultiConn]
@@ -38,12 +38,12 @@ extension NBDExport {
         let nowReadOnly = fresh.flags.contains(.readOnly) && !flags.contains(.readOnly)
         guard lost.isEmpty, !nowReadOnly else {
             let what = nowReadOnly ? "became read-only" : "no longer offers \(lost)"
-            return NBDError(.unusable, "export \(name) \(what) after reconnecting: remove the device and add it again")
+            return NBDError(.unusable, "export \(shownName) \(what) after reconnecting: remove the device and add it again")
         }
         guard fresh.blockSizes.minimum <= max(512, blockSizes.minimum),
               min(fresh.blockSizes.maximumPayload, Self.maximumTransferLimit) >= min(blockSizes.maximumPayload, Self.maximumTransferLimit)
         else {
-            return NBDError(.unusable, "export \(name) changed its block sizes after reconnecting: "
+            return NBDError(.unusable, "export \(shownName) changed its block sizes after reconnecting: "
                 + "remove the device and add it again")
         }
         return nil

@@ -65,7 +65,7 @@ public final class NBDTarget: SpecifiedTarget {
         let logical = UInt64(capabilities.logicalBlockSize)
         let size = export.size / logical * logical
         guard size > 0 else {
-            throw NBDError(.unusable, "export \(export.name) is smaller than one \(logical)-byte block: give it a size")
+            throw NBDError(.unusable, "export \(export.shownName) is smaller than one \(logical)-byte block: give it a size")
         }
         var properties = TargetProperties(size: size)
         properties.logicalBlockSize = Int(capabilities.logicalBlockSize)

@@ -56,4 +56,12 @@ import UblkNBD
         smallerPayload.blockSizes = NBDBlockSizes(minimum: 512, preferred: 4096, maximumPayload: 1 << 20)
         #expect(Self.original.replacementProblem(smallerPayload) != nil)
     }
+
+    @Test func theDefaultExportIsNamedSoInMessages() {
+        var unnamed = Self.original
+        unnamed.name = ""
+        var resized = unnamed
+        resized.size += 4096
+        #expect(unnamed.replacementProblem(resized)?.message.hasPrefix("export \"\" (the default export) now has ") == true)
+    }
 }
