@@ -192,6 +192,10 @@ struct DeviceOptions: ParsableArguments {
             throw ValidationError("--block-size \(blockSize) is not a power of two from 512 to 4096: give 512, 1024, 2048 or 4096")
         }
         try checkEncryption()
+        // `on` means O_DIRECT or fail; a target without a backing file cannot have it.
+        if kind != .loop, directIO == .on {
+            throw ValidationError("the \(kind.rawValue) target has no backing file to open with O_DIRECT: leave out --direct-io")
+        }
         if kind != .nbd {
             if uri != nil { throw ValidationError("--uri is for the nbd target: give --target nbd") }
             if reconnectTimeout != nil { throw ValidationError("--reconnect-timeout is for the nbd target: give --target nbd") }

@@ -275,6 +275,9 @@ import UblkTargets
         #expect(message(["--uri", "nbd://h/e", "--block-size", "4096"]).contains("leave out --block-size"))
         #expect(message(["--file", "a", "--uri", "nbd://h/e", "--target", "loop"]).contains("--uri is for the nbd target"))
         #expect(message(["--uri", "nbd://h/e", "--reconnect-timeout=-1"]).contains("0 to 86400"))
+        #expect(message(["--uri", "nbd://h/e", "--direct-io", "on"]) == "the nbd target has no backing file to open with O_DIRECT: leave out --direct-io")
+        #expect(message(["--target", "null", "--size", "1G", "--direct-io=on"]).contains("null target has no backing file"))
+        #expect(message(["--uri", "nbd://h/e", "--direct-io", "off"]) == "accepted")
         let arguments = try ConfigFile.arguments(text: "target = nbd\nuri = nbd://h/e\nreconnect-timeout = 5\nread-only = yes",
                                                  path: "n.conf")
         let options = try DeviceOptions.parse(arguments)
