@@ -110,15 +110,23 @@ enum Background {
         throw CLIError("the server exited before the device was live: see \(logPath)")
     }
 
-    /// Is `program` a ublk that can take a device over (`ublk upgrade --binary`)? It must
-    /// be an executable file whose `recover --help` says `ublk recover`, within 5 s: a
-    /// directory, `/bin/true` or another program would be found out only after the old
-    /// server had left the device, which then waits for `ublk recover`.
-    static func isUblk(_ program: String) -> Bool {
+    /// Why `program` is no ublk that can take a device over (`ublk upgrade --binary`), or
+    /// nil if it is one. It must be an executable file whose `recover --help` says `ublk
+    /// recover`, within 5 s: a directory, `/bin/true` or another program would be found
+    /// out only after the old server had left the device, which then waits for `ublk recover`.
+    static func ublkProblem(_ program: String) -> String? {
         var status = stat()
-        guard stat(program, &status) == 0, status.st_mode & S_IFMT == S_IFREG, access(program, X_OK) == 0 else {
-            return false
+        guard stat(program, &status) == 0 else {
+            return "\(program) cannot be run (\(SystemError("stat", errno: errno).reason))"
         }
+        guard status.st_mode & S_IFMT == S_IFREG, access(program, X_OK) == 0 else {
+            return "\(program) is not an executable file"
+        }
+        return saysUblkRecover(program) ? nil : "\(program) is no ublk binary (its `recover --help` does not say `ublk recover`)"
+    }
+
+    /// Whether `program recover --help` exits 0 within 5 s and says `ublk recover`.
+    static func saysUblkRecover(_ program: String) -> Bool {
         var ends: [Int32] = [0, 0]
         guard pipe(&ends) == 0 else { return false }
         _ = fcntl(ends[0], F_SETFD, FD_CLOEXEC)

@@ -59,8 +59,8 @@ extension Ublk {
                            keyInput: Int32) throws {
             let oldPID = try ServedDevice.requireServer(id)
             let program = binary ?? Background.executable
-            guard Background.isUblk(program) else {
-                throw CLIError("\(program) is no ublk binary (its `recover --help` does not say `ublk recover`): give --binary PATH of one; nothing changed")
+            if let problem = Background.ublkProblem(program) {
+                throw CLIError("\(problem): give --binary PATH of a ublk; nothing changed")
             }
 
             // From the quiesce on, an interrupt (Ctrl-C, a service manager's stop) would leave

@@ -520,17 +520,17 @@ import UblkTargets
     }
 
     @Test func onlyAUblkTakesADeviceOver() throws {
-        #expect(!Background.isUblk("/bin/true"))
-        #expect(!Background.isUblk("/usr/bin"))
-        #expect(!Background.isUblk("/bin/echo"))  // It says `recover --help`, not `ublk recover`.
-        #expect(!Background.isUblk("/nonexistent/ublk"))
+        #expect(Background.ublkProblem("/bin/true")?.hasSuffix("is no ublk binary (its `recover --help` does not say `ublk recover`)") == true)
+        #expect(Background.ublkProblem("/usr/bin") == "/usr/bin is not an executable file")
+        #expect(Background.ublkProblem("/bin/echo") != nil)  // It says `recover --help`, not `ublk recover`.
+        #expect(Background.ublkProblem("/nonexistent/ublk") == "/nonexistent/ublk cannot be run (No such file or directory)")
         let script = "/tmp/ublk-fake-\(getpid())"
         defer { unlink(script) }
         let text = "#!/bin/sh\necho 'USAGE: ublk recover --id <id>'\n"
         let fd = open(script, O_WRONLY | O_CREAT | O_TRUNC, 0o755)
         #expect(fd >= 0 && write(fd, text, text.utf8.count) == text.utf8.count)
         close(fd)
-        #expect(Background.isUblk(script))
+        #expect(Background.ublkProblem(script) == nil)
     }
 }
 

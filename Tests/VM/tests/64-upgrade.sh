@@ -50,8 +50,9 @@ refused "$id" "no longer the file device $id was added with"
 mv "$img.orig" "$img"
 # A --binary that is no ublk (a directory, a program that does nothing) is found out
 # before the quiesce, not after the old server left the device.
-refused "$id" "is no ublk binary" --binary /usr/bin
+refused "$id" "/usr/bin is not an executable file" --binary /usr/bin
 refused "$id" "is no ublk binary" --binary /bin/true
+refused "$id" "/nonexistent/ublk cannot be run (No such file or directory)" --binary /nonexistent/ublk
 
 # An encrypted device: its key is never recorded, so the new server is given it again.
 head -c 64 /dev/urandom >"$dir/key"
