@@ -266,7 +266,7 @@ extension Ublk {
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Show the ublk devices: id, state, target, size, queues, depth, direct I/O, data path (zero-copy or copy), server pid, backing; --json adds commands (batched or per-request), pollMicroseconds (the busy-polling window), readOnly, and offset and sizeLimit (losetup's OFFSET and SIZELIMIT).",
-            discussion: "Devices named (--id N, or /dev/ublkbN as losetup takes one) are the only ones shown; one that does not exist is named in a line of its own, and the exit status is 1. --file PATH shows the devices that serve that file or block device, found by its inode as losetup -j finds them (none: nothing but the header, or [] with --json).")
+            discussion: "Devices named (--id N, or /dev/ublkbN as losetup takes one) are the only ones shown; one that does not exist, or that was removed while a user (a mounted file system) still holds its id, is named in a line of its own, and the exit status is 1. --file PATH shows the devices that serve that file or block device, found by its inode as losetup -j finds them (none: nothing but the header, or [] with --json).")
 
         @OptionGroup var chosen: DeviceChoice
 
@@ -283,10 +283,16 @@ extension Ublk {
                 (chosen.isEmpty || chosen.ids.contains(id)) && backing.map { $0.matches(record) } != false
             }
             if json { print(DeviceListing.json(rows)) } else { print(DeviceListing.table(rows), terminator: "") }
-            // A device named that exists but serves another file is left out without a word.
+            // A device named that exists but serves another file is left out without a word;
+            // one removed whose id a user still holds (no /dev/ublkcN left) is said to be.
             var failed = false
             for id in chosen.ids where !rows.contains(where: { $0.id == id }) {
-                do { _ = try control.deviceInfo(id) } catch {
+                do {
+                    _ = try control.deviceInfo(id)
+                    guard !ControlDevice.deviceIDs().contains(id) else { continue }
+                    failed = true
+                    FileHandleStderr.print("Error: \(IDStillTaken(id: id))")
+                } catch {
                     failed = true
                     FileHandleStderr.print(error.isNoSuchDevice ? "Error: ublk device \(id) does not exist: `ublk list` alone shows every device" : "Error: \(error)")
                 }

@@ -187,6 +187,14 @@ expect_eq "$rc" 1 "status of del of a dead server's mounted device ($(cat "$dir/
 expect_eq "$(wc -l <"$dir/err")" 1 "lines of del of a dead server's mounted device ($(cat "$dir/err"))"
 grep -qE "stays taken until the last user of /dev/ublkb$id|in use" "$dir/err" || fail "del of a dead server's mounted device: $(cat "$dir/err")"
 ((took <= 10)) || fail "del of a dead server's mounted device took $took s"
+# Removed, its id held by the mount: `ublk list --id` says so (it had printed nothing).
+if grep -qF "stays taken" "$dir/err"; then
+	rc=0
+	"$UBLK" list --id "$id" >"$dir/out" 2>"$dir/err2" || rc=$?
+	expect_eq "$rc" 1 "status of list --id of a removed device whose id is held ($(cat "$dir/err2"))"
+	grep -qF "ublk device $id is removed, but id $id stays taken" "$dir/err2" || fail "list --id of a removed device whose id is held: $(cat "$dir/err2")"
+	echo "ok: list --id of a removed device whose id is held: $(cat "$dir/err2")"
+fi
 umount "$dir/mnt" || umount -l "$dir/mnt"
 timeout 30 "$UBLK" del --id "$id" 2>/dev/null || true  # (where the scan refused it)
 wait_gone "/sys/class/ublk-char/ublkc$id" 10
