@@ -12,14 +12,16 @@ extension Ublk {
             mounted is the administrator's business, as with loop devices.
             """)
 
-        @Option(name: .long, help: "The device id N of /dev/ublkbN.")
-        var id: UInt32
+        @OptionGroup var device: OneDevice
 
         @Option(name: .long, help: "The new size in bytes, a multiple of the block size, within the backing. It becomes the device's size limit. Default: all the backing holds after --offset, up to the limit (the add's --size, or the last resize --size). \(ByteCount.suffixHelp)",
                 transform: ByteCount.parse)
         var size: ByteCount?
 
+        func validate() throws { _ = try device.required() }
+
         func run() throws {
+            let id = try device.required()
             let control = try ControlDevice()
             _ = try control.deviceInfo(id)
             guard control.features?.contains(.updateSize) == true else { throw ServerError.noUpdateSize }

@@ -305,15 +305,17 @@ extension Ublk {
         static let configuration = CommandConfiguration(
             abstract: "Start a new server for a device added with --recovery whose server died.")
 
-        @Option(name: .long, help: "The device id N of /dev/ublkbN.")
-        var id: UInt32
+        @OptionGroup var device: OneDevice
 
         /// An encrypted device's key: never recorded, so asked for again.
         @OptionGroup var key: KeyOptions
 
         @OptionGroup var server: ServerFlags
 
+        func validate() throws { _ = try device.required() }
+
         func run() throws {
+            let id = try device.required()
             if !server.foreground {
                 print(try Background.launch(Array(CommandLine.arguments.dropFirst())))
                 return
@@ -380,6 +382,32 @@ struct DeviceChoice: ParsableArguments {
         let number = resolved.dropFirst("/dev/ublkb".count)
         guard resolved.hasPrefix("/dev/ublkb"), !number.isEmpty, number.allSatisfy({ ("0"..."9").contains($0) }) else { return nil }
         return UInt32(number)
+    }
+}
+
+/// One device, by `--id N` or by path, as `losetup -c /dev/loopN` takes it (`recover`,
+/// `resize`, `upgrade`).
+struct OneDevice: ParsableArguments {
+    @Option(name: .customLong("id"), help: "The device id N of /dev/ublkbN.")
+    var number: UInt32?
+
+    @Argument(help: "The device by path, as losetup takes it: /dev/ublkbN (or a link to one); or give --id N.")
+    var path: String?
+
+    /// The id given, by number or path; nil when neither was given.
+    var id: UInt32? { number ?? path.flatMap(DeviceChoice.id(of:)) }
+
+    func validate() throws {
+        if let path, DeviceChoice.id(of: path) == nil {
+            throw ValidationError("\(path) is not a ublk device: give /dev/ublkbN (or --id N)")
+        }
+        if number != nil, path != nil { throw ValidationError("give the device once: --id N or /dev/ublkbN") }
+    }
+
+    /// For the commands that need the device: the id, or a one-line error.
+    func required() throws -> UInt32 {
+        guard let id else { throw ValidationError("which device? give /dev/ublkbN or --id N") }
+        return id
     }
 }
 

@@ -19,8 +19,7 @@ extension Ublk {
             SIGTERM are held until the command ends.
             """)
 
-        @Option(name: .long, help: "The device id N of /dev/ublkbN.")
-        var id: UInt32?
+        @OptionGroup var device: OneDevice
 
         @Option(name: .long, help: "The device started by `ublk start NAME` (what ublk@NAME.service runs).")
         var name: String?
@@ -32,7 +31,7 @@ extension Ublk {
         @OptionGroup var key: KeyOptions
 
         func validate() throws {
-            if (id == nil) == (name == nil) { throw ValidationError("give --id N or --name NAME") }
+            if (device.id == nil) == (name == nil) { throw ValidationError("give /dev/ublkbN, --id N or --name NAME") }
         }
 
         func run() throws {
@@ -155,7 +154,7 @@ extension Ublk {
         }
 
         func deviceID() throws -> UInt32 {
-            if let id { return id }
+            if let id = device.id { return id }
             guard let record = Self.record(named: name!, in: RuntimeDirectory.all(), existing: Set(ControlDevice.deviceIDs()),
                                            isAlive: RuntimeDirectory.isAlive) else {
                 throw CLIError("no device was started as \(name!) (ublk start \(name!)): see ublk list")

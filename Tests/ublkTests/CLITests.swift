@@ -320,6 +320,21 @@ import UblkTargets
         #expect(line(["list", "/dev/sda"]).hasPrefix("/dev/sda is not a ublk device"))
     }
 
+    /// recover, resize and upgrade take one device, by --id or by path (as losetup -c does).
+    @Test func oneDeviceByIDOrPath() throws {
+        func line(_ arguments: [String]) -> String {
+            do { _ = try Ublk.parseAsRoot(arguments); return "accepted" } catch { return Ublk.errorLine(for: error) }
+        }
+        #expect(try #require(try Ublk.parseAsRoot(["recover", "/dev/ublkb4"]) as? Ublk.Recover).device.id == 4)
+        #expect(try #require(try Ublk.parseAsRoot(["resize", "--id", "2", "--size", "1G"]) as? Ublk.Resize).device.id == 2)
+        #expect(try #require(try Ublk.parseAsRoot(["upgrade", "/dev/ublkb7"]) as? Ublk.Upgrade).device.id == 7)
+        #expect(line(["recover"]).hasPrefix("which device? give /dev/ublkbN or --id N"))
+        #expect(line(["resize", "/dev/ublkb1p1"]).hasPrefix("/dev/ublkb1p1 is not a ublk device"))
+        #expect(line(["recover", "--id", "1", "/dev/ublkb1"]).hasPrefix("give the device once"))
+        #expect(line(["upgrade", "/dev/ublkb1", "--name", "data"]).hasPrefix("give /dev/ublkbN, --id N or --name NAME"))
+        #expect(line(["upgrade", "--name", "data"]) == "accepted")
+    }
+
     /// A table row stays one line whatever the backing's name holds.
     @Test func controlCharactersInATableAreEscaped() {
         #expect("/srv/a b.img".escapingControlCharacters == "/srv/a b.img")

@@ -74,9 +74,10 @@ wait "$fio_pid" || fio_rc=$?
 ((fio_rc == 0)) || { cat "$dir/fio.out"; fail "fio across the crash failed (status $fio_rc)"; }
 echo "ok: recovered by pid $new_pid; fio verify across the crash passed; the waiting read got the pattern"
 
-# Again: crash the recovered server while idle, recover, everything still there.
+# Again: crash the recovered server while idle, recover (the device named by its path, as
+# losetup takes one), everything still there.
 crash "$id"
-expect_eq "$(timeout 60 "$UBLK" recover --id "$id")" "$dev" "second ublk recover"
+expect_eq "$(timeout 60 "$UBLK" recover "$dev")" "$dev" "second ublk recover, of /dev/ublkbN"
 cmp <(dd if="$dev" bs=1M skip=56 count=8 iflag=direct status=none) "$dir/pattern" ||
 	fail "the pattern written before the first crash reads back wrong after the second recovery"
 fio "${across[@]}" --verify_only >"$dir/fio.out" 2>&1 ||

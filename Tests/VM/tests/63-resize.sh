@@ -36,7 +36,7 @@ before=$(df -k --output=size "$dir/mnt" | tail -n1)
 head -c 20M /dev/urandom >"$dir/mnt/old"
 
 truncate -s 256M "$img"
-expect_eq "$("$UBLK" resize --id "$id")" "/dev/ublkb$id: $((256 << 20)) bytes" "what ublk resize printed"
+expect_eq "$("$UBLK" resize "$dev")" "/dev/ublkb$id: $((256 << 20)) bytes" "what ublk resize /dev/ublkbN printed"
 expect_eq "$(blockdev --getsize64 "$dev")" $((256 << 20)) "device size after resize"
 expect_eq "$(list_field "$id" size)" $((256 << 20)) "size in ublk list"
 grep -q "\"size\":$((256 << 20))" "/run/ublk/ublkb$id.json" || fail "the record does not follow: $(cat "/run/ublk/ublkb$id.json")"
