@@ -31,7 +31,9 @@ import UblkSystem
 /// - A connection on which requests wait while nothing moves (no reply comes, no send
 ///   goes out) for the reconnect timeout, and at least 30 s, is given up too
 ///   (`watchdogFired`): a server that hangs with its TCP connection up is noticed, as the
-///   kernel's nbd times out. (Not as a crash: its answered writes are not taken as lost.)
+///   kernel's nbd times out. So is one on which a single request has waited that long for
+///   its reply while others were answered (a reply the server lost): the kernel's nbd
+///   times out each request. (Not as a crash: its answered writes are not taken as lost.)
 public final class NBDQueueHandler: QueueHandler {
     /// The `.queue` operations, told apart by their step.
     enum Step: UInt16 {
@@ -65,6 +67,8 @@ public final class NBDQueueHandler: QueueHandler {
         var caught = false
         /// For a FLUSH: the count of answered writes on its connection when it was sent.
         var covers: UInt64 = 0
+        /// When it was sent whole (`awaitingReply` since): the watchdog's measure of one request.
+        var sentAt = ContinuousClock.now
         var cookie: UInt64 { UInt64(command.cookie) }
     }
 
@@ -338,6 +342,7 @@ public final class NBDQueueHandler: QueueHandler {
             try finish(tag: tag, errno: errno, io, &finished)
         } else {
             slots[tag].phase = .awaitingReply
+            slots[tag].sentAt = .now
         }
         try sendNext(io)
     }
@@ -531,24 +536,34 @@ extension NBDQueueHandler {
     }
 
     /// The watchdog's timer fired: if requests wait on the connection and nothing moved on
-    /// it for `watchdogPeriod`, it is dropped (and the requests sent again on a new one,
-    /// within the outage's budget); while some wait, it is armed again for the rest.
+    /// it for `watchdogPeriod`, or one request has waited that long for its reply, it is
+    /// dropped (and the requests sent again on a new one, within the outage's budget);
+    /// while some wait, it is armed again for the rest.
     func watchdogFired(_ result: Int32, _ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
         watchdogArmed = false
         guard result == -ETIME, case .up = connection else { return }
-        let waiting = slots.contains {
-            switch $0.phase {
-            case .sending, .awaitingReply, .repliedWhileSending: true
-            default: false
+        var waiting = false
+        var oldestSent: ContinuousClock.Instant?
+        for slot in slots {
+            switch slot.phase {
+            case .awaitingReply: (waiting, oldestSent) = (true, min(oldestSent ?? slot.sentAt, slot.sentAt))
+            case .sending, .repliedWhileSending: waiting = true
+            default: break
             }
         }
         guard waiting else { return }
-        let still = lastProgress.duration(to: .now)
+        let now = ContinuousClock.now
+        let still = lastProgress.duration(to: now)
+        let oldest = oldestSent.map { $0.duration(to: now) } ?? .zero
         if still >= watchdogPeriod {
             return try drop("no reply for \(still.components.seconds) s while requests wait", io, &finished,
                             serverMayHaveCrashed: false)
         }
-        try armWatchdog(after: watchdogPeriod - still, io)
+        if oldest >= watchdogPeriod {
+            return try drop("no reply to a request sent \(oldest.components.seconds) s ago, while others were answered",
+                            io, &finished, serverMayHaveCrashed: false)
+        }
+        try armWatchdog(after: watchdogPeriod - max(still, oldest), io)
     }
 
     /// The outage outlasted the budget: every waiting request fails with EIO, and so does

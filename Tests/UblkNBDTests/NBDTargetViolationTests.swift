@@ -165,6 +165,63 @@ import UblkTesting
         #expect(took < .seconds(8), "the READ waited \(took) on a silent server")
     }
 
+    /// A server that loses one reply while it answers the others: the connection moves all
+    /// the time, but the READ on tag 0 is not left waiting for good. Once it has waited the
+    /// watchdog's period (1 s here) the connection is given up and the READ sent again, and
+    /// the next connection answers it, while READs on tag 1 keep coming every 100 ms.
+    @Test func aLostReplyIsNoticedWhileOthersFlow() throws {
+        let listener = try SilentListener(backlog: 4)
+        let fd = listener.fd
+        let server = try OSThread {
+            for connection in 0..<2 {
+                let client = accept(fd, nil, nil)
+                guard client >= 0 else { return }
+                Self.serve(client, ignoringTagZero: connection == 0)
+                close(client)
+            }
+        }
+        var configuration = NBDConfiguration(uri: "nbd://127.0.0.1:\(listener.port)/x")
+        configuration.reconnectTimeout = 1
+        var lost: Int32?
+        let started = ContinuousClock.now
+        do {
+            let queue = try OfflineQueue(target: try NBDTarget(configuration, minimumSilence: .seconds(1)), depth: 2,
+                                         bufferSize: 64 * 1024)
+            try queue.start(tag: 0, IODescriptor(operation: .read, startSector: 0, sectorCount: 8))
+            while lost == nil && started.duration(to: .now) < .seconds(8) {
+                try queue.start(tag: 1, IODescriptor(operation: .read, startSector: 8, sectorCount: 8))
+                var other: Int32?
+                while other == nil { try queue.reap { tag, result in if tag == 0 { lost = result } else { other = result } } }
+                #expect(other == 4096)
+                usleep(100_000)
+            }
+            while lost == nil { try queue.reap { tag, result in if tag == 0 { lost = result } } }
+        }
+        let took = started.duration(to: .now)
+        shutdown(fd, Int32(SHUT_RDWR))
+        server.join()
+        #expect(lost == 4096)
+        #expect(took < .seconds(5), "the READ whose reply was lost waited \(took) while others were answered")
+    }
+
+    /// The handshake, then honest replies to every request, but none to the first on tag 0
+    /// when `ignoringTagZero`; returns when the client hangs up.
+    static func serve(_ client: Int32, ignoringTagZero: Bool) {
+        guard handshake(client) else { return }
+        var ignored = !ignoringTagZero
+        while let request = receive(client, NBDRequest.headerSize) {
+            let cookie = request.withUnsafeBytes { UInt64(bigEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self)) }
+            let count = Int(request.withUnsafeBytes { UInt32(bigEndian: $0.loadUnaligned(fromByteOffset: 24, as: UInt32.self)) })
+            if cookie & 0xffff == 0 && !ignored {
+                ignored = true
+                continue
+            }
+            var header = [UInt8](repeating: 0, count: 16)
+            header.withUnsafeMutableBytes { NBDSimpleReplyHeader(error: 0, cookie: cookie).encode(into: $0) }
+            guard send(client, header + [UInt8](repeating: good, count: count)) else { return }
+        }
+    }
+
     /// A server slow to answer (a FLUSH over much dirty data) is not taken for a silent
     /// one: the least silence (30 s) holds however short the reconnect timeout is; nor is a
     /// connection given up for silence taken as a crash (its writes lost, the next FLUSH
