@@ -122,8 +122,11 @@ public final class NBDTarget: SpecifiedTarget {
         if header.errno != 0 { throw SystemError("NBD FLUSH", errno: header.errno) }
     }
 
-    /// NBD_CMD_DISC: the polite end of a session (no reply).
+    /// NBD_CMD_DISC: the polite end of a session (no reply). Sent within 2 s or not at all:
+    /// a server that stopped reading (its socket buffer full) must not hold up the device's
+    /// removal, which closes the connection anyway.
     static func disconnect(_ socket: borrowing FileDescriptor) throws {
+        try socket.setStreamTimeout(.seconds(2))
         var bytes = [UInt8](repeating: 0, count: NBDRequest.headerSize)
         bytes.withUnsafeMutableBytes { NBDRequest(.disconnect, cookie: 0).encode(into: $0) }
         try bytes.withUnsafeBytes { try socket.sendAll($0) }

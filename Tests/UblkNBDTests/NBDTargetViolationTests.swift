@@ -2,7 +2,7 @@ import Glibc
 import Testing
 import UblkQueue
 import UblkSystem
-import UblkTargets
+@testable import UblkTargets
 import UblkTesting
 @testable import UblkNBD
 
@@ -202,6 +202,24 @@ import UblkTesting
         server.join()
         #expect(lost == 4096)
         #expect(took < .seconds(5), "the READ whose reply was lost waited \(took) while others were answered")
+    }
+
+    /// A server that stops reading does not hold up the end of a session: the DISC that
+    /// ends it politely cannot go out (the socket's buffer is full), and is given up after
+    /// 2 s; the device's removal closes the connection anyway.
+    @Test func aDisconnectDoesNotWaitForAServerThatStoppedReading() throws {
+        var ends: [Int32] = [0, 0]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &ends) == 0)
+        defer { close(ends[1]) }
+        let flags = fcntl(ends[0], F_GETFL)
+        _ = fcntl(ends[0], F_SETFL, flags | O_NONBLOCK)
+        let chunk = [UInt8](repeating: 0, count: 65536)
+        while chunk.withUnsafeBytes({ Glibc.send(ends[0], $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) > 0 {}
+        _ = fcntl(ends[0], F_SETFL, flags)
+        let socket = FileDescriptor(adopting: ends[0])
+        let started = ContinuousClock.now
+        #expect(throws: (any Error).self) { try NBDTarget.disconnect(socket) }
+        #expect(started.duration(to: .now) < .seconds(5))
     }
 
     /// The handshake, then honest replies to every request, but none to the first on tag 0
