@@ -19,18 +19,26 @@ import UblkTesting
     @Test(arguments: Lie.allCases) func aLyingReplyNeverCompletesARequest(lie: Lie) throws {
         let listener = try SilentListener(backlog: 4)
         let fd = listener.fd
-        let server = try OSThread {
-            for connection in 0..<2 {
-                let client = accept(fd, nil, nil)
-                guard client >= 0 else { return }
-                Self.serve(client, lie: connection == 0 ? lie : nil)
-                if connection == 0 { close(client) }
-            }
+        let server = try Self.acceptTwo(fd) { client, connection in
+            Self.serve(client, lie: connection == 0 ? lie : nil)
+            if connection == 0 { close(client) }
         }
         let data = try readThroughTarget(port: listener.port)
         shutdown(fd, Int32(SHUT_RDWR))
         server.join()
         #expect(data == [UInt8](repeating: Self.good, count: 8192), "\(lie): the read completed with data of the bad reply")
+    }
+
+    /// A server thread that takes two connections on `fd`, one after the other, and hands
+    /// each to `serve` with its number (0, then 1).
+    static func acceptTwo(_ fd: Int32, _ serve: @escaping @Sendable (Int32, Int) -> Void) throws -> OSThread {
+        try OSThread {
+            for connection in 0..<2 {
+                let client = accept(fd, nil, nil)
+                guard client >= 0 else { return }
+                serve(client, connection)
+            }
+        }
     }
 
     /// One READ of 8 KiB through the nbd target (its queue and connection gone on return).
@@ -172,13 +180,9 @@ import UblkTesting
     @Test func aLostReplyIsNoticedWhileOthersFlow() throws {
         let listener = try SilentListener(backlog: 4)
         let fd = listener.fd
-        let server = try OSThread {
-            for connection in 0..<2 {
-                let client = accept(fd, nil, nil)
-                guard client >= 0 else { return }
-                Self.serve(client, ignoringTagZero: connection == 0)
-                close(client)
-            }
+        let server = try Self.acceptTwo(fd) { client, connection in
+            Self.serve(client, ignoringTagZero: connection == 0)
+            close(client)
         }
         var configuration = NBDConfiguration(uri: "nbd://127.0.0.1:\(listener.port)/x")
         configuration.reconnectTimeout = 1
