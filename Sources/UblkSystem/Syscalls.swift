@@ -331,3 +331,29 @@ extension Syscalls {
         Glibc.explicit_bzero(address, length)
     }
 }
+
+// The server's process limits.
+extension Syscalls {
+    /// getrlimit(RLIMIT_FSIZE): (soft, hard), `rlim_t.max` meaning none.
+    static func fileSizeLimit() throws(SystemError) -> (soft: rlim_t, hard: rlim_t) {
+        var limit = rlimit()
+        guard getrlimit(__rlimit_resource_t(RLIMIT_FSIZE.rawValue), &limit) == 0 else {
+            throw SystemError("getrlimit(RLIMIT_FSIZE)", errno: errno)
+        }
+        return (limit.rlim_cur, limit.rlim_max)
+    }
+
+    /// setrlimit(RLIMIT_FSIZE): raising the hard limit needs CAP_SYS_RESOURCE.
+    static func setFileSizeLimit(soft: rlim_t, hard: rlim_t) throws(SystemError) {
+        var limit = rlimit(rlim_cur: soft, rlim_max: hard)
+        guard setrlimit(__rlimit_resource_t(RLIMIT_FSIZE.rawValue), &limit) == 0 else {
+            throw SystemError("setrlimit(RLIMIT_FSIZE)", errno: errno)
+        }
+    }
+
+    /// SIGXFSZ ignored: a write past the file-size limit fails with EFBIG instead of
+    /// killing the process.
+    static func ignoreFileSizeSignal() {
+        signal(SIGXFSZ, SIG_IGN)
+    }
+}

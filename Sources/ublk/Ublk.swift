@@ -70,6 +70,12 @@ struct ServerFlags: ParsableArguments {
         let logger = makeLogger()
         // The launching CLI may be gone by the time we report: a closed pipe must not kill a live device.
         signal(SIGPIPE, SIG_IGN)
+        // Nor may the shell's `ulimit -f`, which no loop device has (SIGXFSZ ignored, the limit lifted).
+        if let limit = FileSizeLimit.lift() {
+            let line = "the file-size limit of \(limit) bytes (ulimit -f) stays: writes beyond it in the backing fail with an I/O error"
+            note(line)
+            logger.warning("\(line)")
+        }
         let server = DeviceServer(target: target, options: options, logger: logger)
         // `--ready-fd` is answered (and closed) exactly once: "ready" when live, else "error".
         var reported = false

@@ -89,3 +89,19 @@ dm_device "$bad" "0 2048 error
 expect_error "a backing whose first block fails" "not readable" -- "$UBLK" add --file "/dev/mapper/$bad"
 fail_on_problems "with a failing first block"
 echo "ok: a backing whose first block fails: $(cat "$EXPECT_DIR/err")"
+
+# A server added from a shell with a file-size limit (ulimit -f, 16 MiB here) writes its
+# backing without it, as the kernel's loop driver does: a write at 40 MiB succeeds and
+# the server lives on (it was killed by SIGXFSZ, the device left dead).
+limited=$dir/limited.img
+truncate -s 64M "$limited"
+dev=$(bash -c 'ulimit -f 16384; exec "$@"' ublk "$UBLK" add --file "$limited" 2>"$dir/err") ||
+	fail "ublk add under ulimit -f: $(cat "$dir/err")"
+id=${dev#/dev/ublkb}
+head -c 1M /dev/urandom >"$dir/chunk"
+dd if="$dir/chunk" of="$dev" bs=1M seek=40 count=1 oflag=direct status=none ||
+	fail "a write at 40 MiB through a device added under ulimit -f 16 MiB failed"
+cmp <(dd if="$limited" bs=1M skip=40 count=1 status=none) "$dir/chunk" || fail "the write at 40 MiB is not in the backing"
+expect_eq "$(list_field "$id" state)" live "state of the device added under ulimit -f after the write"
+"$UBLK" del --id "$id"
+echo "ok: a device added under ulimit -f 16 MiB writes at 40 MiB, and lives on"
