@@ -28,6 +28,7 @@ enum DeviceSafety {
         }
         let numbers = Set(names.compactMap { SmallFile.text("/sys/class/block/\($0)/dev")?.trimmingSpaces.trimmingNewline })
         found += mountPoints(of: numbers).map { "mounted on \($0)" }
+        found += swapAreas(on: paths).map { "swap: swapoff \($0)" }
         found += loopDevices(over: paths).map { "backing /dev/\($0)" }
         found += openers(of: paths)
         if found.isEmpty && probing {
@@ -59,6 +60,18 @@ enum DeviceSafety {
             let fields = line.split(separator: " ")
             guard fields.count > 4, numbers.contains(String(fields[2])) else { return nil }
             return String(fields[4]).replacingOctalSpaces
+        }
+    }
+
+    /// The swap areas (/proc/swaps, as swapon named them) on one of the block devices `paths`.
+    static func swapAreas(on paths: Set<String>) -> [String] {
+        guard let text = SmallFile.text("/proc/swaps") else { return [] }
+        let devices = paths.compactMap { try? FileIdentity.of(path: $0).get() }
+        return text.split(separator: "\n").dropFirst().compactMap { line in
+            guard let field = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).first else { return nil }
+            let path = String(field).replacingOctalSpaces
+            guard let identity = try? FileIdentity.of(path: path).get(), devices.contains(identity) else { return nil }
+            return path
         }
     }
 

@@ -368,9 +368,7 @@ struct DeviceChoice: ParsableArguments {
     var isEmpty: Bool { id.isEmpty && devices.isEmpty }
 
     func validate() throws {
-        for path in devices where Self.id(of: path) == nil {
-            throw ValidationError("\(path) is not a ublk device: give /dev/ublkbN (or --id N)")
-        }
+        for path in devices where Self.id(of: path) == nil { throw Self.notADevice(path) }
     }
 
     /// The ids named, each once: those of --id, then those of the paths.
@@ -381,13 +379,29 @@ struct DeviceChoice: ParsableArguments {
 
     /// N of /dev/ublkbN, `path` or where its links lead (not a partition, /dev/ublkbNpK).
     static func id(of path: String) -> UInt32? {
-        let resolved = realpath(path, nil).map { pointer in
+        let target = resolved(path)
+        let number = target.dropFirst("/dev/ublkb".count)
+        guard target.hasPrefix("/dev/ublkb"), !number.isEmpty, number.allSatisfy(ByteCount.isDigit) else { return nil }
+        return UInt32(number)
+    }
+
+    /// The refusal of a path that names no ublk device; a partition's names its disk.
+    static func notADevice(_ path: String) -> ValidationError {
+        let target = resolved(path)
+        let parts = target.dropFirst("/dev/ublkb".count).split(separator: "p", omittingEmptySubsequences: false)
+        if target.hasPrefix("/dev/ublkb"), parts.count == 2, parts.allSatisfy({ !$0.isEmpty && $0.allSatisfy(ByteCount.isDigit) }),
+           let disk = UInt32(parts[0]) {
+            return ValidationError("\(path) is a partition of /dev/ublkb\(disk): give /dev/ublkb\(disk) (or --id \(disk))")
+        }
+        return ValidationError("\(path) is not a ublk device: give /dev/ublkbN (or --id N)")
+    }
+
+    /// Where `path` leads, its links followed (itself when it does not exist).
+    static func resolved(_ path: String) -> String {
+        realpath(path, nil).map { pointer in
             defer { free(pointer) }
             return String(cString: pointer)
         } ?? path
-        let number = resolved.dropFirst("/dev/ublkb".count)
-        guard resolved.hasPrefix("/dev/ublkb"), !number.isEmpty, number.allSatisfy({ ("0"..."9").contains($0) }) else { return nil }
-        return UInt32(number)
     }
 }
 
@@ -404,9 +418,7 @@ struct OneDevice: ParsableArguments {
     var id: UInt32? { number ?? path.flatMap(DeviceChoice.id(of:)) }
 
     func validate() throws {
-        if let path, DeviceChoice.id(of: path) == nil {
-            throw ValidationError("\(path) is not a ublk device: give /dev/ublkbN (or --id N)")
-        }
+        if let path, DeviceChoice.id(of: path) == nil { throw DeviceChoice.notADevice(path) }
         if number != nil, path != nil { throw ValidationError("give the device once: --id N or /dev/ublkbN") }
     }
 

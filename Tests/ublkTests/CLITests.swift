@@ -309,7 +309,8 @@ import UblkTargets
         // Paths, as losetup -d takes them.
         let paths = try #require(try Ublk.parseAsRoot(["del", "/dev/ublkb3", "--id", "1", "/dev/ublkb1"]) as? Ublk.Delete)
         #expect(paths.ids == [1, 3])
-        #expect(line(["del", "/dev/ublkb1p2"]).hasPrefix("/dev/ublkb1p2 is not a ublk device: give /dev/ublkbN (or --id N)"))
+        #expect(line(["del", "/dev/ublkb1p2"]).hasPrefix("/dev/ublkb1p2 is a partition of /dev/ublkb1: give /dev/ublkb1 (or --id 1)"))
+        #expect(line(["del", "/dev/ublkb1p"]).hasPrefix("/dev/ublkb1p is not a ublk device: give /dev/ublkbN (or --id N)"))
         #expect(line(["del", "/dev/loop0"]).hasPrefix("/dev/loop0 is not a ublk device"))
         #expect(line(["del", "/dev/ublkc1"]).hasPrefix("/dev/ublkc1 is not a ublk device"))
         #expect(line(["del", "/dev/ublkb+1"]).hasPrefix("/dev/ublkb+1 is not a ublk device"))
@@ -329,7 +330,7 @@ import UblkTargets
         #expect(try #require(try Ublk.parseAsRoot(["resize", "--id", "2", "--size", "1G"]) as? Ublk.Resize).device.id == 2)
         #expect(try #require(try Ublk.parseAsRoot(["upgrade", "/dev/ublkb7"]) as? Ublk.Upgrade).device.id == 7)
         #expect(line(["recover"]).hasPrefix("which device? give /dev/ublkbN or --id N"))
-        #expect(line(["resize", "/dev/ublkb1p1"]).hasPrefix("/dev/ublkb1p1 is not a ublk device"))
+        #expect(line(["resize", "/dev/ublkb12p1"]).hasPrefix("/dev/ublkb12p1 is a partition of /dev/ublkb12"))
         #expect(line(["recover", "--id", "1", "/dev/ublkb1"]).hasPrefix("give the device once"))
         #expect(line(["upgrade", "/dev/ublkb1", "--name", "data"]).hasPrefix("give /dev/ublkbN, --id N or --name NAME"))
         #expect(line(["upgrade", "--name", "data"]) == "accepted")

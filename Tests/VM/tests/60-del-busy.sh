@@ -4,7 +4,7 @@
 #    device stays and still works; an open one: the line names the pid;
 #  * `del --all` removes the idle devices, keeps the busy one and names it; so does
 #    `del --id A --id B ... /dev/ublkbC`, which names a missing id too and exits 1;
-#  * swap on it (no mount, no process names it) is found as well;
+#  * swap on it (no mount, no process names it) is found and named as well;
 #  * `del --force` on a mounted device returns within a few seconds (the file system
 #    sees I/O errors), and once it is unmounted the device and its server are gone;
 #  * stacked devices go in one del, in any order; a stopped server (SIGSTOP) is said,
@@ -75,10 +75,10 @@ refused "$id" "open by pid $holder"
 kill "$holder"
 wait "$holder" 2>/dev/null || true
 
-# Swap on it: claimed, though no mount or process names it (the scan's exclusive open
-# finds it where the kernel has no TRY_STOP_DEV).
+# Swap on it: no mount or process names it; /proc/swaps does, on every kernel (with
+# TRY_STOP_DEV the refusal had said only "open").
 if mkswap -q "$dev" >/dev/null 2>&1 && swapon "$dev" 2>/dev/null; then
-	if has_feature SAFE_STOP_DEV; then refused "$id" "in use"; else refused "$id" "claimed"; fi
+	refused "$id" "swap: swapoff $dev"
 	swapoff "$dev"
 	mkfs.ext4 -q -F "$dev"  # (mkswap wrote over it)
 else
