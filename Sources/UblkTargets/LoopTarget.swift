@@ -49,6 +49,9 @@ public final class LoopTarget: SpecifiedTarget {
     public let directIO: Bool
     /// Set when `auto` fell back to buffered I/O: why.
     public let directIOFallback: DirectIOFallback?
+    /// Set when the backing could not be opened for writing and the device is read-only
+    /// for it (as losetup makes it): why.
+    public let readOnlyFallback: SystemError?
     /// Bytes at the end of the backing left out of the device, not being a whole block
     /// (without a size limit; 0 if none).
     public let unusedTail: UInt64
@@ -74,8 +77,8 @@ public final class LoopTarget: SpecifiedTarget {
     public var threadsPerQueue: Int { configuration.encryption.map { 1 + $0.workerThreads } ?? 1 }
 
     /// `key` is required with `configuration.encryption` and refused without it.
-    public init(_ configuration: LoopConfiguration, key: EncryptionKey? = nil) throws(TargetError) {
-        self.configuration = configuration
+    public init(_ requested: LoopConfiguration, key: EncryptionKey? = nil) throws(TargetError) {
+        var configuration = requested
         try Self.checkEncryption(configuration, key: key)
         self.key = key
         let status = try Self.inspect(configuration.path)
@@ -85,8 +88,11 @@ public final class LoopTarget: SpecifiedTarget {
         let logical = configuration.logicalBlockSize
             ?? (configuration.encryption == nil ? min(4096, max(512, backingBlocks.logical)) : 512)
         var fallback: DirectIOFallback?
-        let backing = try Self.open(configuration, logical: logical, backingLogical: backingBlocks.logical,
-                                    fallback: &fallback)
+        var notWritable: SystemError?
+        let backing = try Self.open(&configuration, logical: logical, backingLogical: backingBlocks.logical,
+                                    fallback: &fallback, notWritable: &notWritable)
+        self.configuration = configuration
+        readOnlyFallback = notWritable
         let backingSize: UInt64
         do { backingSize = status.isBlockDevice ? try backing.blockDeviceSize() : UInt64(status.size) }
         catch { throw .cannotMeasure(configuration.path, error) }
@@ -168,7 +174,10 @@ public final class LoopTarget: SpecifiedTarget {
     public var backingIdentity: FileIdentity? { try? file.status().identity }
 
     public var note: String? {
-        let notes = [directIOFallback.map { "\($0): using buffered I/O" }, tailNote].compactMap { $0 }
+        let readOnly = readOnlyFallback.map {
+            "backing file \(configuration.path) cannot be written (\($0.reason)): the device is read-only (--read-only says so)"
+        }
+        let notes = [readOnly, directIOFallback.map { "\($0): using buffered I/O" }, tailNote].compactMap { $0 }
         return notes.isEmpty ? nil : notes.joined(separator: "; ")
     }
 
@@ -197,6 +206,18 @@ public final class LoopTarget: SpecifiedTarget {
         return status
     }
 
+    /// `open`, and as losetup: a backing that cannot be written (a read-only mount, an
+    /// immutable file) makes a read-only device, `notWritable` saying why (for `note`).
+    static func open(_ configuration: inout LoopConfiguration, logical: Int, backingLogical: Int,
+                     fallback: inout DirectIOFallback?, notWritable: inout SystemError?) throws(TargetError) -> FileDescriptor {
+        do {
+            return try open(configuration, logical: logical, backingLogical: backingLogical, fallback: &fallback)
+        } catch .notWritable(_, let error) {
+            (configuration.readOnly, fallback, notWritable) = (true, nil, error)
+            return try open(configuration, logical: logical, backingLogical: backingLogical, fallback: &fallback)
+        } catch { throw error }
+    }
+
     /// Opens the backing with O_DIRECT when asked and possible, else buffered; `fallback`
     /// says why `auto` could not have O_DIRECT.
     static func open(_ configuration: LoopConfiguration, logical: Int, backingLogical: Int,
@@ -216,7 +237,8 @@ public final class LoopTarget: SpecifiedTarget {
             if configuration.directIO == .on, let fallback { throw .directIOUnavailable(fallback) }
         }
         do { return try FileDescriptor(path: path, flags: mode) } catch {
-            if error.errno == EROFS || error.errno == EACCES { throw .notWritable(path, error) }
+            // EPERM: an immutable file (chattr +i).
+            if [EROFS, EACCES, EPERM].contains(error.errno) && !configuration.readOnly { throw .notWritable(path, error) }
             throw .cannotOpen(path, error)
         }
     }

@@ -39,3 +39,22 @@ expect_eq "$(head -c $offset "$dir/disk.img" | sha256sum)" "$(cat "$dir/head")" 
 expect_eq "$(tail -c +$((offset + size + 1)) "$dir/disk.img" | sha256sum)" "$(cat "$dir/tail")" "bytes after the window"
 cmp <(tail -c +$((offset + 1)) "$dir/disk.img" | head -c $size) "$dir/new" || fail "window content differs from what was written"
 echo "ok: --offset 3M --size 8M wrote only its window"
+
+# A backing that cannot be written (here on a read-only mount), without --read-only: as
+# losetup, the device is read-only, and `ublk add` says why in one line.
+mkdir "$dir/ro"
+mount -t tmpfs -o size=64M tmpfs "$dir/ro"  # (unmounted with $dir at exit)
+head -c 8M /dev/urandom >"$dir/ro/disk.img"
+mount -o remount,ro "$dir/ro"
+dev=$("$UBLK" add --file "$dir/ro/disk.img" 2>"$dir/err") || fail "ublk add of a backing on a read-only mount: $(cat "$dir/err")"
+expect_eq "$(wc -l <"$dir/err")" 1 "lines ublk add said of a backing on a read-only mount ($(cat "$dir/err"))"
+grep -qF "cannot be written (Read-only file system): the device is read-only" "$dir/err" ||
+	fail "ublk add of a backing on a read-only mount: $(cat "$dir/err")"
+expect_eq "$(blockdev --getro "$dev")" 1 "read-only flag of a device whose backing is on a read-only mount"
+expect_eq "$(list_field "${dev#/dev/ublkb}" readOnly)" True "readOnly in ublk list --json"
+if dd if=/dev/zero of="$dev" bs=4k count=1 oflag=direct status=none 2>/dev/null; then
+	fail "a write to a device whose backing is on a read-only mount succeeded"
+fi
+cmp "$dev" "$dir/ro/disk.img" || fail "the device does not read its read-only backing"
+"$UBLK" del --id "${dev#/dev/ublkb}"
+echo "ok: a backing on a read-only mount made a read-only device: $(cat "$dir/err")"
