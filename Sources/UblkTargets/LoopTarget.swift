@@ -19,6 +19,9 @@ public struct LoopConfiguration: Sendable, Equatable, Codable {
     public var path: String
     public var directIO: DirectIOMode = .auto
     public var readOnly = false
+    /// A writable device or none (`--no-read-only`): a backing that cannot be written is
+    /// refused rather than served read-only (as losetup serves it when nothing is said).
+    public var writableRequired: Bool?
     /// Start of the window in the backing, in bytes (losetup --offset).
     public var offset: UInt64 = 0
     /// Length of the window in bytes (losetup --sizelimit); nil: to the end of the backing.
@@ -207,12 +210,13 @@ public final class LoopTarget: SpecifiedTarget {
     }
 
     /// `open`, and as losetup: a backing that cannot be written (a read-only mount, an
-    /// immutable file) makes a read-only device, `notWritable` saying why (for `note`).
+    /// immutable file) makes a read-only device, `notWritable` saying why (for `note`),
+    /// unless a writable one is required.
     static func open(_ configuration: inout LoopConfiguration, logical: Int, backingLogical: Int,
                      fallback: inout DirectIOFallback?, notWritable: inout SystemError?) throws(TargetError) -> FileDescriptor {
         do {
             return try open(configuration, logical: logical, backingLogical: backingLogical, fallback: &fallback)
-        } catch .notWritable(_, let error) {
+        } catch .notWritable(_, let error) where configuration.writableRequired != true {
             (configuration.readOnly, fallback, notWritable) = (true, nil, error)
             return try open(configuration, logical: logical, backingLogical: backingLogical, fallback: &fallback)
         } catch { throw error }

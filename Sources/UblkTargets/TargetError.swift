@@ -68,7 +68,8 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
         case .notFileOrDevice(let path): "backing file \(path) is neither a regular file nor a block device"
         case .directIOUnavailable(let fallback): "\(fallback): use --direct-io off or auto"
         case let .notWritable(path, error):
-            "backing file \(path) cannot be opened for writing (\(error.reason)): use --read-only"
+            "backing file \(path) cannot be opened for writing (\(error.reason)), and --no-read-only (read-only = no) "
+                + "asks for a writable device: make the backing writable, or leave that out for a read-only device"
         case let .cannotMeasure(path, error): "cannot read the size of \(path): \(error)"
         case .empty(let path): "backing file \(path) is empty: give it a size (e.g. truncate -s 1G \(path.shellWord))"
         case .unsupportedBlockSize(let size): "block size \(size) is not one of 512, 1024, 2048, 4096"

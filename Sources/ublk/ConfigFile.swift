@@ -22,6 +22,8 @@ enum ConfigFile {
     }
 
     static let flags: Set<String> = ["read-only", "force", "allow-discards"]
+    /// Flags whose `no` is said (`--no-read-only`: a writable device or none).
+    static let invertibleFlags: Set<String> = ["read-only", "force"]
     /// `recovery = yes|reissue|fail-io|no` (yes is reissue, as before fail-io existed).
     static let recoveryValues = ["yes": "reissue", "reissue": "reissue", "fail-io": "fail-io", "no": nil, "off": nil] as [String: String?]
     static let options: Set<String> = ["file", "target", "id", "queues", "depth", "direct-io", "block-size", "sector-size",
@@ -124,7 +126,7 @@ enum ConfigFile {
             } else if flags.contains(key) {
                 switch value.lowercased() {
                 case "yes", "true", "on", "1": arguments.append("--\(key)")
-                case "no", "false", "off", "0": break
+                case "no", "false", "off", "0": if invertibleFlags.contains(key) { arguments.append("--no-\(key)") }
                 default: throw CLIError("\(path):\(index + 1): \(key) takes yes or no, not `\(value)`")
                 }
             } else if key == "key-file" && value == "-" {

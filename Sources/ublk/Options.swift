@@ -113,12 +113,14 @@ struct DeviceOptions: ParsableArguments {
     @Option(name: .long, help: "Requests in flight per queue, 1 to 4096.")
     var depth: Int = 128
 
-    @Option(name: .customLong("direct-io"), help: "O_DIRECT on the backing: on (a bare --direct-io too, as losetup's), off or auto (on when the backing allows it).")
+    @Option(name: .customLong("direct-io"), help: "O_DIRECT on the backing: on (a bare --direct-io too, as losetup's; not for the null and nbd targets), off or auto (on when the backing allows it).")
     var directIO: DirectIOMode = .auto
 
     @Flag(name: .customLong("read-only"), inversion: .prefixedNo,
-          help: "Open the backing read-only; the device refuses writes (--no-read-only overrides a config file's).")
-    var readOnly = false
+          help: "Open the backing read-only; the device refuses writes. Without it a backing that cannot be written makes a read-only device (as losetup, said in one line); --no-read-only asks for a writable device or a refusal (and overrides a config file's --read-only).")
+    var readOnlyFlag: Bool?
+
+    var readOnly: Bool { readOnlyFlag ?? false }
 
     @Option(name: [.customLong("block-size"), .customLong("sector-size")],
             help: "Logical block size: 512, 1024, 2048 or 4096 (losetup --sector-size).")
@@ -291,6 +293,7 @@ struct DeviceOptions: ParsableArguments {
             var configuration = LoopConfiguration(path: Self.absolute(file!))
             configuration.directIO = directIO
             configuration.readOnly = readOnly
+            if readOnlyFlag == false { configuration.writableRequired = true }
             configuration.offset = offset?.value ?? 0
             configuration.size = size?.value
             configuration.logicalBlockSize = blockSize

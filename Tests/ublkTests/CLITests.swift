@@ -90,6 +90,21 @@ import UblkTargets
         #expect(throws: CLIError.self) { try ConfigFile.arguments(text: "file = \"\"", path: "q.conf") }
     }
 
+    /// `read-only`: yes, no (a writable device or a refusal), or unsaid (as losetup: read-only
+    /// where the backing cannot be written).
+    @Test func readOnlyHasThreeStates() throws {
+        func loop(_ arguments: [String]) throws -> LoopConfiguration {
+            guard case .loop(let configuration) = try DeviceOptions.parse(arguments).spec else { throw CLIError("not loop") }
+            return configuration
+        }
+        let config = try ConfigFile.arguments(text: "file = /srv/a.img\nread-only = no\nforce = no\nallow-discards = no", path: "a.conf")
+        #expect(config == ["--file=/srv/a.img", "--no-read-only", "--no-force"])
+        #expect(try loop(config).writableRequired == true && !loop(config).readOnly)
+        #expect(try loop(["--file", "/a"]).writableRequired == nil && !loop(["--file", "/a"]).readOnly)
+        #expect(try loop(["--file", "/a", "--read-only"]).readOnly)
+        #expect(try loop(config + ["--read-only"]).readOnly && loop(config + ["--read-only"]).writableRequired == nil)
+    }
+
     @Test func losetupsNamesAreAccepted() throws {
         let options = try DeviceOptions.parse(["--file", "a", "--sizelimit", "64M", "--sector-size", "4096", "--offset", "1M"])
         #expect(options.size?.value == 64 << 20 && options.blockSize == 4096 && options.offset?.value == 1 << 20)

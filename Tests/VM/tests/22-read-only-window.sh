@@ -41,7 +41,8 @@ cmp <(tail -c +$((offset + 1)) "$dir/disk.img" | head -c $size) "$dir/new" || fa
 echo "ok: --offset 3M --size 8M wrote only its window"
 
 # A backing that cannot be written (here on a read-only mount), without --read-only: as
-# losetup, the device is read-only, and `ublk add` says why in one line.
+# losetup, the device is read-only, and `ublk add` says why in one line; with
+# --no-read-only it is refused.
 mkdir "$dir/ro"
 mount -t tmpfs -o size=64M tmpfs "$dir/ro"  # (unmounted with $dir at exit)
 head -c 8M /dev/urandom >"$dir/ro/disk.img"
@@ -58,3 +59,8 @@ fi
 cmp "$dev" "$dir/ro/disk.img" || fail "the device does not read its read-only backing"
 "$UBLK" del --id "${dev#/dev/ublkb}"
 echo "ok: a backing on a read-only mount made a read-only device: $(cat "$dir/err")"
+# --no-read-only (read-only = no in a config) asks for a writable device or none.
+expect_error "--no-read-only with a backing on a read-only mount" "asks for a writable device" -- \
+	"$UBLK" add --file "$dir/ro/disk.img" --no-read-only
+fail_on_problems "--no-read-only with a backing on a read-only mount"
+echo "ok: --no-read-only with a backing on a read-only mount: $(cat "$EXPECT_DIR/err")"
