@@ -31,9 +31,11 @@ import UblkSystem
 /// - A connection on which requests wait while nothing moves (no reply comes, no send
 ///   goes out) for the reconnect timeout, and at least 30 s, is given up too
 ///   (`watchdogFired`): a server that hangs with its TCP connection up is noticed, as the
-///   kernel's nbd times out. So is one on which a single request has waited that long for
-///   its reply while others were answered (a reply the server lost): the kernel's nbd
-///   times out each request. (Not as a crash: its answered writes are not taken as lost.)
+///   kernel's nbd times out (with `nbd-client -t`). So is one on which a request has
+///   waited that long for its reply while one sent after it was answered (a reply the
+///   server lost); not for a FLUSH, which may take long over a big cache, nor for a server
+///   that answers in order over a slow link. (Not as a crash: its answered writes are not
+///   taken as lost.)
 public final class NBDQueueHandler: QueueHandler {
     /// The `.queue` operations, told apart by their step.
     enum Step: UInt16 {
@@ -120,6 +122,9 @@ public final class NBDQueueHandler: QueueHandler {
     var started = false
     /// When the connection last moved: a reply came in, a send went out, or it came up.
     var lastProgress = ContinuousClock.now
+    /// The latest `sentAt` of a request answered on this connection: one sent before it
+    /// and still unanswered was passed over.
+    var latestAnswered: ContinuousClock.Instant?
     /// The watchdog's timer is pending (`watchdogTimer`, armed while requests are sent).
     var watchdogArmed = false
     let watchdogTimer: UnsafeMutablePointer<__kernel_timespec>
@@ -395,6 +400,7 @@ public final class NBDQueueHandler: QueueHandler {
                   _ finished: inout FinishedRequests) throws(SystemError) {
         guard let (tag, errno) = answered else { return }
         if errno == Int32(NBDErrorNumber.eshutdown) { return try serverShuttingDown(io, &finished) }
+        if slots[tag].phase == .awaitingReply { latestAnswered = max(latestAnswered ?? slots[tag].sentAt, slots[tag].sentAt) }
         if slots[tag].phase == .sending {
             slots[tag].phase = .repliedWhileSending(errno: errno)
         } else {
@@ -536,17 +542,21 @@ extension NBDQueueHandler {
     }
 
     /// The watchdog's timer fired: if requests wait on the connection and nothing moved on
-    /// it for `watchdogPeriod`, or one request has waited that long for its reply, it is
-    /// dropped (and the requests sent again on a new one, within the outage's budget);
-    /// while some wait, it is armed again for the rest.
+    /// it for `watchdogPeriod`, or one request (not a FLUSH) passed over by the server's
+    /// answers has waited that long for its reply, it is dropped (and the requests sent
+    /// again on a new one, within the outage's budget); while some wait, it is armed again
+    /// for the rest.
     func watchdogFired(_ result: Int32, _ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
         watchdogArmed = false
         guard result == -ETIME, case .up = connection else { return }
         var waiting = false
-        var oldestSent: ContinuousClock.Instant?
+        var oldestSent: ContinuousClock.Instant?  // of those passed over
         for slot in slots {
             switch slot.phase {
-            case .awaitingReply: (waiting, oldestSent) = (true, min(oldestSent ?? slot.sentAt, slot.sentAt))
+            case .awaitingReply:
+                waiting = true
+                guard slot.command.command != .flush, let latestAnswered, slot.sentAt < latestAnswered else { continue }
+                oldestSent = min(oldestSent ?? slot.sentAt, slot.sentAt)
             case .sending, .repliedWhileSending: waiting = true
             default: break
             }
@@ -560,7 +570,7 @@ extension NBDQueueHandler {
                             serverMayHaveCrashed: false)
         }
         if oldest >= watchdogPeriod {
-            return try drop("no reply to a request sent \(oldest.components.seconds) s ago, while others were answered",
+            return try drop("no reply to a request sent \(oldest.components.seconds) s ago, while later ones were answered",
                             io, &finished, serverMayHaveCrashed: false)
         }
         try armWatchdog(after: watchdogPeriod - max(still, oldest), io)
@@ -589,6 +599,7 @@ extension NBDQueueHandler {
         socket = consume newSocket
         connection = .up
         lastProgress = .now
+        latestAnswered = nil
         parser = NBDReplyParser()
         headerMissing = NBDSimpleReplyHeader.size
         sendHead = 0

@@ -101,7 +101,7 @@ struct DeviceOptions: ParsableArguments {
     @Option(name: .long, help: "NBD export (nbd target): nbd://HOST[:PORT]/EXPORT (port 10809 by default) or nbd+unix:///EXPORT?socket=PATH.")
     var uri: String?
 
-    @Option(name: .customLong("reconnect-timeout"), help: "Seconds I/O waits for a lost NBD connection to come back before failing with EIO (default 30); also how long requests wait on a connection on which nothing moves, or one request waits for its reply (30 s at least), before it is given up.")
+    @Option(name: .customLong("reconnect-timeout"), help: "Seconds I/O waits for a lost NBD connection to come back before failing with EIO (default 30); also how long requests wait on a connection on which nothing moves, or one request waits for its reply while later ones are answered (30 s at least), before it is given up.")
     var reconnectTimeout: Int?
 
     @Option(name: .long, help: "Device id N for /dev/ublkbN (default: the kernel picks).")

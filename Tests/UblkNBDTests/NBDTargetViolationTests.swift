@@ -226,6 +226,77 @@ import UblkTesting
         #expect(started.duration(to: .now) < .seconds(5))
     }
 
+    /// Replies that wait are not lost ones: a server that answers in order over a slow link
+    /// (12 READs, 250 ms each, the last answered after 3 s), and a FLUSH that takes 2.5 s
+    /// while READs sent after it are answered, each against a watchdog period of 1 s.
+    /// Neither connection is given up, and every request succeeds.
+    @Test(arguments: [true, false]) func slowRepliesAreNotLostOnes(inOrder: Bool) throws {
+        let listener = try SilentListener(backlog: 4)
+        let fd = listener.fd
+        let server = try OSThread {
+            for _ in 0..<4 {  // (a dropped connection comes back, to fail visibly)
+                let client = accept(fd, nil, nil)
+                guard client >= 0 else { return }
+                Self.serveDelayed(client, inOrder: inOrder) { type in
+                    .milliseconds(inOrder ? 250 : type == NBDCommand.flush.rawValue ? 2500 : 0)
+                }
+                close(client)
+            }
+        }
+        var configuration = NBDConfiguration(uri: "nbd://127.0.0.1:\(listener.port)/x")
+        configuration.reconnectTimeout = 1
+        var results: [Int: Int32] = [:]
+        do {
+            let queue = try OfflineQueue(target: try NBDTarget(configuration, minimumSilence: .seconds(1)), depth: 12,
+                                         bufferSize: 64 * 1024)
+            if inOrder {
+                for tag in 0..<12 { try queue.start(tag: tag, IODescriptor(operation: .read, startSector: UInt64(tag * 8), sectorCount: 8)) }
+                while results.count < 12 { try queue.reap { tag, result in results[tag] = result } }
+            } else {
+                try queue.start(tag: 0, IODescriptor(operation: .flush, startSector: 0, sectorCount: 0))
+                for round in 0..<40 where results[0] == nil {
+                    try queue.start(tag: 1, IODescriptor(operation: .read, startSector: 8, sectorCount: 8))
+                    results[1] = nil
+                    while results[1] == nil { try queue.reap { tag, result in results[tag] = result } }
+                    #expect(results[1] == 4096, "READ \(round) beside the slow FLUSH")
+                    usleep(100_000)
+                }
+                while results[0] == nil { try queue.reap { tag, result in results[tag] = result } }
+            }
+        }
+        shutdown(fd, Int32(SHUT_RDWR))
+        server.join()
+        #expect(results.allSatisfy { $0.value == ($0.key == 0 && !inOrder ? 0 : 4096) }, "\(results.sorted { $0.key < $1.key })")
+    }
+
+    /// The handshake, then every request answered (READs with data) once `delay(type)` has
+    /// passed: from its arrival, or, `inOrder`, from the answer before it (a server that
+    /// answers one at a time). Returns at DISC or when the client hangs up.
+    static func serveDelayed(_ client: Int32, inOrder: Bool, delay: (UInt16) -> Duration) {
+        guard handshake(client) else { return }
+        var pending: [(due: ContinuousClock.Instant, reply: [UInt8])] = []
+        while true {
+            var poller = pollfd(fd: client, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&poller, 1, 20)
+            while let first = pending.first, first.due <= .now {
+                guard send(client, first.reply) else { return }
+                pending.removeFirst()
+            }
+            guard ready > 0 else { continue }
+            guard let request = receive(client, NBDRequest.headerSize) else { return }
+            let type = request.withUnsafeBytes { UInt16(bigEndian: $0.loadUnaligned(fromByteOffset: 6, as: UInt16.self)) }
+            let cookie = request.withUnsafeBytes { UInt64(bigEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self)) }
+            let count = Int(request.withUnsafeBytes { UInt32(bigEndian: $0.loadUnaligned(fromByteOffset: 24, as: UInt32.self)) })
+            if type == NBDCommand.disconnect.rawValue { return }
+            var header = [UInt8](repeating: 0, count: 16)
+            header.withUnsafeMutableBytes { NBDSimpleReplyHeader(error: 0, cookie: cookie).encode(into: $0) }
+            let start = inOrder ? max(pending.last?.due ?? .now, .now) : ContinuousClock.now
+            let data = type == NBDCommand.read.rawValue ? [UInt8](repeating: good, count: count) : []
+            pending.append((start + delay(type), header + data))
+            pending.sort { $0.due < $1.due }
+        }
+    }
+
     /// The handshake, then honest replies to every request, but none to the first on tag 0
     /// when `ignoringTagZero`; returns when the client hangs up.
     static func serve(_ client: Int32, ignoringTagZero: Bool) {
