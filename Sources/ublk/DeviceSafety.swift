@@ -59,17 +59,17 @@ enum DeviceSafety {
         return text.split(separator: "\n").compactMap { line in
             let fields = line.split(separator: " ")
             guard fields.count > 4, numbers.contains(String(fields[2])) else { return nil }
-            return String(fields[4]).replacingOctalSpaces
+            return String(fields[4]).unescapingOctal
         }
     }
 
     /// The swap areas (/proc/swaps, as swapon named them) on one of the block devices `paths`.
-    static func swapAreas(on paths: Set<String>) -> [String] {
-        guard let text = SmallFile.text("/proc/swaps") else { return [] }
+    static func swapAreas(on paths: Set<String>, table: String? = SmallFile.text("/proc/swaps")) -> [String] {
+        guard let text = table else { return [] }
         let devices = paths.compactMap { try? FileIdentity.of(path: $0).get() }
         return text.split(separator: "\n").dropFirst().compactMap { line in
             guard let field = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).first else { return nil }
-            let path = String(field).replacingOctalSpaces
+            let path = String(field).unescapingOctal
             guard let identity = try? FileIdentity.of(path: path).get(), devices.contains(identity) else { return nil }
             return path
         }
@@ -196,8 +196,21 @@ extension String {
         return String(s)
     }
 
-    /// mountinfo writes a space in a path as `\040`.
-    var replacingOctalSpaces: String {
-        split(separator: "\\040", omittingEmptySubsequences: false).joined(separator: " ")
+    /// A path as /proc/self/mountinfo and /proc/swaps write it, with a space, tab, newline
+    /// or backslash as `\ooo` (three octal digits), decoded.
+    var unescapingOctal: String {
+        var bytes: [UInt8] = []
+        var rest = Substring(self).utf8[...]
+        while let byte = rest.first {
+            let digits = rest.dropFirst().prefix(3)
+            if byte == UInt8(ascii: "\\"), digits.count == 3, digits.allSatisfy({ (UInt8(ascii: "0")...UInt8(ascii: "7")).contains($0) }) {
+                bytes.append(digits.reduce(0) { $0 &* 8 &+ ($1 - UInt8(ascii: "0")) })
+                rest = rest.dropFirst(4)
+            } else {
+                bytes.append(byte)
+                rest = rest.dropFirst()
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
     }
 }

@@ -351,6 +351,27 @@ import UblkTargets
         #expect(line(["upgrade", "--name", "data"]) == "accepted")
     }
 
+    /// /proc/swaps and mountinfo write a space, tab, newline or backslash in a path as
+    /// `\ooo`; a swap area is found by the device (or file) its path names.
+    @Test func swapAreasAreReadFromTheirTable() throws {
+        #expect("/srv/a\\040b\\011c\\134d\\012".unescapingOctal == "/srv/a b\tc\\d\n")
+        #expect("/srv/\\04x\\".unescapingOctal == "/srv/\\04x\\")
+        let spaced = "/tmp/ublk swap \(getpid())"
+        let fd = open(spaced, O_CREAT | O_WRONLY, 0o600)
+        #expect(fd >= 0)
+        close(fd)
+        defer { unlink(spaced) }
+        let table = """
+        Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority
+        /dev/null                               partition\t65532\t\t0\t\t-2
+        \(spaced.split(separator: " ").joined(separator: "\\040"))\tfile\t\t1024\t\t0\t\t-3
+        """
+        #expect(DeviceSafety.swapAreas(on: ["/dev/null"], table: table) == ["/dev/null"])
+        #expect(DeviceSafety.swapAreas(on: [spaced], table: table) == [spaced])
+        #expect(DeviceSafety.swapAreas(on: ["/dev/zero"], table: table).isEmpty)
+        #expect(DeviceSafety.swapAreas(on: ["/dev/null"], table: nil).isEmpty)
+    }
+
     /// A table row stays one line whatever the backing's name holds.
     @Test func controlCharactersInATableAreEscaped() {
         #expect("/srv/a b.img".escapingControlCharacters == "/srv/a b.img")
