@@ -110,8 +110,9 @@ enum DeviceSafety {
         let existing = Set(ControlDevice.deviceIDs())
         let control = try ControlDevice()
         for record in RuntimeDirectory.all() {
+            // The file the device serves, as recorded: its path may name another one now.
             guard case .loop(let other) = record.spec, !other.readOnly, existing.contains(record.id),
-                  backingIdentity(other.path) == identity else { continue }
+                  (record.backingIdentity.map(identityKey) ?? backingIdentity(other.path)) == identity else { continue }
             // A device whose server died still counts if it waits for a new one (--recovery):
             // `ublk recover` would bring a second writer back.
             let waiting = !RuntimeDirectory.isAlive(record.pid)
@@ -185,7 +186,12 @@ enum DeviceSafety {
     /// What names a backing: the block device itself, or the file's (device, inode).
     static func backingIdentity(_ path: String) -> [UInt64]? {
         guard let status = try? FileDescriptor(path: path, flags: O_RDONLY | O_NONBLOCK).status() else { return nil }
-        return status.isBlockDevice ? [status.rdev] : [status.device, status.inode]
+        return identityKey(status.identity)
+    }
+
+    /// `backingIdentity`'s form of a `FileIdentity` (a block device's has inode 0).
+    static func identityKey(_ identity: FileIdentity) -> [UInt64] {
+        identity.inode == 0 ? [identity.device] : [identity.device, identity.inode]
     }
 }
 

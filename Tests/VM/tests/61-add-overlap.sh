@@ -58,3 +58,13 @@ done
 # upgrades leave a lock file per device id, upgrade-ublkbN: not the adds'.)
 expect_eq "$(ls -A /run/ublk/locks | grep -v '^upgrade-ublkb' || true)" "" "lock files left under /run/ublk/locks"
 echo "ok: two adds of one file at once give one device, three times, and leave no lock file"
+
+# Another file put at the served backing's path (the first deleted, or renamed over): it is
+# not the file the device serves, so it may have a read-write device of its own, as losetup
+# allows. (The check compared the path's file now with the new device's, which is the same.)
+held=$("$UBLK" add --file "$img")
+truncate -s 64M "$dir/other.img"
+mv "$dir/other.img" "$img"
+second=$("$UBLK" add --file "$img" 2>"$dir/err") || fail "ublk add of a new file at a served backing's path: $(cat "$dir/err")"
+"$UBLK" del "$second" "$held"
+echo "ok: a new file at a served backing's path gets a read-write device of its own"
