@@ -427,7 +427,7 @@ public final class DeviceServer {
     /// writable device, fewer queues allowed than it has (`queueLimit`), no FLUSH under an
     /// announced write cache, no FUA under announced FUA (a FUA write would be answered
     /// before it is durable), smaller requests than it sends. Nil if it fits.
-    static func mismatch(_ properties: TargetProperties, queueLimit: Int? = nil, device: DeviceParameters,
+    public static func mismatch(_ properties: TargetProperties, queueLimit: Int? = nil, device: DeviceParameters,
                          queues: Int = 1) -> String? {
         let deviceBytes = device.sectors << 9
         if properties.size < deviceBytes { return "it holds \(properties.size) bytes, the device \(deviceBytes)" }

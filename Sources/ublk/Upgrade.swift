@@ -41,6 +41,7 @@ extension Ublk {
             let info = try control.deviceInfo(id)
             try Self.checkUpgradable(id, info: info, features: control.features)
             if let why = RuntimeDirectory.load(id)?.backingReplaced() { throw CLIError("\(why): nothing changed") }
+            try Self.checkExport(id, info: info, control: control)
             let arguments = ["recover", "--id", "\(id)"]
             if let key = try newServerKey(id) {
                 // The key as checked, read once: the new server reads it from a pipe (as a
@@ -50,6 +51,20 @@ extension Ublk {
                                   keyInput: keyPipe.rawValue)
             } else {
                 try replaceServer(id, control: control, arguments: arguments, keyInput: STDIN_FILENO)
+            }
+        }
+
+        /// An NBD device's export, reached and checked before anything changes: the new
+        /// server connects to it after the quiesce, and an export it cannot have (the server
+        /// down, the export now read-only or smaller) would leave the device waiting for one.
+        static func checkExport(_ id: UInt32, info: DeviceInfo, control: borrowing ControlDevice) throws {
+            guard let record = RuntimeDirectory.load(id), case .nbd = record.spec else { return }
+            let target: any SpecifiedTarget
+            do { target = try record.spec.makeTarget() } catch { throw CLIError("\(error); nothing changed") }
+            let parameters = try control.parameters(id)
+            if let why = DeviceServer.mismatch(target.properties, queueLimit: target.queueLimit?.queues,
+                                               device: parameters, queues: Int(info.queueCount)) {
+                throw CLIError("device \(id) cannot be taken over with its export as it is now: \(why); nothing changed")
             }
         }
 

@@ -3,6 +3,7 @@
 # (multi-conn); the server is killed in the middle of it and restarted 2 s later:
 # the verify passes. Then the server is killed for good: after --reconnect-timeout
 # I/O fails with EIO, the ublk server stays up, and `ublk del` still removes the device.
+# Where the kernel has QUIESCE, an upgrade with the server down is refused at once.
 # timeout: 400
 . "$(dirname "$0")/../lib.sh"
 need_ublk
@@ -21,7 +22,7 @@ echo "$server" >"$dir/server.pid"
 
 dev=$("$UBLK" add --target nbd --uri nbd://127.0.0.1/disk --queues 2 --depth 32 --reconnect-timeout 15)
 id=${dev#/dev/ublkb}
-at_exit "$UBLK" del --id "$id"
+at_exit "$UBLK" del --all
 pid=$(list_field "$id" pid)
 expect_eq "$(ls "/sys/block/ublkb$id/mq" | wc -l)" 2 "hardware queues"
 
@@ -56,3 +57,21 @@ expect_eq "$(list_field "$id" id)" "$id" "device still listed"
 wait_gone "$dev"
 wait_exit "$pid" 20
 echo "ok: with the server gone for good, I/O failed with EIO after $((SECONDS - start)) s; the ublk server stayed up until ublk del"
+
+# An upgrade while the NBD server is down is refused before anything changes (the new
+# server could not reach the export after the quiesce: the device would wait for one).
+if has_feature QUIESCE; then
+	start_server
+	echo "$server" >"$dir/server.pid"
+	dev=$("$UBLK" add --target nbd --uri nbd://127.0.0.1/disk --recovery)
+	id=${dev#/dev/ublkb}
+	kill -9 "$server"
+	wait "$server" 2>/dev/null || true
+	KEEP_ID=$id expect_error "ublk upgrade with the NBD server down" "connection refused.*nothing changed" -- "$UBLK" upgrade "$dev"
+	fail_on_problems "with the NBD server down"
+	expect_eq "$(list_field "$id" state)" live "state of the device after the refused upgrade"
+	"$UBLK" del "$dev"
+	echo "ok: an upgrade with the NBD server down was refused: $(cat "$EXPECT_DIR/err")"
+else
+	echo "an upgrade needs UBLK_F_QUIESCE: not run"
+fi
