@@ -89,10 +89,12 @@ public enum RuntimeDirectory {
 
     static func recordPath(_ id: UInt32) -> String { "\(path)/ublkb\(id).json" }
 
-    /// Writes the record atomically (temporary file + rename).
+    /// Writes the record atomically (temporary file + rename). An encrypted device's is
+    /// root's alone: its key check value would let anyone test guesses of a weak key offline.
     public static func save(_ record: DeviceRecord) throws {
         SmallFile.makeDirectories(path)
-        try SmallFile.writeAtomically(recordPath(record.id), Array(try JSONEncoder().encode(record)))
+        try SmallFile.writeAtomically(recordPath(record.id), Array(try JSONEncoder().encode(record)),
+                                      mode: record.keyCheck == nil ? 0o644 : 0o600)
     }
 
     /// The record of device `id`, if one was written.

@@ -94,6 +94,8 @@ no_key_shown() {
 	hex=$(od -An -tx1 -v "$1" | tr -d ' \n')
 	! "$UBLK" list --json | grep -qiF "$hex" || fail "ublk list --json shows the key"
 	! grep -rqiF "$hex" /run/ublk 2>/dev/null || fail "a device record under /run/ublk holds the key in hex"
+	# Its key check value stays root's: no offline guessing of a weak key by other users.
+	expect_eq "$(stat -c %a "/run/ublk/ublkb${2#/dev/ublkb}.json")" 600 "mode of the encrypted device's record"
 	pid=$(list_field "${2#/dev/ublkb}" pid)
 	! tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qiF "$hex" || fail "the server's command line holds the key"
 }
