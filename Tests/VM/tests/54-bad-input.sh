@@ -33,10 +33,19 @@ chmod 444 "$dir/readonly.img"
 expect_error "missing backing file" "does not exist.*(create|truncate)" -- "$UBLK" add --file "$dir/nope.img"
 expect_error "unreadable backing file (root without DAC override)" "not readable.*permission" --no-dac -- "$UBLK" add --file "$dir/secret.img"
 expect_error "unreadable backing file, --foreground" "not readable.*permission" --no-dac -- "$UBLK" add --file "$dir/secret.img" --foreground
+# A write-protected backing with --no-read-only (a writable device or none): refused.
 for dio in on auto; do
-	expect_error "write-protected backing file, --direct-io $dio (root without DAC override)" "--read-only" --no-dac -- \
-		"$UBLK" add --file "$dir/readonly.img" --direct-io "$dio"
+	expect_error "write-protected backing file, --no-read-only, --direct-io $dio (root without DAC override)" \
+		"asks for a writable device" --no-dac -- "$UBLK" add --file "$dir/readonly.img" --direct-io "$dio" --no-read-only
 done
+# Without it, as losetup: a read-only device, said in one line.
+dev=$(setpriv --bounding-set=-dac_override,-dac_read_search "$UBLK" add --file "$dir/readonly.img" 2>"$dir/err") ||
+	fail "ublk add of a write-protected backing (root without DAC override): $(cat "$dir/err")"
+grep -qF "cannot be written (Permission denied): the device is read-only" "$dir/err" ||
+	fail "ublk add of a write-protected backing said: $(cat "$dir/err")"
+expect_eq "$(blockdev --getro "$dev")" 1 "read-only flag of the device over a write-protected backing"
+"$UBLK" del "$dev"
+echo "ok: a write-protected backing made a read-only device: $(cat "$dir/err")"
 expect_error "unreadable backing file as uid 65534" "root" --as-nobody -- "$UBLK" add --file "$dir/secret.img"
 expect_error "directory as backing" "directory.*(regular file|block device)" -- "$UBLK" add --file "$dir/adir"
 expect_error "zero-length backing file" "empty.*(truncate|size)" -- "$UBLK" add --file "$dir/empty.img"
