@@ -104,7 +104,7 @@ enum DeviceSafety {
     /// device: two writers that each cache the other's blocks corrupt the data.
     static func refuseOverlap(_ target: any Target, force: Bool) throws {
         guard !force, let loop = target as? LoopTarget, !loop.configuration.readOnly,
-              let identity = backingIdentity(loop.configuration.path) else { return }
+              let identity = loop.backingIdentity else { return }
         let start = loop.configuration.offset
         let end = start + loop.properties.size
         let existing = Set(ControlDevice.deviceIDs())
@@ -112,7 +112,7 @@ enum DeviceSafety {
         for record in RuntimeDirectory.all() {
             // The file the device serves, as recorded: its path may name another one now.
             guard case .loop(let other) = record.spec, !other.readOnly, existing.contains(record.id),
-                  (record.backingIdentity.map(identityKey) ?? backingIdentity(other.path)) == identity else { continue }
+                  (record.backingIdentity ?? (try? FileIdentity.of(path: other.path).get())) == identity else { continue }
             // A device whose server died still counts if it waits for a new one (--recovery):
             // `ublk recover` would bring a second writer back.
             let waiting = !RuntimeDirectory.isAlive(record.pid)
@@ -186,12 +186,7 @@ enum DeviceSafety {
     /// What names a backing: the block device itself, or the file's (device, inode).
     static func backingIdentity(_ path: String) -> [UInt64]? {
         guard let status = try? FileDescriptor(path: path, flags: O_RDONLY | O_NONBLOCK).status() else { return nil }
-        return identityKey(status.identity)
-    }
-
-    /// `backingIdentity`'s form of a `FileIdentity` (a block device's has inode 0).
-    static func identityKey(_ identity: FileIdentity) -> [UInt64] {
-        identity.inode == 0 ? [identity.device] : [identity.device, identity.inode]
+        return status.isBlockDevice ? [status.rdev] : [status.device, status.inode]
     }
 }
 
