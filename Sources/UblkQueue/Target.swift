@@ -98,6 +98,12 @@ public protocol Target: AnyObject, Sendable {
     var threadsPerQueue: Int { get }
     /// Makes every completed write durable; called once when the device stops.
     func sync() throws
+    /// The device is being stopped (a signal to the server, `ublk del`, a failed queue): a
+    /// target whose requests may wait long on something outside (a network server that is
+    /// down) fails them now, as the kernel's nbd does on `nbd-client -d`, instead of holding
+    /// up the stop, which waits for every request. Called on another thread than the
+    /// queues', perhaps more than once. Nothing by default.
+    func stopRequested()
     /// The handler moves data only with ring operations that take `RequestData`, never
     /// touching it, so requests may keep their own pages (zero copy).
     var supportsZeroCopy: Bool { get }
@@ -115,6 +121,9 @@ extension Target {
 
     /// One thread per queue.
     public var threadsPerQueue: Int { 1 }
+
+    /// A target whose requests end soon anyway (files, memory) has nothing to cut short.
+    public func stopRequested() {}
 
     @inlinable
     public func serveQueue(_ configuration: QueueConfiguration, characterDevice: Int32, logger: Logger,
@@ -348,6 +357,14 @@ public struct BackingSubmitter {
     public func timeout(_ duration: UnsafeMutablePointer<__kernel_timespec>) throws(SystemError) {
         let sqe = try prepare()
         io_uring_prep_timeout(sqe, duration, 0, 0)
+    }
+
+    /// A one-shot poll of a plain descriptor for `events` (`POLLIN`...): completes with
+    /// the events that are ready (a `Latch` raised, for one).
+    @inlinable
+    public func poll(file: Int32, events: Int16) throws(SystemError) {
+        let sqe = try prepare()
+        io_uring_prep_poll_add(sqe, file, UInt32(UInt16(bitPattern: events)))
     }
 
     /// The queue ring's descriptor, for a thread that answers this request by MSG_RING.

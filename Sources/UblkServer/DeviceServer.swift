@@ -144,7 +144,7 @@ public final class DeviceServer {
         // The size the queues enforce, which `ublk resize` changes while they run.
         let capacity = DeviceCapacity(sectors: parameters.sectors)
         // Signals are taken by one watcher thread (sigwait); queue threads inherit the mask.
-        let watcher = SignalWatcher(deviceID: id, logger: logger)
+        let watcher = SignalWatcher(deviceID: id, target: target, logger: logger)
         let threads = try startQueues(info, parameters: parameters, mode: mode, control: control,
                                       characterDevice: characterDevice.rawValue, capacity: capacity)
         do {
@@ -352,6 +352,7 @@ public final class DeviceServer {
     /// again, so the disk under a mounted file system survives a failed recover or upgrade.
     private func abandonStart(_ threads: QueueThreads, id: UInt32, mode: Mode, control: borrowing ControlDevice) {
         guard case .create = mode else { return }
+        target.stopRequested()
         try? control.stopDevice(id)
         _ = threads.joinAll()
     }
@@ -395,6 +396,7 @@ public final class DeviceServer {
     private func waitForQueues(_ threads: QueueThreads, id: UInt32, control: borrowing ControlDevice) -> (any Error)? {
         threads.joinAll { error in
             logger.error("queue ended early: \(error)")
+            target.stopRequested()
             try? control.stopDevice(id)
         }
     }

@@ -16,6 +16,8 @@ import UblkTargets
 ///
 ///     resize [BYTES]   the backing's current size (or BYTES) becomes the device's
 ///     quiesce          QUIESCE_DEV; the server then exits and leaves the device to a new one
+///     stopping         the device is about to be stopped (`ublk del --force`): the target
+///                      stops waiting for what may not come (`Target.stopRequested`)
 ///
 /// `@unchecked Sendable` is safe: `record` is touched only by
 /// the channel's thread once it runs; `removed` only by the server's own thread (`stop`);
@@ -100,6 +102,9 @@ public final class ServerControl: @unchecked Sendable {
                 return "ok \(try resize(requested))"
             case "quiesce" where words.count == 1:
                 try quiesce()
+                return "ok"
+            case "stopping" where words.count == 1:
+                target.stopRequested()
                 return "ok"
             default:
                 return "error unknown request `\(request)`"

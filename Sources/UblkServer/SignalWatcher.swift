@@ -1,6 +1,7 @@
 import Glibc
 import Logging
 import UblkControl
+import UblkQueue
 import UblkSystem
 
 /// Turns SIGTERM, SIGINT and SIGHUP into STOP_DEV for the served device.
@@ -9,13 +10,17 @@ import UblkSystem
 /// synchronously by one watcher thread with `sigwait`, so no work happens in a signal
 /// handler. STOP_DEV lets in-flight requests finish, then aborts the queues' fetches,
 /// which ends the queue threads; the server then syncs, closes and deletes the device.
+/// The target hears of the stop first (`Target.stopRequested`): the in-flight requests
+/// STOP_DEV waits for must not wait long.
 final class SignalWatcher: Sendable {
     private let deviceID: UInt32
+    private let target: any Target
     private let logger: Logger
     static let signals: [Int32] = [SIGTERM, SIGINT, SIGHUP]
 
-    init(deviceID: UInt32, logger: Logger) {
+    init(deviceID: UInt32, target: any Target, logger: Logger) {
         self.deviceID = deviceID
+        self.target = target
         self.logger = logger
     }
 
@@ -52,6 +57,7 @@ final class SignalWatcher: Sendable {
 
     /// STOP_DEV from a control ring of this thread's own.
     func requestStop() {
+        target.stopRequested()
         do {
             let control = try ControlDevice()
             try control.stopDevice(deviceID)

@@ -36,10 +36,18 @@ import UblkSystem
 ///   server lost); not for a FLUSH, which may take long over a big cache, nor for a server
 ///   that answers in order over a slow link. (Not as a crash: its answered writes are not
 ///   taken as lost.)
+/// - Once the device is stopping (`NBDTarget.stopRequested`), nothing waits for a server
+///   that is down: its requests fail with EIO at once, as the kernel's nbd fails them on
+///   `nbd-client -d`; on a connection that is up they get `NBDTarget.stopGrace` without
+///   anything moving before they fail too.
 public final class NBDQueueHandler: QueueHandler {
     /// The `.queue` operations, told apart by their step.
     enum Step: UInt16 {
         case send = 1, receive, retry, watchdog
+        /// The target's `stopping` latch was raised.
+        case stop
+        /// The stop timer (`checkStop`).
+        case stopCheck
     }
 
     enum Phase: Equatable {
@@ -128,6 +136,10 @@ public final class NBDQueueHandler: QueueHandler {
     /// The watchdog's timer is pending (`watchdogTimer`, armed while requests are sent).
     var watchdogArmed = false
     let watchdogTimer: UnsafeMutablePointer<__kernel_timespec>
+    /// The device is stopping: no reconnects, and waits are cut short (`stopRequested`).
+    var stopping = false
+    var stopCheckArmed = false
+    let stopTimer: UnsafeMutablePointer<__kernel_timespec>
 
     init(socket: consuming FileDescriptor, target: NBDTarget, queueID: Int, depth: Int) {
         socketNumber = socket.rawValue
@@ -148,6 +160,8 @@ public final class NBDQueueHandler: QueueHandler {
         timer.initialize(to: __kernel_timespec())
         watchdogTimer = .allocate(capacity: 1)
         watchdogTimer.initialize(to: __kernel_timespec())
+        stopTimer = .allocate(capacity: 1)
+        stopTimer.initialize(to: __kernel_timespec())
     }
 
     deinit {
@@ -158,15 +172,18 @@ public final class NBDQueueHandler: QueueHandler {
         vectors.deallocate()
         timer.deallocate()
         watchdogTimer.deallocate()
+        stopTimer.deallocate()
     }
 
     // MARK: Requests
 
     public func start(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> RequestStep {
         if !started {
-            // The first request is the first chance to use the ring: start receiving.
+            // The first request is the first chance to use the ring: start receiving, and
+            // watching for the device to stop.
             started = true
             try receiveNext(io.forQueue(step: Step.receive.rawValue))
+            try io.forQueue(step: Step.stop.rawValue).poll(file: target.stopping.descriptor, events: Int16(POLLIN))
         }
         if case .failed = connection { return .done(-EIO) }
         let tag = Int(request.tag)
@@ -289,6 +306,10 @@ public final class NBDQueueHandler: QueueHandler {
         case .receive: try receiveCompleted(result, io, &finished)
         case .retry: try retry(io, &finished)
         case .watchdog: try watchdogFired(result, io, &finished)
+        case .stop: try stopRequested(result, io, &finished)
+        case .stopCheck:
+            stopCheckArmed = false
+            try checkStop(io, &finished)
         case nil: break
         }
     }
@@ -304,6 +325,7 @@ public final class NBDQueueHandler: QueueHandler {
         slots[tag].covers = answeredWrites
         try submitSend(tag: tag, io.forQueue(step: Step.send.rawValue))
         if !watchdogArmed { try armWatchdog(after: watchdogPeriod, io) }
+        if stopping && !stopCheckArmed { try armStopCheck(after: target.stopGrace, io) }
     }
 
     /// Sends what is left of `tag`'s header and data.
@@ -439,7 +461,7 @@ extension NBDQueueHandler {
     func drop(_ reason: String, _ io: BackingSubmitter, _ finished: inout FinishedRequests,
               serverMayHaveCrashed: Bool = true) throws(SystemError) {
         guard case .up = connection else { return }
-        logger.warning("queue \(queueID): connection to \(target.address.endpoint) lost: \(reason): reconnecting")
+        logger.warning("queue \(queueID): connection to \(target.address.endpoint) lost: \(reason): \(stopping ? "not reconnecting, the device is stopping" : "reconnecting")")
         socket?.shutdown()
         connection = .draining
         sendCount = 0
@@ -496,7 +518,7 @@ extension NBDQueueHandler {
         guard case .draining = connection, !sending, !receiving else { return }
         socket = nil
         connection = .down
-        guard let delay = outage?.delay(at: .now) else { return try giveUp(io, &finished) }
+        guard !stopping, let delay = outage?.delay(at: .now) else { return try giveUp(io, &finished) }
         try schedule(after: delay, io)
     }
 
@@ -516,6 +538,7 @@ extension NBDQueueHandler {
     /// The retry timer fired: one connect (bounded, a few seconds at most), then either
     /// resend everything or wait again; past the budget, fail what waits.
     func retry(_ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
+        guard !stopping else { return } // (`giveUp` failed what waited: the device goes)
         let failed = if case .failed = connection { true } else { false }
         let left = outage.map { ContinuousClock.now.duration(to: $0.deadline) } ?? .seconds(2)
         do throws(NBDError) {
@@ -579,7 +602,11 @@ extension NBDQueueHandler {
     /// The outage outlasted the budget: every waiting request fails with EIO, and so does
     /// new I/O until a reconnect (every 5 s) succeeds.
     func giveUp(_ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
-        logger.error("queue \(queueID): no answer from \(target.address.endpoint) for \(budget): failing I/O with EIO until it is back")
+        if stopping {
+            logger.warning("queue \(queueID): the device is stopping: failing the requests that wait for \(target.address.endpoint) with EIO")
+        } else {
+            logger.error("queue \(queueID): no answer from \(target.address.endpoint) for \(budget): failing I/O with EIO until it is back")
+        }
         connection = .failed
         outage = nil
         caughtCount = 0
@@ -591,7 +618,7 @@ extension NBDQueueHandler {
             slots[tag].request = nil
             slots[tag].caught = false
         }
-        try schedule(after: .seconds(5), io)
+        if !stopping { try schedule(after: .seconds(5), io) }
     }
 
     func reconnected(_ newSocket: consuming FileDescriptor) {
@@ -614,5 +641,49 @@ extension NBDQueueHandler {
         for tag in waiting { try enqueue(tag: tag, io.forQueue(step: Step.send.rawValue)) }
         if heldFlushes > 0 { try releaseFlushes(io) }
         try receiveNext(io.forQueue(step: Step.receive.rawValue))
+    }
+}
+
+// MARK: Stopping
+
+extension NBDQueueHandler {
+    /// The device is stopping (`NBDTarget.stopRequested`): what waits for a server that is
+    /// down fails now, and new I/O fails at once from then on; what waits on a connection
+    /// that is up gets `stopGrace` without anything moving on it (`checkStop`).
+    func stopRequested(_ result: Int32, _ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
+        guard result > 0 else { return } // (a poll canceled, or refused: the stop waits as before)
+        stopping = true
+        switch connection {
+        case .up: try checkStop(io, &finished)
+        case .down: try giveUp(io, &finished)
+        case .draining, .failed: break // (`closeIfDrained` gives up; nothing waits)
+        }
+    }
+
+    /// While the device stops: requests that wait on a connection on which nothing moved
+    /// for `stopGrace` fail (it is dropped, and not tried again); while some wait, the stop
+    /// timer looks again when the rest of that time is up.
+    func checkStop(_ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
+        guard stopping, !stopCheckArmed, case .up = connection, waitOnConnection else { return }
+        let still = lastProgress.duration(to: .now)
+        if still >= target.stopGrace {
+            return try drop("nothing moved for \(Int(still / .milliseconds(1))) ms while the device stops", io, &finished, serverMayHaveCrashed: false)
+        }
+        try armStopCheck(after: target.stopGrace - still, io)
+    }
+
+    func armStopCheck(after delay: Duration, _ io: BackingSubmitter) throws(SystemError) {
+        try start(stopTimer, after: delay, step: .stopCheck, io)
+        stopCheckArmed = true
+    }
+
+    /// Requests wait on the connection: being sent, or sent and not answered.
+    var waitOnConnection: Bool {
+        slots.contains { slot in
+            switch slot.phase {
+            case .sending, .awaitingReply, .repliedWhileSending: true
+            default: false
+            }
+        }
     }
 }

@@ -37,13 +37,21 @@ public final class NBDTarget: SpecifiedTarget {
     /// server that takes long over a FLUSH or a large transfer is slow, not gone. (Tests
     /// shorten it.)
     public let minimumSilence: Duration
+    /// Raised by `stopRequested`; each queue handler polls it.
+    let stopping: Latch
+    /// Once the device is stopping, how long requests may wait on a connection on which
+    /// nothing moves before they fail. (Tests shorten it.)
+    let stopGrace: Duration
     /// The first connection, kept for the first queue handler that asks.
     private let firstSocket: Mutex<FileDescriptor?>
 
-    public init(_ configuration: NBDConfiguration, minimumSilence: Duration = .seconds(30)) throws(TargetError) {
+    public init(_ configuration: NBDConfiguration, minimumSilence: Duration = .seconds(30),
+                stopGrace: Duration = .seconds(5)) throws(TargetError) {
         self.configuration = configuration
         self.minimumSilence = minimumSilence
+        self.stopGrace = stopGrace
         guard configuration.reconnectTimeout >= 0 else { throw .nbd(Self.badTimeout(configuration.reconnectTimeout)) }
+        do { stopping = try Latch() } catch { throw .nbd(NBDError(.connect, "cannot make a pipe: \(error)")) }
         do {
             address = try NBDAddress(uri: configuration.uri)
             let connection = try NBDClient.connect(to: address)
@@ -99,6 +107,11 @@ public final class NBDTarget: SpecifiedTarget {
         if let problem = export.replacementProblem(connection.export) { throw problem }
         return connection.takeSocket()
     }
+
+    /// Requests that wait for a server that is down fail at once, and so does new I/O
+    /// while it is; those waiting on a connection that is up fail once nothing has moved on
+    /// it for `stopGrace` (`NBDQueueHandler.stopRequested`).
+    public func stopRequested() { stopping.raise() }
 
     /// A FLUSH on a connection of its own once the queues are gone: every write the
     /// device completed is then on the server's stable storage.

@@ -97,8 +97,12 @@ enum DeviceRemoval {
     /// STOP_DEV (in-flight requests finish, the disk goes, its users see I/O errors), then
     /// DEL_DEV_ASYNC, which does not wait for the last opener as DEL_DEV does. A kernel
     /// without DEL_DEV_ASYNC leaves the deletion to the server on its way out.
+    /// The server is told first (its request channel, `stopping`, best effort): STOP_DEV
+    /// waits for the requests in flight, which must not wait long for anything, such as an
+    /// NBD server that is down.
     static func pull(_ id: UInt32, control: borrowing ControlDevice) throws {
         let pid = RuntimeDirectory.load(id)?.pid ?? -1
+        if RuntimeDirectory.isAlive(pid) { _ = try? ServerControl.request(id, "stopping", seconds: 2) }
         do { try control.stopDevice(id) } catch where error.errno == ENODEV || error.errno == ENOENT {
             throw CLIError("\(error)")
         } catch {

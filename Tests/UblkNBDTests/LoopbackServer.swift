@@ -16,6 +16,8 @@ final class LoopbackServer: Sendable {
         case reply(error: UInt32)
         /// Close the connection without answering.
         case hangUp
+        /// Answer nothing, and keep the connection (a server that hangs).
+        case ignore
     }
 
     /// One request as the server read it.
@@ -74,23 +76,28 @@ final class LoopbackServer: Sendable {
             defer { log.client.withLock { $0 = -1; close(client) } } // never shut down once its number is free
             let connection = log.requests.withLock { $0.append([]); return $0.count - 1 }
             guard NBDTargetViolationTests.handshake(client, size: size, flags: flags) else { continue }
-            while let header = NBDTargetViolationTests.receive(client, NBDRequest.headerSize) {
+            serving: while let header = NBDTargetViolationTests.receive(client, NBDRequest.headerSize) {
                 let request = header.withUnsafeBytes {
                     Request(command: UInt16(bigEndian: $0.loadUnaligned(fromByteOffset: 6, as: UInt16.self)),
                             offset: UInt64(bigEndian: $0.loadUnaligned(fromByteOffset: 16, as: UInt64.self)),
                             length: Int(UInt32(bigEndian: $0.loadUnaligned(fromByteOffset: 24, as: UInt32.self))))
                 }
                 log.requests.withLock { $0[connection].append(request) }
-                if request.command == NBDCommand.disconnect.rawValue { break }
+                if request.command == NBDCommand.disconnect.rawValue { break serving }
                 if request.command == NBDCommand.write.rawValue,
-                   NBDTargetViolationTests.receive(client, request.length) == nil { break }
-                guard case .reply(let error) = script(connection, request) else { break }
+                   NBDTargetViolationTests.receive(client, request.length) == nil { break serving }
+                let error: UInt32
+                switch script(connection, request) {
+                case .reply(let code): error = code
+                case .ignore: continue
+                case .hangUp: break serving
+                }
                 var reply = [UInt8](repeating: 0, count: NBDSimpleReplyHeader.size)
                 let cookie = header.withUnsafeBytes { UInt64(bigEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self)) }
                 reply.withUnsafeMutableBytes { NBDSimpleReplyHeader(error: error, cookie: cookie).encode(into: $0) }
                 let readData = request.command == NBDCommand.read.rawValue && error == 0
                 guard NBDTargetViolationTests.send(client, reply + (readData ? [UInt8](repeating: Self.data, count: request.length) : []))
-                else { break }
+                else { break serving }
             }
         }
     }

@@ -1,6 +1,10 @@
 import Glibc
+import Logging
+import Synchronization
 import Testing
+import UblkQueue
 import UblkSystem
+import UblkTargets
 @testable import UblkServer
 
 /// The request channel's socket and line protocol (what `ublk resize` and `ublk upgrade`
@@ -36,4 +40,30 @@ import UblkSystem
         let listener = try UnixListener(path: path)
         #expect(listener.path == path)
     }
+
+    /// `stopping` (sent by `ublk del --force` before STOP_DEV) reaches the target, so an nbd
+    /// target fails what waits for a server that is down instead of holding up the stop.
+    @Test func stoppingReachesTheTarget() {
+        let target = StopCountingTarget()
+        let channel = ServerControl(deviceID: 0, capacity: DeviceCapacity(sectors: 8), target: target, record: nil,
+                                    logger: Logger(label: "test"))
+        #expect(channel.handle("stopping") == "ok")
+        #expect(target.stops.load(ordering: .relaxed) == 1)
+        #expect(channel.handle("stopping now").hasPrefix("error unknown request"))
+        #expect(target.stops.load(ordering: .relaxed) == 1)
+    }
+}
+
+/// A null target that counts the stops it is told of.
+final class StopCountingTarget: Target {
+    let inner = NullTarget(size: 4096)
+    let stops = Atomic<Int>(0)
+    var name: String { "counting" }
+    var properties: TargetProperties { inner.properties }
+    var fixedFiles: [Int32] { [] }
+    func makeQueueHandler(queueID: Int, depth: Int, share: TagShare) -> NullQueueHandler {
+        inner.makeQueueHandler(queueID: queueID, depth: depth, share: share)
+    }
+    func sync() throws {}
+    func stopRequested() { stops.add(1, ordering: .relaxed) }
 }

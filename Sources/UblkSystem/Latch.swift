@@ -1,0 +1,29 @@
+import Synchronization
+
+/// A flag one thread raises, once, for threads that sleep in `io_uring_enter`, which no
+/// atomic store would wake: the read end of a pipe turns readable, and stays readable
+/// (nobody reads the byte), when `raise` writes to it. A ring learns of it with a poll
+/// on `descriptor`; every poll completes, armed before the raise or after.
+public final class Latch: Sendable {
+    private let readEnd: FileDescriptor
+    private let writeEnd: FileDescriptor
+    private let raised = Atomic<Bool>(false)
+
+    public init() throws(SystemError) {
+        let (readEnd, writeEnd) = try Syscalls.pipe()
+        self.readEnd = FileDescriptor(adopting: readEnd)
+        self.writeEnd = FileDescriptor(adopting: writeEnd)
+    }
+
+    /// What a ring polls for `POLLIN` to learn of the raise.
+    public var descriptor: Int32 { readEnd.rawValue }
+
+    public var isRaised: Bool { raised.load(ordering: .acquiring) }
+
+    /// Raises the latch; once raised, again does nothing. Never blocks: one byte into an
+    /// empty pipe.
+    public func raise() {
+        guard !raised.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        _ = withUnsafeBytes(of: UInt8(1)) { try? Syscalls.write(writeEnd.rawValue, $0) }
+    }
+}

@@ -1,0 +1,74 @@
+#!/bin/bash
+# 74-nbd-stop-server-down — with the NBD server down and a read waiting for it,
+# `ublk del --force` and SIGTERM to the ublk server do not wait out the reconnect
+# timeout (60 s here): the read fails with EIO within seconds and the device goes, as
+# with the kernel's `nbd-client -d`. A server that answers keeps serving a read that
+# comes while `ublk del` waits for nothing (the idle case is unchanged).
+# timeout: 240
+. "$(dirname "$0")/../lib.sh"
+need_ublk
+need_loopback
+
+dir=$(mktempdir)
+truncate -s 64M "$dir/export.img"
+start_server() {
+	nbdkit -f -i 127.0.0.1 -p 10809 file "$dir/export.img" 2>>"$dir/nbdkit.log" &
+	server=$!
+	echo "$server" >"$dir/server.pid"
+	wait_port 10809 10 "$dir/nbdkit.log"
+}
+at_exit bash -c 'kill $(cat '"$dir"'/server.pid) 2>/dev/null'
+at_exit "$UBLK" del --all --force
+
+# A device whose NBD server is killed, and a read that waits for it.
+device_with_waiting_read() {
+	start_server
+	dev=$("$UBLK" add --target nbd --uri nbd://127.0.0.1/disk --reconnect-timeout 60)
+	id=${dev#/dev/ublkb}
+	pid=$(list_field "$id" pid)
+	kill -9 "$server"
+	wait "$server" 2>/dev/null || true
+	dd if="$dev" of=/dev/null bs=4k count=1 skip=300 iflag=direct 2>"$dir/dd.err" &
+	reader=$!
+	sleep 2
+	kill -0 "$reader" 2>/dev/null || fail "the read did not wait for the server: $(cat "$dir/dd.err")"
+}
+
+# The read must have failed with EIO, and soon.
+expect_failed_read() {
+	local start=$1 what=$2
+	wait "$reader" && fail "the read succeeded with the server gone ($what)"
+	grep -q "Input/output error" "$dir/dd.err" || fail "the read failed otherwise than with EIO ($what): $(cat "$dir/dd.err")"
+	((SECONDS - start < 20)) || fail "$what took $((SECONDS - start)) s with a read waiting (reconnect timeout 60 s)"
+}
+
+device_with_waiting_read
+start=$SECONDS
+"$UBLK" del --force --id "$id" || fail "ublk del --force failed"
+wait_gone "$dev"
+wait_exit "$pid" 20
+expect_failed_read "$start" "ublk del --force"
+grep -q "the device is stopping: failing the requests that wait" "${UBLK_RUN_DIR:-/run/ublk}/server.log" ||
+	fail "the server log does not say why the read failed: $(tail -5 "${UBLK_RUN_DIR:-/run/ublk}/server.log")"
+echo "ok: ublk del --force took $((SECONDS - start)) s with the NBD server down and a read waiting"
+
+device_with_waiting_read
+start=$SECONDS
+kill -TERM "$pid"
+wait_exit "$pid" 20
+wait_gone "$dev"
+expect_failed_read "$start" "SIGTERM to the ublk server"
+echo "ok: SIGTERM to the ublk server ended it in $((SECONDS - start)) s with the NBD server down and a read waiting"
+
+# With the server up, a device held open and pulled with --force (the path that tells
+# the server it is stopping) is removed, and what was written is in the export.
+start_server
+dev=$("$UBLK" add --target nbd --uri nbd://127.0.0.1/disk)
+head -c 1M /dev/urandom >"$dir/data"
+dd if="$dir/data" of="$dev" bs=1M oflag=direct status=none || fail "write through the device"
+exec 3<"$dev"
+"$UBLK" del --force "$dev" || fail "ublk del --force with the server up"
+exec 3<&-
+wait_gone "$dev"
+expect_eq "$(head -c 1M "$dir/export.img" | sha256sum | cut -d' ' -f1)" "$(sha "$dir/data")" "the export's first MiB after the removal"
+echo "ok: with the NBD server up, ublk del --force of an open device removed it, and the data is in the export"
