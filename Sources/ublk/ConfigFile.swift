@@ -24,8 +24,13 @@ enum ConfigFile {
     static let flags: Set<String> = ["read-only", "force", "allow-discards"]
     /// Flags whose `no` is said (`--no-read-only`: a writable device or none).
     static let invertibleFlags: Set<String> = ["read-only", "force"]
-    /// `recovery = yes|reissue|fail-io|no` (yes is reissue, as before fail-io existed).
-    static let recoveryValues = ["yes": "reissue", "reissue": "reissue", "fail-io": "fail-io", "no": nil, "off": nil] as [String: String?]
+    /// `recovery = yes|reissue|fail-io|no` (yes is reissue, as before fail-io existed), and
+    /// the other words flags take for yes and no.
+    static let recoveryValues = ["yes": "reissue", "true": "reissue", "on": "reissue", "1": "reissue",
+                                 "reissue": "reissue", "fail-io": "fail-io",
+                                 "no": nil, "false": nil, "off": nil, "0": nil] as [String: String?]
+    /// Keys whose values are words (`auto`, `on`...), taken in any case as flags' are.
+    static let wordKeys: Set<String> = ["target", "direct-io", "zero-copy", "batch-io", "encryption"]
     static let options: Set<String> = ["file", "target", "id", "queues", "depth", "direct-io", "block-size", "sector-size",
                                        "offset", "size", "sizelimit",
                                        "zero-copy", "batch-io", "poll-us", "encryption", "key-file", "key-size", "skip", "cipher-threads", "uri", "reconnect-timeout"]
@@ -33,8 +38,16 @@ enum ConfigFile {
     /// The most a config file may hold: a few dozen lines are plenty.
     static let sizeLimit = 1 << 20
 
+    /// One `ublk add` argument of a config file, and the line it comes from.
+    struct Argument: Equatable {
+        var text: String
+        var line: Int
+        /// `--key` of `--key=value`.
+        var option: Substring { text.split(separator: "=", maxSplits: 1)[0] }
+    }
+
     /// The `ublk add` arguments the file at `path` stands for.
-    static func arguments(path: String) throws -> [String] {
+    static func arguments(path: String) throws -> [Argument] {
         let bytes: [UInt8]
         // Standard input by name, as for --key-file: /dev/stdin need not exist (no udev).
         let isStandardInput = KeyOptions.standardInputNames.contains(path)
@@ -49,7 +62,7 @@ enum ConfigFile {
             && stat(path, &status) == 0 && status.st_mode & S_IFMT == S_IFREG
         // A byte order mark (an editor's, on Windows) is no part of the first key.
         let text = bytes.starts(with: [0xEF, 0xBB, 0xBF]) ? bytes.dropFirst(3) : bytes[...]
-        return try arguments(text: String(decoding: text, as: UTF8.self), path: path, base: hasNeighbours ? directory(of: path) : nil)
+        return try entries(text: String(decoding: text, as: UTF8.self), path: path, base: hasNeighbours ? directory(of: path) : nil)
     }
 
     /// The directory `path` is in, as written ("." for a bare name).
@@ -97,51 +110,68 @@ enum ConfigFile {
     }
 
     static func arguments(text: String, path: String) throws -> [String] {
-        try arguments(text: text, path: path, base: directory(of: path))
+        try entries(text: text, path: path, base: directory(of: path)).map(\.text)
     }
 
+    /// The keys that are other names of a key (as losetup's `--sizelimit` and `--sector-size`):
+    /// one line may not say what another says under the other name.
+    static let aliases = ["sizelimit": "size", "sector-size": "block-size"]
+
     /// `text` as `ublk add` arguments; relative paths are taken from `base` (nil: the working directory).
-    static func arguments(text: String, path: String, base: String?) throws -> [String] {
-        var arguments: [String] = []
-        var seen: [String: Int] = [:]
+    static func entries(text: String, path: String, base: String?) throws -> [Argument] {
+        var arguments: [Argument] = []
+        var seen: [String: (line: Int, key: String)] = [:]
         // By "\r\n" too (a file from Windows): Swift takes it for one Character, not "\n".
         let lines = text.split(omittingEmptySubsequences: false) { $0 == "\n" || $0 == "\r\n" }
         for (index, rawLine) in lines.enumerated() {
             let line = withoutComment(String(rawLine)).trimmingSpaces
             if line.isEmpty { continue }
             let parts = line.split(separator: "=", maxSplits: 1).map { String($0).trimmingSpaces }
+            // The line itself is never shown: a key file given for a config file by mistake
+            // would be printed (and logged, under a service manager).
             guard parts.count == 2, !parts[0].isEmpty, !parts[1].unquoted.isEmpty else {
-                throw CLIError("\(path):\(index + 1): expected `key = value`, got `\(line)`")
+                throw CLIError("\(path):\(index + 1): expected `key = value`: is \(path) a config file? (a key is given with --key-file)")
             }
-            let (key, value) = (parts[0], parts[1].unquoted)
+            let (key, value) = (parts[0], wordKeys.contains(parts[0]) ? parts[1].unquoted.lowercased() : parts[1].unquoted)
             // One would be taken silently (the last, or, for `file`, refused by the server).
-            if let first = seen.updateValue(index + 1, forKey: key) {
-                throw CLIError("\(path):\(index + 1): \(key) is given again (first on line \(first)): give it once")
+            if let first = seen.updateValue((index + 1, key), forKey: aliases[key] ?? key) {
+                let earlier = first.key == key ? "" : " as \(first.key)"
+                throw CLIError("\(path):\(index + 1): \(key) is given again (first\(earlier) on line \(first.line)): give it once")
             }
+            let add = { (text: String) in arguments.append(Argument(text: text, line: index + 1)) }
             if key == "recovery" {
                 guard let policy = recoveryValues[value.lowercased()] else {
-                    throw CLIError("\(path):\(index + 1): recovery takes yes, reissue, fail-io or no, not `\(value)`")
+                    throw CLIError("\(path):\(index + 1): recovery takes yes, reissue, fail-io or no (off), not `\(value)`")
                 }
-                if let policy { arguments.append("--recovery=\(policy)") }
+                if let policy { add("--recovery=\(policy)") }
             } else if flags.contains(key) {
                 switch value.lowercased() {
-                case "yes", "true", "on", "1": arguments.append("--\(key)")
-                case "no", "false", "off", "0": if invertibleFlags.contains(key) { arguments.append("--no-\(key)") }
+                case "yes", "true", "on", "1": add("--\(key)")
+                case "no", "false", "off", "0": if invertibleFlags.contains(key) { add("--no-\(key)") }
                 default: throw CLIError("\(path):\(index + 1): \(key) takes yes or no, not `\(value)`")
                 }
-            } else if key == "key-file" && value == "-" {
-                throw CLIError("\(path):\(index + 1): key-file = - reads standard input, which a service does not have: give the key file's path")
+            } else if key == "key-file" && KeyOptions.standardInputNames.contains(value) {
+                throw CLIError("\(path):\(index + 1): key-file = \(value) reads standard input, which a service does not have: give the key file's path")
             } else if pathKeys.contains(key), let base, !value.hasPrefix("/"), base != "." {
-                arguments.append("--\(key)=\(base == "/" ? "" : base)/\(value)")
+                add("--\(key)=\(base == "/" ? "" : base)/\(value)")
             } else if options.contains(key) {
                 // One word: a value that starts with a dash (`skip = -1`, a file named
                 // `-x`) is the option's value, not an option of its own.
-                arguments.append("--\(key)=\(value)")
+                add("--\(key)=\(value)")
             } else {
-                throw CLIError("\(path):\(index + 1): unknown key `\(key)`: use one of \((options.union(flags).union(["recovery"])).sorted().joined(separator: ", "))")
+                throw CLIError("\(path):\(index + 1): unknown key\(shown(key)): use one of \((options.union(flags).union(["recovery"])).sorted().joined(separator: ", "))")
             }
         }
         return arguments
+    }
+}
+
+extension ConfigFile {
+    /// An unknown key as the error shows it: only if it looks like an option's name
+    /// (lowercase words and dashes), never what may be part of a key file given by mistake.
+    static func shown(_ key: String) -> String {
+        let plain = key.count <= 32 && key.unicodeScalars.allSatisfy { ("a"..."z").contains($0) || $0 == "-" }
+        return plain ? " `\(key)`" : ""
     }
 }
 

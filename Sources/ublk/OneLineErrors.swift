@@ -10,13 +10,14 @@ extension Ublk {
         do {
             let arguments = Array(CommandLine.arguments.dropFirst())
             try refuseRepeatedID(arguments)
-            var command = try parseAsRoot(DeviceOptions.normalized(arguments))
+            var command = try parseReportingOptionsFirst(DeviceOptions.normalized(arguments))
             try command.run()
         } catch {
             let code = exitCode(for: error)
             if code == .success { exit(withError: error) }
             // A bare exit status (`del`, whose failures are each said in a line of their own).
-            if !(error is ExitCode) { FileHandleStderr.print("Error: \(errorLine(for: error))") }
+            // (A control character from a path or a file, as `\x1b`: it must not drive the terminal.)
+            if !(error is ExitCode) { FileHandleStderr.print("Error: \(errorLine(for: error).escapingControlCharacters)") }
             // Without atexit handlers (OpenSSL's cleanup): a failed recovery leaves its queue
             // (and cipher) threads running until the process ends, which returns the device
             // to the kernel to wait for the next server (`DeviceServer.run`).
@@ -25,11 +26,29 @@ extension Ublk {
         }
     }
 
+    /// False while `parseReportingOptionsFirst` parses again without the commands' checks
+    /// (task-local: another thread's parse keeps its checks).
+    @TaskLocal static var validating = true
+
+    /// ArgumentParser runs the commands' `validate()` before it looks for options it does
+    /// not know: `ublk add --target null --szie 1G` would be told that the null target
+    /// needs a size, and `ublk del --ids 3` that 3 is no device, not of the typo. So when a
+    /// check fails, the arguments are parsed again without the checks, and a mistake in
+    /// the options themselves (unknown, missing a value, a bad number) is reported first.
+    static func parseReportingOptionsFirst(_ arguments: [String]) throws -> ParsableCommand {
+        let checkFailed: any Error
+        do { return try parseAsRoot(arguments) } catch { checkFailed = error }
+        guard exitCode(for: checkFailed) == .validationFailure else { throw checkFailed }
+        _ = try $validating.withValue(false) { try parseAsRoot(arguments) }
+        throw checkFailed
+    }
+
     /// ArgumentParser gives an option given twice its last value, silently: `ublk recover
     /// --id 1 --id 2`, written after a command that takes several devices, would act on
     /// device 2 alone. `--id` may be repeated only for `del`, which removes each, and
     /// `list`, which shows each.
-    /// Nor may what names the data and its key: of `--file a --file b`, or of two key files,
+    /// Nor may what names the data, its key or the device: of `--file a --file b`, of two key files,
+    /// or of `upgrade --name a --name b`,
     /// one would be taken silently (and a `--key-file -` among them read in the background
     /// while the foreground took the last).
     static func refuseRepeatedID(_ arguments: [String]) throws {
@@ -39,7 +58,11 @@ extension Ublk {
         if command != "del" && command != "list", case let count = given("--id"), count > 1 {
             throw ValidationError("--id is given \(count) times: give one, `ublk \(command)` acts on one device (only `ublk del` and `ublk list` take several): see `ublk \(command) --help`")
         }
-        for option in ["--file", "--uri", "--key-file", "--config"] where given(option) > 1 {
+        // No such option, and ArgumentParser would suggest `--uri`: say where a key goes.
+        for option in ["--key", "--passphrase", "--password"] where given(option) > 0 {
+            throw ValidationError("\(option): a key never goes on the command line (other users see it in ps): put it in a file and give --key-file PATH, or --key-file - to read it from standard input: see `ublk \(command) --help`")
+        }
+        for option in ["--file", "--uri", "--key-file", "--config", "--name"] where given(option) > 1 {
             throw ValidationError("\(option) is given \(given(option)) times: give it once: see `ublk \(command) --help`")
         }
     }
@@ -51,7 +74,7 @@ extension Ublk {
         if exitCode(for: error) == .validationFailure, !line.hasSuffix("--help`"),
            let help = helpCommand(fullMessage(for: error, columns: 1000)) {
             if line.hasSuffix(".") { line.removeLast() }
-            line += ": see `\(help)`"
+            line += line.hasSuffix("?") ? " See `\(help)`" : ": see `\(help)`"
         }
         return line
     }

@@ -262,19 +262,30 @@ struct DeviceOptions: ParsableArguments {
 
     /// Options from a config file, overridden by `overrides` (command-line arguments).
     static func resolve(config path: String, overrides: [String]) throws -> DeviceOptions {
-        try checked(ConfigFile.arguments(path: path) + overrides, config: path)
+        try checked(file: ConfigFile.arguments(path: path), overrides: overrides, config: path)
     }
 
-    /// The options of a config file at `config` (and the command line's after them), parsed
-    /// and checked; what is wrong is said in one line that names the file.
-    static func checked(_ arguments: [String], config: String) throws -> DeviceOptions {
-        do {
-            let options = try DeviceOptions.parse(arguments)
-            try options.check()
-            return options
-        } catch {
+    /// The options of a config file at `config`, and the command line's after them, parsed
+    /// and checked, each mistake said in one line where it is: a value of the file's names
+    /// its line; one of the command line's is a usage error, as without a file, and so is a
+    /// rule only the command line's values break; else the line names the file.
+    static func checked(file: [ConfigFile.Argument], overrides: [String], config: String) throws -> DeviceOptions {
+        for argument in file {
+            do { _ = try DeviceOptions.parse([argument.text]) } catch {
+                throw CLIError("\(config):\(argument.line): \(DeviceOptions.message(for: error))")
+            }
+        }
+        do { _ = try DeviceOptions.parse(overrides) } catch { throw ValidationError(DeviceOptions.message(for: error)) }
+        let options: DeviceOptions
+        do { options = try DeviceOptions.parse(file.map(\.text) + overrides) } catch {
             throw CLIError("\(config): \(DeviceOptions.message(for: error))")
         }
+        do { try options.check() } catch {
+            let fileAlone = try? DeviceOptions.parse(file.map(\.text))
+            if !overrides.isEmpty, (try? fileAlone?.check()) != nil { throw error }
+            throw CLIError("\(config): \(DeviceOptions.message(for: error))")
+        }
+        return options
     }
 
     /// The target these options describe.

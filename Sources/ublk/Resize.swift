@@ -18,7 +18,10 @@ extension Ublk {
                 transform: ByteCount.parse)
         var size: ByteCount?
 
-        func validate() throws { _ = try device.required() }
+        func validate() throws {
+            guard Ublk.validating else { return }
+            _ = try device.required()
+        }
 
         func run() throws {
             let id = try device.required()

@@ -133,6 +133,7 @@ extension Ublk {
         var config: String?
 
         func validate() throws {
+            guard Ublk.validating else { return }
             if config == nil { try device.check() }
             if let config, KeyOptions.standardInputNames.contains(config),
                let keyFile = device.key.keyFile, KeyOptions.standardInputNames.contains(keyFile) {
@@ -164,11 +165,9 @@ extension Ublk {
             let given = Self.deviceArguments(from: commandLine)
             // The file's options the command line gives too are left out: an --id twice is refused.
             let names = Set(given.filter { $0.hasPrefix("--") }.map { $0.split(separator: "=", maxSplits: 1)[0] })
-            let fileArguments = try ConfigFile.arguments(path: config).filter {
-                !names.contains($0.split(separator: "=", maxSplits: 1)[0])
-            }
-            _ = try DeviceOptions.checked(fileArguments + given, config: config)
-            return ["add"] + fileArguments + given + (server.verbose ? ["--verbose"] : [])
+            let fileArguments = try ConfigFile.arguments(path: config).filter { !names.contains($0.option) }
+            _ = try DeviceOptions.checked(file: fileArguments, overrides: given, config: config)
+            return ["add"] + fileArguments.map(\.text) + given + (server.verbose ? ["--verbose"] : [])
         }
 
         /// The device options given on this command line (without --config and the server flags).
@@ -196,6 +195,7 @@ extension Ublk {
         @OptionGroup var server: ServerFlags
 
         func validate() throws {
+            guard Ublk.validating else { return }
             if name.isEmpty || name.contains("/") { throw ValidationError("NAME must be a plain name, as in /etc/ublk/NAME.conf") }
         }
 
@@ -253,6 +253,7 @@ extension Ublk {
         var force = false
 
         func validate() throws {
+            guard Ublk.validating else { return }
             if chosen.isEmpty && !all { throw ValidationError("give --id N or /dev/ublkbN (more than one if you like), or --all") }
             if !chosen.isEmpty && all { throw ValidationError("--all removes every device: leave out --id and the paths") }
         }
@@ -318,7 +319,10 @@ extension Ublk {
 
         @OptionGroup var server: ServerFlags
 
-        func validate() throws { _ = try device.required() }
+        func validate() throws {
+            guard Ublk.validating else { return }
+            _ = try device.required()
+        }
 
         func run() throws {
             let id = try device.required()
@@ -368,6 +372,7 @@ struct DeviceChoice: ParsableArguments {
     var isEmpty: Bool { id.isEmpty && devices.isEmpty }
 
     func validate() throws {
+        guard Ublk.validating else { return }
         for path in devices where Self.id(of: path) == nil { throw Self.notADevice(path) }
     }
 
@@ -418,6 +423,7 @@ struct OneDevice: ParsableArguments {
     var id: UInt32? { number ?? path.flatMap(DeviceChoice.id(of:)) }
 
     func validate() throws {
+        guard Ublk.validating else { return }
         if let path, DeviceChoice.id(of: path) == nil { throw DeviceChoice.notADevice(path) }
         if number != nil, path != nil { throw ValidationError("give the device once: --id N or /dev/ublkbN") }
     }

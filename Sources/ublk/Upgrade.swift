@@ -31,6 +31,7 @@ extension Ublk {
         @OptionGroup var key: KeyOptions
 
         func validate() throws {
+            guard Ublk.validating else { return }
             if (device.id == nil) == (name == nil) { throw ValidationError("give /dev/ublkbN, --id N or --name NAME") }
         }
 

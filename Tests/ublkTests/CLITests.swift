@@ -174,6 +174,43 @@ import UblkTargets
         #expect(message("read-only = maybe").hasPrefix("x.conf:1: read-only takes yes or no"))
         #expect(message("file /a").hasPrefix("x.conf:1: expected `key = value`"))
         #expect(message("key-file = -").hasPrefix("x.conf:1: key-file = - reads standard input"))
+        #expect(message("key-file = /dev/stdin").hasPrefix("x.conf:1: key-file = /dev/stdin reads standard input"))
+        // Another name of a key given before is a key given twice.
+        #expect(message("size = 1G\nsizelimit = 2G") == "x.conf:2: sizelimit is given again (first as size on line 1): give it once")
+        #expect(message("sector-size = 512\nblock-size = 4096").hasPrefix("x.conf:2: block-size is given again (first as sector-size"))
+        // What may be a key file given by mistake is never shown: not a line, nor an odd key.
+        let secret = "Sup3rS3cretPassphrase+/"
+        #expect(!message(secret).contains(secret))
+        #expect(!message("\(secret)=\n").contains(secret))
+        #expect(message("\(secret)=x").hasPrefix("x.conf:1: unknown key: use one of"))
+    }
+
+    /// `recovery` takes the words flags take; word values are taken in any case.
+    @Test func configWordsAreTheFlagsWords() throws {
+        #expect(try ConfigFile.arguments(text: "recovery = on", path: "x.conf") == ["--recovery=reissue"])
+        #expect(try ConfigFile.arguments(text: "recovery = False", path: "x.conf") == [])
+        #expect(try ConfigFile.arguments(text: "direct-io = Auto\nzero-copy = OFF", path: "x.conf")
+                == ["--direct-io=auto", "--zero-copy=off"])
+    }
+
+    /// A mistake in a config file's value names its line; one on the command line is a
+    /// usage error of its own, not the file's.
+    @Test func configMistakesAreSaidWhereTheyAre() throws {
+        let path = "/tmp/ublk-test-config-\(getpid()).conf"
+        defer { unlink(path) }
+        func message(_ text: String, _ overrides: [String] = []) -> (String, isUsage: Bool) {
+            try? SmallFile.writeAtomically(path, Array(text.utf8))
+            do { _ = try DeviceOptions.resolve(config: path, overrides: overrides); return ("accepted", false) } catch {
+                return ("\(DeviceOptions.message(for: error))", error is ValidationError)
+            }
+        }
+        let bad = message("file = /a\nqueues = two")
+        #expect(bad.0.hasPrefix("\(path):2: ") && bad.0.contains("two") && !bad.isUsage, "\(bad)")
+        let depth = message("file = /a\nqueues = 2", ["--depth", "0"])
+        #expect(depth.0 == "--depth 0 is out of range: give 1 to 4096" && depth.isUsage, "\(depth)")
+        let file = message("file = /a\ndepth = 0", ["--queues", "2"])
+        #expect(file.0 == "\(path): --depth 0 is out of range: give 1 to 4096" && !file.isUsage, "\(file)")
+        #expect(message("depth = 8", ["--file", "/a"]).0 == "accepted")
     }
 
     @Test func anEncryptedConfigFileBecomesAddArguments() throws {
@@ -482,7 +519,7 @@ import UblkTargets
         #expect(try ConfigFile.arguments(text: "file = a.img", path: "/a.conf") == ["--file=/a.img"])
         #expect(try ConfigFile.arguments(text: "file = a.img", path: "conf/a.conf") == ["--file=conf/a.img"])
         #expect(try ConfigFile.arguments(text: "file = a.img", path: "a.conf") == ["--file=a.img"])
-        #expect(try ConfigFile.arguments(text: "file = a.img", path: "/dev/fd/63", base: nil) == ["--file=a.img"])
+        #expect(try ConfigFile.entries(text: "file = a.img", path: "/dev/fd/63", base: nil).map(\.text) == ["--file=a.img"])
         // Read from a real file: its directory; from a pipe: the working directory.
         var template = Array("/tmp/ublk-config-XXXXXX".utf8CString)
         let fd = mkstemp(&template)
@@ -490,13 +527,13 @@ import UblkTargets
         defer { unlink(path) }
         _ = "file = disk.img\n".withCString { write(fd, $0, strlen($0)) }
         close(fd)
-        #expect(try ConfigFile.arguments(path: path) == ["--file=/tmp/disk.img"])
+        #expect(try ConfigFile.arguments(path: path).map(\.text) == ["--file=/tmp/disk.img"])
         var ends: [Int32] = [0, 0]
         #expect(pipe(&ends) == 0)
         _ = "file = disk.img\n".withCString { write(ends[1], $0, strlen($0)) }
         close(ends[1])
         defer { close(ends[0]) }
-        #expect(try ConfigFile.arguments(path: "/dev/fd/\(ends[0])") == ["--file=disk.img"])
+        #expect(try ConfigFile.arguments(path: "/dev/fd/\(ends[0])").map(\.text) == ["--file=disk.img"])
         // Standard input by name, whether /dev/stdin exists or not.
         var input: [Int32] = [0, 0]
         #expect(pipe(&input) == 0)
@@ -505,12 +542,12 @@ import UblkTargets
         let saved = dup(STDIN_FILENO)
         dup2(input[0], STDIN_FILENO)
         close(input[0])
-        #expect(try ConfigFile.arguments(path: "-") == ["--file=stdin.img"])
+        #expect(try ConfigFile.arguments(path: "-").map(\.text) == ["--file=stdin.img"])
         dup2(saved, STDIN_FILENO)
         close(saved)
         let again = open(path, O_RDONLY)
         defer { close(again) }
-        #expect(try ConfigFile.arguments(path: "/dev/fd/\(again)") == ["--file=disk.img"])
+        #expect(try ConfigFile.arguments(path: "/dev/fd/\(again)").map(\.text) == ["--file=disk.img"])
     }
 
     /// losetup's `--direct-io[=on|off]`: bare, it means on.
@@ -645,3 +682,4 @@ import UblkTargets
         withExtendedLifetime(none) {}
     }
 }
+
