@@ -239,9 +239,11 @@ enum DeviceLifecycle {
 }
 
 enum DeviceListing {
+    /// Pretty, keys sorted, paths as written (`/srv`, not `\/srv`); no devices: `[]`.
     static func json(_ rows: [DeviceRow]) -> String {
+        guard !rows.isEmpty else { return "[]" }
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
         return (try? encoder.encode(rows)).map { String(decoding: $0, as: UTF8.self) } ?? "[]"
     }
 

@@ -245,6 +245,10 @@ struct DeviceOptions: ParsableArguments {
         if let blockSize, !EncryptionConfiguration.sectorSizes.contains(blockSize) {
             throw ValidationError("encryption works in 512- or 4096-byte sectors, not \(blockSize): use --block-size 512 or 4096")
         }
+        // Said before the driver is asked (the target says it too, for a block size it picks).
+        if let skip, let blockSize, skip % UInt64(blockSize / 512) != 0 {
+            throw ValidationError(TargetError.skipMisaligned(skip: skip, blockSize: blockSize).description)
+        }
     }
 
     /// The nbd target takes its size and block size from the export, and has no file.

@@ -1,3 +1,4 @@
+import FoundationEssentials
 import ArgumentParser
 import Glibc
 import Testing
@@ -414,6 +415,18 @@ import UblkTargets
         #expect("/srv/a b.img".escapingControlCharacters == "/srv/a b.img")
         #expect("/srv/a\nb\tc\u{1}d\u{7f}.img".escapingControlCharacters == "/srv/a\\nb\\tc\\x01d\\x7f.img")
         #expect("/srv/é☃.img".escapingControlCharacters == "/srv/é☃.img")
+    }
+
+    /// `list --json`: `[]` for no devices; paths as written, with their slashes unescaped.
+    @Test func theJSONListReadsAsWritten() throws {
+        #expect(DeviceListing.json([]) == "[]")
+        let row = DeviceRow(id: 3, state: "live", target: "loop", backing: "/srv/a \"b\".img", size: 4096, queues: 1, depth: 8,
+                            directIO: "on", dataPath: "copy", commands: "per-request", pid: 9, serverAlive: true,
+                            readOnly: false, blockSize: 512, offset: 0)
+        let json = DeviceListing.json([row])
+        #expect(json.contains(#""backing" : "/srv/a \"b\".img""#), "\(json)")
+        let decoded = try JSONDecoder().decode([DeviceRow].self, from: Data(json.utf8))
+        #expect(decoded.first?.backing == row.backing)
     }
 
     /// `ublk list --file PATH` finds a device by its backing's inode, as losetup -j does:
