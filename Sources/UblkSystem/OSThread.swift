@@ -67,4 +67,22 @@ public final class Semaphore: @unchecked Sendable {
         count -= 1
         pthread_mutex_unlock(mutex)
     }
+
+    /// Waits at most `timeout`; false if it passed without a signal.
+    public func wait(timeout: Duration) -> Bool {
+        // The condition's clock is CLOCK_REALTIME: the end is a wall-clock time.
+        var end = timespec()
+        clock_gettime(CLOCK_REALTIME, &end)
+        let (seconds, attoseconds) = timeout.components
+        let nanoseconds = Int(end.tv_nsec) + Int(attoseconds / 1_000_000_000)
+        end.tv_sec += Int(seconds) + nanoseconds / 1_000_000_000
+        end.tv_nsec = nanoseconds % 1_000_000_000
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        while count == 0 {
+            if pthread_cond_timedwait(condition, mutex, &end) == ETIMEDOUT && count == 0 { return false }
+        }
+        count -= 1
+        return true
+    }
 }

@@ -44,7 +44,7 @@ extension FileDescriptor {
             return FileDescriptor(adopting: try Syscalls.connect(address, description: path, deadline: deadline))
         case .tcp(let host, let port):
             var lastError: any Error = SystemError("connect \(endpoint)", errno: EADDRNOTAVAIL)
-            for address in try Syscalls.resolve(host: host, port: port) {
+            for address in try Syscalls.resolve(host: host, port: port, timeout: timeout) {
                 do {
                     let socket = FileDescriptor(adopting: try Syscalls.connect(address, description: "\(endpoint)", deadline: deadline))
                     try socket.noticePeerLoss()

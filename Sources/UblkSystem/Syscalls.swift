@@ -124,13 +124,35 @@ extension Syscalls {
         var bytes: [UInt8]
     }
 
-    /// The TCP addresses of `host`:`port` (numeric or by name). Throws `HostLookupError`.
-    static func resolve(host: String, port: UInt16) throws -> [SocketAddress] {
+    /// The TCP addresses of `host`:`port` (numeric or by name), or `HostLookupError`, within
+    /// `timeout`: a name server that does not answer (glibc waits 5 s per try and server)
+    /// must not hold a queue thread that reconnects, nor a device's stop behind it. A name
+    /// is looked up on a thread of its own, left to finish alone if it takes longer.
+    static func resolve(host: String, port: UInt16, timeout: Duration) throws -> [SocketAddress] {
+        if let numeric = try? resolve(host: host, port: port, flags: AI_NUMERICHOST) { return numeric }
+        final class Lookup: @unchecked Sendable {
+            // Written by the lookup's thread before `done` is signalled; read only after.
+            var outcome: Result<[SocketAddress], any Error>?
+            let done = Semaphore()
+        }
+        let lookup = Lookup()
+        try OSThread {
+            lookup.outcome = Result { try resolve(host: host, port: port) }
+            lookup.done.signal()
+        }.detach()
+        guard lookup.done.wait(timeout: timeout), let outcome = lookup.outcome else {
+            throw HostLookupError(host: host, reason: "No answer from the name server within \(timeout)")
+        }
+        return try outcome.get()
+    }
+
+    /// The TCP addresses of `host`:`port` (numeric or by name), blocking. Throws `HostLookupError`.
+    static func resolve(host: String, port: UInt16, flags: Int32 = 0) throws -> [SocketAddress] {
         var hints = addrinfo()
         hints.ai_family = AF_UNSPEC
         hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
         // No AI_ADDRCONFIG: on a host with only loopback it would hide "localhost".
-        hints.ai_flags = AI_NUMERICSERV
+        hints.ai_flags = AI_NUMERICSERV | flags
         var list: UnsafeMutablePointer<addrinfo>?
         let result = getaddrinfo(host, String(port), &hints, &list)
         guard result == 0 else {

@@ -83,6 +83,27 @@ wait_port() {
 	done
 }
 
+# nbdkit serving IMAGE (file plugin) on 127.0.0.1:10809, its pid in $server (and in
+# IMAGE.nbdkit.pid, which the exit command reads: a server started again is killed too).
+start_nbdkit() {
+	nbdkit -f -i 127.0.0.1 -p 10809 file "$1" 2>>"$1.nbdkit.log" &
+	server=$!
+	[[ -e $1.nbdkit.pid ]] || at_exit bash -c "kill \$(cat '$1.nbdkit.pid') 2>/dev/null"
+	echo "$server" >"$1.nbdkit.pid"
+	wait_port 10809 10 "$1.nbdkit.log"
+}
+
+# Kills the NBD server $server, then starts a direct read of DEVICE that waits for it
+# (its pid in $reader, its stderr in ERRFILE), and checks after 2 s that it still waits.
+read_waiting_for_server() {
+	kill -9 "$server"
+	wait "$server" 2>/dev/null || true
+	dd if="$1" of=/dev/null bs=4k count=1 skip=300 iflag=direct 2>"$2" &
+	reader=$!
+	sleep 2
+	kill -0 "$reader" 2>/dev/null || fail "the read did not wait for the server: $(cat "$2")"
+}
+
 # The dirs and exit commands are listed in files, so mktempdir works inside
 # $(...) subshells too ($$ is the test's pid there as well).
 _LIB_DIRS=/tmp/.ublk-lib-dirs.$$

@@ -10,10 +10,7 @@ need_loopback
 
 dir=$(mktempdir)
 truncate -s 128M "$dir/export.img"
-nbdkit -f -i 127.0.0.1 -p 10809 file "$dir/export.img" 2>"$dir/nbdkit.log" &
-server=$!
-at_exit kill "$server"
-wait_port 10809 10 "$dir/nbdkit.log"
+start_nbdkit "$dir/export.img"
 
 dev=$("$UBLK" add --target nbd --uri nbd://127.0.0.1/disk --queues 2 --depth 32)
 id=${dev#/dev/ublkb}

@@ -11,14 +11,7 @@ need_loopback
 
 dir=$(mktempdir)
 truncate -s 64M "$dir/export.img"
-start_server() {
-	nbdkit -f -i 127.0.0.1 -p 10809 file "$dir/export.img" 2>>"$dir/nbdkit.log" &
-	server=$!
-	wait_port 10809 10 "$dir/nbdkit.log"
-}
-start_server
-at_exit bash -c 'kill $(cat '"$dir"'/server.pid) 2>/dev/null'
-echo "$server" >"$dir/server.pid"
+start_nbdkit "$dir/export.img"
 
 dev=$("$UBLK" add --target nbd --uri nbd://127.0.0.1/disk --queues 2 --depth 32 --reconnect-timeout 15)
 id=${dev#/dev/ublkb}
@@ -35,8 +28,7 @@ kill -0 "$fio" 2>/dev/null || fail "fio ended before the server was killed: $(ca
 kill -9 "$server"
 wait "$server" 2>/dev/null || true
 sleep 2
-start_server
-echo "$server" >"$dir/server.pid"
+start_nbdkit "$dir/export.img"
 wait "$fio" || { cat "$dir/fio.out"; fail "fio verify failed across the server restart"; }
 grep -q "reconnected to 127.0.0.1:10809" "${UBLK_RUN_DIR:-/run/ublk}/server.log" ||
 	fail "the server log shows no reconnect: $(tail -5 "${UBLK_RUN_DIR:-/run/ublk}/server.log")"
@@ -61,8 +53,7 @@ echo "ok: with the server gone for good, I/O failed with EIO after $((SECONDS - 
 # An upgrade while the NBD server is down is refused before anything changes (the new
 # server could not reach the export after the quiesce: the device would wait for one).
 if has_feature QUIESCE; then
-	start_server
-	echo "$server" >"$dir/server.pid"
+	start_nbdkit "$dir/export.img"
 	dev=$("$UBLK" add --target nbd --uri nbd://127.0.0.1/disk --recovery)
 	id=${dev#/dev/ublkb}
 	kill -9 "$server"

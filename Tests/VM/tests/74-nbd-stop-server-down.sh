@@ -11,27 +11,15 @@ need_loopback
 
 dir=$(mktempdir)
 truncate -s 64M "$dir/export.img"
-start_server() {
-	nbdkit -f -i 127.0.0.1 -p 10809 file "$dir/export.img" 2>>"$dir/nbdkit.log" &
-	server=$!
-	echo "$server" >"$dir/server.pid"
-	wait_port 10809 10 "$dir/nbdkit.log"
-}
-at_exit bash -c 'kill $(cat '"$dir"'/server.pid) 2>/dev/null'
 at_exit "$UBLK" del --all --force
 
 # A device whose NBD server is killed, and a read that waits for it.
 device_with_waiting_read() {
-	start_server
+	start_nbdkit "$dir/export.img"
 	dev=$("$UBLK" add --target nbd --uri nbd://127.0.0.1/disk --reconnect-timeout 60)
 	id=${dev#/dev/ublkb}
 	pid=$(list_field "$id" pid)
-	kill -9 "$server"
-	wait "$server" 2>/dev/null || true
-	dd if="$dev" of=/dev/null bs=4k count=1 skip=300 iflag=direct 2>"$dir/dd.err" &
-	reader=$!
-	sleep 2
-	kill -0 "$reader" 2>/dev/null || fail "the read did not wait for the server: $(cat "$dir/dd.err")"
+	read_waiting_for_server "$dev" "$dir/dd.err"
 }
 
 # The read must have failed with EIO, and soon.
@@ -62,7 +50,7 @@ echo "ok: SIGTERM to the ublk server ended it in $((SECONDS - start)) s with the
 
 # With the server up, a device held open and pulled with --force (the path that tells
 # the server it is stopping) is removed, and what was written is in the export.
-start_server
+start_nbdkit "$dir/export.img"
 dev=$("$UBLK" add --target nbd --uri nbd://127.0.0.1/disk)
 head -c 1M /dev/urandom >"$dir/data"
 dd if="$dir/data" of="$dev" bs=1M oflag=direct status=none || fail "write through the device"
