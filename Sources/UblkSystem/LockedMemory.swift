@@ -80,6 +80,12 @@ extension LockedMemory {
         return failed
     }
 
+    /// Whether `protectProcess` locks every page (else only the key's own are).
+    public static var locksEverything: Bool { mayLockWithoutLimit }
+
+    /// The machine's memory in bytes.
+    public static var physicalBytes: UInt64 { Syscalls.physicalMemory() }
+
     /// CAP_IPC_LOCK (bit 14 of /proc/self/status's CapEff) or an unlimited RLIMIT_MEMLOCK.
     static var mayLockWithoutLimit: Bool {
         if Syscalls.memoryLockLimit() == nil { return true }

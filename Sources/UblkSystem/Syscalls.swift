@@ -312,6 +312,12 @@ extension Syscalls {
         try retryingOnInterrupt("read") { Glibc.read(fd, buffer.baseAddress, buffer.count) }
     }
 
+    /// The machine's memory in bytes (0 if unknown).
+    static func physicalMemory() -> UInt64 {
+        let pages = sysconf(Int32(_SC_PHYS_PAGES)), size = sysconf(Int32(_SC_PAGESIZE))
+        return pages > 0 && size > 0 ? UInt64(pages) * UInt64(size) : 0
+    }
+
     static func mlock(_ address: UnsafeMutableRawPointer, length: Int) throws {
         _ = try retryingOnInterrupt("mlock") { Glibc.mlock(address, length) }
     }

@@ -37,6 +37,8 @@ public struct EncryptionConfiguration: Sendable, Equatable, Codable {
 
     /// The most cipher threads a queue may have.
     public static let maximumCipherThreads = 64
+    /// Each tag's bounce buffer (a write's ciphertext), besides its request buffer.
+    public static var bounceBytesPerRequest: Int { QueueEncryption.defaultChunk }
 
     /// The sector sizes dm-crypt's default IV numbering is used with here.
     public static let sectorSizes = [512, 4096]

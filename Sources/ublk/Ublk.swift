@@ -63,6 +63,18 @@ struct ServerFlags: ParsableArguments {
         try serve(target: target, options: options, mode: .create) { lock.release() }
     }
 
+    /// A server that holds a key locks all its memory as it is used (`LockedMemory.protectProcess`),
+    /// the queues' buffers too: a request's buffer and its bounce buffer for each tag of each
+    /// queue, which a large `--depth` makes much. Said where that could reach 1 GiB or a
+    /// quarter of the machine's memory.
+    static func lockedMemoryRemark(_ target: any SpecifiedTarget, _ info: DeviceInfo) -> String? {
+        guard target.spec.encryption != nil, LockedMemory.locksEverything else { return nil }
+        let perRequest = UInt64(info.maxIOBufferBytes) + UInt64(EncryptionConfiguration.bounceBytesPerRequest)
+        let buffers = UInt64(info.queueCount) * UInt64(info.queueDepth) * perRequest
+        guard buffers > min(1 << 30, LockedMemory.physicalBytes / 4) else { return nil }
+        return "this encrypted device may lock up to \(buffers >> 20) MiB of memory (the buffers of \(info.queueCount) × \(info.queueDepth) requests, locked with its key as they are used): a smaller --depth locks less"
+    }
+
     /// Runs a server in this process; reports on `--ready-fd` once live or on failure.
     /// `whenLive` runs once the device is live and its record written.
     func serve(target: any SpecifiedTarget, options: ServerOptions, mode: DeviceServer.Mode,
@@ -87,6 +99,10 @@ struct ServerFlags: ParsableArguments {
                 let path = info.blockDevicePath
                 if case .create = mode, Int(info.queueCount) < options.queues {
                     note("\(info.queueCount) queues, not \(options.queues): ublk_drv gives a device at most one per CPU")
+                }
+                if case .create = mode, let remark = Self.lockedMemoryRemark(target, info) {
+                    note(remark)
+                    logger.notice("\(remark)")
                 }
                 logger.info("\(path) is live: target \(target.name), \(parameters.sectors << 9) bytes, \(info.queueCount) queues × \(info.queueDepth)")
                 if let readyFD {

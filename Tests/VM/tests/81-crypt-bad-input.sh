@@ -70,5 +70,12 @@ dev=$("${add[@]}" --key-file "$dir/key" --allow-discards) || fail "ublk add --al
 blkdiscard "$dev" || fail "blkdiscard of an encrypted device with --allow-discards failed"
 "$UBLK" del --id "${dev#/dev/ublkb}"
 
+# A server with a key locks all its memory: a large depth is said to lock much (not the default).
+"${add[@]}" --key-file "$dir/key" 2>"$dir/note" >/dev/null && "$UBLK" del --all || fail "ublk add of an encrypted device"
+grep -q "locks" "$dir/note" && fail "an encrypted device at the default depth is said to lock much: $(cat "$dir/note")"
+dev=$("${add[@]}" --key-file "$dir/key" --queues 1 --depth 2048 2>"$dir/note") || fail "ublk add --depth 2048 of an encrypted device"
+grep -q "may lock up to 1280 MiB of memory.*--depth" "$dir/note" || fail "a depth of 2048 was not said to lock much: $(cat "$dir/note")"
+"$UBLK" del --id "${dev#/dev/ublkb}"
+
 fail_on_problems "with bad encryption input"
 echo "ok: every bad encryption input got one line, a non-zero status and left no device"
