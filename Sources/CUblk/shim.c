@@ -8,6 +8,7 @@
 #include <unistd.h>
 #include <sys/stat.h>
 #include <sys/ioctl.h>
+#include <sys/vfs.h>
 #include <sys/prctl.h>
 #include <linux/fs.h>
 #include <linux/io_uring.h>
@@ -70,8 +71,21 @@ int cublk_reread_partitions(int fd) {
     return ioctl(fd, BLKRRPART) == 0 ? 0 : -errno;
 }
 
+int64_t cublk_file_system_type(int fd) {
+    struct statfs info;
+    return fstatfs(fd, &info) == 0 ? (int64_t)info.f_type : -errno;
+}
+
 int cublk_forbid_core_dumps(void) {
     return prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0 ? 0 : -errno;
+}
+
+#ifndef PR_SET_IO_FLUSHER
+#define PR_SET_IO_FLUSHER 57
+#endif
+
+int cublk_set_io_flusher(void) {
+    return prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) == 0 ? 0 : -errno;
 }
 
 short cublk_posix_spawn_setsid(void) { return POSIX_SPAWN_SETSID; }

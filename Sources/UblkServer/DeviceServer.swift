@@ -116,7 +116,7 @@ public final class DeviceServer {
     public func run(_ mode: Mode = .create, onAdded: (UInt32) -> Void = { _ in },
                     onLive: (DeviceInfo, DeviceParameters) throws -> Void) throws(ServerError) {
         SignalWatcher.blockSignals()
-        protectKey()
+        protectMemory()
         let control = try Self.openControl()
         let info: DeviceInfo
         // A recovered device keeps what it was given (and resized to): the queues enforce that.
@@ -196,12 +196,16 @@ public final class DeviceServer {
         logger.notice("/dev/ublkb\(id) is still open (a file system mounted on it?): its id is freed once it is closed")
     }
 
-    /// A server that holds a key keeps the copies its cipher library makes of it out of core
-    /// dumps and swap (`LockedMemory.protectProcess`), before the queue threads key their ciphers.
-    private func protectKey() {
-        guard (target as? any SpecifiedTarget)?.spec.encryption != nil else { return }
-        for error in LockedMemory.protectProcess() {
-            logger.warning("\(error): copies of the key that OpenSSL makes may reach a core dump or swap")
+    /// Before the queue threads start (they inherit it): the server's memory is never
+    /// swapped out, nor does it wait for I/O to get more (`LockedMemory.protectServer`); a
+    /// server that holds a key keeps the copies its cipher library makes of it out of core
+    /// dumps and swap.
+    private func protectMemory() {
+        let holdsKey = (target as? any SpecifiedTarget)?.spec.encryption != nil
+        for error in LockedMemory.protectServer(holdingKey: holdsKey) {
+            let risk = holdsKey ? "copies of the key that OpenSSL makes may reach a core dump or swap"
+                                : "swap on this device, or heavy write-back to it under memory pressure, may stall it"
+            logger.warning("\(error): \(risk)")
         }
     }
 
@@ -281,7 +285,7 @@ public final class DeviceServer {
 
     /// How the queues hold request data, from the device's own flags (a recovered device
     /// keeps the flags it was added with).
-    static func bufferMode(_ info: DeviceInfo) -> TagBufferMode {
+    public static func bufferMode(_ info: DeviceInfo) -> TagBufferMode {
         info.flags.contains(.autoBufferRegistration)
             ? .autoRegister(fallback: info.flags.contains(.zeroCopy)) : .copy(bytesPerTag: Int(info.maxIOBufferBytes))
     }

@@ -47,6 +47,9 @@ public struct FileDescriptor: ~Copyable, Sendable {
     /// `fstat(2)`.
     public func status() throws(SystemError) -> FileStatus { FileStatus(try Syscalls.fstat(rawValue)) }
 
+    /// Whether the file lives on tmpfs (its `fstatfs` magic), which zeroes no range in place.
+    public var isOnTmpfs: Bool { (try? Syscalls.fileSystemType(rawValue)) == 0x0102_1994 }
+
     /// `fsync(2)`.
     public func sync() throws(SystemError) { try Syscalls.fsync(rawValue) }
 

@@ -64,23 +64,34 @@ public struct LockedMemory: ~Copyable {
 }
 
 extension LockedMemory {
-    /// Keeps the rest of the process as safe as a secret's own pages, for a process that
-    /// holds a key: libraries make copies of it we do not own (OpenSSL's key schedules, in
-    /// cipher contexts on its heap), and they must not reach a core dump or swap either.
-    /// So: no core dumps (PR_SET_DUMPABLE 0), and every page locked once touched, as
-    /// cryptsetup locks its memory while it handles keys. Locking is done only where the
-    /// process may lock without limit (CAP_IPC_LOCK, or RLIMIT_MEMLOCK unlimited): with a
-    /// limit, MCL_FUTURE would make later mappings (the queues' buffers) fail.
-    /// Returns what could not be done, for a warning; the key's own pages are locked anyway.
-    public static func protectProcess() -> [SystemError] {
+    /// Keeps a block device's server from waiting on its own device for memory, which is a
+    /// deadlock: the kernel frees memory by swapping to that device (`swapon /dev/ublkbN`)
+    /// and writing dirty pages back to it, and only the server completes that I/O. So, as
+    /// `nbd-client -swap` does: every page locked once touched (`mlockall`, MCL_ONFAULT), so
+    /// that none of the server's memory is swapped out, nor its code dropped from the page
+    /// cache (the kernel loop driver's memory is the kernel's, never swapped either); and
+    /// PR_SET_IO_FLUSHER, so that its allocations never wait for I/O (threads created
+    /// afterwards, the queues', inherit it). Call it before starting them. Locking is done
+    /// only where the process may lock without limit (CAP_IPC_LOCK, or RLIMIT_MEMLOCK
+    /// unlimited): with a limit, MCL_FUTURE would make later mappings (the queues'
+    /// buffers) fail.
+    /// A process that holds a key is protected the same way, and more: libraries make
+    /// copies of the key we do not own (OpenSSL's key schedules, in cipher contexts on its
+    /// heap), which must not reach swap (the lock, as cryptsetup locks its memory while it
+    /// handles keys) nor a core dump (PR_SET_DUMPABLE 0).
+    /// Returns what could not be done, for a warning; a key's own pages are locked anyway.
+    public static func protectServer(holdingKey: Bool) -> [SystemError] {
         var failed: [SystemError] = []
-        do { try Syscalls.forbidCoreDumps() } catch { failed.append(error) }
+        if holdingKey {
+            do { try Syscalls.forbidCoreDumps() } catch { failed.append(error) }
+        }
+        do { try Syscalls.setIOFlusher() } catch { failed.append(error) }
         guard mayLockWithoutLimit else { return failed + [SystemError("mlockall", errno: EPERM)] }
         do { try Syscalls.lockAllMemory() } catch { failed.append(error) }
         return failed
     }
 
-    /// Whether `protectProcess` locks every page (else only the key's own are).
+    /// Whether `protectServer` locks every page (else only a key's own are).
     public static var locksEverything: Bool { mayLockWithoutLimit }
 
     /// The machine's memory in bytes.

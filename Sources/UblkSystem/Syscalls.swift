@@ -14,6 +14,13 @@ enum Syscalls {
         _ = Glibc.close(fd)
     }
 
+    /// The magic number of the file system holding `fd` (`fstatfs`'s `f_type`).
+    static func fileSystemType(_ fd: Int32) throws(SystemError) -> Int {
+        let type = cublk_file_system_type(fd)
+        guard type >= 0 else { throw SystemError("fstatfs", errno: Int32(-type)) }
+        return Int(type)
+    }
+
     static func fstat(_ fd: Int32) throws(SystemError) -> stat {
         var st = stat()
         _ = try retryingOnInterrupt("fstat") { Glibc.fstat(fd, &st) }
@@ -335,6 +342,11 @@ extension Syscalls {
 
     /// prctl(PR_SET_DUMPABLE, 0): no core dump of the process, and its memory (/proc/PID/mem,
     /// ptrace) only for a caller with CAP_SYS_PTRACE.
+    static func setIOFlusher() throws(SystemError) {
+        let result = cublk_set_io_flusher()
+        if result < 0 { throw SystemError("prctl(PR_SET_IO_FLUSHER)", errno: -result) }
+    }
+
     static func forbidCoreDumps() throws(SystemError) {
         let result = cublk_forbid_core_dumps()
         if result < 0 { throw SystemError("prctl(PR_SET_DUMPABLE)", errno: -result) }

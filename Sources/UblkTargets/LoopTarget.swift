@@ -87,9 +87,8 @@ public final class LoopTarget: SpecifiedTarget {
         let status = try Self.inspect(configuration.path)
         // The backing's own block sizes: O_DIRECT needs I/O aligned to its logical block.
         let backingBlocks = Self.backingBlockSizes(status: status, path: configuration.path)
-        // Encrypted, the block size is the format's sector size: never taken from the backing.
         let logical = configuration.logicalBlockSize
-            ?? (configuration.encryption == nil ? min(4096, max(512, backingBlocks.logical)) : 512)
+            ?? Self.defaultBlockSize(configuration, isBlockDevice: status.isBlockDevice, backingLogical: backingBlocks.logical)
         var fallback: DirectIOFallback?
         var notWritable: SystemError?
         let backing = try Self.open(&configuration, logical: logical, backingLogical: backingBlocks.logical,
@@ -110,7 +109,7 @@ public final class LoopTarget: SpecifiedTarget {
         let canPunch = !configuration.readOnly && Self.supportsPunchHole(backing, status: status, size: backingSize)
         // Encrypted, only where asked for, as dm-crypt (`EncryptionConfiguration.allowDiscards`).
         properties.supportsDiscard = canPunch && Self.allowsDiscards(configuration)
-        properties.supportsWriteZeroes = canPunch && key == nil
+        properties.supportsWriteZeroes = canPunch && key == nil && Self.zeroesInPlace(backing, status: status)
         properties.discardGranularity = max(logical, min(status.blockSize, 64 * 1024))
         self.properties = properties
         directIOFallback = fallback
@@ -180,8 +179,26 @@ public final class LoopTarget: SpecifiedTarget {
         let readOnly = readOnlyFallback.map {
             "backing file \(configuration.path) cannot be written (\($0.reason)): the device is read-only (--read-only says so)"
         }
-        let notes = [readOnly, directIOFallback.map { "\($0): using buffered I/O" }, tailNote].compactMap { $0 }
+        let notes = [readOnly, directIOFallback.map { "\($0): using buffered I/O\(blockSizeHint)" }, tailNote].compactMap { $0 }
         return notes.isEmpty ? nil : notes.joined(separator: "; ")
+    }
+
+    /// The block size unless one is given: 512 for a file, as the kernel loop driver's
+    /// default, since a disk image counts 512-byte sectors (its partition table, its file
+    /// systems' offsets): a larger one would show such an image empty. The backing's own
+    /// (at most 4096) for a block device, whose data counts its own sectors, and for a file
+    /// with `--direct-io on`, which needs I/O aligned to it (a file on a 4096-byte-sector
+    /// disk; `auto` uses buffered I/O there, and says so). Encrypted, the format's sector size.
+    static func defaultBlockSize(_ configuration: LoopConfiguration, isBlockDevice: Bool, backingLogical: Int) -> Int {
+        let own = min(4096, max(512, backingLogical))
+        if configuration.encryption != nil { return 512 }
+        return isBlockDevice || configuration.directIO == .on ? own : 512
+    }
+
+    /// Where the default block size cost direct I/O: how to have it.
+    var blockSizeHint: String {
+        guard configuration.logicalBlockSize == nil, case .misaligned(let backing, _, _) = directIOFallback else { return "" }
+        return " (--block-size \(backing) gives direct I/O, for an image of \(backing)-byte sectors)"
     }
 
     /// A backing that is not whole blocks after the offset loses its tail, as under loop;
@@ -310,6 +327,17 @@ public final class LoopTarget: SpecifiedTarget {
         } catch {
             return false
         }
+    }
+
+    /// Can the backing zero a range in place (FALLOC_FL_ZERO_RANGE, what a write-zeroes that
+    /// must keep its blocks becomes)? tmpfs cannot (it punches holes and allocates, no
+    /// more): each such request would fail, logged by the kernel as an I/O error, before
+    /// the block layer wrote the zeros itself. So a file there is offered no write-zeroes
+    /// (the kernel writes zeros, quietly), as loop stops offering it after the first failure.
+    /// Not asked by trying: a zeroed range past the end keeps its block (ext4 does not
+    /// punch past the end), and only a truncate, which could race a writer, frees it.
+    static func zeroesInPlace(_ file: borrowing FileDescriptor, status: FileStatus) -> Bool {
+        !(status.isRegularFile && file.isOnTmpfs)
     }
 
     private static func major(_ device: UInt64) -> UInt64 { ((device >> 32) & 0xffff_f000) | ((device >> 8) & 0xfff) }

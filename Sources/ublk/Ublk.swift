@@ -63,16 +63,18 @@ struct ServerFlags: ParsableArguments {
         try serve(target: target, options: options, mode: .create) { lock.release() }
     }
 
-    /// A server that holds a key locks all its memory as it is used (`LockedMemory.protectProcess`),
-    /// the queues' buffers too: a request's buffer and its bounce buffer for each tag of each
-    /// queue, which a large `--depth` makes much. Said where that could reach 1 GiB or a
-    /// quarter of the machine's memory.
+    /// A server locks its memory as it is used (`LockedMemory.protectServer`), the queues'
+    /// buffers too: a request's buffer (unless zero copy) and, encrypting, its bounce buffer,
+    /// for each tag of each queue, which a large `--depth` makes much. Said where that could
+    /// reach 1 GiB or a quarter of the machine's memory.
     static func lockedMemoryRemark(_ target: any SpecifiedTarget, _ info: DeviceInfo) -> String? {
-        guard target.spec.encryption != nil, LockedMemory.locksEverything else { return nil }
-        let perRequest = UInt64(info.maxIOBufferBytes) + UInt64(EncryptionConfiguration.bounceBytesPerRequest)
+        guard LockedMemory.locksEverything else { return nil }
+        var perRequest = UInt64(0)
+        if case .copy(let bytes) = DeviceServer.bufferMode(info) { perRequest += UInt64(bytes) }
+        if target.spec.encryption != nil { perRequest += UInt64(EncryptionConfiguration.bounceBytesPerRequest) }
         let buffers = UInt64(info.queueCount) * UInt64(info.queueDepth) * perRequest
         guard buffers > min(1 << 30, LockedMemory.physicalBytes / 4) else { return nil }
-        return "this encrypted device may lock up to \(buffers >> 20) MiB of memory (the buffers of \(info.queueCount) × \(info.queueDepth) requests, locked with its key as they are used): a smaller --depth locks less"
+        return "the device may lock up to \(buffers >> 20) MiB of memory (the buffers of \(info.queueCount) × \(info.queueDepth) requests, locked as they are used, so that the server never waits for swap): a smaller --depth locks less"
     }
 
     /// Runs a server in this process; reports on `--ready-fd` once live or on failure.

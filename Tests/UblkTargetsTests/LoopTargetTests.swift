@@ -45,6 +45,21 @@ import UblkTesting
         return try LoopTarget(configuration)
     }
 
+    /// A disk image counts 512-byte sectors: a file gets 512-byte blocks unless direct I/O
+    /// is required (then the backing's, which it needs); a block device gets its own.
+    @Test func theDefaultBlockSizeKeepsAnImagesSectors() {
+        func size(_ mode: DirectIOMode, device: Bool = false, backing: Int = 4096, encrypted: Bool = false) -> Int {
+            var configuration = LoopConfiguration(path: "/x")
+            configuration.directIO = mode
+            if encrypted { configuration.encryption = EncryptionConfiguration() }
+            return LoopTarget.defaultBlockSize(configuration, isBlockDevice: device, backingLogical: backing)
+        }
+        #expect(size(.auto) == 512 && size(.off) == 512)
+        #expect(size(.on) == 4096 && size(.on, backing: 512) == 512 && size(.on, backing: 65536) == 4096)
+        #expect(size(.auto, device: true) == 4096 && size(.off, device: true) == 4096)
+        #expect(size(.on, encrypted: true) == 512)
+    }
+
     @Test func writeThenReadForwardsToTheFile() throws {
         let file = try ScratchFile(size: 1 << 20)
         let queue = try OfflineQueue(target: try loop(file), depth: 4, bufferSize: 64 * 1024)
@@ -90,6 +105,20 @@ import UblkTesting
         #expect(file.bytes(at: 192 * 1024, count: 512).allSatisfy { $0 == 0xA5 })
     }
 
+    /// tmpfs punches holes but cannot zero a range in place: it gets discard and no
+    /// write-zeroes (each would fail, logged as an I/O error, before the kernel wrote zeros);
+    /// ext4 gets both. The file is left as it was.
+    @Test func writeZeroesIsOfferedWhereTheFileZeroesInPlace() throws {
+        let shm = try ScratchFile(size: 64 * 1024, directory: "/dev/shm")
+        let onTmpfs = try loop(shm).properties
+        #expect(onTmpfs.supportsDiscard && !onTmpfs.supportsWriteZeroes)
+        let file = try ScratchFile(size: 64 * 1024)
+        let before = file.allocated
+        let onDisk = try loop(file).properties
+        #expect(onDisk.supportsDiscard && onDisk.supportsWriteZeroes)
+        #expect(file.allocated == before)
+    }
+
     @Test func discardPunchesAndWriteZeroesZeroes() throws {
         let file = try ScratchFile(size: 1 << 20)
         let target = try loop(file)
@@ -106,11 +135,12 @@ import UblkTesting
 
     /// A failed fallocate (or fsync) reaches the request: io_uring does not break a link
     /// behind one, so its commit must not be linked (it was, and committed 0). tmpfs
-    /// punches holes but cannot zero a range in place (ZERO_RANGE: EOPNOTSUPP).
+    /// punches holes but cannot zero a range in place (ZERO_RANGE: EOPNOTSUPP); such a
+    /// write-zeroes is not offered there, but a forged one gets what the file said.
     @Test func aFailedFallocateFailsTheRequest() throws {
         let file = try ScratchFile(size: 1 << 20, directory: "/dev/shm")
         let target = try loop(file)
-        try #require(target.properties.supportsWriteZeroes, "/dev/shm cannot punch holes here")
+        try #require(target.properties.supportsDiscard, "/dev/shm cannot punch holes here")
         let queue = try OfflineQueue(target: target, depth: 2)
         #expect(try queue.perform(IODescriptor(operation: .writeZeroes, flags: .noUnmap, startSector: 8, sectorCount: 8))
             == -EOPNOTSUPP)
@@ -120,12 +150,12 @@ import UblkTesting
         #expect(try queue.perform(IODescriptor(operation: .flush, startSector: 0, sectorCount: 0)) == 0)
     }
 
-    /// The default block size is at least what the file's direct I/O needs (statx), so
-    /// O_DIRECT requests are never smaller than the backing takes.
+    /// With direct I/O required, the default block size is at least what the file's direct
+    /// I/O needs (statx), so O_DIRECT requests are never smaller than the backing takes.
     @Test func blockSizeCoversTheDirectIOAlignment() throws {
         let file = try ScratchFile(size: 1 << 20)
         let alignment = FileDescriptor.directIOAlignment(path: file.path)
-        let target = try loop(file)
+        let target = try loop(file) { $0.directIO = .on }
         if let alignment, alignment > 0 { #expect(target.properties.logicalBlockSize >= alignment) }
         #expect(FileDescriptor.directIOAlignment(path: "/nonexistent/file") == nil)
     }

@@ -29,6 +29,11 @@ int64_t cublk_direct_io_alignment(const char *path);
 int cublk_reread_partitions(int fd);
 /// prctl(PR_SET_DUMPABLE, 0) (prctl is variadic: Swift cannot call it); 0 or -errno.
 int cublk_forbid_core_dumps(void);
+/// The magic number of the file system holding `fd` (fstatfs's f_type), or -errno.
+int64_t cublk_file_system_type(int fd);
+/// prctl(PR_SET_IO_FLUSHER, 1) (Linux 5.6+, CAP_SYS_RESOURCE): the calling thread's memory
+/// allocations never wait for I/O, and threads it creates later inherit that; 0 or -errno.
+int cublk_set_io_flusher(void);
 /// Sets a file's modification time (and so its change time) to now, its access time
 /// unchanged (futimens with UTIME_OMIT, UTIME_NOW); 0 or -errno.
 int cublk_touch_modification_time(int fd);

@@ -41,4 +41,30 @@ done
 dev=$("$UBLK" add --file "$loopdev")
 expect_eq "$(blockdev --getss "$dev")" 4096 "block size follows a 4096-byte backing"
 expect_eq "$(dio_of "$dev")" on "direct I/O on a 4096-byte backing at block size 4096"
+"$UBLK" del --id "${dev#/dev/ublkb}"
+
+# An image file on a disk of 4096-byte sectors: a disk image counts 512-byte sectors, so
+# by default the device has 512-byte blocks (buffered, said in a line with the way to
+# direct I/O), as under losetup, and its partitions are found; with --direct-io on, 4096.
+mkfs.ext4 -q -F "$loopdev"
+mkdir -p "$dir/4k"
+mount "$loopdev" "$dir/4k"
+truncate -s 16M "$dir/4k/image.img"
+printf 'label: gpt\n,4M\n,\n' | sfdisk -q "$dir/4k/image.img" >/dev/null || fail "sfdisk on the image file"
+for mode in auto off; do
+	dev=$("$UBLK" add --file "$dir/4k/image.img" --direct-io "$mode" 2>"$dir/err")
+	expect_eq "$(blockdev --getss "$dev")" 512 "block size of an image on a 4096-byte disk, --direct-io $mode"
+	wait_for_path "${dev}p2" 10
+	if [[ $mode == auto ]]; then
+		grep -q "buffered I/O.*--block-size 4096 gives direct I/O" "$dir/err" || fail "no note of the buffered fallback: $(cat "$dir/err")"
+	else
+		[[ -s $dir/err ]] && fail "--direct-io off said: $(cat "$dir/err")"
+	fi
+	"$UBLK" del --id "${dev#/dev/ublkb}"
+done
+dev=$("$UBLK" add --file "$dir/4k/image.img" --direct-io on)
+expect_eq "$(blockdev --getss "$dev")" 4096 "block size with --direct-io on, on a 4096-byte disk"
+expect_eq "$(dio_of "$dev")" on "direct I/O with --direct-io on, on a 4096-byte disk"
+"$UBLK" del --id "${dev#/dev/ublkb}"
+umount "$dir/4k"
 echo "ok: direct I/O on/off/auto behave"
