@@ -134,9 +134,9 @@ public final class ServerControl: @unchecked Sendable {
         logger.info("/dev/ublkb\(deviceID) resized from \(old << 9) to \(bytes) bytes")
         if let requested { sizeLimit = requested }
         if var record {
-            // A recovering server rebuilds the target from the record: its limit must fit
-            // the backing as it is now (which may hold less than the limit).
-            record.spec = record.spec.resized(to: sizeLimit.map { min($0, bytes) })
+            // (A limit beyond the backing is one: a recovering server's device ends where the
+            // backing does, as at add.)
+            record.spec = record.spec.resized(to: sizeLimit)
             record.size = bytes
             do { try RuntimeDirectory.save(record) } catch { logger.warning("cannot rewrite the device record: \(error)") }
             self.record = record

@@ -179,7 +179,8 @@ public final class LoopTarget: SpecifiedTarget {
         let readOnly = readOnlyFallback.map {
             "backing file \(configuration.path) cannot be written (\($0.reason)): the device is read-only (--read-only says so)"
         }
-        let notes = [readOnly, directIOFallback.map { "\($0): using buffered I/O\(blockSizeHint)" }, tailNote].compactMap { $0 }
+        let notes = [readOnly, directIOFallback.map { "\($0): using buffered I/O\(blockSizeHint)" }, tailNote, limitNote]
+            .compactMap { $0 }
         return notes.isEmpty ? nil : notes.joined(separator: "; ")
     }
 
@@ -193,6 +194,12 @@ public final class LoopTarget: SpecifiedTarget {
         let own = min(4096, max(512, backingLogical))
         if configuration.encryption != nil { return 512 }
         return isBlockDevice || configuration.directIO == .on ? own : 512
+    }
+
+    /// A size limit beyond the backing's end: the device ends where the backing does.
+    var limitNote: String? {
+        guard let limit = configuration.size, limit > properties.size else { return nil }
+        return "--size \(limit) is more than \(configuration.path) holds after the offset: the device has \(properties.size) bytes, and ublk resize grows it up to the limit as the file grows"
     }
 
     /// Where the default block size cost direct I/O: how to have it.
@@ -273,12 +280,11 @@ public final class LoopTarget: SpecifiedTarget {
         if offset % block != 0 { throw .offsetMisaligned(offset: offset, blockSize: logical) }
         if offset >= backingSize { throw .offsetBeyondEnd(offset: offset, path: path, backingSize: backingSize) }
         var size = backingSize - offset
-        if let limit = configuration.size {
-            if limit == 0 || limit % block != 0 { throw .sizeMisaligned(size: limit, blockSize: logical) }
-            if limit > size {
-                throw .sizeBeyondEnd(size: limit, offset: offset, path: path, backingSize: backingSize)
-            }
-            size = limit
+        // A limit, as losetup's --sizelimit: one beyond the end leaves the device at the end
+        // (`ublk resize` grows it up to the limit as the file grows); 0 is none.
+        if let limit = configuration.size, limit > 0 {
+            if limit % block != 0 { throw .sizeMisaligned(size: limit, blockSize: logical) }
+            size = min(size, limit)
         }
         size -= size % block
         if size == 0 { throw .smallerThanBlock(path, blockSize: logical) }

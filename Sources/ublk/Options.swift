@@ -149,7 +149,7 @@ struct DeviceOptions: ParsableArguments {
     @OptionGroup var key: KeyOptions
 
     @Option(name: [.long, .customLong("sizelimit")],
-            help: "Device size in bytes (losetup --sizelimit; required for the null target). \(ByteCount.suffixHelp)",
+            help: "The device's size limit in bytes, as losetup --sizelimit: the device ends there or at the backing's end, whichever comes first (ublk resize grows it up to the limit); 0: none. The null target's size (required). \(ByteCount.suffixHelp)",
             transform: ByteCount.parse)
     var size: ByteCount?
 

@@ -184,7 +184,15 @@ import UblkTesting
         #expect(message { $0.path = small.path; $0.offset = 1000 }.contains("not a multiple of the block size"))
         #expect(message { $0.path = small.path; $0.offset = 128 * 1024 }.contains("beyond the end"))
         #expect(message { $0.path = small.path; $0.size = 100 }.contains("not a positive multiple"))
-        #expect(message { $0.path = small.path; $0.size = 128 * 1024 }.contains("beyond the end"))
+        // A size is a limit, as losetup's --sizelimit: beyond the end, the device ends with the
+        // backing (and says so); 0 is none.
+        for limit: UInt64 in [128 * 1024, 0] {
+            var configuration = LoopConfiguration(path: small.path)
+            (configuration.size, configuration.directIO) = (limit, .off)
+            let target = try LoopTarget(configuration)
+            #expect(target.properties.size == 64 * 1024)
+            #expect(target.note == (limit == 0 ? nil : "--size 131072 is more than \(small.path) holds after the offset: the device has 65536 bytes, and ublk resize grows it up to the limit as the file grows"))
+        }
         // Not whole blocks: the tail is left out, and said, as losetup warns of it.
         let odd = try ScratchFile(size: 1_000_000)
         // Buffered: a scratch directory that refuses O_DIRECT would add its own note.

@@ -52,10 +52,13 @@ expect_error "zero-length backing file" "empty.*(truncate|size)" -- "$UBLK" add 
 
 # Sizes and offsets.
 expect_error "--size not a multiple of the block size" "multiple of the block size" -- "$UBLK" add --file "$dir/ok.img" --size 1000
-expect_error "--size beyond the file" "beyond the end" -- "$UBLK" add --file "$dir/ok.img" --size 128M
 expect_error "--offset not a multiple of the block size" "multiple of the block size" -- "$UBLK" add --file "$dir/ok.img" --offset 1000
 expect_error "--offset beyond the file" "beyond the end" -- "$UBLK" add --file "$dir/ok.img" --offset 64M
-expect_error "--size + --offset beyond the file" "beyond the end" -- "$UBLK" add --file "$dir/ok.img" --offset 32M --size 48M
+# A --size beyond the file is a limit, as losetup's --sizelimit: the device ends with the file.
+dev=$("$UBLK" add --file "$dir/ok.img" --offset 32M --size 48M 2>"$dir/limit.err") || fail "--size beyond the file was refused"
+expect_eq "$(blockdev --getsize64 "$dev")" $((32 << 20)) "size of a device whose --size goes beyond the file"
+grep -q "more than .* holds after the offset: the device has 33554432 bytes" "$dir/limit.err" || fail "no note of the limit: $(cat "$dir/limit.err")"
+"$UBLK" del "$dev"
 expect_error "--block-size 4096 with --size 6144" "multiple of the block size" -- "$UBLK" add --file "$dir/ok.img" --block-size 4096 --size 6144
 expect_error "null target --size 1000" "multiple of the block size" -- "$UBLK" add --target null --size 1000
 # MB is 10^6 bytes, as losetup reads it (util-linux strtosize): no multiple of 512.

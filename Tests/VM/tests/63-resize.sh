@@ -81,3 +81,16 @@ expect_eq "$("$UBLK" resize --id "$wid")" "/dev/ublkb$wid: $((48 << 20)) bytes" 
 expect_eq "$(blockdev --getsize64 "$wdev")" $((48 << 20)) "size of the window device"
 expect_eq "$(list_field "$wid" size)" $((48 << 20)) "size in ublk list --json"
 echo "ok: a --size window stays at its limit when the backing grows (32M, then 48M after resize --size)"
+"$UBLK" del --id "$wid"
+
+# losetup's way: a limit beyond the file; the file grows; a plain resize grows the device
+# up to the limit, no further.
+truncate -s 16M "$win"
+wdev=$("$UBLK" add --file "$win" --size 64M 2>/dev/null)
+wid=${wdev#/dev/ublkb}
+expect_eq "$(blockdev --getsize64 "$wdev")" $((16 << 20)) "a 64M limit on a 16M file"
+truncate -s 40M "$win"
+expect_eq "$("$UBLK" resize --id "$wid")" "/dev/ublkb$wid: $((40 << 20)) bytes" "plain resize after the file grew to 40M"
+truncate -s 100M "$win"
+expect_eq "$("$UBLK" resize --id "$wid")" "/dev/ublkb$wid: $((64 << 20)) bytes" "plain resize after the file grew past the limit"
+echo "ok: a limit beyond the file: the device grew with the file up to the limit"
