@@ -44,7 +44,13 @@ public final class Semaphore: @unchecked Sendable {
 
     public init() {
         pthread_mutex_init(mutex, nil)
-        pthread_cond_init(condition, nil)
+        // Timed waits on the monotonic clock: a step of the wall clock (NTP at boot) must
+        // neither stretch nor cut them.
+        var attributes = pthread_condattr_t()
+        pthread_condattr_init(&attributes)
+        pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+        pthread_cond_init(condition, &attributes)
+        pthread_condattr_destroy(&attributes)
     }
 
     deinit {
@@ -70,9 +76,9 @@ public final class Semaphore: @unchecked Sendable {
 
     /// Waits at most `timeout`; false if it passed without a signal.
     public func wait(timeout: Duration) -> Bool {
-        // The condition's clock is CLOCK_REALTIME: the end is a wall-clock time.
+        // The condition's clock is CLOCK_MONOTONIC (`init`).
         var end = timespec()
-        clock_gettime(CLOCK_REALTIME, &end)
+        clock_gettime(CLOCK_MONOTONIC, &end)
         let (seconds, attoseconds) = timeout.components
         let nanoseconds = Int(end.tv_nsec) + Int(attoseconds / 1_000_000_000)
         end.tv_sec += Int(seconds) + nanoseconds / 1_000_000_000
@@ -80,7 +86,8 @@ public final class Semaphore: @unchecked Sendable {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         while count == 0 {
-            if pthread_cond_timedwait(condition, mutex, &end) == ETIMEDOUT && count == 0 { return false }
+            // (Any failure but a wake-up ends the wait as a timeout would: no spinning.)
+            if pthread_cond_timedwait(condition, mutex, &end) != 0 && count == 0 { return false }
         }
         count -= 1
         return true

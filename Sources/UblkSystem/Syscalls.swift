@@ -306,6 +306,11 @@ extension Syscalls {
         return fd
     }
 
+    /// O_NONBLOCK on (a pipe's end).
+    static func setNonBlocking(_ fd: Int32) {
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+    }
+
     /// `write(2)` at the descriptor's position (a pipe).
     static func write(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) throws(SystemError) -> Int {
         try retryingOnInterrupt("write") { Glibc.write(fd, buffer.baseAddress, buffer.count) }

@@ -99,7 +99,9 @@ public final class LoopTarget: SpecifiedTarget {
         do { backingSize = status.isBlockDevice ? try backing.blockDeviceSize() : UInt64(status.size) }
         catch { throw .cannotMeasure(configuration.path, error) }
         let size = try Self.window(configuration, backingSize: backingSize, logical: logical)
-        unusedTail = configuration.size == nil ? backingSize - configuration.offset - size : 0
+        // (A device that ends where the backing does: no limit, or one beyond the end.)
+        let toTheEnd = configuration.size.map { $0 == 0 || $0 >= backingSize - configuration.offset } ?? true
+        unusedTail = toTheEnd ? backingSize - configuration.offset - size : 0
 
         var properties = TargetProperties(size: size)
         properties.logicalBlockSize = logical

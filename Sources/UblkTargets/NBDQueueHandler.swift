@@ -38,16 +38,16 @@ import UblkSystem
 ///   taken as lost.)
 /// - Once the device is stopping (`NBDTarget.stopRequested`), nothing waits for a server
 ///   that is down: its requests fail with EIO at once, as the kernel's nbd fails them on
-///   `nbd-client -d`; on a connection that is up they get `NBDTarget.stopGrace` without
-///   anything moving before they fail too.
+///   `nbd-client -d`, and no reconnect is tried (for `NBDTarget.stopExpiry`, in case the
+///   stop never comes).
 public final class NBDQueueHandler: QueueHandler {
     /// The `.queue` operations, told apart by their step.
     enum Step: UInt16 {
         case send = 1, receive, retry, watchdog
         /// The target's `stopping` latch was raised.
         case stop
-        /// The stop timer (`checkStop`).
-        case stopCheck
+        /// Stopping mode outlived `stopExpiry`.
+        case stopExpired
     }
 
     enum Phase: Equatable {
@@ -136,9 +136,9 @@ public final class NBDQueueHandler: QueueHandler {
     /// The watchdog's timer is pending (`watchdogTimer`, armed while requests are sent).
     var watchdogArmed = false
     let watchdogTimer: UnsafeMutablePointer<__kernel_timespec>
-    /// The device is stopping: no reconnects, and waits are cut short (`stopRequested`).
+    /// The device is stopping: no reconnects, and waits for a server that is down are cut
+    /// short (`stopRequested`).
     var stopping = false
-    var stopCheckArmed = false
     let stopTimer: UnsafeMutablePointer<__kernel_timespec>
 
     init(socket: consuming FileDescriptor, target: NBDTarget, queueID: Int, depth: Int) {
@@ -307,9 +307,7 @@ public final class NBDQueueHandler: QueueHandler {
         case .retry: try retry(io, &finished)
         case .watchdog: try watchdogFired(result, io, &finished)
         case .stop: try stopRequested(result, io, &finished)
-        case .stopCheck:
-            stopCheckArmed = false
-            try checkStop(io, &finished)
+        case .stopExpired: try stopExpired(io, &finished)
         case nil: break
         }
     }
@@ -325,7 +323,6 @@ public final class NBDQueueHandler: QueueHandler {
         slots[tag].covers = answeredWrites
         try submitSend(tag: tag, io.forQueue(step: Step.send.rawValue))
         if !watchdogArmed { try armWatchdog(after: watchdogPeriod, io) }
-        if stopping && !stopCheckArmed { try armStopCheck(after: target.stopGrace, io) }
     }
 
     /// Sends what is left of `tag`'s header and data.
@@ -648,42 +645,24 @@ extension NBDQueueHandler {
 
 extension NBDQueueHandler {
     /// The device is stopping (`NBDTarget.stopRequested`): what waits for a server that is
-    /// down fails now, and new I/O fails at once from then on; what waits on a connection
-    /// that is up gets `stopGrace` without anything moving on it (`checkStop`).
+    /// down fails now, as `nbd-client -d` fails it, and new I/O fails at once while the
+    /// server is down, with no reconnects. A connection that is up is left alone: its
+    /// requests complete, a slow FLUSH too, or the watchdog gives it up as ever (and then
+    /// it is not tried again).
     func stopRequested(_ result: Int32, _ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
         guard result > 0 else { return } // (a poll canceled, or refused: the stop waits as before)
         stopping = true
-        switch connection {
-        case .up: try checkStop(io, &finished)
-        case .down: try giveUp(io, &finished)
-        case .draining, .failed: break // (`closeIfDrained` gives up; nothing waits)
-        }
+        try start(stopTimer, after: target.stopExpiry, step: .stopExpired, io)
+        if case .down = connection { try giveUp(io, &finished) } // (draining: `closeIfDrained` gives up)
     }
 
-    /// While the device stops: requests that wait on a connection on which nothing moved
-    /// for `stopGrace` fail (it is dropped, and not tried again); while some wait, the stop
-    /// timer looks again when the rest of that time is up.
-    func checkStop(_ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
-        guard stopping, !stopCheckArmed, case .up = connection, waitOnConnection else { return }
-        let still = lastProgress.duration(to: .now)
-        if still >= target.stopGrace {
-            return try drop("nothing moved for \(Int(still / .milliseconds(1))) ms while the device stops", io, &finished, serverMayHaveCrashed: false)
-        }
-        try armStopCheck(after: target.stopGrace - still, io)
-    }
-
-    func armStopCheck(after delay: Duration, _ io: BackingSubmitter) throws(SystemError) {
-        try start(stopTimer, after: delay, step: .stopCheck, io)
-        stopCheckArmed = true
-    }
-
-    /// Requests wait on the connection: being sent, or sent and not answered.
-    var waitOnConnection: Bool {
-        slots.contains { slot in
-            switch slot.phase {
-            case .sending, .awaitingReply, .repliedWhileSending: true
-            default: false
-            }
-        }
+    /// Still serving long after the stop was asked for (`NBDTarget.stopExpiry`): it did
+    /// not happen. Back to reconnecting, and watching for the next stop.
+    func stopExpired(_ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
+        stopping = false
+        target.stopping.lower()
+        logger.notice("queue \(queueID): the device was not stopped: reconnecting to \(target.address.endpoint) as before")
+        try io.forQueue(step: Step.stop.rawValue).poll(file: target.stopping.descriptor, events: Int16(POLLIN))
+        if case .failed = connection { try schedule(after: .milliseconds(100), io) }
     }
 }

@@ -39,17 +39,17 @@ public final class NBDTarget: SpecifiedTarget {
     public let minimumSilence: Duration
     /// Raised by `stopRequested`; each queue handler polls it.
     let stopping: Latch
-    /// Once the device is stopping, how long requests may wait on a connection on which
-    /// nothing moves before they fail. (Tests shorten it.)
-    let stopGrace: Duration
+    /// How long queues stay in stopping mode: a stop that does not come (STOP_DEV failed,
+    /// `ublk del` interrupted) must not leave the device without reconnects. (Tests shorten it.)
+    let stopExpiry: Duration
     /// The first connection, kept for the first queue handler that asks.
     private let firstSocket: Mutex<FileDescriptor?>
 
     public init(_ configuration: NBDConfiguration, minimumSilence: Duration = .seconds(30),
-                stopGrace: Duration = .seconds(5)) throws(TargetError) {
+                stopExpiry: Duration = .seconds(30)) throws(TargetError) {
         self.configuration = configuration
         self.minimumSilence = minimumSilence
-        self.stopGrace = stopGrace
+        self.stopExpiry = stopExpiry
         guard configuration.reconnectTimeout >= 0 else { throw .nbd(Self.badTimeout(configuration.reconnectTimeout)) }
         do { stopping = try Latch() } catch { throw .nbd(NBDError(.connect, "cannot make a pipe: \(error)")) }
         do {
@@ -109,8 +109,8 @@ public final class NBDTarget: SpecifiedTarget {
     }
 
     /// Requests that wait for a server that is down fail at once, and so does new I/O
-    /// while it is; those waiting on a connection that is up fail once nothing has moved on
-    /// it for `stopGrace` (`NBDQueueHandler.stopRequested`).
+    /// while it is, with no reconnects; a connection that is up is left alone
+    /// (`NBDQueueHandler.stopRequested`).
     public func stopRequested() { stopping.raise() }
 
     /// A FLUSH on a connection of its own once the queues are gone: every write the

@@ -201,7 +201,10 @@ import UblkTesting
         let target = try LoopTarget(configuration)
         #expect(target.properties.size == 999_936)
         #expect(target.note == "the last 64 bytes of \(odd.path) are not a whole 512-byte block and stay unused")
-        configuration.path = small.path
+        // A limit beyond the end: to the end too, and its tail said as well.
+        configuration.size = 2 << 20
+        #expect(try LoopTarget(configuration).note?.hasPrefix("the last 64 bytes of \(odd.path) are not a whole 512-byte block") == true)
+        (configuration.path, configuration.size) = (small.path, nil)
         #expect(try LoopTarget(configuration).note == nil)
         #expect(message { $0.path = "-disk.img" }.hasSuffix("truncate -s 1G ./-disk.img)"))
     }

@@ -109,6 +109,12 @@ import UblkTargets
     @Test func losetupsNamesAreAccepted() throws {
         let options = try DeviceOptions.parse(["--file", "a", "--sizelimit", "64M", "--sector-size", "4096", "--offset", "1M"])
         #expect(options.size?.value == 64 << 20 && options.blockSize == 4096 && options.offset?.value == 1 << 20)
+        // `--sizelimit 0` is no limit, as losetup has it (and `ublk resize` then has none either).
+        guard case .loop(let unlimited) = try DeviceOptions.parse(["--file", "a", "--sizelimit", "0"]).spec else {
+            Issue.record("not a loop spec")
+            return
+        }
+        #expect(unlimited.size == nil)
     }
 
     @Test func aRelativeBackingIsRecordedFromTheWorkingDirectory() throws {
