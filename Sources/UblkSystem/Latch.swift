@@ -20,8 +20,6 @@ public final class Latch: Sendable {
     /// What a ring polls for `POLLIN` to learn of the raise.
     public var descriptor: Int32 { readEnd.rawValue }
 
-    public var isRaised: Bool { raised.load(ordering: .acquiring) }
-
     /// Raises the latch; once raised, again does nothing. Never blocks: one byte into an
     /// empty pipe.
     public func raise() {
