@@ -24,10 +24,11 @@ public struct LoopConfiguration: Sendable, Equatable, Codable {
     public var writableRequired: Bool?
     /// Start of the window in the backing, in bytes (losetup --offset).
     public var offset: UInt64 = 0
-    /// Length of the window in bytes (losetup --sizelimit); nil: to the end of the backing.
+    /// Size limit of the window in bytes (losetup --sizelimit): the window ends there or at
+    /// the backing's end, whichever comes first; nil or 0: at the backing's end.
     public var size: UInt64?
-    /// Logical block size of the device; nil: 512 (or the backing device's, if larger,
-    /// unless encrypted). Encrypted: also the encryption sector, 512 or 4096.
+    /// Logical block size of the device; nil: `LoopTarget.defaultBlockSize` (512 for a file,
+    /// a block device's own). Encrypted: also the encryption sector, 512 or 4096.
     public var logicalBlockSize: Int?
     /// Encrypt the backing as dm-crypt plain mode does; nil: plain.
     public var encryption: EncryptionConfiguration?

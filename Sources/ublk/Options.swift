@@ -123,7 +123,7 @@ struct DeviceOptions: ParsableArguments {
     var readOnly: Bool { readOnlyFlag ?? false }
 
     @Option(name: [.customLong("block-size"), .customLong("sector-size")],
-            help: "Logical block size: 512, 1024, 2048 or 4096 (losetup --sector-size).")
+            help: "Logical block size: 512, 1024, 2048 or 4096 (losetup --sector-size); default 512 for a file, a block device's own, and with --direct-io on what the file's direct I/O needs.")
     var blockSize: Int?
 
     @Option(name: .long, help: "Start of the device in the backing file, in bytes (losetup --offset; cryptsetup's --offset N is N×512 here). \(ByteCount.suffixHelp)",
