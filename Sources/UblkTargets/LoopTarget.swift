@@ -59,6 +59,8 @@ public final class LoopTarget: SpecifiedTarget {
     /// Bytes at the end of the backing left out of the device, not being a whole block
     /// (without a size limit; 0 if none).
     public let unusedTail: UInt64
+    /// Bytes of the backing after the offset, when it was opened.
+    let available: UInt64
     let file: FileDescriptor
     /// Reads past the end of a backing that shrank return zeros; with zero copy the queue
     /// cannot write the request's pages itself, so they are read from here.
@@ -102,7 +104,8 @@ public final class LoopTarget: SpecifiedTarget {
         let size = try Self.window(configuration, backingSize: backingSize, logical: logical)
         // (A device that ends where the backing does: no limit, or one beyond the end.)
         let toTheEnd = configuration.size.map { $0 == 0 || $0 >= backingSize - configuration.offset } ?? true
-        unusedTail = toTheEnd ? backingSize - configuration.offset - size : 0
+        available = backingSize - configuration.offset
+        unusedTail = toTheEnd ? available - size : 0
 
         var properties = TargetProperties(size: size)
         properties.logicalBlockSize = logical
@@ -199,15 +202,20 @@ public final class LoopTarget: SpecifiedTarget {
         return isBlockDevice || configuration.directIO == .on ? own : 512
     }
 
-    /// A size limit beyond the backing's end: the device ends where the backing does.
+    /// A size limit the device does not have: beyond the backing's end (the device ends
+    /// where the backing does), or not whole blocks (rounded down, as losetup's).
     var limitNote: String? {
         guard let limit = configuration.size, limit > properties.size else { return nil }
+        if limit <= available {
+            return "--size \(limit) is not a whole number of \(properties.logicalBlockSize)-byte blocks: the device has \(properties.size) bytes"
+        }
         return "--size \(limit) is more than \(configuration.path) holds after the offset: the device has \(properties.size) bytes, and ublk resize grows it up to the limit as the file grows"
     }
 
     /// Where the default block size cost direct I/O: how to have it.
     var blockSizeHint: String {
-        guard configuration.logicalBlockSize == nil, case .misaligned(let backing, _, _) = directIOFallback else { return "" }
+        guard configuration.logicalBlockSize == nil, case .misaligned(let backing, _, let offset) = directIOFallback,
+              offset % UInt64(backing) == 0 else { return "" }
         return " (--block-size \(backing) gives direct I/O, for an image of \(backing)-byte sectors)"
     }
 
@@ -280,13 +288,18 @@ public final class LoopTarget: SpecifiedTarget {
         let (path, offset, block) = (configuration.path, configuration.offset, UInt64(logical))
         if backingSize == 0 { throw .empty(path) }
         guard [512, 1024, 2048, 4096].contains(logical) else { throw .unsupportedBlockSize(logical) }
-        if offset % block != 0 { throw .offsetMisaligned(offset: offset, blockSize: logical) }
+        // Any offset, as losetup takes one: the backing is read and written at offset plus
+        // the request's byte offset, which buffered I/O does anywhere (`open` leaves O_DIRECT
+        // out where the offset is not aligned for it). Encrypted, the offset counts sectors
+        // (cryptsetup's --offset), whole ones of the format's size.
+        if configuration.encryption != nil, offset % block != 0 { throw .offsetMisaligned(offset: offset, blockSize: logical) }
         if offset >= backingSize { throw .offsetBeyondEnd(offset: offset, path: path, backingSize: backingSize) }
         var size = backingSize - offset
-        // A limit, as losetup's --sizelimit: one beyond the end leaves the device at the end
-        // (`ublk resize` grows it up to the limit as the file grows); 0 is none.
+        // A limit, as losetup's --sizelimit: rounded down to whole blocks (`limitNote` says
+        // so), and one beyond the end leaves the device at the end (`ublk resize` grows it
+        // up to the limit as the file grows); 0 is none.
         if let limit = configuration.size, limit > 0 {
-            if limit % block != 0 { throw .sizeMisaligned(size: limit, blockSize: logical) }
+            if limit < block { throw .limitBelowBlock(size: limit, blockSize: logical) }
             size = min(size, limit)
         }
         size -= size % block

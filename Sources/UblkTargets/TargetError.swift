@@ -33,6 +33,8 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
     case offsetMisaligned(offset: UInt64, blockSize: Int)
     case offsetBeyondEnd(offset: UInt64, path: String, backingSize: UInt64)
     case sizeMisaligned(size: UInt64, blockSize: Int)
+    /// A size limit that leaves not one block.
+    case limitBelowBlock(size: UInt64, blockSize: Int)
     case sizeTooLarge(UInt64)
     case sizeBeyondEnd(size: UInt64, offset: UInt64, path: String, backingSize: UInt64)
     case smallerThanBlock(String, blockSize: Int)
@@ -77,6 +79,7 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .offsetBeyondEnd(offset, path, backing):
             "offset \(offset) is beyond the end of \(path) (\(backing) bytes)"
         case let .sizeMisaligned(size, block): "size \(size) is not a positive multiple of the block size \(block)"
+        case let .limitBelowBlock(size, block): "--size \(size) is less than one \(block)-byte block: give at least \(block)"
         case .sizeTooLarge(let size): "size \(size) is more than 2^63 - 1 bytes, which no block device addresses: give a smaller size"
         case let .sizeBeyondEnd(size, offset, path, backing):
             "size \(size) at offset \(offset) goes beyond the end of \(path) (\(backing) bytes)"

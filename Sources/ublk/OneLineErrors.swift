@@ -10,6 +10,7 @@ extension Ublk {
         do {
             let arguments = Array(CommandLine.arguments.dropFirst())
             try refuseRepeatedID(arguments)
+            try refuseHelpOfNoCommand(arguments)
             var command = try parseReportingOptionsFirst(DeviceOptions.normalized(arguments))
             try command.run()
         } catch {
@@ -65,6 +66,15 @@ extension Ublk {
         for option in ["--file", "--uri", "--key-file", "--config", "--name"] where given(option) > 1 {
             throw ValidationError("\(option) is given \(given(option)) times: give it once: see `ublk \(command) --help`")
         }
+    }
+
+    /// ArgumentParser's `help` prints the main help, with status 0, for a command that does
+    /// not exist (`ublk help dell`): a script would take that for an answer.
+    static func refuseHelpOfNoCommand(_ arguments: [String]) throws {
+        guard arguments.first == "help", let name = arguments.dropFirst().first, !name.hasPrefix("-") else { return }
+        let names = configuration.subcommands.map { $0._commandName }
+        guard !names.contains(name) else { return }
+        throw ValidationError("there is no command \(name): give one of \(names.joined(separator: ", ")): see `ublk --help`")
     }
 
     /// The one line printed (after "Error: ") for `error`.

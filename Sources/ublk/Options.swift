@@ -126,7 +126,7 @@ struct DeviceOptions: ParsableArguments {
             help: "Logical block size: 512, 1024, 2048 or 4096 (losetup --sector-size); default 512 for a file, a block device's own, and with --direct-io on what the file's direct I/O needs.")
     var blockSize: Int?
 
-    @Option(name: .long, help: "Start of the device in the backing file, in bytes (losetup --offset; cryptsetup's --offset N is N×512 here). \(ByteCount.suffixHelp)",
+    @Option(name: .long, help: "Start of the device in the backing file, in bytes, any number as losetup --offset takes (one O_DIRECT cannot use means buffered I/O); encrypted, whole sectors: cryptsetup's --offset N is N×512 here. \(ByteCount.suffixHelp)",
             transform: ByteCount.parse)
     var offset: ByteCount?
 
@@ -149,7 +149,7 @@ struct DeviceOptions: ParsableArguments {
     @OptionGroup var key: KeyOptions
 
     @Option(name: [.long, .customLong("sizelimit")],
-            help: "The device's size limit in bytes, as losetup --sizelimit: the device ends there or at the backing's end, whichever comes first (ublk resize grows it up to the limit); 0: none. The null target's size (required). \(ByteCount.suffixHelp)",
+            help: "The device's size limit in bytes, as losetup --sizelimit: the device ends there or at the backing's end, whichever comes first (ublk resize grows it up to the limit), rounded down to whole blocks; 0: none. The null target's size (required). \(ByteCount.suffixHelp)",
             transform: ByteCount.parse)
     var size: ByteCount?
 

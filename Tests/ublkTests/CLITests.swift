@@ -491,6 +491,20 @@ import UblkTargets
         try Ublk.refuseRepeatedID(["add", "--file", "a", "--id", "1", "--", "--id"])
     }
 
+    /// `ublk help NAME` of a command that does not exist is a mistake (64), not the main help.
+    @Test func helpOfNoCommandIsRefused() throws {
+        do {
+            try Ublk.refuseHelpOfNoCommand(["help", "dell"])
+            Issue.record("help dell was taken")
+        } catch {
+            #expect(Ublk.errorLine(for: error) == "there is no command dell: give one of add, start, del, list, recover, resize, upgrade, features: see `ublk --help`")
+            #expect(Ublk.exitCode(for: error) == .validationFailure)
+        }
+        for arguments in [["help"], ["help", "del"], ["help", "-h"], ["add", "dell"], []] {
+            try Ublk.refuseHelpOfNoCommand(arguments)
+        }
+    }
+
     /// A config file may be a pipe (`--config <(...)`, /dev/stdin); what cannot be read is
     /// said in one line, with "create it" only for a file that is missing.
     @Test func configFilesAreReadFromPipesAndRefusedInOneLine() throws {

@@ -5,8 +5,9 @@
 # (root reads anything, so root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH;
 # a non-root user is told to run as root before the backing is looked at),
 # directory and empty backing files;
-# --size/--offset not a multiple of the block size (1MB is 10^6 bytes, as in
-# losetup) or beyond the file, or not whole bytes (1.1K); --depth 0
+# --offset beyond the file, --size less than a block, either not whole bytes (1.1K)
+# (an odd --offset or --size is taken as losetup takes it: the data at that byte,
+# a limit rounded down to whole blocks and said; 1MB is 10^6 bytes); --depth 0
 # and 4097; --queues 0; --block-size 3000 and 8192; --direct-io bogus; an --id
 # already in use (the device using it survives); ublk_drv not loaded; not root;
 # del/recover of ids that do not exist; config files missing, a directory or
@@ -51,18 +52,39 @@ expect_error "directory as backing" "directory.*(regular file|block device)" -- 
 expect_error "zero-length backing file" "empty.*(truncate|size)" -- "$UBLK" add --file "$dir/empty.img"
 
 # Sizes and offsets.
-expect_error "--size not a multiple of the block size" "multiple of the block size" -- "$UBLK" add --file "$dir/ok.img" --size 1000
-expect_error "--offset not a multiple of the block size" "multiple of the block size" -- "$UBLK" add --file "$dir/ok.img" --offset 1000
+expect_error "--size less than a block" "less than one 512-byte block" -- "$UBLK" add --file "$dir/ok.img" --size 100
+# As losetup: a limit that is not whole blocks is rounded down (and said), and any offset
+# is taken, buffered (said too), the device's data starting at that very byte.
+dev=$("$UBLK" add --file "$dir/ok.img" --size 1000 2>"$dir/round.err") || fail "--size 1000 was refused: $(cat "$dir/round.err")"
+expect_eq "$(blockdev --getsize64 "$dev")" 512 "size of a device with --size 1000"
+grep -qF -- "--size 1000 is not a whole number of 512-byte blocks: the device has 512 bytes" "$dir/round.err" ||
+	fail "no note of the rounded limit: $(cat "$dir/round.err")"
+"$UBLK" del "$dev"
+printf 'odd offset marker' | dd of="$dir/ok.img" bs=1 seek=1000 conv=notrunc status=none
+dev=$("$UBLK" add --file "$dir/ok.img" --offset 1000 2>"$dir/offset.err") || fail "--offset 1000 was refused: $(cat "$dir/offset.err")"
+expect_eq "$(head -c 17 "$dev")" "odd offset marker" "first bytes of a device at --offset 1000"
+expect_eq "$(blockdev --getsize64 "$dev")" $(((64 << 20) - 1000 - 24)) "size of a device at --offset 1000"
+printf 'written through' | dd of="$dev" bs=512 seek=1 conv=sync,fsync status=none
+expect_eq "$(dd if="$dir/ok.img" bs=1 skip=1512 count=15 status=none)" "written through" "backing bytes at 1000 + 512"
+grep -q "offset 1000: using buffered I/O" "$dir/offset.err" || grep -q "O_DIRECT" "$dir/offset.err" ||
+	fail "no note of buffered I/O at an odd offset: $(cat "$dir/offset.err")"
+"$UBLK" del "$dev"
+expect_error "--offset 1000 --direct-io on" "alignment.*offset 1000" -- "$UBLK" add --file "$dir/ok.img" --offset 1000 --direct-io on
+echo "ok: --size 1000 and --offset 1000 taken as losetup takes them"
 expect_error "--offset beyond the file" "beyond the end" -- "$UBLK" add --file "$dir/ok.img" --offset 64M
 # A --size beyond the file is a limit, as losetup's --sizelimit: the device ends with the file.
 dev=$("$UBLK" add --file "$dir/ok.img" --offset 32M --size 48M 2>"$dir/limit.err") || fail "--size beyond the file was refused"
 expect_eq "$(blockdev --getsize64 "$dev")" $((32 << 20)) "size of a device whose --size goes beyond the file"
 grep -q "more than .* holds after the offset: the device has 33554432 bytes" "$dir/limit.err" || fail "no note of the limit: $(cat "$dir/limit.err")"
 "$UBLK" del "$dev"
-expect_error "--block-size 4096 with --size 6144" "multiple of the block size" -- "$UBLK" add --file "$dir/ok.img" --block-size 4096 --size 6144
+dev=$("$UBLK" add --file "$dir/ok.img" --block-size 4096 --size 6144 2>/dev/null) || fail "--block-size 4096 --size 6144 was refused"
+expect_eq "$(blockdev --getsize64 "$dev")" 4096 "size of a device with --block-size 4096 --size 6144"
+"$UBLK" del "$dev"
 expect_error "null target --size 1000" "multiple of the block size" -- "$UBLK" add --target null --size 1000
 # MB is 10^6 bytes, as losetup reads it (util-linux strtosize): no multiple of 512.
-expect_error "--offset 1MB" "multiple of the block size" -- "$UBLK" add --file "$dir/ok.img" --offset 1MB
+dev=$("$UBLK" add --file "$dir/ok.img" --offset 1MB 2>/dev/null) || fail "--offset 1MB was refused"
+expect_eq "$(blockdev --getsize64 "$dev")" $((((64 << 20) - 1000000) / 512 * 512)) "size of a device at --offset 1MB"
+"$UBLK" del "$dev"
 expect_error "--size 1.1K" "whole number of bytes" -- "$UBLK" add --file "$dir/ok.img" --size 1.1K
 
 # Queue shape and other options.
