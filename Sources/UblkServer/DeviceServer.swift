@@ -283,9 +283,25 @@ public final class DeviceServer {
         return max(1, min(target.threadsPerQueue, Int(info.queueDepth)))
     }
 
+    /// A server locks its memory as it is used (`LockedMemory.protectServer`), the queues'
+    /// buffers too: a request's buffer (unless zero copy) and, encrypting, its bounce buffer,
+    /// for each tag of each queue, which a large `--depth` makes much. Said where that could
+    /// reach 1 GiB or a quarter of the machine's memory.
+    public static func lockedMemoryRemark(_ target: any Target, _ info: DeviceInfo) -> String? {
+        guard LockedMemory.locksEverything else { return nil }
+        var perRequest = UInt64(0)
+        if case .copy(let bytes) = bufferMode(info) { perRequest += UInt64(bytes) }
+        if (target as? any SpecifiedTarget)?.spec.encryption != nil {
+            perRequest += UInt64(EncryptionConfiguration.bounceBytesPerRequest)
+        }
+        let buffers = UInt64(info.queueCount) * UInt64(info.queueDepth) * perRequest
+        guard buffers > min(1 << 30, LockedMemory.physicalBytes / 4) else { return nil }
+        return "the device may lock up to \(buffers >> 20) MiB of memory (the buffers of \(info.queueCount) × \(info.queueDepth) requests, locked as they are used, so that the server never waits for swap): a smaller --depth locks less"
+    }
+
     /// How the queues hold request data, from the device's own flags (a recovered device
     /// keeps the flags it was added with).
-    public static func bufferMode(_ info: DeviceInfo) -> TagBufferMode {
+    static func bufferMode(_ info: DeviceInfo) -> TagBufferMode {
         info.flags.contains(.autoBufferRegistration)
             ? .autoRegister(fallback: info.flags.contains(.zeroCopy)) : .copy(bytesPerTag: Int(info.maxIOBufferBytes))
     }

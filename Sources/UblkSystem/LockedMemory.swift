@@ -86,19 +86,18 @@ extension LockedMemory {
             do { try Syscalls.forbidCoreDumps() } catch { failed.append(error) }
         }
         do { try Syscalls.setIOFlusher() } catch { failed.append(error) }
-        guard mayLockWithoutLimit else { return failed + [SystemError("mlockall", errno: EPERM)] }
+        guard locksEverything else { return failed + [SystemError("mlockall", errno: EPERM)] }
         do { try Syscalls.lockAllMemory() } catch { failed.append(error) }
         return failed
     }
 
-    /// Whether `protectServer` locks every page (else only a key's own are).
-    public static var locksEverything: Bool { mayLockWithoutLimit }
-
     /// The machine's memory in bytes.
     public static var physicalBytes: UInt64 { Syscalls.physicalMemory() }
 
-    /// CAP_IPC_LOCK (bit 14 of /proc/self/status's CapEff) or an unlimited RLIMIT_MEMLOCK.
-    static var mayLockWithoutLimit: Bool {
+    /// Whether `protectServer` locks every page (else only a key's own are): where the
+    /// process may lock without limit, by CAP_IPC_LOCK (bit 14 of /proc/self/status's
+    /// CapEff) or an unlimited RLIMIT_MEMLOCK.
+    public static var locksEverything: Bool {
         if Syscalls.memoryLockLimit() == nil { return true }
         guard let status = SmallFile.text("/proc/self/status"),
               let line = status.split(separator: "\n").first(where: { $0.hasPrefix("CapEff:") }),

@@ -25,8 +25,9 @@ public struct LoopConfiguration: Sendable, Equatable, Codable {
     /// Start of the window in the backing, in bytes (losetup --offset).
     public var offset: UInt64 = 0
     /// Size limit of the window in bytes (losetup --sizelimit): the window ends there or at
-    /// the backing's end, whichever comes first; nil or 0: at the backing's end.
-    public var size: UInt64?
+    /// the backing's end, whichever comes first; nil: at the backing's end. Set to 0, it is
+    /// nil (losetup's --sizelimit 0 is none), so every reader sees one kind of "no limit".
+    public var size: UInt64? { didSet { if size == 0 { size = nil } } }
     /// Logical block size of the device; nil: `LoopTarget.defaultBlockSize` (512 for a file,
     /// a block device's own). Encrypted: also the encryption sector, 512 or 4096.
     public var logicalBlockSize: Int?
@@ -103,7 +104,7 @@ public final class LoopTarget: SpecifiedTarget {
         catch { throw .cannotMeasure(configuration.path, error) }
         let size = try Self.window(configuration, backingSize: backingSize, logical: logical)
         // (A device that ends where the backing does: no limit, or one beyond the end.)
-        let toTheEnd = configuration.size.map { $0 == 0 || $0 >= backingSize - configuration.offset } ?? true
+        let toTheEnd = configuration.size.map { $0 >= backingSize - configuration.offset } ?? true
         available = backingSize - configuration.offset
         unusedTail = toTheEnd ? available - size : 0
 
@@ -297,8 +298,8 @@ public final class LoopTarget: SpecifiedTarget {
         var size = backingSize - offset
         // A limit, as losetup's --sizelimit: rounded down to whole blocks (`limitNote` says
         // so), and one beyond the end leaves the device at the end (`ublk resize` grows it
-        // up to the limit as the file grows); 0 is none.
-        if let limit = configuration.size, limit > 0 {
+        // up to the limit as the file grows).
+        if let limit = configuration.size {
             if limit < block { throw .limitBelowBlock(size: limit, blockSize: logical) }
             size = min(size, limit)
         }

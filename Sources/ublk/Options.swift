@@ -310,7 +310,7 @@ struct DeviceOptions: ParsableArguments {
             configuration.readOnly = readOnly
             if readOnlyFlag == false { configuration.writableRequired = true }
             configuration.offset = offset?.value ?? 0
-            configuration.size = size.flatMap { $0.value == 0 ? nil : $0.value } // (0: no limit, as losetup)
+            configuration.size = size?.value
             configuration.logicalBlockSize = blockSize
             if encryption != nil {
                 var settings = EncryptionConfiguration()

@@ -63,20 +63,6 @@ struct ServerFlags: ParsableArguments {
         try serve(target: target, options: options, mode: .create) { lock.release() }
     }
 
-    /// A server locks its memory as it is used (`LockedMemory.protectServer`), the queues'
-    /// buffers too: a request's buffer (unless zero copy) and, encrypting, its bounce buffer,
-    /// for each tag of each queue, which a large `--depth` makes much. Said where that could
-    /// reach 1 GiB or a quarter of the machine's memory.
-    static func lockedMemoryRemark(_ target: any SpecifiedTarget, _ info: DeviceInfo) -> String? {
-        guard LockedMemory.locksEverything else { return nil }
-        var perRequest = UInt64(0)
-        if case .copy(let bytes) = DeviceServer.bufferMode(info) { perRequest += UInt64(bytes) }
-        if target.spec.encryption != nil { perRequest += UInt64(EncryptionConfiguration.bounceBytesPerRequest) }
-        let buffers = UInt64(info.queueCount) * UInt64(info.queueDepth) * perRequest
-        guard buffers > min(1 << 30, LockedMemory.physicalBytes / 4) else { return nil }
-        return "the device may lock up to \(buffers >> 20) MiB of memory (the buffers of \(info.queueCount) × \(info.queueDepth) requests, locked as they are used, so that the server never waits for swap): a smaller --depth locks less"
-    }
-
     /// Runs a server in this process; reports on `--ready-fd` once live or on failure.
     /// `whenLive` runs once the device is live and its record written.
     func serve(target: any SpecifiedTarget, options: ServerOptions, mode: DeviceServer.Mode,
@@ -102,7 +88,7 @@ struct ServerFlags: ParsableArguments {
                 if case .create = mode, Int(info.queueCount) < options.queues {
                     note("\(info.queueCount) queues, not \(options.queues): ublk_drv gives a device at most one per CPU")
                 }
-                if case .create = mode, let remark = Self.lockedMemoryRemark(target, info) {
+                if case .create = mode, let remark = DeviceServer.lockedMemoryRemark(target, info) {
                     note(remark)
                     logger.notice("\(remark)")
                 }
