@@ -1,5 +1,6 @@
 import CUblk
 import Glibc
+import Synchronization
 
 // Every raw system call the project makes outside io_uring lives in this file, so
 // error handling (EINTR, errno capture) is written once.
@@ -134,22 +135,19 @@ extension Syscalls {
     /// The TCP addresses of `host`:`port` (numeric or by name), or `HostLookupError`, within
     /// `timeout`: a name server that does not answer (glibc waits 5 s per try and server)
     /// must not hold a queue thread that reconnects, nor a device's stop behind it. A name
-    /// is looked up on a thread of its own, left to finish alone if it takes longer.
-    static func resolve(host: String, port: UInt16, timeout: Duration) throws -> [SocketAddress] {
+    /// is looked up on a thread of its own, left to finish alone if it takes longer; callers
+    /// asking for the same name meanwhile (each queue, each retry) wait for that lookup
+    /// rather than start another, so a long outage leaves one thread per name, not one per
+    /// retry. `lookUp` is the blocking lookup (a test seam).
+    static func resolve(host: String, port: UInt16, timeout: Duration,
+                        lookUp: @escaping @Sendable (String, UInt16) throws -> [SocketAddress] = { try resolve(host: $0, port: $1) })
+        throws -> [SocketAddress] {
         if let numeric = try? resolve(host: host, port: port, flags: AI_NUMERICHOST) { return numeric }
-        final class Lookup: @unchecked Sendable {
-            // Written by the lookup's thread before `done` is signalled; read only after.
-            var outcome: Result<[SocketAddress], any Error>?
-            let done = Semaphore()
-        }
-        let lookup = Lookup()
-        try OSThread {
-            lookup.outcome = Result { try resolve(host: host, port: port) }
-            lookup.done.signal()
-        }.detach()
+        let lookup = try HostLookup.pending(host: host, port: port, lookUp: lookUp)
         guard lookup.done.wait(timeout: timeout), let outcome = lookup.outcome else {
             throw HostLookupError(host: host, reason: "No answer from the name server within \(timeout)")
         }
+        lookup.done.signal()  // Once done, it stays done for every other caller waiting on it.
         return try outcome.get()
     }
 
@@ -400,5 +398,32 @@ extension Syscalls {
     /// killing the process.
     static func ignoreFileSizeSignal() {
         signal(SIGXFSZ, SIG_IGN)
+    }
+}
+
+/// A name lookup in flight on its own thread (`Syscalls.resolve`), shared by every caller
+/// that asks for the same host and port until it ends.
+final class HostLookup: @unchecked Sendable {
+    // Written by the lookup's thread before `done` is signalled; read only after.
+    var outcome: Result<[Syscalls.SocketAddress], any Error>?
+    let done = Semaphore()
+
+    private static let inFlight = Mutex<[String: HostLookup]>([:])
+
+    /// The lookup of `host`:`port` in flight, or a new one started.
+    static func pending(host: String, port: UInt16,
+                        lookUp: @escaping @Sendable (String, UInt16) throws -> [Syscalls.SocketAddress]) throws -> HostLookup {
+        let key = "\(host) \(port)"
+        return try inFlight.withLock { (lookups: inout [String: HostLookup]) throws -> HostLookup in
+            if let running = lookups[key] { return running }
+            let lookup = HostLookup()
+            try OSThread {
+                lookup.outcome = Result { try lookUp(host, port) }
+                _ = inFlight.withLock { $0.removeValue(forKey: key) }
+                lookup.done.signal()
+            }.detach()
+            lookups[key] = lookup
+            return lookup
+        }
     }
 }

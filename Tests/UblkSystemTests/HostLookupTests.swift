@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 import Testing
 @testable import UblkSystem
 
@@ -27,5 +28,39 @@ import Testing
         #expect(try Syscalls.resolve(host: "::1", port: 10809, timeout: .seconds(2)).first?.family == AF_INET6)
         #expect(try !Syscalls.resolve(host: "localhost", port: 10809, timeout: .seconds(5)).isEmpty)
         #expect(throws: HostLookupError.self) { try Syscalls.resolve(host: "no-such-host.invalid", port: 1, timeout: .seconds(5)) }
+    }
+
+    /// Callers asking for a name whose lookup is still running wait for it instead of
+    /// starting another (a DNS outage leaves one thread per name, not one per retry); once
+    /// it has ended, the next caller looks the name up anew.
+    @Test func aSlowLookupIsSharedUntilItEnds() throws {
+        final class Resolver: @unchecked Sendable {
+            let calls = Atomic<Int>(0)
+            let release = Semaphore()
+            func lookUp(_ host: String, _ port: UInt16) throws -> [Syscalls.SocketAddress] {
+                calls.add(1, ordering: .relaxed)
+                release.wait()
+                return [Syscalls.SocketAddress(family: AF_INET, bytes: [1, 2, 3])]
+            }
+        }
+        let resolver = Resolver()
+        let lookUp: @Sendable (String, UInt16) throws -> [Syscalls.SocketAddress] = { try resolver.lookUp($0, $1) }
+        for _ in 0..<3 {
+            #expect(throws: HostLookupError.self) {
+                try Syscalls.resolve(host: "shared.lookup.test", port: 7, timeout: .milliseconds(50), lookUp: lookUp)
+            }
+        }
+        #expect(resolver.calls.load(ordering: .relaxed) == 1)
+        // A caller waiting when it ends gets its answer.
+        let releaser = try OSThread {
+            usleep(200_000)
+            resolver.release.signal()
+        }
+        #expect(try Syscalls.resolve(host: "shared.lookup.test", port: 7, timeout: .seconds(5), lookUp: lookUp).first?.bytes == [1, 2, 3])
+        releaser.join()
+        #expect(resolver.calls.load(ordering: .relaxed) == 1)
+        resolver.release.signal()
+        _ = try Syscalls.resolve(host: "shared.lookup.test", port: 7, timeout: .seconds(5), lookUp: lookUp)
+        #expect(resolver.calls.load(ordering: .relaxed) == 2)
     }
 }
