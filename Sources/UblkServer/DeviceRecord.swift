@@ -29,6 +29,9 @@ public struct DeviceRecord: Codable, Sendable, Equatable {
     /// The backing file the server opened: a new server must open the same one, not
     /// whatever its path names now. Nil without a backing and in older records.
     public var backingIdentity: FileIdentity?
+    /// Added with `--swap` (its server locks all its memory at once), which a recovering
+    /// server keeps; nil otherwise.
+    public var swap: Bool?
 
     public init(id: UInt32, pid: Int32, name: String?, spec: TargetSpec, size: UInt64, queues: Int, depth: Int,
                 directIO: String, recovery: Bool, pollMicroseconds: Int? = nil, keyCheck: KeyCheck? = nil,

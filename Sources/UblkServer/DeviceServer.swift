@@ -31,6 +31,9 @@ public struct ServerOptions: Sendable {
     /// completion before it sleeps (0: never spins; `ublk add` defaults to
     /// `defaultPollMicroseconds`).
     public var pollMicroseconds = 0
+    /// The device will hold swap: the server's memory, its queues' buffers too, is faulted
+    /// in and locked at once rather than as it is used (`LockedMemory.protectServer`).
+    public var swap = false
 
     public init(id: UInt32? = nil, queues: Int, depth: Int) {
         self.id = id
@@ -202,7 +205,7 @@ public final class DeviceServer {
     /// dumps and swap.
     private func protectMemory() {
         let holdsKey = (target as? any SpecifiedTarget)?.spec.encryption != nil
-        for error in LockedMemory.protectServer(holdingKey: holdsKey) {
+        for error in LockedMemory.protectServer(holdingKey: holdsKey, populating: options.swap) {
             let risk = holdsKey ? "copies of the key that OpenSSL makes may reach a core dump or swap"
                                 : "swap on this device, or heavy write-back to it under memory pressure, may stall it"
             logger.warning("\(error): \(risk)")
@@ -393,6 +396,7 @@ public final class DeviceServer {
                                   directIO: target.directIOState, recovery: options.recovery.isEnabled,
                                   pollMicroseconds: options.pollMicroseconds, keyCheck: target.keyCheck,
                                   backingIdentity: target.backingIdentity)
+            record?.swap = options.swap ? true : nil
         }
         if let record {
             do { try RuntimeDirectory.save(record) } catch { logger.warning("cannot write the device record: \(error)") }

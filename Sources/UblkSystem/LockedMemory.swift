@@ -79,15 +79,21 @@ extension LockedMemory {
     /// copies of the key we do not own (OpenSSL's key schedules, in cipher contexts on its
     /// heap), which must not reach swap (the lock, as cryptsetup locks its memory while it
     /// handles keys) nor a core dump (PR_SET_DUMPABLE 0).
+    /// `populating` (a device that holds swap, `ublk add --swap`) locks every page at once
+    /// instead, as `nbd-client -swap` does: mapped, faulted in and locked before any request
+    /// comes, and each later mapping (the queues' buffers) as it is made. Else a swap-out
+    /// under memory pressure may need a free page for the buffer it is copied into, and
+    /// only swapping out would free one: Linux 6.12 stalled there (its ublk_drv pins the
+    /// buffer's pages for the copy, faulting in those never touched).
     /// Returns what could not be done, for a warning; a key's own pages are locked anyway.
-    public static func protectServer(holdingKey: Bool) -> [SystemError] {
+    public static func protectServer(holdingKey: Bool, populating: Bool = false) -> [SystemError] {
         var failed: [SystemError] = []
         if holdingKey {
             do { try Syscalls.forbidCoreDumps() } catch { failed.append(error) }
         }
         do { try Syscalls.setIOFlusher() } catch { failed.append(error) }
         guard locksEverything else { return failed + [SystemError("mlockall", errno: EPERM)] }
-        do { try Syscalls.lockAllMemory() } catch { failed.append(error) }
+        do { try Syscalls.lockAllMemory(populating: populating) } catch { failed.append(error) }
         return failed
     }
 

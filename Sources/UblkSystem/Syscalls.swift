@@ -365,8 +365,9 @@ extension Syscalls {
 
     /// mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT): every page of the process stays in
     /// memory once touched (ONFAULT: mappings are not filled in up front).
-    static func lockAllMemory() throws(SystemError) {
-        if Glibc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0 { throw SystemError("mlockall", errno: errno) }
+    static func lockAllMemory(populating: Bool) throws(SystemError) {
+        let flags = MCL_CURRENT | MCL_FUTURE | (populating ? 0 : MCL_ONFAULT)
+        if Glibc.mlockall(flags) != 0 { throw SystemError("mlockall", errno: errno) }
     }
 
     /// `explicit_bzero(3)`: a plain memset before release may be removed by the optimizer.

@@ -4,7 +4,7 @@ import UblkSystem
 /// A device config file: one `ublk add` option per line, `key = value`, with `#`
 /// comments; a value may be quoted (`file = "/srv/my disk.img"`). Keys are the long option names (`file`, `queues`, `depth`, `direct-io`,
 /// `read-only`, `block-size`, `offset`, `size`, `id`, `target`, `recovery`, `zero-copy`, `batch-io`,
-/// `poll-us`,
+/// `poll-us`, `swap`,
 /// for an NBD export `uri`, `reconnect-timeout`, and for an encrypted device `encryption`,
 /// `key-file` (a path), `key-size`, `skip`, `cipher-threads`, `allow-discards`); flags take yes/no, `recovery` yes, reissue,
 /// fail-io or no. A relative `file` or `key-file` is found from the config file's directory.
@@ -21,7 +21,7 @@ enum ConfigFile {
         getenv("UBLK_CONFIG_DIR").map { String(cString: $0) } ?? "/etc/ublk"
     }
 
-    static let flags: Set<String> = ["read-only", "force", "allow-discards"]
+    static let flags: Set<String> = ["read-only", "force", "allow-discards", "swap"]
     /// Flags whose `no` is said (`--no-read-only`: a writable device or none).
     static let invertibleFlags: Set<String> = ["read-only", "force"]
     /// `recovery = yes|reissue|fail-io|no` (yes is reissue, as before fail-io existed), and

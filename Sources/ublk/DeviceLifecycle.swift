@@ -23,6 +23,8 @@ struct DeviceRow: Codable {
     var commands: String
     /// The queues' busy-polling window in microseconds (`--poll-us`; 0: they sleep at once).
     var pollMicroseconds: Int?
+    /// Added with `--swap`; absent otherwise.
+    var swap: Bool? = nil
     var pid: Int32
     var serverAlive: Bool
     var readOnly: Bool
@@ -160,6 +162,7 @@ enum DeviceLifecycle {
                 offset: record?.spec.window.offset ?? 0, sizeLimit: record?.spec.window.sizeLimit,
                 name: record?.name, encryption: record?.spec.encryption))
             rows[rows.count - 1].backingChanged = record.flatMap(Self.backingChange)
+            rows[rows.count - 1].swap = record?.swap
         }
         return rows
     }
@@ -203,6 +206,7 @@ enum DeviceLifecycle {
         options.recovery = .reissue // the device keeps the policy it was added with
         options.name = record.name
         if let poll = record.pollMicroseconds { options.pollMicroseconds = poll }
+        options.swap = record.swap == true
         // The backing is opened by path, which may name another file now (or none).
         let replaced = { (why: String) in CLIError("\(why): put it back, or delete the device with ublk del --id \(id)") }
         if let why = record.backingReplaced() { throw replaced(why) }

@@ -171,6 +171,9 @@ struct DeviceOptions: ParsableArguments {
     @Option(name: .customLong("poll-us"), help: "Busy polling: while at most one request is in flight in its queue, a queue thread spins up to N microseconds for the next request or completion before it sleeps, 0 to 1000000 (0: never; default 2000, 0 for an encrypted device with cipher threads). Costs a CPU while requests keep coming.")
     var pollMicroseconds: Int?
 
+    @Flag(name: .long, help: "The device will hold swap (swapon): the server's memory, its buffers too, is faulted in and locked at start (queues × depth × 512 KiB and more), not as it is used, as nbd-client -swap does, so that swapping out never waits for memory (without it, Linux 6.12 stalled under memory pressure).")
+    var swap = false
+
     init() {}
 
     var kind: TargetKind { target ?? (uri != nil ? .nbd : .loop) }
@@ -347,6 +350,7 @@ struct DeviceOptions: ParsableArguments {
         options.recovery = recovery
         options.zeroCopy = zeroCopy
         options.batchIO = batchIO
+        options.swap = swap
         options.pollMicroseconds = pollMicroseconds ?? ServerOptions.defaultPollMicroseconds(
             targetHasWorkerThreads: (spec.encryption?.workerThreads ?? 0) > 0)
         return options

@@ -276,7 +276,7 @@ extension Ublk {
 
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Show the ublk devices: id, state, target, size, queues, depth, direct I/O, data path (zero-copy or copy), server pid, backing; --json adds commands (batched or per-request), pollMicroseconds (the busy-polling window), readOnly, and offset and sizeLimit (losetup's OFFSET and SIZELIMIT).",
+            abstract: "Show the ublk devices: id, state, target, size, queues, depth, direct I/O, data path (zero-copy or copy), server pid, backing; --json adds commands (batched or per-request), pollMicroseconds (the busy-polling window), readOnly, offset and sizeLimit (losetup's OFFSET and SIZELIMIT), and swap (added with --swap).",
             discussion: "Devices named (--id N, or /dev/ublkbN as losetup takes one) are the only ones shown; one that does not exist, or that was removed while a user (a mounted file system) still holds its id, is named in a line of its own, and the exit status is 1. --file PATH shows the devices that serve that file or block device, found by its inode as losetup -j finds them (none: nothing but the header, or [] with --json).")
 
         @OptionGroup var chosen: DeviceChoice

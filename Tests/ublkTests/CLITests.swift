@@ -91,6 +91,14 @@ import UblkTargets
         #expect(throws: CLIError.self) { try ConfigFile.arguments(text: "file = \"\"", path: "q.conf") }
     }
 
+    /// `--swap` (or `swap = yes`) reaches the server's options; off by default.
+    @Test func swapReachesTheServer() throws {
+        #expect(try DeviceOptions.parse(["--file", "/a", "--swap"]).serverOptions.swap)
+        #expect(try !DeviceOptions.parse(["--file", "/a"]).serverOptions.swap)
+        #expect(try ConfigFile.arguments(text: "file = /a\nswap = yes", path: "s.conf") == ["--file=/a", "--swap"])
+        #expect(try ConfigFile.arguments(text: "file = /a\nswap = no", path: "s.conf") == ["--file=/a"])
+    }
+
     /// `read-only`: yes, no (a writable device or a refusal), or unsaid (as losetup: read-only
     /// where the backing cannot be written).
     @Test func readOnlyHasThreeStates() throws {
@@ -177,7 +185,7 @@ import UblkTargets
             do { _ = try ConfigFile.arguments(text: text, path: "x.conf"); return "accepted" } catch { return "\(error)" }
         }
         #expect(message("file = /a\ndepth = 8\n\nfile = /b") == "x.conf:4: file is given again (first on line 1): give it once")
-        #expect(message("file = /a\nqueus = 2") == "x.conf:2: unknown key `queus`: use one of allow-discards, batch-io, block-size, cipher-threads, depth, direct-io, encryption, file, force, id, key-file, key-size, offset, poll-us, queues, read-only, reconnect-timeout, recovery, sector-size, size, sizelimit, skip, target, uri, zero-copy")
+        #expect(message("file = /a\nqueus = 2") == "x.conf:2: unknown key `queus`: use one of allow-discards, batch-io, block-size, cipher-threads, depth, direct-io, encryption, file, force, id, key-file, key-size, offset, poll-us, queues, read-only, reconnect-timeout, recovery, sector-size, size, sizelimit, skip, swap, target, uri, zero-copy")
         #expect(message("read-only = maybe").hasPrefix("x.conf:1: read-only takes yes or no"))
         #expect(message("file /a").hasPrefix("x.conf:1: expected `key = value`"))
         #expect(message("key-file = -").hasPrefix("x.conf:1: key-file = - reads standard input"))
