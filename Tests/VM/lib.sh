@@ -137,6 +137,21 @@ ext4_through() {
 	diff "$dir/written.sums" "$dir/image.sums" || fail "the files in $image differ from what was written"
 }
 
+# A program that wanted more than memory and swap together (swap on ublk device DEV, served
+# by PID) ended with status RC, started at START ($SECONDS): it was killed by the OOM killer
+# in time (not stalled), the server lived, and swapoff of DEV worked; DEV is deleted then.
+expect_oom_killed() {
+	local rc=$1 start=$2 pid=$3 dev=$4
+	echo "the program ended with status $rc after $((SECONDS - start)) s"
+	# (137 is also timeout's own SIGKILL: the time tells them apart.)
+	((rc == 137 && SECONDS - start < 140)) ||
+		fail "the program was not killed by the OOM killer (status $rc after $((SECONDS - start)) s): the machine stalled"
+	grep -q "oom-kill\|Killed process" <(dmesg) || fail "the kernel log shows no OOM kill"
+	kill -0 "$pid" || fail "the ublk server died"
+	timeout 120 swapoff "$dev" || fail "swapoff failed"
+	"$UBLK" del "$dev"
+}
+
 list_field() {
 	"$UBLK" list --json | python3 -c '
 import json, sys
