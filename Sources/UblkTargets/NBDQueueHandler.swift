@@ -23,7 +23,9 @@ import UblkSystem
 ///   the protocol), the socket is shut down and, once its operations are back, closed;
 ///   then reconnects are tried with backoff (a timeout SQE between attempts, so the
 ///   ring keeps turning and a stopping device is noticed), and every unanswered
-///   request is sent again on the new connection. The reconnect timeout bounds an
+///   request is sent again on the new connection, but for a write (trim, write-zeroes)
+///   sent on a connection we gave up while the server may live on (a silent server, a
+///   broken reply): that fails with EIO (`drop`). The reconnect timeout bounds an
 ///   outage: from the first drop until every request it left waiting is answered, over
 ///   any number of drops (a request that makes the server hang up is not resent
 ///   forever). Past it the waiting requests fail with EIO, as does new I/O, while
@@ -349,7 +351,10 @@ public final class NBDQueueHandler: QueueHandler {
     func sendCompleted(_ result: Int32, _ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
         sending = false
         guard case .up = connection else { return try closeIfDrained(io, &finished) }
-        if result < 0 { return try drop("send failed: \(SystemError("", errno: -result).reason)", io, &finished) }
+        if result < 0 {
+            return try drop("send failed: \(SystemError("", errno: -result).reason)", io, &finished,
+                            serverHungUp: Self.isHangUp(-result))
+        }
         if result > 0 { lastProgress = .now }
         let tag = Int(sendQueue[sendHead])
         slots[tag].sent += Int(result)
@@ -388,12 +393,15 @@ public final class NBDQueueHandler: QueueHandler {
     func receiveCompleted(_ result: Int32, _ io: BackingSubmitter, _ finished: inout FinishedRequests) throws(SystemError) {
         receiving = false
         guard case .up = connection else { return try closeIfDrained(io, &finished) }
-        if result < 0 { return try drop("receive failed: \(SystemError("", errno: -result).reason)", io, &finished) }
+        if result < 0 {
+            return try drop("receive failed: \(SystemError("", errno: -result).reason)", io, &finished,
+                            serverHungUp: Self.isHangUp(-result))
+        }
         if result == 0 {
             do throws(NBDProtocolViolation) { try parser.endOfStream() } catch {
-                return try drop("\(error)", io, &finished)
+                return try drop("\(error)", io, &finished, serverHungUp: true)
             }
-            return try drop("the server closed the connection", io, &finished)
+            return try drop("the server closed the connection", io, &finished, serverHungUp: true)
         }
         lastProgress = .now
         var replies = Replies(handler: self)
@@ -455,23 +463,40 @@ extension NBDQueueHandler {
     /// keep every unanswered request for the next connection, within the outage's budget.
     /// `serverMayHaveCrashed` false: we hang up on a server that is alive, whose cache keeps
     /// the writes it answered (a FLUSH on the next connection covers them).
+    /// `serverHungUp`: the server ended the connection (the end of the stream, a reset),
+    /// so nothing sent on it is applied later. Otherwise (we give up on a silent server or a
+    /// broken reply) a write, trim or write-zeroes sent on it fails with EIO, as the
+    /// kernel's nbd fails it, rather than going again: the server may still apply the old
+    /// copy (from its socket, or a proxy's) after a later write to the same blocks was
+    /// answered on the new connection, and undo it.
     func drop(_ reason: String, _ io: BackingSubmitter, _ finished: inout FinishedRequests,
-              serverMayHaveCrashed: Bool = true) throws(SystemError) {
+              serverMayHaveCrashed: Bool = true, serverHungUp: Bool = false) throws(SystemError) {
         guard case .up = connection else { return }
         logger.warning("queue \(queueID): connection to \(target.address.endpoint) lost: \(reason): \(stopping ? "not reconnecting, the device is stopping" : "reconnecting")")
         socket?.shutdown()
         connection = .draining
         sendCount = 0
+        var failedMutations = 0
         for tag in slots.indices {
             switch slots[tag].phase {
-            case .sending, .awaitingReply: slots[tag].phase = .queued
             // Answered, but the send did not complete: a failure stands; a success is not
             // believed (a write's data may not all have gone), the request goes again.
-            case .repliedWhileSending(let errno) where errno != 0: try finish(tag: tag, errno: errno, io, &finished)
-            case .repliedWhileSending: slots[tag].phase = .queued
+            case .repliedWhileSending(let errno) where errno != 0:
+                try finish(tag: tag, errno: errno, io, &finished)
+                continue
+            case .sending, .awaitingReply, .repliedWhileSending:
+                if slots[tag].isMutation && !serverHungUp {
+                    failedMutations += 1
+                    try finish(tag: tag, errno: EIO, io, &finished)
+                    continue
+                }
+                slots[tag].phase = .queued
             default: break
             }
             if slots[tag].phase != .idle { catchWaiting(tag: tag) }
+        }
+        if failedMutations > 0 {
+            logger.error("queue \(queueID): \(failedMutations) write(s) sent to \(target.address.endpoint) failed with EIO: the server may still apply them, so they are not sent again")
         }
         if serverMayHaveCrashed && answeredWrites > flushedWrites { lostWrites = true }
         answeredWrites = 0
@@ -479,6 +504,10 @@ extension NBDQueueHandler {
         if outage == nil { outage = NBDReconnectBackoff(from: .now, budget: budget) }
         try closeIfDrained(io, &finished)
     }
+
+    /// Whether a send or receive that failed with `errno` means the server's end is gone
+    /// (reset, or closed under a send), rather than the path to it or our own shutdown.
+    static func isHangUp(_ errno: Int32) -> Bool { errno == ECONNRESET || errno == EPIPE }
 
     /// `tag` waits for a connection: it belongs to the outage until answered.
     func catchWaiting(tag: Int) {
@@ -506,7 +535,8 @@ extension NBDQueueHandler {
                 _ = Glibc.send(socketNumber, header.baseAddress, header.count, Int32(MSG_DONTWAIT | MSG_NOSIGNAL))
             }
         }
-        try drop("the server is shutting down (NBD_ESHUTDOWN)", io, &finished)
+        // (It goes away, ending the connection: nothing sent on it is applied later.)
+        try drop("the server is shutting down (NBD_ESHUTDOWN)", io, &finished, serverHungUp: true)
     }
 
     /// Once no operation uses the old socket: close it and wait before the next reconnect,

@@ -102,10 +102,11 @@ final class LoopbackServer: Sendable {
         }
     }
 
-    /// An nbd target on this server, with `timeout` seconds of reconnect budget.
-    func target(timeout: Int = 10) throws -> NBDTarget {
+    /// An nbd target on this server, with `timeout` seconds of reconnect budget, whose
+    /// watchdog gives a silent connection up after `minimumSilence` at the least.
+    func target(timeout: Int = 10, minimumSilence: Duration = .seconds(30)) throws -> NBDTarget {
         var configuration = NBDConfiguration(uri: uri)
         configuration.reconnectTimeout = timeout
-        return try NBDTarget(configuration)
+        return try NBDTarget(configuration, minimumSilence: minimumSilence)
     }
 }

@@ -50,6 +50,40 @@ import UblkTesting
 }
 
 extension NBDOutageTests {
+    /// A server that hangs with its connection up is given up by the watchdog (1 s here),
+    /// but it may come back and apply what it had read: a WRITE sent on that connection
+    /// fails with EIO rather than going again (a later write to the same blocks, answered on
+    /// the next connection, would be undone by the old one), while a READ goes again and is
+    /// answered on the next connection.
+    @Test func aWriteSentToAHungServerFailsAndIsNotSentAgain() throws {
+        let server = try LoopbackServer { connection, _ in connection == 0 ? .ignore : .reply(error: 0) }
+        defer { server.stop() }
+        let queue = try OfflineQueue(target: try server.target(timeout: 2, minimumSilence: .seconds(1)), depth: 2,
+                                     bufferSize: 64 * 1024)
+        memset(queue.buffer(tag: 0), 0x33, 4096)
+        try queue.start(tag: 0, IODescriptor(operation: .write, startSector: 0, sectorCount: 8))
+        try queue.start(tag: 1, Self.read)
+        var results: [Int: Int32] = [:]
+        let start = ContinuousClock.now
+        while results.count < 2 && start.duration(to: .now) < .seconds(10) { try queue.reap { results[$0] = $1 } }
+        #expect(results[0] == -EIO)
+        #expect(results[1] == 8192)
+        let commands = server.log.requests.withLock { $0.map { $0.map(\.command) } }
+        #expect(commands.first?.sorted() == [NBDCommand.read.rawValue, NBDCommand.write.rawValue].sorted())
+        #expect(commands.dropFirst().allSatisfy { !$0.contains(NBDCommand.write.rawValue) }, "\(commands)")
+    }
+
+    /// A server that hangs up (a crash, a restart) applies nothing more from that
+    /// connection: a WRITE it left unanswered goes again on the next one.
+    @Test func aWriteTheServerHungUpOnGoesAgain() throws {
+        let server = try LoopbackServer { connection, _ in connection == 0 ? .hangUp : .reply(error: 0) }
+        defer { server.stop() }
+        let queue = try OfflineQueue(target: try server.target(timeout: 5), depth: 2, bufferSize: 64 * 1024)
+        memset(queue.buffer(tag: 0), 0x33, 4096)
+        #expect(try queue.perform(IODescriptor(operation: .write, startSector: 0, sectorCount: 8)) == 4096)
+        #expect(server.connections == 2)
+    }
+
     /// NBD_ESHUTDOWN is no answer to give the kernel: the client says DISC, reconnects and
     /// sends the READ again, which the next connection answers.
     @Test func aServerShuttingDownGetsADisconnectAndTheRequestAgain() throws {
