@@ -289,8 +289,9 @@ public final class DeviceServer {
     /// A server locks its memory as it is used (`LockedMemory.protectServer`), the queues'
     /// buffers too: a request's buffer (unless zero copy) and, encrypting, its bounce buffer,
     /// for each tag of each queue, which a large `--depth` makes much. Said where that could
-    /// reach 1 GiB or a quarter of the machine's memory.
-    public static func lockedMemoryRemark(_ target: any Target, _ info: DeviceInfo) -> String? {
+    /// reach 1 GiB or a quarter of the machine's memory; with `swap` (`ServerOptions.swap`)
+    /// all of it is locked at start.
+    public static func lockedMemoryRemark(_ target: any Target, _ info: DeviceInfo, swap: Bool) -> String? {
         guard LockedMemory.locksEverything else { return nil }
         var perRequest = UInt64(0)
         if case .copy(let bytes) = bufferMode(info) { perRequest += UInt64(bytes) }
@@ -299,6 +300,9 @@ public final class DeviceServer {
         }
         let buffers = UInt64(info.queueCount) * UInt64(info.queueDepth) * perRequest
         guard buffers > min(1 << 30, LockedMemory.physicalBytes / 4) else { return nil }
+        if swap {
+            return "the device locks \(buffers >> 20) MiB of memory now (the buffers of \(info.queueCount) × \(info.queueDepth) requests, with --swap): a smaller --depth locks less"
+        }
         return "the device may lock up to \(buffers >> 20) MiB of memory (the buffers of \(info.queueCount) × \(info.queueDepth) requests, locked as they are used, so that the server never waits for swap): a smaller --depth locks less"
     }
 

@@ -363,8 +363,9 @@ extension Syscalls {
         return limit.rlim_cur == rlim_t.max ? nil : UInt64(limit.rlim_cur)
     }
 
-    /// mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT): every page of the process stays in
-    /// memory once touched (ONFAULT: mappings are not filled in up front).
+    /// mlockall(MCL_CURRENT | MCL_FUTURE), with MCL_ONFAULT unless `populating`: every page
+    /// of the process stays in memory once touched (ONFAULT: mappings are not filled in up
+    /// front), or (populating) every mapped page is filled in and locked at once.
     static func lockAllMemory(populating: Bool) throws(SystemError) {
         let flags = MCL_CURRENT | MCL_FUTURE | (populating ? 0 : MCL_ONFAULT)
         if Glibc.mlockall(flags) != 0 { throw SystemError("mlockall", errno: errno) }

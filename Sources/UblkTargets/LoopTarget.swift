@@ -25,9 +25,14 @@ public struct LoopConfiguration: Sendable, Equatable, Codable {
     /// Start of the window in the backing, in bytes (losetup --offset).
     public var offset: UInt64 = 0
     /// Size limit of the window in bytes (losetup --sizelimit): the window ends there or at
-    /// the backing's end, whichever comes first; nil: at the backing's end. Set to 0, it is
-    /// nil (losetup's --sizelimit 0 is none), so every reader sees one kind of "no limit".
-    public var size: UInt64? { didSet { if size == 0 { size = nil } } }
+    /// the backing's end, whichever comes first; nil: at the backing's end. 0 reads as nil
+    /// (losetup's --sizelimit 0 is none), however it came, set or decoded from a record, so
+    /// every reader sees one kind of "no limit".
+    public var size: UInt64? {
+        get { storedSize == 0 ? nil : storedSize }
+        set { storedSize = newValue }
+    }
+    private var storedSize: UInt64?
     /// Logical block size of the device; nil: `LoopTarget.defaultBlockSize` (512 for a file,
     /// a block device's own). Encrypted: also the encryption sector, 512 or 4096.
     public var logicalBlockSize: Int?
@@ -35,6 +40,10 @@ public struct LoopConfiguration: Sendable, Equatable, Codable {
     public var encryption: EncryptionConfiguration?
 
     public init(path: String) { self.path = path }
+
+    enum CodingKeys: String, CodingKey {
+        case path, directIO, readOnly, writableRequired, offset, storedSize = "size", logicalBlockSize, encryption
+    }
 }
 
 /// A block device backed by a regular file or another block device: the kernel loop
@@ -63,16 +72,13 @@ public final class LoopTarget: SpecifiedTarget {
     /// Bytes of the backing after the offset, when it was opened.
     let available: UInt64
     let file: FileDescriptor
-    /// Reads past the end of a backing that shrank return zeros; with zero copy the queue
-    /// cannot write the request's pages itself, so they are read from here.
-    private let zeros: FileDescriptor
     /// The encryption key when `configuration.encryption` is set, else nil.
     private let key: EncryptionKey?
     /// The backing is a regular file that is written: its times are stamped by the queues
     /// (`ModificationStamp`). A block device's are not the file system's to update.
     private let stampsWrites: Bool
 
-    public var fixedFiles: [Int32] { [file.rawValue, zeros.rawValue] }
+    public var fixedFiles: [Int32] { [file.rawValue] }
     /// Every byte moves by READ/WRITE(_FIXED) on the backing, so requests may keep their own
     /// pages, unless the target encrypts: then it must see the data.
     public var supportsZeroCopy: Bool { configuration.encryption == nil }
@@ -123,8 +129,6 @@ public final class LoopTarget: SpecifiedTarget {
         directIO = fallback == nil && configuration.directIO != .off
         file = backing
         stampsWrites = status.isRegularFile && !configuration.readOnly
-        do { zeros = try FileDescriptor(path: "/dev/zero", flags: O_RDONLY) }
-        catch { throw .cannotOpen("/dev/zero", error) }
     }
 
     public func makeQueueHandler(queueID: Int, depth: Int, share: TagShare) throws -> LoopQueueHandler {
@@ -137,7 +141,8 @@ public final class LoopTarget: SpecifiedTarget {
                                              sectorSize: properties.logicalBlockSize, depth: depth, share: share,
                                              workers: share.count > 1 ? 0 : settings.workerThreads)
         }
-        return LoopQueueHandler(depth: depth, offset: Int64(configuration.offset), readOnly: configuration.readOnly,
+        return LoopQueueHandler(depth: depth, offset: Int64(configuration.offset), blockSize: properties.logicalBlockSize,
+                                readOnly: configuration.readOnly,
                                 allowsDiscards: Self.allowsDiscards(configuration),
                                 stamp: ModificationStamp(fd: file.rawValue, enabled: stampsWrites), encryption: encryption)
     }
@@ -162,6 +167,8 @@ public final class LoopTarget: SpecifiedTarget {
         // sectors, and a sector's must be a multiple of its size in them.
         let block = configuration.logicalBlockSize ?? 512
         if encryption.skip % UInt64(block / 512) != 0 { throw .skipMisaligned(skip: encryption.skip, blockSize: block) }
+        // The offset counts sectors (cryptsetup's --offset), whole ones of the format's size.
+        if configuration.offset % UInt64(block) != 0 { throw .offsetMisaligned(offset: configuration.offset, blockSize: block) }
     }
 
     public func sync() throws {
@@ -204,10 +211,12 @@ public final class LoopTarget: SpecifiedTarget {
     }
 
     /// A size limit the device does not have: beyond the backing's end (the device ends
-    /// where the backing does), or not whole blocks (rounded down, as losetup's).
+    /// where the backing does), or not whole blocks (rounded down, as losetup's; where the
+    /// limit is the backing's end, `tailNote` says so).
     var limitNote: String? {
         guard let limit = configuration.size, limit > properties.size else { return nil }
         if limit <= available {
+            guard unusedTail == 0 else { return nil }
             return "--size \(limit) is not a whole number of \(properties.logicalBlockSize)-byte blocks: the device has \(properties.size) bytes"
         }
         return "--size \(limit) is more than \(configuration.path) holds after the offset: the device has \(properties.size) bytes, and ublk resize grows it up to the limit as the file grows"
@@ -291,9 +300,7 @@ public final class LoopTarget: SpecifiedTarget {
         guard [512, 1024, 2048, 4096].contains(logical) else { throw .unsupportedBlockSize(logical) }
         // Any offset, as losetup takes one: the backing is read and written at offset plus
         // the request's byte offset, which buffered I/O does anywhere (`open` leaves O_DIRECT
-        // out where the offset is not aligned for it). Encrypted, the offset counts sectors
-        // (cryptsetup's --offset), whole ones of the format's size.
-        if configuration.encryption != nil, offset % block != 0 { throw .offsetMisaligned(offset: offset, blockSize: logical) }
+        // out where the offset is not aligned for it). (Encrypted: `checkEncryption`.)
         if offset >= backingSize { throw .offsetBeyondEnd(offset: offset, path: path, backingSize: backingSize) }
         var size = backingSize - offset
         // A limit, as losetup's --sizelimit: rounded down to whole blocks (`limitNote` says
@@ -376,8 +383,9 @@ public final class LoopQueueHandler: QueueHandler {
     // specialised for this handler in the daemon (and the host benchmark), and a call
     // into another module per request is what it would otherwise pay.
     @usableFromInline let file = BackingSubmitter.firstTargetFile
-    @usableFromInline let zeroFile = BackingSubmitter.firstTargetFile + 1
     @usableFromInline let offset: Int64
+    /// The device's logical block size: a short read completes in whole blocks.
+    let blockSize: Int
     @usableFromInline let readOnly: Bool
     /// Discards punch holes (false: encrypted without `allowDiscards`, where none is advertised).
     @usableFromInline let allowsDiscards: Bool
@@ -393,18 +401,16 @@ public final class LoopQueueHandler: QueueHandler {
     // (about 40% of this handler's instructions, measured with callgrind).
     /// Bytes of each tag's read or write done so far (short transfers are resubmitted).
     @usableFromInline let transferred: UnsafeMutableBufferPointer<Int>
-    /// Tags whose read ran past the end of the backing and is being filled from /dev/zero
-    /// (zero copy).
-    @usableFromInline let fellBack: UnsafeMutableBufferPointer<Bool>
     /// Times each tag's read or write came back with EAGAIN or EINTR and was submitted again.
     @usableFromInline let retries: UnsafeMutableBufferPointer<UInt8>
     /// How often a read or write is submitted again after EAGAIN or EINTR (io_uring gives
     /// one back where it could not reissue it itself) before the error is the result.
     static let retryLimit: UInt8 = 8
 
-    init(depth: Int, offset: Int64, readOnly: Bool, allowsDiscards: Bool = true, stamp: consuming ModificationStamp,
-         encryption: QueueEncryption? = nil) {
+    init(depth: Int, offset: Int64, blockSize: Int, readOnly: Bool, allowsDiscards: Bool = true,
+         stamp: consuming ModificationStamp, encryption: QueueEncryption? = nil) {
         self.offset = offset
+        self.blockSize = blockSize
         self.readOnly = readOnly
         self.allowsDiscards = allowsDiscards
         self.stamp = stamp
@@ -412,15 +418,12 @@ public final class LoopQueueHandler: QueueHandler {
         encrypting = encryption != nil
         transferred = .allocate(capacity: depth)
         transferred.initialize(repeating: 0)
-        fellBack = .allocate(capacity: depth)
-        fellBack.initialize(repeating: false)
         retries = .allocate(capacity: depth)
         retries.initialize(repeating: 0)
     }
 
     deinit {
         transferred.deallocate()
-        fellBack.deallocate()
         retries.deallocate()
     }
 
@@ -448,7 +451,6 @@ public final class LoopQueueHandler: QueueHandler {
         switch d.operation {
         case .read:
             transferred[Int(request.tag)] = 0
-            fellBack[Int(request.tag)] = false
             retries[Int(request.tag)] = 0
             try io.read(file: file, into: request.data, count: d.byteCount, offset: position)
             // Encrypted data must be deciphered first (`tracked` keeps it from linking).
@@ -515,18 +517,7 @@ public final class LoopQueueHandler: QueueHandler {
                 return try submitRest(request, from: transferred[tag], io)
             }
             if result < 0 { return .done(result) }
-            if result == 0 {
-                guard d.operation == .read, !fellBack[tag] else { return .done(-EIO) }
-                // Past the end of the backing: the rest reads as zeros (loop.c does the same).
-                let done = transferred[tag]
-                guard case .buffer(let buffer) = request.data else {
-                    fellBack[tag] = true
-                    try io.read(file: zeroFile, into: request.data.advanced(by: done), count: d.byteCount - done, offset: 0)
-                    return .submitted
-                }
-                (buffer + done).initializeMemory(as: UInt8.self, repeating: 0, count: d.byteCount - done)
-                return try readDone(request, io)
-            }
+            if result == 0 { return .done(endOfBacking(request)) }
             transferred[tag] += Int(result)
             let done = transferred[tag]
             if done >= d.byteCount { return d.operation == .read ? try readDone(request, io) : .done(Int32(d.byteCount)) }
@@ -534,6 +525,16 @@ public final class LoopQueueHandler: QueueHandler {
         default:
             return .done(result < 0 ? result : 0)
         }
+    }
+
+    /// A read or write met the end of the backing (which shrank under the device): as
+    /// loop.c ends a short read, the whole blocks moved complete (the driver then sends the
+    /// rest again, which meets the end at once) and a request that moved none fails with
+    /// EIO, rather than reading zeros the file does not hold. Encrypted, the request fails
+    /// whole (its sectors are deciphered together).
+    func endOfBacking(_ request: IORequest) -> Int32 {
+        let done = transferred[Int(request.tag)] / blockSize * blockSize
+        return request.descriptor.operation == .read && done > 0 && !encrypting ? Int32(done) : -EIO
     }
 
     /// Submits a read or write again from byte `done` to its end: the rest of a short
@@ -545,8 +546,7 @@ public final class LoopQueueHandler: QueueHandler {
         let position = offset + d.byteOffset + Int64(done)
         let rest = request.data.advanced(by: done)
         if d.operation == .read {
-            try io.read(file: fellBack[tag] ? zeroFile : file, into: rest, count: d.byteCount - done,
-                        offset: fellBack[tag] ? 0 : position)
+            try io.read(file: file, into: rest, count: d.byteCount - done, offset: position)
         } else {
             stamp.beforeWrite()
             try io.write(file: file, from: rest, count: d.byteCount - done, offset: position, dsync: d.flags.contains(.fua))

@@ -75,7 +75,8 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .cannotMeasure(path, error): "cannot read the size of \(path): \(error)"
         case .empty(let path): "backing file \(path) is empty: give it a size (e.g. truncate -s 1G \(path.shellWord))"
         case .unsupportedBlockSize(let size): "block size \(size) is not one of 512, 1024, 2048, 4096"
-        case let .offsetMisaligned(offset, block): "offset \(offset) is not a multiple of the block size \(block)"
+        case let .offsetMisaligned(offset, block):
+            "an encrypted device starts at a whole \(block)-byte sector of its backing: offset \(offset) is not a multiple of \(block)"
         case let .offsetBeyondEnd(offset, path, backing):
             "offset \(offset) is beyond the end of \(path) (\(backing) bytes)"
         case let .sizeMisaligned(size, block): "size \(size) is not a positive multiple of the block size \(block)"

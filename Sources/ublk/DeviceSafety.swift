@@ -119,9 +119,12 @@ enum DeviceSafety {
             if waiting, (try? control.deviceInfo(record.id))?.flags.contains(.userRecovery) != true { continue }
             // The size the device has now (it may have been resized since the record was made).
             let size = (try? control.parameters(record.id)).map { $0.sectors << 9 } ?? other.size ?? UInt64.max - other.offset
-            let (backing, otherStart, otherEnd) = (other.path, other.offset, other.offset + size)
+            let (sum, overflow) = other.offset.addingReportingOverflow(size)
+            let (backing, otherStart, otherEnd) = (other.path, other.offset, overflow ? UInt64.max : sum)
             guard start < otherEnd, otherStart < end else { continue }
-            let range = "bytes \(otherStart == 0 ? "0" : DeviceListing.humanSize(otherStart))-\(DeviceListing.humanSize(otherEnd))"
+            // (Exact where an odd offset makes the short form round.)
+            let bytes = { (n: UInt64) in n % 1024 == 0 ? DeviceListing.humanSize(n) : "\(n)" }
+            let range = "bytes \(bytes(otherStart))-\(bytes(otherEnd))"
             if waiting {
                 throw CLIError("ublk device \(record.id) holds \(backing) read-write (\(range)) and waits for a new server: ublk recover --id \(record.id), or ublk del --id \(record.id) first, or --force")
             }

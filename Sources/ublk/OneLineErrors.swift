@@ -73,7 +73,7 @@ extension Ublk {
     static func refuseHelpOfNoCommand(_ arguments: [String]) throws {
         guard arguments.first == "help", let name = arguments.dropFirst().first, !name.hasPrefix("-") else { return }
         let names = configuration.subcommands.map { $0._commandName }
-        guard !names.contains(name) else { return }
+        guard !names.contains(name) && name != "help" else { return }
         throw ValidationError("there is no command \(name): give one of \(names.joined(separator: ", ")): see `ublk --help`")
     }
 

@@ -149,7 +149,7 @@ struct DeviceOptions: ParsableArguments {
     @OptionGroup var key: KeyOptions
 
     @Option(name: [.long, .customLong("sizelimit")],
-            help: "The device's size limit in bytes, as losetup --sizelimit: the device ends there or at the backing's end, whichever comes first (ublk resize grows it up to the limit), rounded down to whole blocks; 0: none. The null target's size (required). \(ByteCount.suffixHelp)",
+            help: "The device's size limit in bytes, as losetup --sizelimit: the device ends there or at the backing's end, whichever comes first (ublk resize grows it up to the limit), rounded down to whole blocks (loop target); 0: none. The null target's size (required). \(ByteCount.suffixHelp)",
             transform: ByteCount.parse)
     var size: ByteCount?
 
@@ -171,7 +171,8 @@ struct DeviceOptions: ParsableArguments {
     @Option(name: .customLong("poll-us"), help: "Busy polling: while at most one request is in flight in its queue, a queue thread spins up to N microseconds for the next request or completion before it sleeps, 0 to 1000000 (0: never; default 2000, 0 for an encrypted device with cipher threads). Costs a CPU while requests keep coming.")
     var pollMicroseconds: Int?
 
-    @Flag(name: .long, help: "The device will hold swap (swapon): the server's memory, its buffers too, is faulted in and locked at start (queues × depth × 512 KiB and more), not as it is used, as nbd-client -swap does, so that swapping out never waits for memory (without it, Linux 6.12 stalled under memory pressure).")
+    @Flag(name: .long, inversion: .prefixedNo,
+          help: "The device will hold swap (swapon): the server's memory, its buffers too, is faulted in and locked at start, not as it is used, as nbd-client -swap does (queues × depth × 512 KiB of buffers, and each thread's stack, 8 MiB by default), so that swapping out never waits for memory (without it, Linux 6.12 stalled under memory pressure).")
     var swap = false
 
     init() {}

@@ -88,7 +88,7 @@ struct ServerFlags: ParsableArguments {
                 if case .create = mode, Int(info.queueCount) < options.queues {
                     note("\(info.queueCount) queues, not \(options.queues): ublk_drv gives a device at most one per CPU")
                 }
-                if case .create = mode, let remark = DeviceServer.lockedMemoryRemark(target, info) {
+                if case .create = mode, let remark = DeviceServer.lockedMemoryRemark(target, info, swap: options.swap) {
                     note(remark)
                     logger.notice("\(remark)")
                 }

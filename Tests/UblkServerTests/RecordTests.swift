@@ -30,6 +30,19 @@ import UblkTargets
         #expect(json.contains(#""kind":"loop""#))
     }
 
+    /// `--swap` is kept (for `ublk recover`), and absent from other records; a size limit of
+    /// 0 in a record (as servers once wrote for `--size 0`) reads as no limit.
+    @Test func swapAndAZeroLimitAreReadBack() throws {
+        var record = DeviceRecord(id: 6, pid: 45, name: nil, spec: .loop(LoopConfiguration(path: "/srv/s.img")), size: 1 << 20,
+                                  queues: 1, depth: 8, directIO: "on", recovery: true)
+        #expect(try roundTrip(record).swap == nil)
+        record.swap = true
+        #expect(try roundTrip(record).swap == true)
+        let json = #"{"path":"/srv/s.img","directIO":"auto","readOnly":false,"offset":0,"size":0}"#
+        let decoded = try JSONDecoder().decode(LoopConfiguration.self, from: Data(json.utf8))
+        #expect(decoded.size == nil && TargetSpec.loop(decoded).window.sizeLimit == nil)
+    }
+
     @Test func nbdRecordsRoundTrip() throws {
         var nbd = NBDConfiguration(uri: "nbd+unix:///disk?socket=/run/nbd.sock")
         nbd.readOnly = true

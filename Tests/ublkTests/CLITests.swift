@@ -508,7 +508,7 @@ import UblkTargets
             #expect(Ublk.errorLine(for: error) == "there is no command dell: give one of add, start, del, list, recover, resize, upgrade, features: see `ublk --help`")
             #expect(Ublk.exitCode(for: error) == .validationFailure)
         }
-        for arguments in [["help"], ["help", "del"], ["help", "-h"], ["add", "dell"], []] {
+        for arguments in [["help"], ["help", "del"], ["help", "help"], ["help", "-h"], ["add", "dell"], []] {
             try Ublk.refuseHelpOfNoCommand(arguments)
         }
     }

@@ -4,7 +4,8 @@
 # to `ublk add --file /dev/mapper/X`. Reads and writes of the error range fail with
 # an I/O error, the sectors around it keep working (and hold the right data), the
 # server keeps serving, and its log (/run/ublk/server.log) names each failed request
-# exactly once (operation, sectors, error).
+# exactly once (operation, sectors, error). A backing that shrinks under the device
+# fails reads past its new end with EIO, as loop does.
 # timeout: 200
 . "$(dirname "$0")/../lib.sh"
 need_ublk
@@ -105,3 +106,20 @@ cmp <(dd if="$limited" bs=1M skip=40 count=1 status=none) "$dir/chunk" || fail "
 expect_eq "$(list_field "$id" state)" live "state of the device added under ulimit -f after the write"
 "$UBLK" del --id "$id"
 echo "ok: a device added under ulimit -f 16 MiB writes at 40 MiB, and lives on"
+
+# A backing that shrinks under the device: as with a loop device, a read past its new
+# end fails with an I/O error (no zeros the file does not hold), a read before it works,
+# and the server lives on.
+shrunk=$dir/shrunk.img
+head -c 16M /dev/urandom >"$shrunk"
+dev=$("$UBLK" add --file "$shrunk") || fail "ublk add of the file to shrink"
+id=${dev#/dev/ublkb}
+truncate -s 8M "$shrunk"
+dd if="$dev" of=/dev/null bs=4k count=1 skip=3000 iflag=direct status=none 2>"$dir/shrunk.err" &&
+	fail "a read past the end of a backing truncated to 8 MiB succeeded"
+grep -q "Input/output error" "$dir/shrunk.err" || fail "a read past the end of the shrunk backing said: $(cat "$dir/shrunk.err")"
+cmp <(dd if="$dev" bs=4k count=1 skip=100 iflag=direct status=none) <(dd if="$shrunk" bs=4k count=1 skip=100 status=none) ||
+	fail "a read before the end of the shrunk backing has other data"
+expect_eq "$(list_field "$id" state)" live "state of the device whose backing shrank"
+"$UBLK" del --id "$id"
+echo "ok: a read past the end of a backing that shrank under the device failed with EIO, as with loop"

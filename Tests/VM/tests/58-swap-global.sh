@@ -13,7 +13,8 @@ need_ublk
 
 dir=$(mktempdir)
 truncate -s 512M "$dir/swap.img"
-dev=$("$UBLK" add --file "$dir/swap.img" --direct-io on --swap) || fail "ublk add --swap failed"
+# (Copying, so that the tag buffers are there to be faulted in on every kernel.)
+dev=$("$UBLK" add --file "$dir/swap.img" --direct-io on --zero-copy off --swap) || fail "ublk add --swap failed"
 at_exit "$UBLK" del --all --force
 at_exit bash -c "swapoff $dev 2>/dev/null"
 at_exit sh -c "echo 0 >/proc/sys/vm/nr_hugepages"
