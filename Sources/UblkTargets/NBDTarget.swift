@@ -10,6 +10,9 @@ public struct NBDConfiguration: Sendable, Equatable, Codable {
     public var uri: String
     /// Refuse writes even when the export takes them.
     public var readOnly = false
+    /// A writable device or none (`--no-read-only`): a read-only export is refused rather
+    /// than served read-only (as it is when nothing is said, with a note).
+    public var writableRequired: Bool?
     /// Seconds I/O waits for a dropped connection to come back before failing with EIO.
     public var reconnectTimeout = NBDConfiguration.defaultReconnectTimeout
 
@@ -52,11 +55,14 @@ public final class NBDTarget: SpecifiedTarget {
         self.stopExpiry = stopExpiry
         guard configuration.reconnectTimeout >= 0 else { throw .nbd(Self.badTimeout(configuration.reconnectTimeout)) }
         do { stopping = try Latch() } catch { throw .nbd(NBDError(.connect, "cannot make a pipe: \(error)")) }
-        do {
+        do throws(NBDError) {
             address = try NBDAddress(uri: configuration.uri)
             let connection = try NBDClient.connect(to: address)
             export = connection.export
             properties = try Self.properties(of: export, readOnly: configuration.readOnly)
+            if configuration.writableRequired == true && export.flags.contains(.readOnly) {
+                throw NBDError(.refused, "the export at \(configuration.uri) is read-only (the server says so), and --no-read-only (read-only = no) asks for a writable device: make the export writable, or leave that out for a read-only device")
+            }
             firstSocket = Mutex(connection.takeSocket())
         } catch {
             throw .nbd(error)
@@ -147,5 +153,10 @@ public final class NBDTarget: SpecifiedTarget {
 
     public var spec: TargetSpec { .nbd(configuration) }
     public var directIOState: String { "-" }
-    public var note: String? { nil }
+    /// A read-only export makes a read-only device, as losetup makes one of a file it
+    /// cannot write: said, unless `--read-only` asked for it.
+    public var note: String? {
+        guard export.flags.contains(.readOnly), !configuration.readOnly else { return nil }
+        return "the export at \(configuration.uri) is read-only (the server says so): the device is read-only (--read-only says so)"
+    }
 }

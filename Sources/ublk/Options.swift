@@ -302,6 +302,7 @@ struct DeviceOptions: ParsableArguments {
         case .nbd:
             var configuration = NBDConfiguration(uri: uri!)
             configuration.readOnly = readOnly
+            if readOnlyFlag == false { configuration.writableRequired = true }
             configuration.reconnectTimeout = reconnectTimeout ?? NBDConfiguration.defaultReconnectTimeout
             return .nbd(configuration)
         case .null:

@@ -20,6 +20,31 @@ import UblkTargets
     }
 
     /// SEND_WRITE_ZEROES without SEND_TRIM: write-zeroes still announced.
+    /// A read-only export makes a read-only device, said in a note (not when --read-only
+    /// asked for one); with --no-read-only it is refused in one line, as a loop backing that
+    /// cannot be written is.
+    @Test func aReadOnlyExportIsSaidOrRefused() throws {
+        let server = try LoopbackServer(flags: 1 | 2 | 4) { _, _ in .reply(error: 0) }
+        defer { server.stop() }
+        var configuration = NBDConfiguration(uri: server.uri)
+        // (One target at a time: the server serves one connection at a time.)
+        #expect(try NBDTarget(configuration).properties.readOnly)
+        #expect(try NBDTarget(configuration).note == "the export at \(server.uri) is read-only (the server says so): the device is read-only (--read-only says so)")
+        configuration.readOnly = true
+        #expect(try NBDTarget(configuration).note == nil)
+        configuration.readOnly = false
+        configuration.writableRequired = true
+        do {
+            _ = try NBDTarget(configuration)
+            Issue.record("a read-only export was taken with --no-read-only")
+        } catch {
+            #expect(error.description.hasPrefix("the export at \(server.uri) is read-only (the server says so), and --no-read-only"))
+        }
+        let writable = try LoopbackServer(flags: 1 | 4) { _, _ in .reply(error: 0) }
+        defer { writable.stop() }
+        #expect(try NBDTarget(NBDConfiguration(uri: writable.uri)).note == nil)
+    }
+
     @Test func writeZeroesWithoutTrim() throws {
         let server = try LoopbackServer(flags: 1 | 4 | 64) { _, _ in .reply(error: 0) }
         defer { server.stop() }
