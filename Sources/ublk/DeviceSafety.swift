@@ -137,7 +137,10 @@ enum DeviceSafety {
     /// passed the check before either had a record, and both served it read-write. Per
     /// backing (a lock file named by its identity, under /run/ublk/locks), so an add that
     /// is slow to come up holds back only adds of the same backing, and those for 30 s at most.
-    final class BackingLock {
+    /// Also per config name (`init(config:)`): two `ublk start NAME` at once each found no
+    /// device of NAME, and made one each (an NBD export or null target has no backing file
+    /// to lock).
+    final class SetupLock {
         private var fd: Int32 = -1
         private var path = ""
         /// The lock is this add's: its release removes the file.
@@ -146,8 +149,17 @@ enum DeviceSafety {
         init(for target: any Target, directory: String = RuntimeDirectory.locksPath) throws {
             guard let loop = target as? LoopTarget, !loop.configuration.readOnly,
                   let identity = backingIdentity(loop.configuration.path) else { return }
-            SmallFile.makeDirectories(directory)
-            path = "\(directory)/" + identity.map { String($0, radix: 16) }.joined(separator: "-")
+            try lock("\(directory)/" + identity.map { String($0, radix: 16) }.joined(separator: "-"),
+                     busy: "another ublk add of \(loop.configuration.path) has been setting up its device for 30 s")
+        }
+
+        init(config name: String, directory: String = RuntimeDirectory.locksPath) throws {
+            try lock("\(directory)/config-\(name)", busy: "another ublk start \(name) has been setting up its device for 30 s")
+        }
+
+        private func lock(_ path: String, busy: String) throws {
+            SmallFile.makeDirectories(String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)]))
+            self.path = path
             for _ in 0..<300 {
                 if fd < 0 { fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600) }
                 guard fd >= 0 else { return }  // No /run/ublk: nothing records devices to race for.
@@ -162,7 +174,7 @@ enum DeviceSafety {
                 }
             }
             release()
-            throw CLIError("another ublk add of \(loop.configuration.path) has been setting up its device for 30 s: wait for it (ublk list), then try again")
+            throw CLIError("\(busy): wait for it (ublk list), then try again")
         }
 
         /// Whether `path` still names the file locked (or the releasing holder removed it).

@@ -46,12 +46,13 @@ struct ServerFlags: ParsableArguments {
         if let readyFD { Background.note(text, to: readyFD) } else { FileHandleStderr.print("ublk: \(text)") }
     }
 
-    /// Opens the target the options describe and serves it in this process.
-    func start(_ device: DeviceOptions, name: String?) throws {
+    /// Opens the target the options describe and serves it in this process; `whenLive` runs
+    /// once the device is live and its record written.
+    func start(_ device: DeviceOptions, name: String?, whenLive: () -> Void = {}) throws {
         // "Not loaded" or "run as root" first: without the driver the backing does not matter.
         try reporting { _ = try ControlDevice() }
         let target = try reporting { try device.spec.makeTarget(key: try device.loadKey()) }
-        let lock = try reporting { try DeviceSafety.BackingLock(for: target) }
+        let lock = try reporting { try DeviceSafety.SetupLock(for: target) }
         try reporting { try DeviceSafety.refuseOverlap(target, force: device.force) }
         if let remark = target.note { note(remark) }
         var options = device.serverOptions
@@ -60,7 +61,10 @@ struct ServerFlags: ParsableArguments {
             options.queues = limit.queues
             note(limit.reason)
         }
-        try serve(target: target, options: options, mode: .create) { lock.release() }
+        try serve(target: target, options: options, mode: .create) {
+            lock.release()
+            whenLive()
+        }
     }
 
     /// Runs a server in this process; reports on `--ready-fd` once live or on failure.
@@ -220,6 +224,8 @@ extension Ublk {
             let options = try server.reporting {
                 try DeviceOptions.resolve(config: "\(ConfigFile.directory)/\(name).conf", overrides: [])
             }
+            // One start of NAME at a time, until its device is live and recorded.
+            let lock = try server.reporting { try DeviceSafety.SetupLock(config: name) }
             // Started already (and its server alive): say so, rather than refuse its backing as taken.
             try server.reporting { try Self.refuseRunning(name) }
             // A server of this name that died (the service restarting after a crash) left
@@ -229,7 +235,7 @@ extension Ublk {
                 if orphan.recoverable {
                     server.note("device \(orphan.id) of \(name) lost its server: recovering it")
                     let (target, recovery) = try server.reporting { try DeviceLifecycle.recoveryPlan(orphan.id, key: options.key) }
-                    return try server.serve(target: target, options: recovery, mode: .recover(orphan.id))
+                    return try server.serve(target: target, options: recovery, mode: .recover(orphan.id), whenLive: lock.release)
                 }
                 // Dead: pulled even if a file system on it is still mounted (it sees I/O errors already).
                 try server.reporting {
@@ -239,7 +245,7 @@ extension Ublk {
                 }
                 server.note("device \(orphan.id) of \(name) lost its server and cannot be recovered: removed")
             }
-            try server.start(options, name: name)
+            try server.start(options, name: name, whenLive: lock.release)
         }
     }
 

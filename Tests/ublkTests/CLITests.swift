@@ -1,6 +1,7 @@
 import FoundationEssentials
 import ArgumentParser
 import Glibc
+import Synchronization
 import Testing
 import UblkServer
 import UblkSystem
@@ -694,7 +695,7 @@ import UblkTargets
 
 /// The lock that keeps two adds of one backing apart goes with its release: /run/ublk/locks
 /// keeps no file per backing ever added, and the next add of that backing takes a new one.
-@Suite struct BackingLockTests {
+@Suite struct SetupLockTests {
     @Test func aReleasedLockLeavesNoFile() throws {
         var template = Array("/tmp/ublk-lock-test.XXXXXX".utf8CString)
         let directory = String(cString: try #require(mkdtemp(&template)))
@@ -705,7 +706,7 @@ import UblkTargets
         close(fd)
         let target = try LoopTarget(LoopConfiguration(path: backing))
         for _ in 0..<2 {
-            let lock = try DeviceSafety.BackingLock(for: target, directory: locks)
+            let lock = try DeviceSafety.SetupLock(for: target, directory: locks)
             #expect(SmallFile.entries(of: locks).count == 1)
             lock.release()
             #expect(SmallFile.entries(of: locks).isEmpty)
@@ -713,14 +714,42 @@ import UblkTargets
         // A locks directory whose parents are missing is made, parents too.
         let deeper = "\(directory)/run/ublk/locks"
         defer { rmdir(deeper); rmdir("\(directory)/run/ublk"); rmdir("\(directory)/run") }
-        try DeviceSafety.BackingLock(for: target, directory: deeper).release()
+        try DeviceSafety.SetupLock(for: target, directory: deeper).release()
         #expect(SmallFile.entries(of: "\(directory)/run/ublk") == ["locks"])
         // A read-only device takes no lock: it cannot be a second writer.
         var readOnly = LoopConfiguration(path: backing)
         readOnly.readOnly = true
-        let none = try DeviceSafety.BackingLock(for: try LoopTarget(readOnly), directory: locks)
+        let none = try DeviceSafety.SetupLock(for: try LoopTarget(readOnly), directory: locks)
         #expect(SmallFile.entries(of: locks).isEmpty)
         withExtendedLifetime(none) {}
+    }
+
+    /// Two `ublk start NAME` at once: the second waits for the first's lock (held until its
+    /// device is live and recorded), then finds the device (`Start.refuseRunning`).
+    @Test func aConfigNameIsStartedOnceAtATime() throws {
+        var template = Array("/tmp/ublk-lock-test.XXXXXX".utf8CString)
+        let directory = String(cString: try #require(mkdtemp(&template)))
+        defer { rmdir(directory) }
+        final class First: @unchecked Sendable {
+            let lock: DeviceSafety.SetupLock
+            let released = Atomic<Bool>(false)
+            init(_ lock: DeviceSafety.SetupLock) { self.lock = lock }
+        }
+        let first = First(try DeviceSafety.SetupLock(config: "data", directory: directory))
+        #expect(SmallFile.entries(of: directory) == ["config-data"])
+        let releaser = try OSThread {
+            usleep(300_000)
+            first.released.store(true, ordering: .sequentiallyConsistent)
+            first.lock.release()
+        }
+        let second = try DeviceSafety.SetupLock(config: "data", directory: directory)
+        let waited = first.released.load(ordering: .sequentiallyConsistent)
+        #expect(waited, "the second start did not wait for the first")
+        releaser.join()
+        // Another name is not held back.
+        try DeviceSafety.SetupLock(config: "other", directory: directory).release()
+        second.release()
+        #expect(SmallFile.entries(of: directory).isEmpty)
     }
 }
 
