@@ -104,6 +104,14 @@ public protocol Target: AnyObject, Sendable {
     /// up the stop, which waits for every request. Called on another thread than the
     /// queues', perhaps more than once. Nothing by default.
     func stopRequested()
+    /// Writes the device completed may be gone (a network server that crashed with them in
+    /// its cache), and no FLUSH has failed yet to say so: a server taking the device over
+    /// (`ublk upgrade`) must fail its first FLUSH instead (`writesWereLost`). False by default.
+    var writesLost: Bool { get }
+    /// The server this one takes the device over from could not make every completed write
+    /// durable (`writesLost`, or its last sync failed): the next FLUSH fails with EIO, once,
+    /// so the file system learns of it. Nothing by default.
+    func writesWereLost()
     /// The handler moves data only with ring operations that take `RequestData`, never
     /// touching it, so requests may keep their own pages (zero copy).
     var supportsZeroCopy: Bool { get }
@@ -124,6 +132,10 @@ extension Target {
 
     /// A target whose requests end soon anyway (files, memory) has nothing to cut short.
     public func stopRequested() {}
+
+    /// A target whose completed writes are where its sync finds them (a file, memory).
+    public var writesLost: Bool { false }
+    public func writesWereLost() {}
 
     @inlinable
     public func serveQueue(_ configuration: QueueConfiguration, characterDevice: Int32, logger: Logger,

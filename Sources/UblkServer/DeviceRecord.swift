@@ -32,6 +32,10 @@ public struct DeviceRecord: Codable, Sendable, Equatable {
     /// Added with `--swap` (its server locks all its memory at once), which a recovering
     /// server keeps; nil otherwise.
     public var swap: Bool?
+    /// The server that wrote it could not make every completed write durable when it handed
+    /// the device over (`Target.writesLost`, or its last sync failed): the next server fails
+    /// its first FLUSH. Nil otherwise.
+    public var writesLost: Bool?
 
     public init(id: UInt32, pid: Int32, name: String?, spec: TargetSpec, size: UInt64, queues: Int, depth: Int,
                 directIO: String, recovery: Bool, pollMicroseconds: Int? = nil, keyCheck: KeyCheck? = nil,

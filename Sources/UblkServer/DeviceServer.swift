@@ -401,6 +401,7 @@ public final class DeviceServer {
                                   pollMicroseconds: options.pollMicroseconds, keyCheck: target.keyCheck,
                                   backingIdentity: target.backingIdentity)
             record?.swap = options.swap ? true : nil
+            record?.writesLost = target.writesLost ? true : nil
         }
         if let record {
             do { try RuntimeDirectory.save(record) } catch { logger.warning("cannot write the device record: \(error)") }

@@ -121,8 +121,12 @@ public final class NBDQueueHandler: QueueHandler {
     /// Writes, trims and write-zeroes answered on this connection (without FUA), and how
     /// many of them an answered FLUSH covers.
     var answeredWrites: UInt64 = 0, flushedWrites: UInt64 = 0
-    /// A connection died with answered writes no FLUSH covered: the next FLUSH fails.
-    var lostWrites = false
+    /// A connection died with answered writes no FLUSH covered (or the server before this
+    /// one lost some: `NBDTarget.writesWereLost`): the next FLUSH fails. Counted in the
+    /// target's `lossPending`, so that a server taking the device over is told.
+    var lostWrites = false {
+        didSet { if lostWrites != oldValue { target.lossPending.add(lostWrites ? 1 : -1, ordering: .relaxed) } }
+    }
     // Memory the kernel reads or writes while an operation is in flight: never moves.
     let headers: UnsafeMutableRawPointer
     let replyHeader: UnsafeMutableRawPointer
@@ -164,6 +168,11 @@ public final class NBDQueueHandler: QueueHandler {
         watchdogTimer.initialize(to: __kernel_timespec())
         stopTimer = .allocate(capacity: 1)
         stopTimer.initialize(to: __kernel_timespec())
+        // (An initializer's assignment runs no `didSet`: counted here.)
+        if target.lossInherited.load(ordering: .relaxed) {
+            lostWrites = true
+            target.lossPending.add(1, ordering: .relaxed)
+        }
     }
 
     deinit {

@@ -45,6 +45,10 @@ public final class NBDTarget: SpecifiedTarget {
     /// How long queues stay in stopping mode: a stop that does not come (STOP_DEV failed,
     /// `ublk del` interrupted) must not leave the device without reconnects. (Tests shorten it.)
     let stopExpiry: Duration
+    /// Queue handlers whose next FLUSH must fail (`NBDQueueHandler.lostWrites`).
+    let lossPending = Atomic<Int>(0)
+    /// Set by `writesWereLost`: every queue handler starts with a loss to report.
+    let lossInherited = Atomic<Bool>(false)
     /// The first connection, kept for the first queue handler that asks.
     private let firstSocket: Mutex<FileDescriptor?>
 
@@ -118,6 +122,9 @@ public final class NBDTarget: SpecifiedTarget {
     /// while it is, with no reconnects; a connection that is up is left alone
     /// (`NBDQueueHandler.stopRequested`).
     public func stopRequested() { stopping.raise() }
+
+    public var writesLost: Bool { lossPending.load(ordering: .relaxed) > 0 }
+    public func writesWereLost() { lossInherited.store(true, ordering: .relaxed) }
 
     /// A FLUSH on a connection of its own once the queues are gone: every write the
     /// device completed is then on the server's stable storage.

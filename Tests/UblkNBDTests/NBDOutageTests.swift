@@ -84,6 +84,23 @@ extension NBDOutageTests {
         #expect(server.connections == 2)
     }
 
+    /// A server that takes the device over from one that could not make its writes durable
+    /// (`ublk upgrade` after the NBD server crashed) fails its first FLUSH, once, as the old
+    /// one would have; until then `writesLost` says so (for the next handover).
+    @Test func aLossInheritedFailsTheFirstFlush() throws {
+        let server = try LoopbackServer { _, _ in .reply(error: 0) }
+        defer { server.stop() }
+        let target = try server.target()
+        #expect(!target.writesLost)
+        target.writesWereLost()
+        let queue = try OfflineQueue(target: target, depth: 2, bufferSize: 64 * 1024)
+        #expect(target.writesLost)
+        let flush = IODescriptor(operation: .flush, startSector: 0, sectorCount: 0)
+        #expect(try queue.perform(flush) == -EIO)
+        #expect(!target.writesLost)
+        #expect(try queue.perform(flush) == 0)
+    }
+
     /// NBD_ESHUTDOWN is no answer to give the kernel: the client says DISC, reconnects and
     /// sends the READ again, which the next connection answers.
     @Test func aServerShuttingDownGetsADisconnectAndTheRequestAgain() throws {

@@ -37,7 +37,8 @@ import UblkTargets
                                   queues: 1, depth: 8, directIO: "on", recovery: true)
         #expect(try roundTrip(record).swap == nil)
         record.swap = true
-        #expect(try roundTrip(record).swap == true)
+        record.writesLost = true
+        #expect(try roundTrip(record).swap == true && roundTrip(record).writesLost == true)
         let json = #"{"path":"/srv/s.img","directIO":"auto","readOnly":false,"offset":0,"size":0}"#
         let decoded = try JSONDecoder().decode(LoopConfiguration.self, from: Data(json.utf8))
         #expect(decoded.size == nil && TargetSpec.loop(decoded).window.sizeLimit == nil)
