@@ -114,6 +114,15 @@ public enum RuntimeDirectory {
         SmallFile.remove(recordPath(id))
     }
 
+    /// Removes what server `pid` of device `id` left, once the device is deleted: its record
+    /// (not one a new server of the same id wrote since) and, the server being gone, its
+    /// request socket, which a server killed outright leaves behind.
+    public static func removeServerFiles(_ id: UInt32, pid: Int32) {
+        guard let record = load(id), record.pid == pid else { return }
+        remove(id)
+        if !isAlive(pid) { SmallFile.remove(ServerControl.socketPath(id)) }
+    }
+
     /// Every record on disk (including those of servers that died).
     public static func all() -> [DeviceRecord] {
         SmallFile.entries(of: path).compactMap { name in

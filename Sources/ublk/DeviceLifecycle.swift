@@ -87,7 +87,7 @@ enum DeviceLifecycle {
         }
         let pid = RuntimeDirectory.load(id)?.pid ?? info.serverPID
         // The server's record goes with it, not a record a new device of the same id made since.
-        defer { if RuntimeDirectory.load(id)?.pid == pid { RuntimeDirectory.remove(id) } }
+        defer { RuntimeDirectory.removeServerFiles(id, pid: pid) }
         // (524: the kernel's own ENOTSUPP, which 6.9 to 6.10.2 answer DEL_DEV_ASYNC with.)
         do { try control.deleteDeviceAsync(id) } catch where [EOPNOTSUPP, EINVAL, ENOTTY, 524].contains(error.errno) {
             try refuseStopped(id, server: pid)

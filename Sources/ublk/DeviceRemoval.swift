@@ -117,6 +117,6 @@ enum DeviceRemoval {
         // An idle server exits within moments; one whose disk is still mounted stays until
         // the unmount: give it a second, not more.
         for _ in 0..<100 where RuntimeDirectory.isAlive(pid) && pid != getpid() { usleep(10_000) }
-        RuntimeDirectory.remove(id)
+        RuntimeDirectory.removeServerFiles(id, pid: pid)
     }
 }

@@ -111,6 +111,7 @@ wait "$dd_pid" || rc=$?
 wait_gone "$dev" 10
 [[ ! -e /dev/ublkc$id ]] || fail "/dev/ublkc$id left after ublk del"
 [[ ! -e /run/ublk/ublkb$id.json ]] || fail "the record of the deleted device is still in /run/ublk"
+[[ ! -e /run/ublk/ublkb$id.sock ]] || fail "the killed server's request socket is still in /run/ublk"
 [[ -z $("$UBLK" list | tail -n +2) ]] || fail "ublk list still shows devices: $("$UBLK" list)"
 cmp <(tail -c 8M "$img") "$dir/pattern" || fail "the backing file lacks the pattern after ublk del"
 echo "ok: ublk del of a --recovery device whose server died: the waiting read fails ($(cat "$dir/err")), the device goes, the file holds the data"
@@ -149,4 +150,5 @@ wait_gone "$dev" 10
 [[ ! -e /dev/ublkc$id ]] || fail "/dev/ublkc$id left after ublk del"
 [[ -z $("$UBLK" list | tail -n +2) ]] || fail "ublk list still shows devices: $("$UBLK" list)"
 [[ ! -e /run/ublk/ublkb$id.json ]] || fail "the record of the deleted device is still in /run/ublk"
-echo "ok: ublk del removed the device of the killed server"
+[[ ! -e /run/ublk/ublkb$id.sock ]] || fail "the killed server's request socket is still in /run/ublk"
+echo "ok: ublk del removed the device of the killed server, its record and socket"
