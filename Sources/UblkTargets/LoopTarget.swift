@@ -110,8 +110,9 @@ public final class LoopTarget: SpecifiedTarget {
         catch { throw .cannotMeasure(configuration.path, error) }
         let size = try Self.window(configuration, backingSize: backingSize, logical: logical)
         // (A device that ends where the backing does: no limit, or one beyond the end.)
-        let toTheEnd = configuration.size.map { $0 >= backingSize - configuration.offset } ?? true
-        available = backingSize - configuration.offset
+        let available = backingSize - configuration.offset
+        let toTheEnd = configuration.size.map { $0 >= available } ?? true
+        self.available = available
         unusedTail = toTheEnd ? available - size : 0
 
         var properties = TargetProperties(size: size)
@@ -541,7 +542,6 @@ public final class LoopQueueHandler: QueueHandler {
     /// transfer, the next chunk of an encrypted write, or a retry.
     func submitRest(_ request: IORequest, from done: Int, _ io: BackingSubmitter) throws(SystemError) -> RequestStep {
         let d = request.descriptor
-        let tag = Int(request.tag)
         if d.operation == .write && encrypting { return try encryptedWrite(request, from: done, io) }
         let position = offset + d.byteOffset + Int64(done)
         let rest = request.data.advanced(by: done)

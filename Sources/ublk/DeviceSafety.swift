@@ -149,17 +149,18 @@ enum DeviceSafety {
         init(for target: any Target, directory: String = RuntimeDirectory.locksPath) throws {
             guard let loop = target as? LoopTarget, !loop.configuration.readOnly,
                   let identity = backingIdentity(loop.configuration.path) else { return }
-            try lock("\(directory)/" + identity.map { String($0, radix: 16) }.joined(separator: "-"),
+            try lock(directory, identity.map { String($0, radix: 16) }.joined(separator: "-"),
                      busy: "another ublk add of \(loop.configuration.path) has been setting up its device for 30 s")
         }
 
         init(config name: String, directory: String = RuntimeDirectory.locksPath) throws {
-            try lock("\(directory)/config-\(name)", busy: "another ublk start \(name) has been setting up its device for 30 s")
+            try lock(directory, "config-\(name)", busy: "another ublk start \(name) has been setting up its device for 30 s")
         }
 
-        private func lock(_ path: String, busy: String) throws {
-            SmallFile.makeDirectories(String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)]))
-            self.path = path
+        /// Takes the lock file `name` in `directory` (made if missing), waiting up to 30 s.
+        private func lock(_ directory: String, _ name: String, busy: String) throws {
+            SmallFile.makeDirectories(directory)
+            path = "\(directory)/\(name)"
             for _ in 0..<300 {
                 if fd < 0 { fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600) }
                 guard fd >= 0 else { return }  // No /run/ublk: nothing records devices to race for.
