@@ -112,9 +112,9 @@ enum Background {
 
     /// Why `program` is no ublk that can take a device over (`ublk upgrade --binary`), or
     /// nil if it is one. It must be an executable file whose `recover --help` says `ublk
-    /// recover`, within 5 s: a directory, `/bin/true` or another program would be found
-    /// out only after the old server had left the device, which then waits for `ublk recover`.
-    static func ublkProblem(_ program: String) -> String? {
+    /// recover`: a directory, `/bin/true` or another program would be found out only after
+    /// the old server had left the device, which then waits for `ublk recover`.
+    static func ublkProblem(_ program: String, seconds: Int = helpSeconds) -> String? {
         var status = stat()
         guard stat(program, &status) == 0 else {
             return "\(program) cannot be run (\(SystemError("stat", errno: errno).reason))"
@@ -122,29 +122,38 @@ enum Background {
         guard status.st_mode & S_IFMT == S_IFREG, access(program, X_OK) == 0 else {
             return "\(program) is not an executable file"
         }
-        return saysUblkRecover(program) ? nil : "\(program) is no ublk binary (its `recover --help` does not say `ublk recover`)"
+        switch recoverHelp(program, seconds: seconds) {
+        case .some(let help) where help.contains("ublk recover"): return nil
+        case .some: return "\(program) is no ublk binary (its `recover --help` does not say `ublk recover`)"
+        case .none: return "\(program) did not answer `recover --help` within \(seconds) s (on a loaded machine, try again)"
+        }
     }
 
-    /// Whether `program recover --help` exits 0 within 5 s and says `ublk recover`.
-    static func saysUblkRecover(_ program: String) -> Bool {
+    /// How long `recover --help` may take. Generous: an emulated machine under load has
+    /// taken over 5 s to start a Swift binary, and a refusal here only delays the upgrade.
+    static let helpSeconds = 30
+
+    /// What `program recover --help` printed if it exited 0 within `seconds`; "" if it
+    /// exited otherwise; nil if it could not be started or did not end in time.
+    static func recoverHelp(_ program: String, seconds: Int) -> String? {
         var ends: [Int32] = [0, 0]
-        guard pipe(&ends) == 0 else { return false }
-        _ = fcntl(ends[0], F_SETFD, FD_CLOEXEC)
+        guard pipe(&ends) == 0 else { return nil }
+        for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
         defer { close(ends[0]) }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_adddup2(&actions, ends[1], 1)
+        posix_spawn_file_actions_adddup2(&actions, ends[1], 1)  // (dup2 clears O_CLOEXEC.)
         posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
         let spawned = spawn(program, ["ublk", "recover", "--help"], &actions, nil)
         close(ends[1])
-        guard case .success(let pid) = spawned else { return false }
-        let output = readAll(ends[0], limit: 1 << 16, seconds: 5)
+        guard case .success(let pid) = spawned else { return nil }
+        let output = readAll(ends[0], limit: 1 << 16, seconds: seconds)
         kill(pid, SIGKILL)  // (One that is still running is no ublk.)
         var exit: Int32 = 0
-        waitpid(pid, &exit, 0)
-        return output?.contains("ublk recover") == true && exit == 0
+        while waitpid(pid, &exit, 0) < 0 && errno == EINTR {}
+        return output.map { exit == 0 ? $0 : "" }
     }
 
     /// posix_spawn of `program` with `argv` (its C strings made and freed here) and this
@@ -158,15 +167,20 @@ enum Background {
         return result == 0 ? .success(pid) : .failure(SystemError("posix_spawn", errno: result))
     }
 
-    /// What `fd` gives until its end, if that comes within `limit` bytes and `seconds`.
-    static func readAll(_ fd: Int32, limit: Int, seconds: Int32) -> String? {
+    /// What `fd` gives until its end, if that comes within `limit` bytes and `seconds`
+    /// (of the monotonic clock: a clock step does not cut the wait short).
+    static func readAll(_ fd: Int32, limit: Int, seconds: Int) -> String? {
         var bytes: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)
         var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        let deadline = time(nil) + Int(seconds)
+        let deadline = ContinuousClock.now + .seconds(seconds)
         while bytes.count <= limit {
-            let left = deadline - time(nil)
-            guard left > 0, poll(&poller, 1, Int32(left) * 1000) > 0 else { return nil }
+            let left = ContinuousClock.now.duration(to: deadline)
+            guard left > .zero else { return nil }
+            let milliseconds = left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000
+            let ready = poll(&poller, 1, Int32(milliseconds + 1))
+            if ready == 0 || (ready < 0 && errno == EINTR) { continue }  // (The loop checks the time.)
+            guard ready > 0 else { return nil }
             let count = read(fd, &chunk, chunk.count)
             if count == 0 { return String(decoding: bytes, as: UTF8.self) }
             if count < 0 { if errno == EINTR { continue } else { return nil } }

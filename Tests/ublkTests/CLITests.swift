@@ -662,6 +662,12 @@ import UblkTargets
         #expect(fd >= 0 && write(fd, text, text.utf8.count) == text.utf8.count)
         close(fd)
         #expect(Background.ublkProblem(script) == nil)
+        let slow = "#!/bin/sh\nsleep 3\necho 'USAGE: ublk recover --id <id>'\n"
+        let slowFD = open(script, O_WRONLY | O_TRUNC)
+        #expect(slowFD >= 0 && write(slowFD, slow, slow.utf8.count) == slow.utf8.count)
+        close(slowFD)
+        #expect(Background.ublkProblem(script, seconds: 1) == "\(script) did not answer `recover --help` within 1 s (on a loaded machine, try again)")
+        #expect(Background.ublkProblem(script, seconds: 10) == nil)
     }
 }
 
