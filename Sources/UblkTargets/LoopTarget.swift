@@ -444,6 +444,16 @@ public final class LoopQueueHandler: QueueHandler {
     /// The workers end with the queue, before its buffers and ring do.
     public func queueEnding() { encryption?.stop() }
 
+    /// Brings the backing's times up to date before a write (`ModificationStamp`), unless
+    /// the write carries swap (UBLK_IO_F_SWAP): `futimens` takes the inode's lock, and the
+    /// queue thread must not wait for it while the kernel swaps out to the device (its
+    /// holder may be waiting for memory). Such a write moves the times itself, on an io-wq
+    /// worker where it must block.
+    @inlinable
+    func stampBeforeWrite(_ d: IODescriptor) {
+        if !d.flags.contains(.swap) { stamp.beforeWrite() }
+    }
+
     /// The first step of a request.
     @inlinable
     func begin(_ request: IORequest, _ io: BackingSubmitter) throws(SystemError) -> RequestStep {
@@ -461,7 +471,7 @@ public final class LoopQueueHandler: QueueHandler {
             transferred[Int(request.tag)] = 0
             retries[Int(request.tag)] = 0
             if encrypting { return try encryptedWrite(request, from: 0, io) }
-            stamp.beforeWrite()
+            stampBeforeWrite(d)
             try io.write(file: file, from: request.data, count: d.byteCount, offset: position,
                          dsync: d.flags.contains(.fua))
             return .finishing(result: Int32(d.byteCount))
@@ -548,7 +558,7 @@ public final class LoopQueueHandler: QueueHandler {
         if d.operation == .read {
             try io.read(file: file, into: rest, count: d.byteCount - done, offset: position)
         } else {
-            stamp.beforeWrite()
+            stampBeforeWrite(d)
             try io.write(file: file, from: rest, count: d.byteCount - done, offset: position, dsync: d.flags.contains(.fua))
         }
         return .submitted
@@ -595,7 +605,7 @@ public final class LoopQueueHandler: QueueHandler {
     func writeCiphertext(_ request: IORequest, from done: Int, _ io: BackingSubmitter) throws(SystemError) -> RequestStep {
         let d = request.descriptor
         guard let (source, count) = encryption?.ciphertext(request, from: done) else { return .done(-EIO) }
-        stamp.beforeWrite()
+        stampBeforeWrite(d)
         try io.write(file: file, from: source, count: count, offset: offset + d.byteOffset + Int64(done),
                      dsync: d.flags.contains(.fua))
         return .submitted
