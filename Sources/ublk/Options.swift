@@ -139,8 +139,8 @@ struct DeviceOptions: ParsableArguments {
     @Option(name: .long, help: "512-byte sectors added to every encryption IV (cryptsetup --skip); moves no data; a multiple of 8 with --block-size 4096.")
     var skip: UInt64?
 
-    @Flag(name: .customLong("allow-discards"),
-          help: "Encrypted: pass discards (fstrim) to the backing as holes, as cryptsetup --allow-discards; off by default, as there, since holes show which blocks are unused.")
+    @Flag(name: .customLong("allow-discards"), inversion: .prefixedNo,
+          help: "Encrypted: pass discards (fstrim) to the backing as holes, as cryptsetup --allow-discards; off by default, as there, since holes show which blocks are unused (--no-allow-discards overrides a config file's).")
     var allowDiscards = false
 
     @Option(name: .customLong("cipher-threads"), help: "Threads per queue that encrypt and decrypt besides the queue's own, 0 to \(EncryptionConfiguration.maximumCipherThreads) (0: all on the queue thread; default: one per other CPU, at most 4). Where the kernel lets several threads serve a queue (PER_IO_DAEMON), each serves a share of its requests start to finish.")

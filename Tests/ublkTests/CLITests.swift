@@ -98,6 +98,19 @@ import UblkTargets
         #expect(try !DeviceOptions.parse(["--file", "/a"]).serverOptions.swap)
         #expect(try ConfigFile.arguments(text: "file = /a\nswap = yes", path: "s.conf") == ["--file=/a", "--swap"])
         #expect(try ConfigFile.arguments(text: "file = /a\nswap = no", path: "s.conf") == ["--file=/a"])
+        #expect(try !DeviceOptions.parse(["--file", "/a", "--swap", "--no-swap"]).serverOptions.swap)
+    }
+
+    /// A config file's `allow-discards = yes` gives way to `--no-allow-discards` after it.
+    @Test func allowDiscardsIsOverridden() throws {
+        let encrypted = ["--file", "/a", "--encryption", "aes-xts-plain64", "--key-file", "/k"]
+        func allows(_ arguments: [String]) throws -> Bool? {
+            guard case .loop(let configuration) = try DeviceOptions.parse(encrypted + arguments).spec else { return nil }
+            return configuration.encryption?.allowDiscards
+        }
+        #expect(try allows(["--allow-discards"]) == true)
+        #expect(try allows(["--allow-discards", "--no-allow-discards"]) == nil)
+        #expect(try allows([]) == nil)
     }
 
     /// `read-only`: yes, no (a writable device or a refusal), or unsaid (as losetup: read-only
