@@ -62,7 +62,16 @@ enum ConfigFile {
             && stat(path, &status) == 0 && status.st_mode & S_IFMT == S_IFREG
         // A byte order mark (an editor's, on Windows) is no part of the first key.
         let text = bytes.starts(with: [0xEF, 0xBB, 0xBF]) ? bytes.dropFirst(3) : bytes[...]
-        return try entries(text: String(decoding: text, as: UTF8.self), path: path, base: hasNeighbours ? directory(of: path) : nil)
+        return try entries(text: try utf8Text(text, path: path), path: path, base: hasNeighbours ? directory(of: path) : nil)
+    }
+
+    /// The file's text; a line that is not UTF-8 is refused, naming it: decoded with U+FFFD
+    /// in place of its bad bytes, a path in another encoding would name another file.
+    static func utf8Text(_ bytes: ArraySlice<UInt8>, path: String) throws -> String {
+        if let text = String(validating: bytes, as: UTF8.self) { return text }
+        let lines = bytes.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false)
+        let bad = lines.firstIndex { String(validating: $0, as: UTF8.self) == nil } ?? 0
+        throw CLIError("\(path):\(bad + 1): not UTF-8 text (a name in another encoding?): save the file as UTF-8; a path must be a UTF-8 name (or a symbolic link with one)")
     }
 
     /// The directory `path` is in, as written ("." for a bare name).

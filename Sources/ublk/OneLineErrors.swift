@@ -8,6 +8,7 @@ extension Ublk {
     /// status 0) still prints the help.
     static func main() {
         do {
+            try refuseArgumentsNotUTF8()
             let arguments = Array(CommandLine.arguments.dropFirst())
             try refuseRepeatedID(arguments)
             try refuseHelpOfNoCommand(arguments)
@@ -65,6 +66,20 @@ extension Ublk {
         }
         for option in ["--file", "--uri", "--key-file", "--config", "--name"] where given(option) > 1 {
             throw ValidationError("\(option) is given \(given(option)) times: give it once: see `ublk \(command) --help`")
+        }
+    }
+
+    /// Swift reads each argument as UTF-8 text, and puts U+FFFD in place of bytes that are
+    /// not: a backing named in another encoding (`caf\xe9.img`) would be looked for under
+    /// another name, and a file of that name served instead. Paths stay text here (records,
+    /// `--json`), so such an argument is refused, naming what to do.
+    static func refuseArgumentsNotUTF8(_ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?> = CommandLine.unsafeArgv,
+                                       count: Int = Int(CommandLine.argc)) throws {
+        for index in 1..<max(count, 1) {
+            guard let argument = argv[index], String(validatingCString: argument) == nil else { continue }
+            let shown = UnsafeRawBufferPointer(start: argument, count: strlen(argument))
+                .map { $0 < 0x80 ? String(UnicodeScalar($0)) : "\\x" + String($0, radix: 16) }.joined()
+            throw ValidationError("argument \(index) (`\(shown)`) is not UTF-8 text (a name in another encoding?): ublk keeps paths as text: give the file a UTF-8 name, or a symbolic link with one")
         }
     }
 

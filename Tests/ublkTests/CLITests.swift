@@ -513,6 +513,35 @@ import UblkTargets
         try Ublk.refuseRepeatedID(["add", "--file", "a", "--id", "1", "--", "--id"])
     }
 
+    /// A path in another encoding than UTF-8 would be read with U+FFFD in place of its bad
+    /// bytes, and name another file: refused, on the command line and in a config file.
+    @Test func anArgumentOrConfigLineNotUTF8IsRefused() throws {
+        let arguments: [[UInt8]] = [Array("ublk".utf8), Array("add".utf8), Array("--file".utf8),
+                                    Array("/srv/caf".utf8) + [0xE9] + Array(".img".utf8)]
+        var pointers: [UnsafeMutablePointer<CChar>?] = arguments.map { bytes in
+            let pointer = UnsafeMutablePointer<CChar>.allocate(capacity: bytes.count + 1)
+            for (index, byte) in bytes.enumerated() { pointer[index] = CChar(bitPattern: byte) }
+            pointer[bytes.count] = 0
+            return pointer
+        } + [nil]
+        defer { for pointer in pointers { pointer?.deallocate() } }
+        do {
+            try Ublk.refuseArgumentsNotUTF8(&pointers, count: 4)
+            Issue.record("a path that is not UTF-8 was taken")
+        } catch {
+            #expect(Ublk.errorLine(for: error).hasPrefix("argument 3 (`/srv/caf\\xe9.img`) is not UTF-8 text"))
+        }
+        try Ublk.refuseArgumentsNotUTF8(&pointers, count: 3)  // The first three are UTF-8.
+        #expect(try ConfigFile.utf8Text(ArraySlice(Array("file = /srv/caf\u{e9}.img\n".utf8)), path: "a.conf")
+                == "file = /srv/caf\u{e9}.img\n")
+        #expect(throws: CLIError.self) {
+            try ConfigFile.utf8Text(ArraySlice(Array("queues = 2\n".utf8) + Array("file = /srv/caf".utf8) + [0xE9]), path: "a.conf")
+        }
+        do { _ = try ConfigFile.utf8Text(ArraySlice(Array("queues = 2\nfile = /a".utf8) + [0xFF]), path: "a.conf") } catch {
+            #expect("\(error)".hasPrefix("a.conf:2: not UTF-8 text"))
+        }
+    }
+
     /// `ublk help NAME` of a command that does not exist is a mistake (64), not the main help.
     @Test func helpOfNoCommandIsRefused() throws {
         do {
