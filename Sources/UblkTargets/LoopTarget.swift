@@ -312,7 +312,7 @@ public final class LoopTarget: SpecifiedTarget {
             size = min(size, limit)
         }
         size -= size % block
-        if size == 0 { throw .smallerThanBlock(path, blockSize: logical) }
+        if size == 0 { throw .smallerThanBlock(path, blockSize: logical, offset: offset, left: backingSize - offset) }
         return size
     }
 

@@ -24,7 +24,7 @@ extension LoopTarget: ResizableTarget {
         guard let requested else {
             let room = min(backing - offset, limit ?? .max)
             let size = room - room % block
-            if size == 0 { throw .smallerThanBlock(path, blockSize: Int(block)) }
+            if size == 0 { throw .smallerThanBlock(path, blockSize: Int(block), offset: offset, left: backing - offset) }
             return size
         }
         if requested == 0 || requested % block != 0 { throw .sizeMisaligned(size: requested, blockSize: Int(block)) }

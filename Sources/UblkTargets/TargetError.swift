@@ -37,7 +37,8 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
     case limitBelowBlock(size: UInt64, blockSize: Int)
     case sizeTooLarge(UInt64)
     case sizeBeyondEnd(size: UInt64, offset: UInt64, path: String, backingSize: UInt64)
-    case smallerThanBlock(String, blockSize: Int)
+    /// Less than one block in the backing after the offset (`offset` 0: in the whole file).
+    case smallerThanBlock(String, blockSize: Int, offset: UInt64 = 0, left: UInt64 = 0)
     /// `ublk resize` without --size on a target with no backing to measure.
     case sizeRequired(String)
     case keyMissing
@@ -84,7 +85,9 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
         case .sizeTooLarge(let size): "size \(size) is more than 2^63 - 1 bytes, which no block device addresses: give a smaller size"
         case let .sizeBeyondEnd(size, offset, path, backing):
             "size \(size) at offset \(offset) goes beyond the end of \(path) (\(backing) bytes)"
-        case let .smallerThanBlock(path, block): "backing file \(path) is smaller than one \(block)-byte block"
+        case let .smallerThanBlock(path, block, 0, _): "backing file \(path) is smaller than one \(block)-byte block"
+        case let .smallerThanBlock(path, block, offset, left):
+            "backing file \(path) holds \(left) bytes after --offset \(offset), less than one \(block)-byte block: give a smaller offset"
         case .sizeRequired(let name): "the \(name) target has no backing to take the size from: give --size"
         case .keyMissing: "an encrypted device needs its key: give --key-file PATH (or - for standard input)"
         case .keyWithoutEncryption: "a key was given for a device that is not encrypted: leave out --key-file"

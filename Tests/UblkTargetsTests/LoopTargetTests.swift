@@ -209,6 +209,11 @@ import UblkTesting
         let small = try ScratchFile(size: 64 * 1024)
         #expect(message { $0.path = small.path; $0.offset = 128 * 1024 }.contains("beyond the end"))
         #expect(message { $0.path = small.path; $0.size = 100 } == "--size 100 is less than one 512-byte block: give at least 512")
+        // Less than a block after the offset: the offset is named, not the file's size.
+        #expect(message { $0.path = small.path; $0.offset = 64 * 1024 - 100; $0.directIO = .off }
+                == "backing file \(small.path) holds 100 bytes after --offset 65436, less than one 512-byte block: give a smaller offset")
+        let tiny = try ScratchFile(size: 100)
+        #expect(message { $0.path = tiny.path; $0.directIO = .off } == "backing file \(tiny.path) is smaller than one 512-byte block")
         // A size is a limit, as losetup's --sizelimit: beyond the end, the device ends with the
         // backing (and says so); 0 is none.
         for limit: UInt64 in [128 * 1024, 0] {
