@@ -27,6 +27,7 @@ struct DeviceRow: Codable {
     var swap: Bool? = nil
     var pid: Int32
     var serverAlive: Bool
+    /// Added read-only, or made so since (`blockdev --setro`), as losetup's RO column says.
     var readOnly: Bool
     var blockSize: Int
     /// Where the device starts in its backing file (losetup's OFFSET), in bytes; 0 without one.
@@ -37,7 +38,8 @@ struct DeviceRow: Codable {
     /// Cipher, key size and IV skip of an encrypted device (never the key).
     var encryption: EncryptionConfiguration?
     /// The backing's path no longer names the file the device serves: "deleted" (it names
-    /// nothing, as losetup's "(deleted)") or "replaced" (another file); absent otherwise.
+    /// nothing, as losetup's "(deleted)"), "renamed" (`backing` is then the file's new name,
+    /// as losetup shows it) or "replaced" (another file); absent otherwise.
     var backingChanged: String? = nil
 }
 
@@ -158,10 +160,19 @@ enum DeviceLifecycle {
                 dataPath: info.flags.contains(.autoBufferRegistration) ? "zero-copy" : "copy",
                 commands: info.flags.contains(.batchIO) ? "batched" : "per-request",
                 pollMicroseconds: record?.pollMicroseconds, pid: pid, serverAlive: alive,
-                readOnly: parameters?.readOnly ?? false, blockSize: parameters?.logicalBlockSize ?? 512,
+                readOnly: parameters?.readOnly == true || SmallFile.text("/sys/block/ublkb\(id)/ro")?.hasPrefix("1") == true,
+                blockSize: parameters?.logicalBlockSize ?? 512,
                 offset: record?.spec.window.offset ?? 0, sizeLimit: record?.spec.window.sizeLimit,
                 name: record?.name, encryption: record?.spec.encryption))
-            rows[rows.count - 1].backingChanged = record.flatMap(Self.backingChange)
+            if let record, let change = backingChange(record) {
+                // Renamed: the kernel knows the new name, as losetup -l shows a loop's.
+                let name = change == "deleted" ? openBackingName(record, pid: pid) : nil
+                if let name, !name.hasSuffix(" (deleted)") {
+                    (rows[rows.count - 1].backing, rows[rows.count - 1].backingChanged) = (name, "renamed")
+                } else {
+                    rows[rows.count - 1].backingChanged = change
+                }
+            }
             rows[rows.count - 1].swap = record?.swap
         }
         return rows
@@ -174,6 +185,18 @@ enum DeviceLifecycle {
         case .replaced?: "replaced"
         default: nil
         }
+    }
+
+    /// The name live server `pid`'s open backing has now, as the kernel says it in
+    /// /proc/PID/fd: a renamed file's new name, or its old one with " (deleted)" once it is
+    /// unlinked. Nil where that cannot be read (another user's server, no such descriptor).
+    static func openBackingName(_ record: DeviceRecord, pid: Int32) -> String? {
+        guard let identity = record.backingIdentity, pid > 0 else { return nil }
+        for fd in SmallFile.entries(of: "/proc/\(pid)/fd") {
+            let path = "/proc/\(pid)/fd/\(fd)"
+            if case .success(identity) = FileIdentity.of(path: path) { return DeviceSafety.linkTarget(path) }
+        }
+        return nil
     }
 
     /// A device that `ublk start NAME` finds from an earlier server of that name which died:

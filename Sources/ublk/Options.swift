@@ -331,8 +331,14 @@ struct DeviceOptions: ParsableArguments {
 
     /// `path` from the working directory, as losetup records a backing: the device's record
     /// keeps it, and `ublk recover`, `ublk upgrade` and the overlap check of a later `add`
-    /// open it from directories of their own.
+    /// open it from directories of their own. Where the file exists, its own name (no `..`,
+    /// no symbolic link: `realpath`), as `losetup -l` shows the kernel's name for a loop's
+    /// backing; a name that is not UTF-8 (a link's target) is left as given.
     static func absolute(_ path: String) -> String {
+        if let resolved = realpath(path, nil) {
+            defer { free(resolved) }
+            if let name = String(validatingCString: resolved) { return name }
+        }
         guard !path.hasPrefix("/") else { return path }
         var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
         guard getcwd(&buffer, buffer.count) != nil else { return path }

@@ -146,6 +146,14 @@ import UblkTargets
         guard case .loop(let configuration) = spec else { Issue.record("not a loop spec"); return }
         #expect(configuration.path == (directory == "/" ? "" : directory) + "/images/disk.img")
         #expect(DeviceOptions.absolute("/srv/a.img") == "/srv/a.img")
+        // An existing file by its own name: no `..`, no symbolic link (as losetup -l shows it).
+        let scratch = "/tmp/ublk-absolute-\(getpid())"
+        defer { _ = unlink("\(scratch)/link"); _ = unlink("\(scratch)/a.img"); _ = rmdir("\(scratch)/sub"); _ = rmdir(scratch) }
+        #expect(mkdir(scratch, 0o700) == 0 && mkdir("\(scratch)/sub", 0o700) == 0)
+        close(open("\(scratch)/a.img", O_CREAT | O_WRONLY, 0o600))
+        #expect(symlink("\(scratch)/a.img", "\(scratch)/link") == 0)
+        #expect(DeviceOptions.absolute("\(scratch)/sub/../a.img") == "\(scratch)/a.img")
+        #expect(DeviceOptions.absolute("\(scratch)/link") == "\(scratch)/a.img")
     }
 
     @Test func recoveryTakesAnOptionalPolicy() throws {

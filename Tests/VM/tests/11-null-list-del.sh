@@ -58,13 +58,25 @@ set -e
 [[ $(grep -c . <<<"$out") == 3 && $out == *"ublk device 999 does not exist"* ]] || fail "ublk list --id 999: $out"
 echo "ok: ublk list DEVICE, --id and --file show only those; a missing one fails in one line"
 
-# As losetup: a backing whose name was removed shows "(deleted)" (the device still serves it).
+# As losetup: a renamed backing shows its new name (the kernel's, from the server's open
+# file), one whose name was removed "(deleted)" (the device still serves it).
 mv "$dir/a.img" "$dir/moved.img"
 rm "$dir/link.img"
-[[ $("$UBLK" list "$loopdev" | tail -n 1) == *"$dir/a.img (deleted)" ]] || fail "list of a device whose backing was renamed away: $("$UBLK" list "$loopdev")"
-expect_eq "$(list_field "$l" backingChanged)" deleted "backingChanged in list --json"
+[[ $("$UBLK" list "$loopdev" | tail -n 1) == *"$dir/moved.img (renamed)" ]] || fail "list of a device whose backing was renamed: $("$UBLK" list "$loopdev")"
+expect_eq "$(list_field "$l" backingChanged)/$(list_field "$l" backing)" "renamed/$dir/moved.img" "backingChanged and backing in list --json"
 expect_eq "$(ids --file "$dir/moved.img")" "$l " "ublk list --file (the backing under its new name)"
-echo "ok: a backing renamed away shows (deleted) and is found under its new name"
+rm "$dir/moved.img"
+[[ $("$UBLK" list "$loopdev" | tail -n 1) == *"$dir/a.img (deleted)" ]] || fail "list of a device whose backing was removed: $("$UBLK" list "$loopdev")"
+expect_eq "$(list_field "$l" backingChanged)" deleted "backingChanged in list --json"
+echo "ok: a renamed backing shows its new name, a removed one (deleted); it is found under its new name"
+
+# As losetup -l's RO: a device made read-only since (blockdev --setro) says so.
+expect_eq "$(list_field "$l" readOnly)" False "readOnly of a writable device"
+blockdev --setro "$loopdev"
+expect_eq "$(list_field "$l" readOnly)" True "readOnly after blockdev --setro"
+blockdev --setrw "$loopdev"
+expect_eq "$(list_field "$l" readOnly)" False "readOnly after blockdev --setrw"
+echo "ok: list --json readOnly follows blockdev --setro and --setrw"
 
 "$UBLK" del --all
 shopt -s nullglob
