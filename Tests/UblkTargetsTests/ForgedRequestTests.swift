@@ -59,6 +59,20 @@ import UblkTesting
         #expect(try queue.perform(IODescriptor(operation: .read, startSector: 1024, sectorCount: 8)) == -EIO)
     }
 
+    /// Zero copy: ublk_drv (7.3, UBLK_F_AUTO_BUF_REG) ends a request whole on a partial
+    /// result, as if every byte had been read, so a read that meets the end of a shrunk
+    /// backing fails whole there; with a tag buffer its whole blocks complete.
+    @Test func aReadMeetingTheEndInZeroCopyFailsWhole() throws {
+        let file = try ScratchFile(size: 1 << 20, fill: 0x77)
+        let handler = try LoopTarget(LoopConfiguration(path: file.path)).makeQueueHandler(queueID: 0, depth: 1, share: .all)
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 8192, alignment: 4096)
+        defer { buffer.deallocate() }
+        let read = IODescriptor(operation: .read, startSector: 0, sectorCount: 16)
+        handler.transferred[0] = 4096 + 100
+        #expect(handler.endOfBacking(IORequest(tag: 0, descriptor: read, data: .buffer(buffer))) == 4096)
+        #expect(handler.endOfBacking(IORequest(tag: 0, descriptor: read, data: .registered(index: 0, offset: 0))) == -EIO)
+    }
+
     /// A sparse backing of the largest size a file can have (tmpfs makes one): served, its
     /// last sectors read as zeros. The probe for hole punching, past the end, once trapped
     /// on rounding the size up.

@@ -708,12 +708,12 @@ import UblkTargets
         let script = "/tmp/ublk-fake-\(getpid())"
         defer { unlink(script) }
         let text = "#!/bin/sh\necho 'USAGE: ublk recover --id <id>'\n"
-        let fd = open(script, O_WRONLY | O_CREAT | O_TRUNC, 0o755)
+        let fd = open(script, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o755)  // (CLOEXEC: a child another test spawns meanwhile would keep it open for writing, and running the script would fail with ETXTBSY.)
         #expect(fd >= 0 && write(fd, text, text.utf8.count) == text.utf8.count)
         close(fd)
         #expect(Background.ublkProblem(script) == nil)
         let slow = "#!/bin/sh\nsleep 3\necho 'USAGE: ublk recover --id <id>'\n"
-        let slowFD = open(script, O_WRONLY | O_TRUNC)
+        let slowFD = open(script, O_WRONLY | O_TRUNC | O_CLOEXEC)
         #expect(slowFD >= 0 && write(slowFD, slow, slow.utf8.count) == slow.utf8.count)
         close(slowFD)
         #expect(Background.ublkProblem(script, seconds: 1) == "\(script) did not answer `recover --help` within 1 s (on a loaded machine, try again)")

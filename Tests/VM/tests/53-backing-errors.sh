@@ -120,6 +120,13 @@ dd if="$dev" of=/dev/null bs=4k count=1 skip=3000 iflag=direct status=none 2>"$d
 grep -q "Input/output error" "$dir/shrunk.err" || fail "a read past the end of the shrunk backing said: $(cat "$dir/shrunk.err")"
 cmp <(dd if="$dev" bs=4k count=1 skip=100 iflag=direct status=none) <(dd if="$shrunk" bs=4k count=1 skip=100 status=none) ||
 	fail "a read before the end of the shrunk backing has other data"
+# A read across the new end, which is inside a block: it fails too, zero copy or not (with
+# zero copy ublk_drv ends a request whole on a partial result: the server must fail it).
+truncate -s $((8 * 1048576 + 1000)) "$shrunk"
+dd if="$dev" of="$dir/across" bs=64k count=1 skip=128 iflag=direct status=none 2>"$dir/shrunk.err" &&
+	fail "a read across the end of a backing truncated to 8 MiB + 1000 succeeded ($(list_field "$id" dataPath)): $(cmp "$dir/across" <(head -c 65536 /dev/zero) && echo zeros)"
+grep -q "Input/output error" "$dir/shrunk.err" || fail "a read across the end of the shrunk backing said: $(cat "$dir/shrunk.err")"
 expect_eq "$(list_field "$id" state)" live "state of the device whose backing shrank"
+path=$(list_field "$id" dataPath)
 "$UBLK" del --id "$id"
-echo "ok: a read past the end of a backing that shrank under the device failed with EIO, as with loop"
+echo "ok: a read past or across the end of a backing that shrank under the device failed with EIO, as with loop ($path data path)"
