@@ -14,7 +14,7 @@ import UblkTargets
 /// served by one thread of its own with its own control ring; one request line, one
 /// answer line (`ok ...` or `error MESSAGE`):
 ///
-///     resize [BYTES]   the backing's current size (or BYTES) becomes the device's
+///     resize [BYTES]   the backing's current size (or BYTES; 0 lifts the limit) becomes the device's
 ///     quiesce          QUIESCE_DEV; the server then exits and leaves the device to a new one
 ///     stopping         the device is about to be stopped (`ublk del --force`): the target
 ///                      stops waiting for what may not come (`Target.stopRequested`)
@@ -132,7 +132,8 @@ public final class ServerControl: @unchecked Sendable {
         }
         if new < old { capacity.set(sectors: new) }
         logger.info("/dev/ublkb\(deviceID) resized from \(old << 9) to \(bytes) bytes")
-        if let requested { sizeLimit = requested }
+        // (0: the loop target's limit is lifted, as `add --size 0` sets none.)
+        if let requested { sizeLimit = requested == 0 ? nil : requested }
         if var record {
             // (A limit beyond the backing is one: a recovering server's device ends where the
             // backing does, as at add.)

@@ -21,13 +21,14 @@ extension LoopTarget: ResizableTarget {
         let offset = configuration.offset
         guard backing > offset else { throw .offsetBeyondEnd(offset: offset, path: path, backingSize: backing) }
         let block = UInt64(properties.logicalBlockSize)
-        guard let requested else {
-            let room = min(backing - offset, limit ?? .max)
+        // 0 lifts the limit (as `add --size 0` sets none): all the backing holds after the offset.
+        guard let requested, requested != 0 else {
+            let room = min(backing - offset, requested == 0 ? .max : limit ?? .max)
             let size = room - room % block
             if size == 0 { throw .smallerThanBlock(path, blockSize: Int(block), offset: offset, left: backing - offset) }
             return size
         }
-        if requested == 0 || requested % block != 0 { throw .sizeMisaligned(size: requested, blockSize: Int(block)) }
+        if requested % block != 0 { throw .sizeMisaligned(size: requested, blockSize: Int(block)) }
         if requested > backing - offset {
             throw .sizeBeyondEnd(size: requested, offset: offset, path: path, backingSize: backing)
         }

@@ -296,11 +296,15 @@ enum FileManagerless {
         #expect(try target.resizedSize(nil, limit: 2 << 20) == 2 << 20)
         #expect(truncate(file.path, (64 << 10) + (256 << 10)) == 0)
         #expect(try target.resizedSize(nil, limit: 512 << 10) == 256 << 10)
+        // 0 lifts the limit: all the backing holds after the offset.
+        #expect(truncate(file.path, 4 << 20) == 0)
+        #expect(try target.resizedSize(0, limit: 512 << 10) == (4 << 20) - (64 << 10))
     }
 
     @Test func nullTargetNeedsASize() throws {
         let target = NullTarget(size: 1 << 20)
         #expect(try target.resizedSize(2 << 20, limit: nil) == 2 << 20)
         #expect(throws: TargetError.self) { try target.resizedSize(nil, limit: nil) }
+        #expect(throws: TargetError.sizeMisaligned(size: 0, blockSize: 512)) { try target.resizedSize(0, limit: nil) }
     }
 }
