@@ -123,9 +123,10 @@ enum Background {
             return "\(program) is not an executable file"
         }
         switch recoverHelp(program, seconds: seconds) {
-        case .some(let help) where help.contains("ublk recover"): return nil
-        case .some: return "\(program) is no ublk binary (its `recover --help` does not say `ublk recover`)"
-        case .none: return "\(program) did not answer `recover --help` within \(seconds) s (on a loaded machine, try again)"
+        case .printed(let help) where help.contains("ublk recover"): return nil
+        case .printed, .failed: return "\(program) is no ublk binary (its `recover --help` does not say `ublk recover`)"
+        case .cannotRun(let error): return "\(program) cannot be run (\(error.reason))"
+        case .silent: return "\(program) did not answer `recover --help` within \(seconds) s (on a loaded machine, try again)"
         }
     }
 
@@ -133,11 +134,22 @@ enum Background {
     /// taken over 5 s to start a Swift binary, and a refusal here only delays the upgrade.
     static let helpSeconds = 30
 
-    /// What `program recover --help` printed if it exited 0 within `seconds`; "" if it
-    /// exited otherwise; nil if it could not be started or did not end in time.
-    static func recoverHelp(_ program: String, seconds: Int) -> String? {
+    /// How a program answered `recover --help`.
+    enum HelpAnswer: Equatable {
+        /// It exited with status 0, having printed this.
+        case printed(String)
+        /// It exited otherwise, printed more than 64 KiB, or its output could not be read.
+        case failed
+        /// It could not be started (posix_spawn's error: ENOEXEC, EACCES...).
+        case cannotRun(SystemError)
+        /// It did not end its output within the time.
+        case silent
+    }
+
+    /// Runs `program recover --help` for up to `seconds`.
+    static func recoverHelp(_ program: String, seconds: Int) -> HelpAnswer {
         var ends: [Int32] = [0, 0]
-        guard pipe(&ends) == 0 else { return nil }
+        guard pipe(&ends) == 0 else { return .cannotRun(SystemError("pipe", errno: errno)) }
         for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
         defer { close(ends[0]) }
         var actions = posix_spawn_file_actions_t()
@@ -148,12 +160,20 @@ enum Background {
         posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
         let spawned = spawn(program, ["ublk", "recover", "--help"], &actions, nil)
         close(ends[1])
-        guard case .success(let pid) = spawned else { return nil }
+        let pid: pid_t
+        switch spawned {
+        case .success(let child): pid = child
+        case .failure(let error): return .cannotRun(error)
+        }
         let output = readAll(ends[0], limit: 1 << 16, seconds: seconds)
         kill(pid, SIGKILL)  // (One that is still running is no ublk.)
         var exit: Int32 = 0
         while waitpid(pid, &exit, 0) < 0 && errno == EINTR {}
-        return output.map { exit == 0 ? $0 : "" }
+        switch output {
+        case .text(let text): return exit == 0 ? .printed(text) : .failed
+        case .timedOut: return .silent
+        case .tooLong, .failed: return .failed
+        }
     }
 
     /// posix_spawn of `program` with `argv` (its C strings made and freed here) and this
@@ -167,26 +187,34 @@ enum Background {
         return result == 0 ? .success(pid) : .failure(SystemError("posix_spawn", errno: result))
     }
 
+    /// What reading a descriptor to its end gave (`readAll`).
+    enum ReadOutcome {
+        case text(String)
+        case tooLong
+        case timedOut
+        case failed
+    }
+
     /// What `fd` gives until its end, if that comes within `limit` bytes and `seconds`
     /// (of the monotonic clock: a clock step does not cut the wait short).
-    static func readAll(_ fd: Int32, limit: Int, seconds: Int) -> String? {
+    static func readAll(_ fd: Int32, limit: Int, seconds: Int) -> ReadOutcome {
         var bytes: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)
         var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
         let deadline = ContinuousClock.now + .seconds(seconds)
         while bytes.count <= limit {
             let left = ContinuousClock.now.duration(to: deadline)
-            guard left > .zero else { return nil }
+            guard left > .zero else { return .timedOut }
             let milliseconds = left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000
             let ready = poll(&poller, 1, Int32(milliseconds + 1))
             if ready == 0 || (ready < 0 && errno == EINTR) { continue }  // (The loop checks the time.)
-            guard ready > 0 else { return nil }
+            guard ready > 0 else { return .failed }
             let count = read(fd, &chunk, chunk.count)
-            if count == 0 { return String(decoding: bytes, as: UTF8.self) }
-            if count < 0 { if errno == EINTR { continue } else { return nil } }
+            if count == 0 { return .text(String(decoding: bytes, as: UTF8.self)) }
+            if count < 0 { if errno == EINTR { continue } else { return .failed } }
             bytes += chunk[0..<count]
         }
-        return nil
+        return .tooLong
     }
 
     /// Removes device `id`, which a killed server added; false if it could not.

@@ -708,7 +708,9 @@ import UblkTargets
         let script = "/tmp/ublk-fake-\(getpid())"
         defer { unlink(script) }
         let text = "#!/bin/sh\necho 'USAGE: ublk recover --id <id>'\n"
-        let fd = open(script, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o755)  // (CLOEXEC: a child another test spawns meanwhile would keep it open for writing, and running the script would fail with ETXTBSY.)
+        // CLOEXEC: a child another test spawns meanwhile would keep the script open for
+        // writing, and running it would fail with ETXTBSY.
+        let fd = open(script, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o755)
         #expect(fd >= 0 && write(fd, text, text.utf8.count) == text.utf8.count)
         close(fd)
         #expect(Background.ublkProblem(script) == nil)
@@ -718,6 +720,16 @@ import UblkTargets
         close(slowFD)
         #expect(Background.ublkProblem(script, seconds: 1) == "\(script) did not answer `recover --help` within 1 s (on a loaded machine, try again)")
         #expect(Background.ublkProblem(script, seconds: 10) == nil)
+        // Not startable, or endless output: said at once, as such.
+        func rewrite(_ text: String) {
+            let fd = open(script, O_WRONLY | O_TRUNC | O_CLOEXEC)
+            #expect(fd >= 0 && Glibc.write(fd, text, text.utf8.count) == text.utf8.count)
+            close(fd)
+        }
+        rewrite("\u{7f}ELF not really\n")
+        #expect(Background.ublkProblem(script, seconds: 10) == "\(script) cannot be run (Exec format error)")
+        rewrite("#!/bin/sh\nyes 'ublk recover'\n")
+        #expect(Background.ublkProblem(script, seconds: 10)?.hasSuffix("is no ublk binary (its `recover --help` does not say `ublk recover`)") == true)
     }
 }
 
