@@ -36,6 +36,12 @@ public enum RequestData {
     /// `index`; ring operations reach them with READ_FIXED/WRITE_FIXED, `offset` bytes in.
     case registered(index: UInt16, offset: Int)
 
+    /// Copy mode's tag buffer, not the request's own pages.
+    @inlinable
+    public var isBuffer: Bool {
+        if case .buffer = self { true } else { false }
+    }
+
     /// The same data, `bytes` further on (the rest of a short transfer).
     @inlinable
     public func advanced(by bytes: Int) -> RequestData {

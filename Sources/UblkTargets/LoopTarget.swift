@@ -547,7 +547,7 @@ public final class LoopQueueHandler: QueueHandler {
     /// every byte had been read (traced: `block_rq_complete` of all its sectors, status 0).
     func endOfBacking(_ request: IORequest) -> Int32 {
         let done = transferred[Int(request.tag)] / blockSize * blockSize
-        let partialIsHonoured = !encrypting && { if case .buffer = request.data { true } else { false } }()
+        let partialIsHonoured = !encrypting && request.data.isBuffer
         return request.descriptor.operation == .read && done > 0 && partialIsHonoured ? Int32(done) : -EIO
     }
 

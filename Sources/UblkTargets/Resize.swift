@@ -22,8 +22,9 @@ extension LoopTarget: ResizableTarget {
         guard backing > offset else { throw .offsetBeyondEnd(offset: offset, path: path, backingSize: backing) }
         let block = UInt64(properties.logicalBlockSize)
         // 0 lifts the limit (as `add --size 0` sets none): all the backing holds after the offset.
+        let limit = requested == 0 ? nil : limit
         guard let requested, requested != 0 else {
-            let room = min(backing - offset, requested == 0 ? .max : limit ?? .max)
+            let room = min(backing - offset, limit ?? .max)
             let size = room - room % block
             if size == 0 { throw .smallerThanBlock(path, blockSize: Int(block), offset: offset, left: backing - offset) }
             return size

@@ -38,7 +38,7 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
     case sizeTooLarge(UInt64)
     case sizeBeyondEnd(size: UInt64, offset: UInt64, path: String, backingSize: UInt64)
     /// Less than one block in the backing after the offset (`offset` 0: in the whole file).
-    case smallerThanBlock(String, blockSize: Int, offset: UInt64 = 0, left: UInt64 = 0)
+    case smallerThanBlock(String, blockSize: Int, offset: UInt64, left: UInt64)
     /// `ublk resize` without --size on a target with no backing to measure.
     case sizeRequired(String)
     case keyMissing

@@ -65,13 +65,26 @@ enum ConfigFile {
         return try entries(text: try utf8Text(text, path: path), path: path, base: hasNeighbours ? directory(of: path) : nil)
     }
 
-    /// The file's text; a line that is not UTF-8 is refused, naming it: decoded with U+FFFD
-    /// in place of its bad bytes, a path in another encoding would name another file.
+    /// The file's text. A line that is not UTF-8 is refused, naming it (decoded with U+FFFD
+    /// in place of its bad bytes, a path in another encoding would name another file),
+    /// unless only its comment is (dropped, as comments are). A key file given for a config
+    /// file by mistake is said to be one, as `entries` says of other lines without `=`.
     static func utf8Text(_ bytes: ArraySlice<UInt8>, path: String) throws -> String {
         if let text = String(validating: bytes, as: UTF8.self) { return text }
-        let lines = bytes.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false)
-        let bad = lines.firstIndex { String(validating: $0, as: UTF8.self) == nil } ?? 0
-        throw CLIError("\(path):\(bad + 1): not UTF-8 text (a name in another encoding?): save the file as UTF-8; a path must be a UTF-8 name (or a symbolic link with one)")
+        var lines: [String] = []
+        for (index, line) in bytes.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false).enumerated() {
+            if let text = String(validating: line, as: UTF8.self) { lines.append(text); continue }
+            let beforeComment = line.prefix { $0 != UInt8(ascii: "#") }
+            let quoted = beforeComment.contains(UInt8(ascii: "\"")) || beforeComment.contains(UInt8(ascii: "'"))
+            if beforeComment.count < line.count, !quoted, let text = String(validating: beforeComment, as: UTF8.self) {
+                lines.append(text)
+            } else if !line.contains(UInt8(ascii: "=")) {
+                throw CLIError("\(path):\(index + 1): expected `key = value`: is \(path) a config file? (a key is given with --key-file)")
+            } else {
+                throw CLIError("\(path):\(index + 1): not UTF-8 text (a name in another encoding?): save the file as UTF-8; a path must be a UTF-8 name (or a symbolic link with one)")
+            }
+        }
+        return lines.joined(separator: "\n")
     }
 
     /// The directory `path` is in, as written ("." for a bare name).

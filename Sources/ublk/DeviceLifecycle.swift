@@ -165,8 +165,9 @@ enum DeviceLifecycle {
                 offset: record?.spec.window.offset ?? 0, sizeLimit: record?.spec.window.sizeLimit,
                 name: record?.name, encryption: record?.spec.encryption))
             if let record, let change = backingChange(record) {
-                // Renamed: the kernel knows the new name, as losetup -l shows a loop's.
-                let name = change == "deleted" ? openBackingName(record, pid: pid) : nil
+                // Renamed (another file may have its old name): the kernel knows the new
+                // name, as losetup -l shows a loop's.
+                let name = alive ? openBackingName(record, pid: pid) : nil
                 if let name, !name.hasSuffix(" (deleted)") {
                     (rows[rows.count - 1].backing, rows[rows.count - 1].backingChanged) = (name, "renamed")
                 } else {

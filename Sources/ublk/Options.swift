@@ -197,6 +197,9 @@ struct DeviceOptions: ParsableArguments {
         if let blockSize, ![512, 1024, 2048, 4096].contains(blockSize) {
             throw ValidationError("--block-size \(blockSize) is not a power of two from 512 to 4096: give 512, 1024, 2048 or 4096")
         }
+        if let file, !file.hasPrefix("/"), Self.workingDirectory == nil {
+            throw ValidationError("--file \(file) is relative, and the working directory's name cannot be read as UTF-8 text: give the backing's absolute path")
+        }
         try checkEncryption()
         // `on` means O_DIRECT or fail; a target without a backing file cannot have it.
         if kind != .loop, directIO == .on {
@@ -339,12 +342,17 @@ struct DeviceOptions: ParsableArguments {
             defer { free(resolved) }
             if let name = String(validatingCString: resolved) { return name }
         }
-        guard !path.hasPrefix("/") else { return path }
-        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        guard getcwd(&buffer, buffer.count) != nil else { return path }
-        let directory = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        guard !path.hasPrefix("/"), let directory = workingDirectory else { return path }
         let parts = (directory.split(separator: "/") + path.split(separator: "/")).filter { $0 != "." }
         return "/" + parts.joined(separator: "/")
+    }
+
+    /// The working directory's name; nil if it cannot be read or is not UTF-8 (`check`
+    /// refuses a relative `--file` there: decoded with U+FFFD, it would name another file).
+    static var workingDirectory: String? {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        guard getcwd(&buffer, buffer.count) != nil else { return nil }
+        return String(validatingCString: buffer)
     }
 
     /// The encryption key, read from where `--key-file` says; nil when not encrypting.

@@ -14,7 +14,7 @@ extension Ublk {
 
         @OptionGroup var device: OneDevice
 
-        @Option(name: .long, help: "The new size in bytes, a multiple of the block size, within the backing. It becomes the device's size limit; 0 lifts the limit (all the backing holds after --offset). Default: all the backing holds after --offset, up to the limit (the add's --size, or the last resize --size). \(ByteCount.suffixHelp)",
+        @Option(name: .long, help: "The new size in bytes, a multiple of the block size, within the backing. It becomes the device's size limit; 0 lifts a loop device's limit (all the backing holds after --offset). Default: all the backing holds after --offset, up to the limit (the add's --size, or the last resize --size). \(ByteCount.suffixHelp)",
                 transform: ByteCount.parse)
         var size: ByteCount?
 
