@@ -449,7 +449,7 @@ public final class LoopQueueHandler: QueueHandler {
     /// queue thread must not wait for it while the kernel swaps out to the device (its
     /// holder may be waiting for memory). Such a write moves the times itself, on an io-wq
     /// worker where it must block.
-    @inlinable
+    @inlinable @inline(__always)
     func stampBeforeWrite(_ d: IODescriptor) {
         if !d.flags.contains(.swap) { stamp.beforeWrite() }
     }
