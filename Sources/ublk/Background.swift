@@ -135,7 +135,7 @@ enum Background {
     static let helpSeconds = 30
 
     /// How a program answered `recover --help`.
-    enum HelpAnswer: Equatable {
+    enum HelpAnswer {
         /// It exited with status 0, having printed this.
         case printed(String)
         /// It exited otherwise, printed more than 64 KiB, or its output could not be read.
@@ -172,7 +172,7 @@ enum Background {
         switch output {
         case .text(let text): return exit == 0 ? .printed(text) : .failed
         case .timedOut: return .silent
-        case .tooLong, .failed: return .failed
+        case .failed: return .failed
         }
     }
 
@@ -190,8 +190,8 @@ enum Background {
     /// What reading a descriptor to its end gave (`readAll`).
     enum ReadOutcome {
         case text(String)
-        case tooLong
         case timedOut
+        /// More than the limit, or a read failed.
         case failed
     }
 
@@ -214,7 +214,7 @@ enum Background {
             if count < 0 { if errno == EINTR { continue } else { return .failed } }
             bytes += chunk[0..<count]
         }
-        return .tooLong
+        return .failed
     }
 
     /// Removes device `id`, which a killed server added; false if it could not.

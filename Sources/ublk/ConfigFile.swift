@@ -79,12 +79,18 @@ enum ConfigFile {
             if beforeComment.count < line.count, !quoted, let text = String(validating: beforeComment, as: UTF8.self) {
                 lines.append(text)
             } else if !line.contains(UInt8(ascii: "=")) {
-                throw CLIError("\(path):\(index + 1): expected `key = value`: is \(path) a config file? (a key is given with --key-file)")
+                throw notKeyValue(path, line: index + 1)
             } else {
                 throw CLIError("\(path):\(index + 1): not UTF-8 text (a name in another encoding?): save the file as UTF-8; a path must be a UTF-8 name (or a symbolic link with one)")
             }
         }
         return lines.joined(separator: "\n")
+    }
+
+    /// A line that is no `key = value` (the line itself is never shown: a key file given
+    /// for a config file by mistake would be printed, and logged under a service manager).
+    static func notKeyValue(_ path: String, line: Int) -> CLIError {
+        CLIError("\(path):\(line): expected `key = value`: is \(path) a config file? (a key is given with --key-file)")
     }
 
     /// The directory `path` is in, as written ("." for a bare name).
@@ -149,10 +155,8 @@ enum ConfigFile {
             let line = withoutComment(String(rawLine)).trimmingSpaces
             if line.isEmpty { continue }
             let parts = line.split(separator: "=", maxSplits: 1).map { String($0).trimmingSpaces }
-            // The line itself is never shown: a key file given for a config file by mistake
-            // would be printed (and logged, under a service manager).
             guard parts.count == 2, !parts[0].isEmpty, !parts[1].unquoted.isEmpty else {
-                throw CLIError("\(path):\(index + 1): expected `key = value`: is \(path) a config file? (a key is given with --key-file)")
+                throw notKeyValue(path, line: index + 1)
             }
             let (key, value) = (parts[0], wordKeys.contains(parts[0]) ? parts[1].unquoted.lowercased() : parts[1].unquoted)
             // One would be taken silently (the last, or, for `file`, refused by the server).

@@ -164,28 +164,29 @@ enum DeviceLifecycle {
                 blockSize: parameters?.logicalBlockSize ?? 512,
                 offset: record?.spec.window.offset ?? 0, sizeLimit: record?.spec.window.sizeLimit,
                 name: record?.name, encryption: record?.spec.encryption))
-            if let record, let change = backingChange(record) {
-                // Renamed (another file may have its old name): the kernel knows the new
-                // name, as losetup -l shows a loop's.
-                let name = alive ? openBackingName(record, pid: pid) : nil
-                if let name, !name.hasSuffix(" (deleted)") {
-                    (rows[rows.count - 1].backing, rows[rows.count - 1].backingChanged) = (name, "renamed")
-                } else {
-                    rows[rows.count - 1].backingChanged = change
-                }
+            if let record, let (backing, change) = backingChange(record, server: alive ? pid : nil) {
+                (rows[rows.count - 1].backing, rows[rows.count - 1].backingChanged) = (backing, change)
             }
             rows[rows.count - 1].swap = record?.swap
         }
         return rows
     }
 
-    /// "deleted" or "replaced" when the record's backing path no longer names its file.
-    static func backingChange(_ record: DeviceRecord) -> String? {
+    /// The backing to show and how it changed, when the record's path no longer names the
+    /// file: "renamed" with the new name the live `server`'s open file has (another file may
+    /// have the old one; the kernel knows, as losetup -l shows a loop's), else "deleted" or
+    /// "replaced" with the recorded path. Nil when the path still names it.
+    static func backingChange(_ record: DeviceRecord, server: Int32?) -> (backing: String, change: String)? {
+        let change: String
         switch record.backingPath() {
-        case .gone(let error)? where error.errno == ENOENT: "deleted"
-        case .replaced?: "replaced"
-        default: nil
+        case .gone(let error)? where error.errno == ENOENT: change = "deleted"
+        case .replaced?: change = "replaced"
+        default: return nil
         }
+        if let server, let name = openBackingName(record, pid: server), !name.hasSuffix(" (deleted)") {
+            return (name, "renamed")
+        }
+        return (record.spec.backing ?? "-", change)
     }
 
     /// The name live server `pid`'s open backing has now, as the kernel says it in
