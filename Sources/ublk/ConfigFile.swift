@@ -74,9 +74,7 @@ enum ConfigFile {
         var lines: [String] = []
         for (index, line) in bytes.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false).enumerated() {
             if let text = String(validating: line, as: UTF8.self) { lines.append(text); continue }
-            let beforeComment = line.prefix { $0 != UInt8(ascii: "#") }
-            let quoted = beforeComment.contains(UInt8(ascii: "\"")) || beforeComment.contains(UInt8(ascii: "'"))
-            if beforeComment.count < line.count, !quoted, let text = String(validating: beforeComment, as: UTF8.self) {
+            if let start = commentStart(line), let text = String(validating: line[..<start], as: UTF8.self) {
                 lines.append(text)
             } else if !line.contains(UInt8(ascii: "=")) {
                 throw notKeyValue(path, line: index + 1)
@@ -115,26 +113,35 @@ enum ConfigFile {
         }
     }
 
-    /// `line` up to its comment: a `#` that starts the line or follows a space or tab (so
-    /// a value such as `file = /srv/disk#2.img` keeps its `#`), outside the quotes of a
-    /// value (`file = "/srv/my #1.img"`).
+    /// `line` up to its comment (`commentStart`).
     static func withoutComment(_ line: String) -> String {
-        var previous: Character = " "
-        var quote: Character?
+        guard let start = commentStart(line.utf8) else { return line }
+        return String(line[..<start])
+    }
+
+    /// Where the comment of a line starts: a `#` that starts the line or follows a space or
+    /// tab (so a value such as `file = /srv/disk#2.img` keeps its `#`), outside the quotes of
+    /// a value (`file = "/srv/my #1.img"`). It reads bytes: every mark it looks for is ASCII,
+    /// which no byte of another UTF-8 character is, so a line that is not UTF-8 reads alike.
+    static func commentStart<Line: Collection<UInt8>>(_ line: Line) -> Line.Index? {
+        let (space, tab, equals) = (UInt8(ascii: " "), UInt8(ascii: "\t"), UInt8(ascii: "="))
+        var previous = space
+        var quote: UInt8?
         var afterEquals = false
         for index in line.indices {
-            let character = line[index]
+            let byte = line[index]
             if let open = quote {
-                if character == open { quote = nil }
-            } else if character == "#" && (previous == " " || previous == "\t") {
-                return String(line[..<index])
-            } else if (character == "\"" || character == "'") && afterEquals && (previous == " " || previous == "\t" || previous == "=") {
-                quote = character  // A quote that opens the value.
+                if byte == open { quote = nil }
+            } else if byte == UInt8(ascii: "#") && (previous == space || previous == tab) {
+                return index
+            } else if byte == UInt8(ascii: "\"") || byte == UInt8(ascii: "'"),
+                      afterEquals && [space, tab, equals].contains(previous) {
+                quote = byte  // A quote that opens the value.
             }
-            if character == "=" { afterEquals = true }
-            previous = character
+            if byte == equals { afterEquals = true }
+            previous = byte
         }
-        return line
+        return nil
     }
 
     static func arguments(text: String, path: String) throws -> [String] {

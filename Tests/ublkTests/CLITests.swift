@@ -555,6 +555,13 @@ import UblkTargets
         // A comment in another encoding goes, as comments do; a key file is said to be one.
         #expect(try ConfigFile.utf8Text(ArraySlice(Array("queues = 2 # caf".utf8) + [0xE9] + Array("\nfile = /a".utf8)), path: "a.conf")
                 == "queues = 2 \nfile = /a")
+        // Where the comment starts is decided as for UTF-8 lines: not inside a quoted value,
+        // not at a `#` within a word.
+        for line in ["file = \"/srv/my #1 caf", "file = /srv/disk#caf"] {
+            #expect(throws: CLIError.self) { try ConfigFile.utf8Text(ArraySlice(Array(line.utf8) + [0xE9]), path: "a.conf") }
+        }
+        #expect(try ConfigFile.utf8Text(ArraySlice(Array("file = \"/srv/my #1.img\" # caf".utf8) + [0xE9]), path: "a.conf")
+                == "file = \"/srv/my #1.img\" ")
         do { _ = try ConfigFile.utf8Text([0x9C, 0x41, 0xFF, 0x0A, 0x10], path: "k.key") } catch {
             #expect("\(error)" == "k.key:1: expected `key = value`: is k.key a config file? (a key is given with --key-file)")
         }
