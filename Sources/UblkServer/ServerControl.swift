@@ -122,8 +122,8 @@ public final class ServerControl: @unchecked Sendable {
         }
         let control = try DeviceServer.openControl()
         guard control.features?.contains(.updateSize) == true else { throw ServerError.noUpdateSize }
-        let bytes: UInt64
-        do { bytes = try target.resizedSize(requested, limit: sizeLimit) } catch { throw ServerError.target(error) }
+        let (bytes, limit): (UInt64, UInt64?)
+        do { (bytes, limit) = try target.resizedSize(requested, limit: sizeLimit) } catch { throw ServerError.target(error) }
         let (old, new) = (capacity.sectors, bytes >> 9)
         if new > old { capacity.set(sectors: new) }
         do { try control.updateSize(deviceID, sectors: new) } catch {
@@ -132,8 +132,7 @@ public final class ServerControl: @unchecked Sendable {
         }
         if new < old { capacity.set(sectors: new) }
         logger.info("/dev/ublkb\(deviceID) resized from \(old << 9) to \(bytes) bytes")
-        // (0: the loop target's limit is lifted, as `add --size 0` sets none.)
-        if let requested { sizeLimit = requested == 0 ? nil : requested }
+        sizeLimit = limit
         if var record {
             // (A limit beyond the backing is one: a recovering server's device ends where the
             // backing does, as at add.)

@@ -273,10 +273,10 @@ enum FileManagerless {
         configuration.offset = 64 << 10
         configuration.logicalBlockSize = 4096
         let target = try LoopTarget(configuration)
-        #expect(try target.resizedSize(nil, limit: nil) == (1 << 20) - (64 << 10))
+        #expect(try target.resizedSize(nil, limit: nil).size == (1 << 20) - (64 << 10))
         #expect(truncate(file.path, (2 << 20) + 1000) == 0)
-        #expect(try target.resizedSize(nil, limit: nil) == (2 << 20) - (64 << 10)) // the odd tail is not a block
-        #expect(try target.resizedSize(1 << 20, limit: nil) == 1 << 20)
+        #expect(try target.resizedSize(nil, limit: nil).size == (2 << 20) - (64 << 10)) // the odd tail is not a block
+        #expect(try target.resizedSize(1 << 20, limit: nil).size == 1 << 20)
         #expect(throws: TargetError.self) { try target.resizedSize(3 << 20, limit: nil) }
         #expect(throws: TargetError.self) { try target.resizedSize(1000, limit: nil) }
         #expect(truncate(file.path, 4096) == 0)
@@ -292,18 +292,21 @@ enum FileManagerless {
         #expect(target.spec.window.sizeLimit == 512 << 10)
         #expect(truncate(file.path, 4 << 20) == 0)
         // As losetup -c with --sizelimit: the backing grew, the window did not.
-        #expect(try target.resizedSize(nil, limit: 512 << 10) == 512 << 10)
-        #expect(try target.resizedSize(nil, limit: 2 << 20) == 2 << 20)
+        #expect(try target.resizedSize(nil, limit: 512 << 10).size == 512 << 10)
+        #expect(try target.resizedSize(nil, limit: 2 << 20).size == 2 << 20)
         #expect(truncate(file.path, (64 << 10) + (256 << 10)) == 0)
-        #expect(try target.resizedSize(nil, limit: 512 << 10) == 256 << 10)
+        #expect(try target.resizedSize(nil, limit: 512 << 10).size == 256 << 10)
         // 0 lifts the limit: all the backing holds after the offset.
         #expect(truncate(file.path, 4 << 20) == 0)
-        #expect(try target.resizedSize(0, limit: 512 << 10) == (4 << 20) - (64 << 10))
+        #expect(try target.resizedSize(0, limit: 512 << 10) == ((4 << 20) - (64 << 10), nil))
+        // The limit stays, or is the size asked for.
+        #expect(try target.resizedSize(nil, limit: 512 << 10).limit == 512 << 10)
+        #expect(try target.resizedSize(1 << 20, limit: 512 << 10) == (1 << 20, 1 << 20))
     }
 
     @Test func nullTargetNeedsASize() throws {
         let target = NullTarget(size: 1 << 20)
-        #expect(try target.resizedSize(2 << 20, limit: nil) == 2 << 20)
+        #expect(try target.resizedSize(2 << 20, limit: nil).size == 2 << 20)
         #expect(throws: TargetError.self) { try target.resizedSize(nil, limit: nil) }
         #expect(throws: TargetError.sizeMisaligned(size: 0, blockSize: 512)) { try target.resizedSize(0, limit: nil) }
     }
