@@ -12,7 +12,11 @@ struct Ublk: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ublk",
         abstract: "Userspace block devices on Linux's ublk driver: a file becomes /dev/ublkbN, as with losetup.",
+        version: "ublk from ublk-swift \(version)",
         subcommands: [Add.self, Start.self, Delete.self, List.self, Recover.self, Resize.self, Upgrade.self, Features.self])
+
+    /// This release (`ublk --version`). What the kernel's driver offers is `ublk features`'s.
+    static let version = "0.32.0"
 }
 
 /// Options every server-starting command shares.
@@ -169,13 +173,34 @@ extension Ublk {
         /// the server gets the file's options, then the command line's. They are checked
         /// here too: the server has no way yet to say what is wrong with them.
         func backgroundArguments(commandLine: [String] = CommandLine.arguments) throws -> [String] {
-            guard let config else { return Array(commandLine.dropFirst()) }
+            guard let config else { return Self.resolvingFile(Array(commandLine.dropFirst())) }
             let given = Self.deviceArguments(from: commandLine)
             // The file's options the command line gives too are left out: an --id twice is refused.
             let names = Set(given.filter { $0.hasPrefix("--") }.map { $0.split(separator: "=", maxSplits: 1)[0] })
             let fileArguments = try ConfigFile.arguments(path: config).filter { !names.contains($0.option) }
             _ = try DeviceOptions.checked(file: fileArguments, overrides: given, config: config)
-            return ["add"] + fileArguments.map(\.text) + given + (server.verbose ? ["--verbose"] : [])
+            return ["add"] + Self.resolvingFile(fileArguments.map(\.text) + given) + (server.verbose ? ["--verbose"] : [])
+        }
+
+        /// `arguments` with the value of `--file` resolved here (`DeviceOptions.absolute`).
+        /// The server would resolve it too, but with /dev/null as standard input: `--file
+        /// /dev/stdin`, losetup's way to name the file a shell redirected, names that file
+        /// only in this process (and `/dev/fd/N` only where N is open).
+        static func resolvingFile(_ arguments: [String]) -> [String] {
+            var result: [String] = []
+            var rest = arguments[...]
+            while let argument = rest.popFirst() {
+                if argument == "--" { return result + [argument] + rest }
+                if argument == "--file", let value = rest.first {
+                    rest.removeFirst()
+                    result.append("--file=" + DeviceOptions.absolute(value))
+                } else if argument.hasPrefix("--file=") {
+                    result.append("--file=" + DeviceOptions.absolute(String(argument.dropFirst(7))))
+                } else {
+                    result.append(argument)
+                }
+            }
+            return result
         }
 
         /// The device options given on this command line (without --config and the server flags).

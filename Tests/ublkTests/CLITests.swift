@@ -19,6 +19,16 @@ import UblkTargets
     }
 
     /// As util-linux's strtosize (losetup --offset, --sizelimit): K and KiB are 1024, KB 1000.
+    @Test func versionIsOneLineAndExitsZero() {
+        do {
+            _ = try Ublk.parseAsRoot(["--version"])
+            Issue.record("--version parsed as a command")
+        } catch {
+            #expect(Ublk.fullMessage(for: error) == "ublk from ublk-swift \(Ublk.version)")
+            #expect(Ublk.exitCode(for: error) == .success)
+        }
+    }
+
     @Test func byteCountsReadAsLosetupReadsThem() throws {
         func bytes(_ text: String) -> UInt64? { try? ByteCount.parse(text).value }
         #expect(bytes("4096") == 4096)
@@ -604,7 +614,18 @@ import UblkTargets
         let arguments = try add.backgroundArguments(commandLine: commandLine)
         #expect(arguments == ["add", "--target=null", "--size", "2G", "--id=5", "--verbose"])
         try Ublk.refuseRepeatedID(arguments)
-        #expect(try Ublk.Add.parse(["--file", "a"]).backgroundArguments(commandLine: ["ublk", "add", "--file", "a"]) == ["add", "--file", "a"])
+        // The server's standard input is /dev/null: the backing is named here, by its own name.
+        let directory = try #require(DeviceOptions.workingDirectory)
+        #expect(try Ublk.Add.parse(["--file", "a"]).backgroundArguments(commandLine: ["ublk", "add", "--file", "a", "--depth", "8"])
+            == ["add", "--file=\(directory == "/" ? "" : directory)/a", "--depth", "8"])
+        let image = "/tmp/ublk-redirected-\(getpid()).img"
+        let opened = open(image, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        #expect(opened >= 0)
+        defer { close(opened); unlink(image) }
+        let redirected = ["ublk", "add", "--file=/dev/fd/\(opened)"]
+        #expect(try Ublk.Add.parse(Array(redirected.dropFirst(2))).backgroundArguments(commandLine: redirected)
+            == ["add", "--file=\(DeviceOptions.absolute(image))"])
+        #expect(Ublk.Add.resolvingFile(["--size", "1G", "--", "--file", "x"]) == ["--size", "1G", "--", "--file", "x"])
         // A bad value in the file is said here, in the line --foreground says, not left to the
         // server, which could only say that it exited.
         var bad: [Int32] = [0, 0]

@@ -80,6 +80,15 @@ blockdev --setrw "$loopdev"
 expect_eq "$(list_field "$l" readOnly)" False "readOnly after blockdev --setrw"
 echo "ok: list --json readOnly follows blockdev --setro and --setrw"
 
+# As losetup: --file /dev/stdin serves the file the shell redirected (the background
+# server's own standard input is /dev/null).
+printf 'redirected' | dd of="$dir/stdin.img" bs=1M seek=1 conv=notrunc status=none
+truncate -s 2M "$dir/stdin.img"
+sdev=$("$UBLK" add --file /dev/stdin <"$dir/stdin.img")
+expect_eq "$(dd if="$sdev" bs=1M skip=1 count=1 status=none | head -c 10)" redirected "data of a device added with --file /dev/stdin"
+expect_eq "$(list_field "${sdev#/dev/ublkb}" backing)" "$dir/stdin.img" "backing of a device added with --file /dev/stdin"
+echo "ok: --file /dev/stdin serves the redirected file, listed by its name"
+
 "$UBLK" del --all
 shopt -s nullglob
 left=(/dev/ublkb* /dev/ublkc*)
