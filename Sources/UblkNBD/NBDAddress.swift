@@ -97,7 +97,10 @@ public struct NBDAddress: Equatable, Hashable, Sendable, CustomStringConvertible
             host = authority[..<colon]
             portText = authority[authority.index(after: colon)...]
         }
-        guard !host.isEmpty else { throw malformed(uri, "no host") }
+        guard !host.isEmpty else {
+            // `nbd://::1/x`: the first colon ended an empty host.
+            throw malformed(uri, authority.contains(":") && !authority.hasPrefix("[") ? "no host (an IPv6 address goes in brackets: nbd://[::1]/EXPORT)" : "no host")
+        }
         guard let portText else { return .tcp(host: String(host), port: defaultPort) }
         guard portText.allSatisfy(\.isASCII), let port = UInt16(portText), port > 0 else {
             throw malformed(uri, "port '\(portText)' is not a number from 1 to 65535")

@@ -192,7 +192,7 @@ public final class LoopTarget: SpecifiedTarget {
 
     public var note: String? {
         let readOnly = readOnlyFallback.map {
-            "backing file \(configuration.path) cannot be written (\($0.reason)): the device is read-only (--read-only says so)"
+            "backing file \(configuration.path) cannot be written (\($0.reason)): the device is read-only (give --read-only to ask for that without this line)"
         }
         let notes = [readOnly, directIOFallback.map { "\($0): using buffered I/O\(blockSizeHint)" }, tailNote, limitNote]
             .compactMap { $0 }

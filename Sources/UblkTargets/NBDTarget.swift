@@ -161,9 +161,13 @@ public final class NBDTarget: SpecifiedTarget {
     public var spec: TargetSpec { .nbd(configuration) }
     public var directIOState: String { "-" }
     /// A read-only export makes a read-only device, as losetup makes one of a file it
-    /// cannot write: said, unless `--read-only` asked for it.
+    /// cannot write: said, unless `--read-only` asked for it. So is a tail that is no whole
+    /// block, as the loop target says of a file's.
     public var note: String? {
-        guard export.flags.contains(.readOnly), !configuration.readOnly else { return nil }
-        return "the export at \(configuration.uri) is read-only (the server says so): the device is read-only (--read-only says so)"
+        let tail = export.size % UInt64(properties.logicalBlockSize)
+        let tailNote = tail == 0 ? nil : "the last \(tail) bytes of export \(export.shownName) are not a whole \(properties.logicalBlockSize)-byte block and stay unused"
+        guard export.flags.contains(.readOnly), !configuration.readOnly else { return tailNote }
+        return ["the export at \(configuration.uri) is read-only (the server says so): the device is read-only (give --read-only to ask for that without this line)", tailNote]
+            .compactMap { $0 }.joined(separator: "; ")
     }
 }

@@ -44,6 +44,8 @@ enum ConfigFile {
         var line: Int
         /// `--key` of `--key=value`.
         var option: Substring { text.split(separator: "=", maxSplits: 1)[0] }
+        /// Does command-line argument `argument` give the same option?
+        func sameOption(_ argument: String) -> Bool { argument == option || argument.hasPrefix(option + "=") }
     }
 
     /// The `ublk add` arguments the file at `path` stands for.
@@ -161,11 +163,7 @@ enum ConfigFile {
         for (index, rawLine) in lines.enumerated() {
             let line = withoutComment(String(rawLine)).trimmingSpaces
             if line.isEmpty { continue }
-            let parts = line.split(separator: "=", maxSplits: 1).map { String($0).trimmingSpaces }
-            guard parts.count == 2, !parts[0].isEmpty, !parts[1].unquoted.isEmpty else {
-                throw notKeyValue(path, line: index + 1)
-            }
-            let (key, value) = (parts[0], wordKeys.contains(parts[0]) ? parts[1].unquoted.lowercased() : parts[1].unquoted)
+            let (key, value) = try keyValue(line, path: path, line: index + 1)
             // One would be taken silently (the last, or, for `file`, refused by the server).
             if let first = seen.updateValue((index + 1, key), forKey: aliases[key] ?? key) {
                 let earlier = first.key == key ? "" : " as \(first.key)"
@@ -191,11 +189,31 @@ enum ConfigFile {
                 // One word: a value that starts with a dash (`skip = -1`, a file named
                 // `-x`) is the option's value, not an option of its own.
                 add("--\(key)=\(value)")
+            } else if knownKeys.contains(key.lowercased()) {
+                throw CLIError("\(path):\(index + 1): keys are lower-case: write \(key.lowercased()), not \(key)")
             } else {
-                throw CLIError("\(path):\(index + 1): unknown key\(shown(key)): use one of \((options.union(flags).union(["recovery"])).sorted().joined(separator: ", "))")
+                throw CLIError("\(path):\(index + 1): unknown key\(shown(key)): use one of \(knownKeys.sorted().joined(separator: ", "))")
             }
         }
         return arguments
+    }
+
+    static var knownKeys: Set<String> { options.union(flags).union(["recovery"]) }
+
+    /// A line's key and value (without the quotes around it; a word's lower-cased).
+    static func keyValue(_ text: String, path: String, line: Int) throws -> (key: String, value: String) {
+        let parts = text.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map { String($0).trimmingSpaces }
+        guard parts.count == 2, !parts[0].isEmpty else { throw notKeyValue(path, line: line) }
+        let key = parts[0]
+        // (A key that is no option's name is not shown: it may be a key file's bytes.)
+        guard !parts[1].unquoted.isEmpty else {
+            if shown(key).isEmpty { throw notKeyValue(path, line: line) }
+            throw CLIError("\(path):\(line): \(key) has no value: give one, or delete the line")
+        }
+        if let quote = parts[1].first, quote == "\"" || quote == "'", parts[1].count < 2 || parts[1].last != quote {
+            throw CLIError("\(path):\(line): the value of \(shown(key).isEmpty ? "the line" : key) starts with a quote (\(quote)) but does not end with one: quote the whole value, or neither end")
+        }
+        return (key, wordKeys.contains(key) ? parts[1].unquoted.lowercased() : parts[1].unquoted)
     }
 }
 
@@ -203,7 +221,7 @@ extension ConfigFile {
     /// An unknown key as the error shows it: only if it looks like an option's name
     /// (lowercase words and dashes), never what may be part of a key file given by mistake.
     static func shown(_ key: String) -> String {
-        let plain = key.count <= 32 && key.unicodeScalars.allSatisfy { ("a"..."z").contains($0) || $0 == "-" }
+        let plain = key.count <= 32 && key.unicodeScalars.allSatisfy { ("a"..."z").contains($0) || ("A"..."Z").contains($0) || $0 == "-" }
         return plain ? " `\(key)`" : ""
     }
 }

@@ -294,7 +294,10 @@ struct DeviceOptions: ParsableArguments {
         do { try options.check() } catch {
             let fileAlone = try? DeviceOptions.parse(file.map(\.text))
             if !overrides.isEmpty, (try? fileAlone?.check()) != nil { throw error }
-            throw CLIError("\(config): \(DeviceOptions.message(for: error))")
+            // A value the check names (`--queues 0 is out of range`) is named by its line.
+            let message = DeviceOptions.message(for: error)
+            let line = file.last { message.hasPrefix($0.option + " ") && !overrides.contains(where: $0.sameOption) }?.line
+            throw CLIError("\(config)\(line.map { ":\($0)" } ?? ""): \(message)")
         }
         return options
     }

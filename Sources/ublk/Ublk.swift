@@ -100,7 +100,7 @@ struct ServerFlags: ParsableArguments {
                     note(remark)
                     logger.notice("\(remark)")
                 }
-                logger.info("\(path) is live: target \(target.name), \(parameters.sectors << 9) bytes, \(info.queueCount) queues × \(info.queueDepth)")
+                logger.info("\(path) is live: target \(target.name), \(parameters.sectors << 9) bytes, \(info.queueCount) queue\(info.queueCount == 1 ? "" : "s") × \(info.queueDepth)")
                 if let readyFD {
                     let heard = Background.report("ready \(path)", to: readyFD)
                     reported = true

@@ -27,6 +27,7 @@ import UblkSystem
         ("disk.img", "no scheme"),
         ("http://host/disk", "unknown scheme http://"),
         ("nbd:///disk", "no host"),
+        ("nbd://::1/disk", "no host (an IPv6 address goes in brackets: nbd://[::1]/EXPORT)"),
         ("nbd://host:/disk", "port '' is not a number"),
         ("nbd://host:0/disk", "port '0' is not a number"),
         ("nbd://host:65536/disk", "port '65536'"),

@@ -29,7 +29,7 @@ import UblkTargets
         var configuration = NBDConfiguration(uri: server.uri)
         // (One target at a time: the server serves one connection at a time.)
         #expect(try NBDTarget(configuration).properties.readOnly)
-        #expect(try NBDTarget(configuration).note == "the export at \(server.uri) is read-only (the server says so): the device is read-only (--read-only says so)")
+        #expect(try NBDTarget(configuration).note == "the export at \(server.uri) is read-only (the server says so): the device is read-only (give --read-only to ask for that without this line)")
         configuration.readOnly = true
         #expect(try NBDTarget(configuration).note == nil)
         configuration.readOnly = false
@@ -43,6 +43,17 @@ import UblkTargets
         let writable = try LoopbackServer(flags: 1 | 4) { _, _ in .reply(error: 0) }
         defer { writable.stop() }
         #expect(try NBDTarget(NBDConfiguration(uri: writable.uri)).note == nil)
+    }
+
+    /// As the loop target says of a file that is not whole blocks: an export's tail that is
+    /// not a whole block is said to stay unused (the device is a block shorter).
+    @Test func anExportsTailThatIsNoWholeBlockIsSaid() throws {
+        let server = try LoopbackServer(size: 10000) { _, _ in .reply(error: 0) }
+        defer { server.stop() }
+        let target = try NBDTarget(NBDConfiguration(uri: server.uri))
+        #expect(target.properties.size == 9728)
+        #expect(target.note?.hasPrefix("the last 272 bytes of export ") == true)
+        #expect(target.note?.hasSuffix(" are not a whole 512-byte block and stay unused") == true)
     }
 
     @Test func writeZeroesWithoutTrim() throws {

@@ -95,10 +95,21 @@ import UblkTargets
         // Lines ended by CR LF (an editor on Windows), and quoted values.
         let windows = "file = \"/srv/my disk.img\"\r\nqueues = '2'\r\nread-only = yes\r\n"
         #expect(try ConfigFile.arguments(text: windows, path: "w.conf") == ["--file=/srv/my disk.img", "--queues=2", "--read-only"])
-        #expect(try ConfigFile.arguments(text: "size = \"1G'", path: "q.conf") == ["--size=\"1G'"])
+        // A quote the value does not close is said, not taken as part of the value.
+        for text in ["size = \"1G'", "file = \"disk.img", "file = '"] {
+            #expect(throws: CLIError.self) { try ConfigFile.arguments(text: text, path: "q.conf") }
+        }
+        func refusal(_ text: String) -> String {
+            do { return "taken: \(try ConfigFile.arguments(text: text, path: "q.conf"))" } catch { return "\(error)" }
+        }
+        #expect(refusal("file = \"disk.img") == "q.conf:1: the value of file starts with a quote (\") but does not end with one: quote the whole value, or neither end")
+        // An empty value, and a key written in capitals, are said as such.
+        #expect(refusal("queues = 1\nfile =") == "q.conf:2: file has no value: give one, or delete the line")
+        #expect(refusal("File = disk.img") == "q.conf:1: keys are lower-case: write file, not File")
         // Quotes keep a `#` that would start a comment; a comment may follow them.
-        #expect(try ConfigFile.arguments(text: "file = \"/srv/my #1.img\" # the first\nqueues='2'#x", path: "/etc/ublk/q.conf")
-                == ["--file=/srv/my #1.img", "--queues='2'#x"])
+        #expect(try ConfigFile.arguments(text: "file = \"/srv/my #1.img\" # the first\nqueues='2' #x", path: "/etc/ublk/q.conf")
+                == ["--file=/srv/my #1.img", "--queues=2"])
+        #expect(throws: CLIError.self) { try ConfigFile.arguments(text: "queues='2'#x", path: "/etc/ublk/q.conf") }
         #expect(throws: CLIError.self) { try ConfigFile.arguments(text: "file = \"\"", path: "q.conf") }
     }
 
@@ -260,7 +271,10 @@ import UblkTargets
         let depth = message("file = /a\nqueues = 2", ["--depth", "0"])
         #expect(depth.0 == "--depth 0 is out of range: give 1 to 4096" && depth.isUsage, "\(depth)")
         let file = message("file = /a\ndepth = 0", ["--queues", "2"])
-        #expect(file.0 == "\(path): --depth 0 is out of range: give 1 to 4096" && !file.isUsage, "\(file)")
+        #expect(file.0 == "\(path):2: --depth 0 is out of range: give 1 to 4096" && !file.isUsage, "\(file)")
+        // A rule broken by no one value has no line.
+        let none = message("depth = 8")
+        #expect(none.0 == "\(path): no backing file: give --file PATH (or --target null --size N)" && !none.isUsage, "\(none)")
         #expect(message("depth = 8", ["--file", "/a"]).0 == "accepted")
     }
 
