@@ -19,7 +19,8 @@ public enum XTSKeyError: Error, Equatable, Sendable, CustomStringConvertible {
             return "--key-size \(bits) is not supported: use --key-size 512 (AES-256-XTS, the default) "
                 + "or --key-size 256 (AES-128-XTS)"
         case .cannotOpen(let path, let size, let error) where error.errno == ENOENT:
-            return "key file \(path) does not exist: make one with head -c \(size.byteCount) /dev/urandom > \(path)"
+            // A mistyped path, most likely: an image opens only with its own key.
+            return "key file \(path) does not exist: check the path (only for a new image, make a key with head -c \(size.byteCount) /dev/urandom > \(path))"
         case .cannotOpen(let path, _, let error):
             return "cannot open key file \(path) (\(error.reason)): check the path and its permissions"
         case .cannotRead(let source, let error):

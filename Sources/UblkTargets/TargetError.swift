@@ -80,7 +80,8 @@ public enum TargetError: Error, Equatable, Sendable, CustomStringConvertible {
             "an encrypted device starts at a whole \(block)-byte sector of its backing: offset \(offset) is not a multiple of \(block)"
         case let .offsetBeyondEnd(offset, path, backing):
             "offset \(offset) is beyond the end of \(path) (\(backing) bytes)"
-        case let .sizeMisaligned(size, block): "size \(size) is not a positive multiple of the block size \(block)"
+        case let .sizeMisaligned(size, block):
+            "size \(size) is not a positive multiple of the block size \(block): give one, e.g. \(max(size / UInt64(block), 1) * UInt64(block))"
         case let .limitBelowBlock(size, block): "--size \(size) is less than one \(block)-byte block: give at least \(block)"
         case .sizeTooLarge(let size): "size \(size) is more than 2^63 - 1 bytes, which no block device addresses: give a smaller size"
         case let .sizeBeyondEnd(size, offset, path, backing):

@@ -64,7 +64,7 @@ extension Ublk {
         for option in ["--key", "--passphrase", "--password"] where given(option) > 0 {
             throw ValidationError("\(option): a key never goes on the command line (other users see it in ps): put it in a file and give --key-file PATH, or --key-file - to read it from standard input: see `ublk \(command) --help`")
         }
-        for option in ["--file", "--uri", "--key-file", "--config", "--name"] where given(option) > 1 {
+        for option in ["--file", "--uri", "--key-file", "--config", "--name", "--encryption"] where given(option) > 1 {
             throw ValidationError("\(option) is given \(given(option)) times: give it once: see `ublk \(command) --help`")
         }
     }

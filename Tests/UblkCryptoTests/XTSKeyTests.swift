@@ -83,7 +83,7 @@ import Testing
         let path = "\(files.directory)/missing"
         let error = XTSKeyError.cannotOpen(path: path, size: .bits512, SystemError("open \(path)", errno: ENOENT))
         #expect(throws: error) { _ = try XTSKey(file: path) }
-        #expect(error.description == "key file \(path) does not exist: make one with head -c 64 /dev/urandom > \(path)")
+        #expect(error.description == "key file \(path) does not exist: check the path (only for a new image, make a key with head -c 64 /dev/urandom > \(path))")
     }
 
     @Test func directoryCannotBeRead() throws {

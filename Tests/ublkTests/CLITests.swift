@@ -545,6 +545,9 @@ import UblkTargets
             #expect(Ublk.errorLine(for: error) == "--key-file is given 2 times: give it once: see `ublk add --help`")
         }
         #expect(throws: ValidationError.self) { try Ublk.refuseRepeatedID(["add", "--file", "a", "--file", "b"]) }
+        #expect(throws: ValidationError.self) {
+            try Ublk.refuseRepeatedID(["add", "--file", "a", "--encryption", "aes-xts-plain64", "--encryption=aes-xts-plain64"])
+        }
         try Ublk.refuseRepeatedID(["recover", "--id", "1"])
         try Ublk.refuseRepeatedID(["add", "--file", "a", "--id", "1", "--", "--id"])
     }
