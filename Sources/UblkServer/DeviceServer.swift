@@ -169,11 +169,24 @@ public final class DeviceServer {
             return handOver(id, characterDevice: characterDevice, control: control)
         }
         SystemdNotifier.notify("STOPPING=1\nSTATUS=Removing /dev/ublkb\(id)")
-        do { try target.sync() } catch { logger.error("sync of the backing failed: \(error)") }
+        let undurable = finalSync()
         _ = consume characterDevice
         removeDevice(id, control: control)
         RuntimeDirectory.remove(id)
         if let failure { throw .queueFailed(id, failure) }
+        // The server ends with an error, so that a service manager sees it too.
+        if let undurable { throw .notDurable(id, undurable) }
+    }
+
+    /// The last sync before the device goes: why writes it completed may not be durable
+    /// (the sync failed, or a connection was lost with writes no FLUSH had covered, which no
+    /// failed FLUSH has told a user of yet); nil if they are.
+    private func finalSync() -> String? {
+        do { try target.sync() } catch {
+            logger.error("sync of the backing failed: \(error)")
+            return "its sync failed (\(error))"
+        }
+        return target.writesLost ? "a connection to the backing was lost with writes no FLUSH had covered" : nil
     }
 
     /// DEL_DEV waits for the disk's last opener: a server stopped by a signal under a mounted

@@ -24,6 +24,8 @@ public enum ServerError: Error, CustomStringConvertible {
     case notReadable(String, SystemError, kept: UInt32?)
     case characterDeviceMissing(String)
     case queueFailed(UInt32, any Error)
+    /// Device `id` was removed, but writes it had completed may not be durable (why).
+    case notDurable(UInt32, String)
     /// `--recovery fail-io` on a kernel without UBLK_F_USER_RECOVERY_FAIL_IO.
     case noFailIO
     /// `ublk resize`: the target's size is fixed, or the kernel has no UPDATE_SIZE.
@@ -76,6 +78,8 @@ public enum ServerError: Error, CustomStringConvertible {
             "\(path) is not readable after recovery (\(error)): it waits for a server; once the backing's first block reads, ublk recover --id \(id)"
         case .characterDeviceMissing(let path): "\(path) did not appear: is devtmpfs or udev running?"
         case let .queueFailed(id, error): "device \(id) stopped after a queue failed: \(error)"
+        case let .notDurable(id, why):
+            "device \(id) was removed, but writes it completed may not be on stable storage: \(why): check the backing"
         case .noFailIO:
             "this kernel's ublk_drv has no UBLK_F_USER_RECOVERY_FAIL_IO (Linux 6.13+): use --recovery (I/O waits for the new server) or leave it out"
         case .notResizable(let name): "the \(name) target cannot be resized"

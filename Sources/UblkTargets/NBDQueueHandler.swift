@@ -176,6 +176,7 @@ public final class NBDQueueHandler: QueueHandler {
     }
 
     deinit {
+        if volatileCache && answeredWrites > flushedWrites { target.unflushed.add(1, ordering: .relaxed) }
         if case .up = connection, let socket = socket.take() { try? NBDTarget.disconnect(socket) }
         headers.deallocate()
         replyHeader.deallocate()

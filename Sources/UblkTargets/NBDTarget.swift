@@ -47,6 +47,8 @@ public final class NBDTarget: SpecifiedTarget {
     let stopExpiry: Duration
     /// Queue handlers whose next FLUSH must fail (`NBDQueueHandler.lostWrites`).
     let lossPending = Atomic<Int>(0)
+    /// Queue handlers that ended with answered writes no FLUSH covered: `sync` sends one.
+    let unflushed = Atomic<Int>(0)
     /// Set by `writesWereLost`: every queue handler starts with a loss to report.
     let lossInherited = Atomic<Bool>(false)
     /// The first connection, kept for the first queue handler that asks.
@@ -127,9 +129,10 @@ public final class NBDTarget: SpecifiedTarget {
     public func writesWereLost() { lossInherited.store(true, ordering: .relaxed) }
 
     /// A FLUSH on a connection of its own once the queues are gone: every write the
-    /// device completed is then on the server's stable storage.
+    /// device completed is then on the server's stable storage. None where no write waits
+    /// for one (a server that is down then does not fail the stop).
     public func sync() throws {
-        guard !properties.readOnly && export.flags.contains(.sendFlush) else { return }
+        guard !properties.readOnly && export.flags.contains(.sendFlush), unflushed.load(ordering: .relaxed) > 0 else { return }
         let socket = try connectAgain(timeout: .seconds(5))
         try socket.setStreamTimeout(.seconds(30))
         try Self.exchange(NBDRequest(.flush, cookie: 1), on: socket)

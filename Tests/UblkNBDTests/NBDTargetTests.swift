@@ -75,6 +75,34 @@ import UblkTesting
         #expect(bytes(queue, tag: 0, count: 4096).allSatisfy { $0 == 0 })
     }
 
+    /// The device's last sync sends a FLUSH only where an answered write waits for one: a
+    /// device that only read, or whose writes a FLUSH covered, stops without reaching for the
+    /// server, which may be down (its stop then does not fail).
+    @Test func theLastSyncFlushesOnlyWritesNoFlushCovered() throws {
+        let scratch = try ScratchDirectory(imageSize: Self.imageSize)
+        let port = try freeLoopbackPort()
+        var server = try nbdkit(scratch, port: port)
+        let reader = try target(port: port, server: server)
+        let writer = try target(port: port, server: server)
+        let flushed = try target(port: port, server: server)
+        func serve(_ target: NBDTarget, _ requests: [IODescriptor]) throws {
+            let queue = try OfflineQueue(target: target, depth: 2, bufferSize: Self.bufferSize)
+            for request in requests { #expect(try queue.perform(request) >= 0) }
+        }  // The queue, and its handler, end here: as a stopping device's do.
+        let write = IODescriptor(operation: .write, startSector: 0, sectorCount: 8)
+        try serve(reader, [IODescriptor(operation: .read, startSector: 0, sectorCount: 8)])
+        try serve(writer, [write])
+        try serve(flushed, [write, IODescriptor(operation: .flush, startSector: 0, sectorCount: 0)])
+        server.stop()
+        try reader.sync()
+        try flushed.sync()
+        #expect(throws: (any Error).self) { try writer.sync() }
+        server = try nbdkit(scratch, port: port)
+        defer { server.stop() }
+        _ = try server.connect("nbd://127.0.0.1:\(port)/disk")
+        try writer.sync()
+    }
+
     @Test func aServerRestartLosesNothing() throws {
         let scratch = try ScratchDirectory(imageSize: Self.imageSize)
         let port = try freeLoopbackPort()

@@ -60,3 +60,35 @@ exec 3<&-
 wait_gone "$dev"
 expect_eq "$(head -c 1M "$dir/export.img" | sha256sum | cut -d' ' -f1)" "$(sha "$dir/data")" "the export's first MiB after the removal"
 echo "ok: with the NBD server up, ublk del --force of an open device removed it, and the data is in the export"
+
+# Stopped with the NBD server down, a server whose device only read ends with status 0;
+# one with a write no FLUSH covered says that the write may not be durable and ends with
+# status 1, which a service manager sees.
+kill "$server" 2>/dev/null || true  # (the last step's NBD server: the port must be free)
+wait "$server" 2>/dev/null || true
+for io in read write; do
+	start_nbdkit "$dir/export.img"
+	"$UBLK" add --target nbd --uri nbd://127.0.0.1/disk --foreground >"$dir/fg.out" 2>"$dir/fg.err" &
+	fg=$!
+	for _ in $(seq 100); do [[ -s $dir/fg.out ]] && break; sleep 0.1; done
+	dev=$(cat "$dir/fg.out")
+	[[ -b $dev ]] || fail "ublk add --foreground did not print a device: $(cat "$dir/fg.err")"
+	if [[ $io == read ]]; then
+		dd if="$dev" of=/dev/null bs=4k count=1 iflag=direct status=none || fail "read through the device"
+	else
+		dd if=/dev/urandom of="$dev" bs=4k count=1 oflag=direct status=none || fail "write through the device"
+	fi
+	kill -9 "$server"
+	wait "$server" 2>/dev/null || true
+	kill -TERM "$fg"
+	wait "$fg" && status=0 || status=$?
+	wait_gone "$dev"
+	if [[ $io == read ]]; then
+		expect_eq "$status" 0 "exit status of a server that only read, stopped with the NBD server down"
+	else
+		expect_eq "$status" 1 "exit status of a server with an unflushed write, stopped with the NBD server down"
+		grep -q "writes it completed may not be on stable storage" "$dir/fg.err" ||
+			fail "the server did not say that a write may be lost: $(tail -3 "$dir/fg.err")"
+	fi
+done
+echo "ok: stopped with the NBD server down, a server that only read exits 0, one with an unflushed write says so and exits 1"
