@@ -118,6 +118,10 @@ public protocol Target: AnyObject, Sendable {
     /// durable (`writesLost`, or its last sync failed): the next FLUSH fails with EIO, once,
     /// so the file system learns of it. Nothing by default.
     func writesWereLost()
+    /// This server takes the device over from another (`ublk recover`, `ublk upgrade`), whose
+    /// completed writes its own stop must make durable too, though it completed none itself.
+    /// Nothing by default (a file's sync covers every write to it).
+    func takesOverWrites()
     /// The handler moves data only with ring operations that take `RequestData`, never
     /// touching it, so requests may keep their own pages (zero copy).
     var supportsZeroCopy: Bool { get }
@@ -142,6 +146,7 @@ extension Target {
     /// A target whose completed writes are where its sync finds them (a file, memory).
     public var writesLost: Bool { false }
     public func writesWereLost() {}
+    public func takesOverWrites() {}
 
     @inlinable
     public func serveQueue(_ configuration: QueueConfiguration, characterDevice: Int32, logger: Logger,

@@ -168,25 +168,32 @@ public final class DeviceServer {
         if requests.keepsDevice && failure == nil && (try? control.deviceInfo(id))?.state != .dead {
             return handOver(id, characterDevice: characterDevice, control: control)
         }
+        try stop(id, characterDevice: characterDevice, control: control, failure: failure)
+    }
+
+    /// The device's end: the last sync, then the device and its record go. A failed queue,
+    /// or writes that may not be durable, end the server with an error, which a service
+    /// manager sees too.
+    private func stop(_ id: UInt32, characterDevice: consuming FileDescriptor, control: borrowing ControlDevice,
+                      failure: (any Error)?) throws(ServerError) {
         SystemdNotifier.notify("STOPPING=1\nSTATUS=Removing /dev/ublkb\(id)")
         let undurable = finalSync()
         _ = consume characterDevice
         removeDevice(id, control: control)
         RuntimeDirectory.remove(id)
         if let failure { throw .queueFailed(id, failure) }
-        // The server ends with an error, so that a service manager sees it too.
         if let undurable { throw .notDurable(id, undurable) }
     }
 
     /// The last sync before the device goes: why writes it completed may not be durable
-    /// (the sync failed, or a connection was lost with writes no FLUSH had covered, which no
-    /// failed FLUSH has told a user of yet); nil if they are.
+    /// (the sync failed, or a connection was lost with writes no FLUSH had covered), said in
+    /// the log; nil if they are.
     private func finalSync() -> String? {
-        do { try target.sync() } catch {
-            logger.error("sync of the backing failed: \(error)")
-            return "its sync failed (\(error))"
-        }
-        return target.writesLost ? "a connection to the backing was lost with writes no FLUSH had covered" : nil
+        var why: String?
+        do { try target.sync() } catch { why = "its sync failed (\(error))" }
+        if why == nil, target.writesLost { why = "a connection to the backing was lost with writes no FLUSH had covered" }
+        if let why { logger.error("writes completed may not be on stable storage: \(why)") }
+        return why
     }
 
     /// DEL_DEV waits for the disk's last opener: a server stopped by a signal under a mounted

@@ -79,7 +79,7 @@ public enum ServerError: Error, CustomStringConvertible {
         case .characterDeviceMissing(let path): "\(path) did not appear: is devtmpfs or udev running?"
         case let .queueFailed(id, error): "device \(id) stopped after a queue failed: \(error)"
         case let .notDurable(id, why):
-            "device \(id) was removed, but writes it completed may not be on stable storage: \(why): check the backing"
+            "device \(id) was stopped, but writes it completed may not be on stable storage: \(why): check the backing"
         case .noFailIO:
             "this kernel's ublk_drv has no UBLK_F_USER_RECOVERY_FAIL_IO (Linux 6.13+): use --recovery (I/O waits for the new server) or leave it out"
         case .notResizable(let name): "the \(name) target cannot be resized"

@@ -121,6 +121,9 @@ public final class NBDQueueHandler: QueueHandler {
     /// Writes, trims and write-zeroes answered on this connection (without FUA), and how
     /// many of them an answered FLUSH covers.
     var answeredWrites: UInt64 = 0, flushedWrites: UInt64 = 0
+    /// A connection the server did not crash ended with answered writes no FLUSH covered
+    /// (a FLUSH on another connection need not cover them, without CAN_MULTI_CONN).
+    var unflushedCarried = false
     /// A connection died with answered writes no FLUSH covered (or the server before this
     /// one lost some: `NBDTarget.writesWereLost`): the next FLUSH fails. Counted in the
     /// target's `lossPending`, so that a server taking the device over is told.
@@ -176,7 +179,7 @@ public final class NBDQueueHandler: QueueHandler {
     }
 
     deinit {
-        if volatileCache && answeredWrites > flushedWrites { target.unflushed.add(1, ordering: .relaxed) }
+        if volatileCache && (unflushedCarried || answeredWrites > flushedWrites) { target.unflushed.add(1, ordering: .relaxed) }
         if case .up = connection, let socket = socket.take() { try? NBDTarget.disconnect(socket) }
         headers.deallocate()
         replyHeader.deallocate()
@@ -508,7 +511,10 @@ extension NBDQueueHandler {
         if failedMutations > 0 {
             logger.error("queue \(queueID): \(failedMutations) write(s) sent to \(target.address.endpoint) failed with EIO: the server may still apply them, so they are not sent again")
         }
-        if serverMayHaveCrashed && answeredWrites > flushedWrites { lostWrites = true }
+        if answeredWrites > flushedWrites {
+            // A live server still holds them in its cache: the device's last sync flushes them.
+            if serverMayHaveCrashed { lostWrites = true } else { unflushedCarried = true }
+        }
         answeredWrites = 0
         flushedWrites = 0
         if outage == nil { outage = NBDReconnectBackoff(from: .now, budget: budget) }

@@ -127,6 +127,7 @@ public final class NBDTarget: SpecifiedTarget {
 
     public var writesLost: Bool { lossPending.load(ordering: .relaxed) > 0 }
     public func writesWereLost() { lossInherited.store(true, ordering: .relaxed) }
+    public func takesOverWrites() { unflushed.add(1, ordering: .relaxed) }
 
     /// A FLUSH on a connection of its own once the queues are gone: every write the
     /// device completed is then on the server's stable storage. None where no write waits

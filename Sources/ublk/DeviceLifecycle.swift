@@ -236,6 +236,7 @@ enum DeviceLifecycle {
         let replaced = { (why: String) in CLIError("\(why): put it back, or delete the device with ublk del --id \(id)") }
         if let why = record.backingReplaced() { throw replaced(why) }
         let target = try record.spec.makeTarget(key: try recoveryKey(record, key))
+        target.takesOverWrites()
         if record.writesLost == true { target.writesWereLost() }
         if let expected = record.backingIdentity, target.backingIdentity != expected {
             throw replaced("\(record.spec.backing ?? "the backing") changed while it was opened")

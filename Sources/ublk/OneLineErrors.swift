@@ -1,5 +1,6 @@
 import ArgumentParser
 import Glibc
+import UblkServer
 
 extension Ublk {
     /// ArgumentParser's `main`, except that a mistake is reported in ONE line on stderr
@@ -15,7 +16,7 @@ extension Ublk {
             var command = try parseReportingOptionsFirst(DeviceOptions.normalized(arguments))
             try command.run()
         } catch {
-            let code = exitCode(for: error)
+            let code = Self.exitStatus(for: error)
             if code == .success { exit(withError: error) }
             // A bare exit status (`del`, whose failures are each said in a line of their own).
             // (A control character from a path or a file, as `\x1b`: it must not drive the terminal.)
@@ -26,6 +27,16 @@ extension Ublk {
             fflush(nil)
             Glibc._exit(code.rawValue)
         }
+    }
+
+    /// A server whose device's writes may not be durable at its stop ends with status 3, one
+    /// of its own: the service unit does not restart on it (`RestartPreventExitStatus=3`), so
+    /// a device `ublk del` removed stays removed.
+    static let notDurableStatus = ExitCode(3)
+
+    static func exitStatus(for error: Error) -> ExitCode {
+        if case .notDurable? = error as? ServerError { return notDurableStatus }
+        return exitCode(for: error)
     }
 
     /// False while `parseReportingOptionsFirst` parses again without the commands' checks

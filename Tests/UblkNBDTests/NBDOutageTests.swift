@@ -133,4 +133,26 @@ extension NBDOutageTests {
         #expect(try queue.perform(flush) == 0)
         #expect(server.connections == 2)
     }
+
+    /// A write answered on a connection the watchdog then gives up (the server alive, a
+    /// reply withheld: no crash, so no write counts as lost) still waits in the server's
+    /// cache: the device's last sync sends the FLUSH for it, though the connection after
+    /// it wrote nothing.
+    @Test func aWriteAnsweredOnAConnectionGivenUpIsFlushedAtTheStop() throws {
+        let server = try LoopbackServer { connection, request in
+            connection == 0 && request.command == NBDCommand.read.rawValue ? .ignore : .reply(error: 0)
+        }
+        defer { server.stop() }
+        let target = try server.target(timeout: 5, minimumSilence: .seconds(1))
+        do {
+            let queue = try OfflineQueue(target: target, depth: 2, bufferSize: 64 * 1024)
+            #expect(try queue.perform(IODescriptor(operation: .write, startSector: 0, sectorCount: 8)) == 4096)
+            #expect(try queue.perform(Self.read, tag: 1) == 8192)  // After the watchdog's reconnect.
+        }  // The queue, and its handler, end here: as a stopping device's do.
+        #expect(!target.writesLost)
+        try target.sync()
+        let commands = server.log.requests.withLock { $0.map { $0.map(\.command) } }
+        #expect(commands.count == 3, "\(commands)")
+        #expect(commands.last?.first == NBDCommand.flush.rawValue, "\(commands)")
+    }
 }

@@ -97,6 +97,9 @@ import UblkTesting
         try reader.sync()
         try flushed.sync()
         #expect(throws: (any Error).self) { try writer.sync() }
+        // A server taking a device over flushes what the last one may have left unflushed.
+        reader.takesOverWrites()
+        #expect(throws: (any Error).self) { try reader.sync() }
         server = try nbdkit(scratch, port: port)
         defer { server.stop() }
         _ = try server.connect("nbd://127.0.0.1:\(port)/disk")

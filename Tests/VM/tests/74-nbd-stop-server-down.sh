@@ -63,7 +63,7 @@ echo "ok: with the NBD server up, ublk del --force of an open device removed it,
 
 # Stopped with the NBD server down, a server whose device only read ends with status 0;
 # one with a write no FLUSH covered says that the write may not be durable and ends with
-# status 1, which a service manager sees.
+# status 3, which a service manager sees (and does not restart on).
 kill "$server" 2>/dev/null || true  # (the last step's NBD server: the port must be free)
 wait "$server" 2>/dev/null || true
 for io in read write; do
@@ -86,9 +86,9 @@ for io in read write; do
 	if [[ $io == read ]]; then
 		expect_eq "$status" 0 "exit status of a server that only read, stopped with the NBD server down"
 	else
-		expect_eq "$status" 1 "exit status of a server with an unflushed write, stopped with the NBD server down"
+		expect_eq "$status" 3 "exit status of a server with an unflushed write, stopped with the NBD server down"
 		grep -q "writes it completed may not be on stable storage" "$dir/fg.err" ||
 			fail "the server did not say that a write may be lost: $(tail -3 "$dir/fg.err")"
 	fi
 done
-echo "ok: stopped with the NBD server down, a server that only read exits 0, one with an unflushed write says so and exits 1"
+echo "ok: stopped with the NBD server down, a server that only read exits 0, one with an unflushed write says so and exits 3"
