@@ -93,14 +93,13 @@ public struct NBDAddress: Equatable, Hashable, Sendable, CustomStringConvertible
                 guard after.hasPrefix(":") else { throw malformed(uri, "unexpected text after ]") }
                 portText = after.dropFirst()
             }
+        } else if authority.filter({ $0 == ":" }).count > 1 {
+            throw malformed(uri, "an IPv6 address goes in brackets: nbd://[\(authority)]/EXPORT")
         } else if let colon = authority.firstIndex(of: ":") {
             host = authority[..<colon]
             portText = authority[authority.index(after: colon)...]
         }
-        guard !host.isEmpty else {
-            // `nbd://::1/x`: the first colon ended an empty host.
-            throw malformed(uri, authority.contains(":") && !authority.hasPrefix("[") ? "no host (an IPv6 address goes in brackets: nbd://[::1]/EXPORT)" : "no host")
-        }
+        guard !host.isEmpty else { throw malformed(uri, "no host") }
         guard let portText else { return .tcp(host: String(host), port: defaultPort) }
         guard portText.allSatisfy(\.isASCII), let port = UInt16(portText), port > 0 else {
             throw malformed(uri, "port '\(portText)' is not a number from 1 to 65535")

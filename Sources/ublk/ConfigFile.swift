@@ -44,6 +44,8 @@ enum ConfigFile {
         var line: Int
         /// `--key` of `--key=value`.
         var option: Substring { text.split(separator: "=", maxSplits: 1)[0] }
+        /// `option` under its main name (`--size` for `--sizelimit`), as checks name it.
+        var canonicalOption: String { ConfigFile.aliases[String(option.dropFirst(2))].map { "--" + $0 } ?? String(option) }
         /// Does command-line argument `argument` give the same option?
         func sameOption(_ argument: String) -> Bool { argument == option || argument.hasPrefix(option + "=") }
     }
@@ -211,7 +213,11 @@ enum ConfigFile {
             throw CLIError("\(path):\(line): \(key) has no value: give one, or delete the line")
         }
         if let quote = parts[1].first, quote == "\"" || quote == "'", parts[1].count < 2 || parts[1].last != quote {
-            throw CLIError("\(path):\(line): the value of \(shown(key).isEmpty ? "the line" : key) starts with a quote (\(quote)) but does not end with one: quote the whole value, or neither end")
+            let name = shown(key).isEmpty ? "the line" : key
+            if parts[1].dropFirst().contains(quote) {
+                throw CLIError("\(path):\(line): the value of \(name) has text after its closing quote (\(quote)): a comment needs a space before its #")
+            }
+            throw CLIError("\(path):\(line): the value of \(name) opens a quote (\(quote)) that it does not close: end it with \(quote)")
         }
         return (key, wordKeys.contains(key) ? parts[1].unquoted.lowercased() : parts[1].unquoted)
     }
@@ -221,7 +227,7 @@ extension ConfigFile {
     /// An unknown key as the error shows it: only if it looks like an option's name
     /// (lowercase words and dashes), never what may be part of a key file given by mistake.
     static func shown(_ key: String) -> String {
-        let plain = key.count <= 32 && key.unicodeScalars.allSatisfy { ("a"..."z").contains($0) || ("A"..."Z").contains($0) || $0 == "-" }
+        let plain = key.count <= 32 && key.unicodeScalars.allSatisfy { ("a"..."z").contains($0) || $0 == "-" }
         return plain ? " `\(key)`" : ""
     }
 }

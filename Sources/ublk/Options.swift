@@ -197,6 +197,7 @@ struct DeviceOptions: ParsableArguments {
         if let blockSize, ![512, 1024, 2048, 4096].contains(blockSize) {
             throw ValidationError("--block-size \(blockSize) is not a power of two from 512 to 4096: give 512, 1024, 2048 or 4096")
         }
+        if file == "" { throw ValidationError("--file is empty: give the backing file's path") }
         if let file, !file.hasPrefix("/"), Self.workingDirectory == nil {
             throw ValidationError("--file \(file) is relative, and the working directory's name cannot be read as UTF-8 text: give the backing's absolute path")
         }
@@ -296,7 +297,7 @@ struct DeviceOptions: ParsableArguments {
             if !overrides.isEmpty, (try? fileAlone?.check()) != nil { throw error }
             // A value the check names (`--queues 0 is out of range`) is named by its line.
             let message = DeviceOptions.message(for: error)
-            let line = file.last { message.hasPrefix($0.option + " ") && !overrides.contains(where: $0.sameOption) }?.line
+            let line = file.last { message.hasPrefix($0.canonicalOption + " ") && !overrides.contains(where: $0.sameOption) }?.line
             throw CLIError("\(config)\(line.map { ":\($0)" } ?? ""): \(message)")
         }
         return options
@@ -387,13 +388,21 @@ extension DeviceOptions {
     /// `--direct-io=on` where no value follows (the end, or another option). Any other word
     /// after it stays its value, so that a wrong one is named by the option's own check.
     static func normalizingDirectIO(_ arguments: [String]) -> [String] {
+        rewritingOptions(arguments) { argument, rest in
+            let valueFollows = rest.first.map { !$0.hasPrefix("-") || $0.dropFirst().first?.isNumber == true } ?? false
+            return argument == "--direct-io" && !valueFollows ? "--direct-io=on" : argument
+        }
+    }
+
+    /// A command line rewritten word by word up to `--` (after it every word is an argument
+    /// and stays as it is): `rewrite` gets each word and the words after it, of which it may
+    /// take the word's value, and returns the word to pass on.
+    static func rewritingOptions(_ arguments: [String], _ rewrite: (String, inout ArraySlice<String>) -> String) -> [String] {
         var result: [String] = []
         var rest = arguments[...]
         while let argument = rest.popFirst() {
             if argument == "--" { return result + [argument] + rest }
-            let next = rest.first
-            let valueFollows = next.map { !$0.hasPrefix("-") || $0.dropFirst().first?.isNumber == true } ?? false
-            result.append(argument == "--direct-io" && !valueFollows ? "--direct-io=on" : argument)
+            result.append(rewrite(argument, &rest))
         }
         return result
     }
@@ -403,20 +412,14 @@ extension DeviceOptions {
     /// wrong; joined, the value reaches the option's own check ("-5 is invalid"). No option
     /// of ours is a dash and a digit.
     static func joiningNegativeValues(_ arguments: [String]) -> [String] {
-        var result: [String] = []
-        var rest = arguments[...]
-        while let argument = rest.popFirst() {
-            // After `--`, every word is an argument, never an option.
-            if argument == "--" { return result + [argument] + rest }
+        rewritingOptions(arguments) { argument, rest in
             let takesNext = argument.hasPrefix("--") && !argument.contains("=")
-            if takesNext, let value = rest.first, value.hasPrefix("-"), value.dropFirst().first?.isNumber == true {
-                result.append("\(argument)=\(value)")
-                rest.removeFirst()
-            } else {
-                result.append(argument)
+            guard takesNext, let value = rest.first, value.hasPrefix("-"), value.dropFirst().first?.isNumber == true else {
+                return argument
             }
+            rest.removeFirst()
+            return "\(argument)=\(value)"
         }
-        return result
     }
 
     /// `--recovery` takes an optional value, which ArgumentParser options cannot: a bare
@@ -426,27 +429,21 @@ extension DeviceOptions {
     /// option) is kept as its value too, so that the option's check names the policies
     /// (`add` takes no word of its own, which it could be).
     static func normalizingRecovery(_ arguments: [String]) -> [String] {
-        var result: [String] = []
-        var index = 0
-        while index < arguments.count {
-            let argument = arguments[index]
-            index += 1
+        rewritingOptions(arguments) { argument, rest in
             if argument.hasPrefix("--recovery="), let policy = recoveryPolicy(String(argument.dropFirst(11))) {
-                result.append("--recovery=\(policy)")
-                continue
+                return "--recovery=\(policy)"
             }
-            guard argument == "--recovery" else { result.append(argument); continue }
-            if index < arguments.count, let policy = recoveryPolicy(arguments[index]) {
-                result.append("--recovery=\(policy)")
-                index += 1
-            } else if index < arguments.count, !arguments[index].hasPrefix("-"), arguments.first == "add" {
-                result.append("--recovery=\(arguments[index])")
-                index += 1
-            } else {
-                result.append("--recovery=reissue")
+            guard argument == "--recovery" else { return argument }
+            if let next = rest.first, let policy = recoveryPolicy(next) {
+                rest.removeFirst()
+                return "--recovery=\(policy)"
             }
+            if let next = rest.first, !next.hasPrefix("-"), arguments.first == "add" {
+                rest.removeFirst()
+                return "--recovery=\(next)"
+            }
+            return "--recovery=reissue"
         }
-        return result
     }
 
     /// A policy's name, or the config file's words for one (`yes`, `no`); nil for any other word.

@@ -147,10 +147,23 @@ extension Ublk {
         func validate() throws {
             guard Ublk.validating else { return }
             if config == nil { try device.check() }
-            if let config, KeyOptions.standardInputNames.contains(config),
-               let keyFile = device.key.keyFile, KeyOptions.standardInputNames.contains(keyFile) {
-                throw ValidationError("--config \(config) and --key-file \(keyFile) both read standard input: give one of them a file")
+            // Standard input has one reader. (`-` is a file's name for --file, as for losetup.)
+            let readers = [("--config", config), ("--key-file", device.key.keyFile),
+                           ("--file", device.file.flatMap { $0 == "-" ? nil : $0 })]
+                .compactMap { name, value in value.flatMap { KeyOptions.standardInputNames.contains($0) ? "\(name) \($0)" : nil } }
+            if readers.count > 1 {
+                throw ValidationError("\(readers.joined(separator: " and ")) \(readers.count == 2 ? "both" : "all") read standard input: give \(readers.count == 2 ? "one" : "all but one") of them a file")
             }
+            if let file = device.file, file != "-", KeyOptions.standardInputNames.contains(file), !Self.standardInputIsAFile {
+                throw ValidationError("--file \(file): standard input is no file (a pipe or a terminal): redirect the backing (<disk.img) or give its path")
+            }
+        }
+
+        /// Is standard input a regular file or a block device, as a backing must be?
+        static var standardInputIsAFile: Bool {
+            var status = stat()
+            guard fstat(STDIN_FILENO, &status) == 0 else { return false }
+            return status.st_mode & S_IFMT == S_IFREG || status.st_mode & S_IFMT == S_IFBLK
         }
 
         func run() throws {
@@ -187,20 +200,14 @@ extension Ublk {
         /// /dev/stdin`, losetup's way to name the file a shell redirected, names that file
         /// only in this process (and `/dev/fd/N` only where N is open).
         static func resolvingFile(_ arguments: [String]) -> [String] {
-            var result: [String] = []
-            var rest = arguments[...]
-            while let argument = rest.popFirst() {
-                if argument == "--" { return result + [argument] + rest }
+            DeviceOptions.rewritingOptions(arguments) { argument, rest in
                 if argument == "--file", let value = rest.first {
                     rest.removeFirst()
-                    result.append("--file=" + DeviceOptions.absolute(value))
-                } else if argument.hasPrefix("--file=") {
-                    result.append("--file=" + DeviceOptions.absolute(String(argument.dropFirst(7))))
-                } else {
-                    result.append(argument)
+                    return "--file=" + DeviceOptions.absolute(value)
                 }
+                guard argument.hasPrefix("--file=") else { return argument }
+                return "--file=" + DeviceOptions.absolute(String(argument.dropFirst(7)))
             }
-            return result
         }
 
         /// The device options given on this command line (without --config and the server flags).

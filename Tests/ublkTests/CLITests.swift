@@ -18,7 +18,6 @@ import UblkTargets
         } catch { return DeviceOptions.message(for: error) }
     }
 
-    /// As util-linux's strtosize (losetup --offset, --sizelimit): K and KiB are 1024, KB 1000.
     @Test func versionIsOneLineAndExitsZero() {
         do {
             _ = try Ublk.parseAsRoot(["--version"])
@@ -29,6 +28,7 @@ import UblkTargets
         }
     }
 
+    /// As util-linux's strtosize (losetup --offset, --sizelimit): K and KiB are 1024, KB 1000.
     @Test func byteCountsReadAsLosetupReadsThem() throws {
         func bytes(_ text: String) -> UInt64? { try? ByteCount.parse(text).value }
         #expect(bytes("4096") == 4096)
@@ -102,7 +102,11 @@ import UblkTargets
         func refusal(_ text: String) -> String {
             do { return "taken: \(try ConfigFile.arguments(text: text, path: "q.conf"))" } catch { return "\(error)" }
         }
-        #expect(refusal("file = \"disk.img") == "q.conf:1: the value of file starts with a quote (\") but does not end with one: quote the whole value, or neither end")
+        #expect(refusal("file = \"disk.img") == "q.conf:1: the value of file opens a quote (\") that it does not close: end it with \"")
+        #expect(refusal("queues='2'#x") == "q.conf:1: the value of queues has text after its closing quote ('): a comment needs a space before its #")
+        // A key that is no option's name is never shown (it may be a key file's line).
+        #expect(refusal("SecretPassphraseAbc = x") == "q.conf:1: unknown key: use one of \(ConfigFile.knownKeys.sorted().joined(separator: ", "))")
+        #expect(refusal("SecretPassphraseAbc =").hasPrefix("q.conf:1: expected `key = value`"))
         // An empty value, and a key written in capitals, are said as such.
         #expect(refusal("queues = 1\nfile =") == "q.conf:2: file has no value: give one, or delete the line")
         #expect(refusal("File = disk.img") == "q.conf:1: keys are lower-case: write file, not File")
@@ -272,6 +276,9 @@ import UblkTargets
         #expect(depth.0 == "--depth 0 is out of range: give 1 to 4096" && depth.isUsage, "\(depth)")
         let file = message("file = /a\ndepth = 0", ["--queues", "2"])
         #expect(file.0 == "\(path):2: --depth 0 is out of range: give 1 to 4096" && !file.isUsage, "\(file)")
+        // Named under either of its names.
+        let alias = message("file = /a\nsector-size = 3000")
+        #expect(alias.0.hasPrefix("\(path):2: --block-size 3000 is not a power of two"), "\(alias)")
         // A rule broken by no one value has no line.
         let none = message("depth = 8")
         #expect(none.0 == "\(path): no backing file: give --file PATH (or --target null --size N)" && !none.isUsage, "\(none)")
@@ -643,6 +650,13 @@ import UblkTargets
         #expect(try Ublk.Add.parse(Array(redirected.dropFirst(2))).backgroundArguments(commandLine: redirected)
             == ["add", "--file=\(DeviceOptions.absolute(image))"])
         #expect(Ublk.Add.resolvingFile(["--size", "1G", "--", "--file", "x"]) == ["--size", "1G", "--", "--file", "x"])
+        // Standard input has one reader: a backing redirected there cannot also give the key.
+        do {
+            _ = try Ublk.parseAsRoot(["add", "--file", "/dev/stdin", "--encryption", "aes-xts-plain64", "--key-file", "-"])
+            Issue.record("--file /dev/stdin with --key-file - was taken")
+        } catch {
+            #expect(Ublk.errorLine(for: error).hasPrefix("--key-file - and --file /dev/stdin both read standard input: give one of them a file"))
+        }
         // A bad value in the file is said here, in the line --foreground says, not left to the
         // server, which could only say that it exited.
         var bad: [Int32] = [0, 0]
