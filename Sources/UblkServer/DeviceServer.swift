@@ -185,10 +185,10 @@ public final class DeviceServer {
         if let undurable { throw .notDurable(id, undurable) }
     }
 
-    /// The last sync before the device goes: why writes it completed may not be durable
-    /// (the sync failed, or a connection was lost with writes no FLUSH had covered), said in
-    /// the log; nil if they are.
-    private func finalSync() -> String? {
+    /// This server's last sync, before the device goes or passes to a new server (`handOver`):
+    /// why writes it completed may not be durable (the sync failed, or a connection was lost
+    /// with writes no FLUSH had covered), said in the log; nil if they are.
+    func finalSync() -> String? {
         var why: String?
         do { try target.sync() } catch { why = "its sync failed (\(error))" }
         if why == nil, target.writesLost { why = "a connection to the backing was lost with writes no FLUSH had covered" }

@@ -235,13 +235,8 @@ extension DeviceServer {
     /// record, and stay until the new server has the device live (at most a minute): a
     /// service manager that follows the main pid sees the new server's MAINPID first.
     func handOver(_ id: UInt32, characterDevice: consuming FileDescriptor, control: borrowing ControlDevice) {
-        var lost = target.writesLost
-        do { try target.sync() } catch {
-            logger.error("sync of the backing failed: \(error)")
-            lost = true
-        }
         // The new server reads the record: its first FLUSH fails, as this one's would have.
-        if lost, var record = RuntimeDirectory.load(id) {
+        if finalSync() != nil, var record = RuntimeDirectory.load(id) {
             record.writesLost = true
             do { try RuntimeDirectory.save(record) } catch { logger.error("cannot write the device record: \(error)") }
             logger.warning("writes /dev/ublkb\(id) completed may be lost: the next server fails its first FLUSH")

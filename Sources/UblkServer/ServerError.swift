@@ -24,7 +24,7 @@ public enum ServerError: Error, CustomStringConvertible {
     case notReadable(String, SystemError, kept: UInt32?)
     case characterDeviceMissing(String)
     case queueFailed(UInt32, any Error)
-    /// Device `id` was removed, but writes it had completed may not be durable (why).
+    /// Device `id` was stopped, but writes it had completed may not be durable (why).
     case notDurable(UInt32, String)
     /// `--recovery fail-io` on a kernel without UBLK_F_USER_RECOVERY_FAIL_IO.
     case noFailIO

@@ -114,6 +114,10 @@ public struct FileStatus: Sendable {
         isBlockDevice ? FileIdentity(device: rdev, inode: 0) : FileIdentity(device: device, inode: inode)
     }
 
+    /// The status of open descriptor `fd`, which stays open (one this process does not own,
+    /// as standard input).
+    public static func of(descriptor fd: Int32) throws(SystemError) -> FileStatus { FileStatus(try Syscalls.fstat(fd)) }
+
     public var isRegularFile: Bool { (mode & S_IFMT) == S_IFREG }
     public var isBlockDevice: Bool { (mode & S_IFMT) == S_IFBLK }
     public var isDirectory: Bool { (mode & S_IFMT) == S_IFDIR }

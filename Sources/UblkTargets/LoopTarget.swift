@@ -237,7 +237,8 @@ public final class LoopTarget: SpecifiedTarget {
     var tailNote: String? {
         guard unusedTail > 0 else { return nil }
         let encrypted = configuration.encryption != nil
-        let note = "the last \(unusedTail) bytes of \(configuration.path) are not a whole \(properties.logicalBlockSize)-byte \(encrypted ? "sector" : "block") and stay unused"
+        let note = TargetProperties.unusedTailNote(unusedTail, of: configuration.path, blockSize: properties.logicalBlockSize,
+                                                   unit: encrypted ? "sector" : "block")
         guard encrypted else { return note }
         return note + "; cryptsetup opens the image through losetup --sizelimit \(configuration.offset + properties.size)"
     }

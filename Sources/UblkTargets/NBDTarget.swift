@@ -169,7 +169,8 @@ public final class NBDTarget: SpecifiedTarget {
     /// block, as the loop target says of a file's.
     public var note: String? {
         let tail = export.size % UInt64(properties.logicalBlockSize)
-        let tailNote = tail == 0 ? nil : "the last \(tail) bytes of export \(export.shownName) are not a whole \(properties.logicalBlockSize)-byte block and stay unused"
+        let tailNote = tail == 0 ? nil : TargetProperties.unusedTailNote(tail, of: "export \(export.shownName)",
+                                                                          blockSize: properties.logicalBlockSize)
         guard export.flags.contains(.readOnly), !configuration.readOnly else { return tailNote }
         return ["the export at \(configuration.uri) is read-only (the server says so): the device is read-only (give --read-only to ask for that without this line)", tailNote]
             .compactMap { $0 }.joined(separator: "; ")

@@ -1,5 +1,6 @@
 import Glibc
 import UblkNBD
+import UblkQueue
 import UblkSystem
 
 /// Why `auto` direct I/O fell back to buffered I/O (or `on` failed).
@@ -114,5 +115,13 @@ extension String {
         // (A relative path that starts with a dash would be taken for an option.)
         let word = hasPrefix("-") ? "./" + self : self
         return plain ? word : "'" + word.split(separator: "'", omittingEmptySubsequences: false).joined(separator: "'\\''") + "'"
+    }
+}
+
+extension TargetProperties {
+    /// The note for a backing's tail that is no whole block, which the device leaves out, as
+    /// losetup warns of it ("the end of the file will be ignored").
+    static func unusedTailNote(_ bytes: UInt64, of backing: String, blockSize: Int, unit: String = "block") -> String {
+        "the last \(bytes) bytes of \(backing) are not a whole \(blockSize)-byte \(unit) and stay unused"
     }
 }

@@ -161,9 +161,8 @@ extension Ublk {
 
         /// Is standard input a regular file or a block device, as a backing must be?
         static var standardInputIsAFile: Bool {
-            var status = stat()
-            guard fstat(STDIN_FILENO, &status) == 0 else { return false }
-            return status.st_mode & S_IFMT == S_IFREG || status.st_mode & S_IFMT == S_IFBLK
+            guard let status = try? FileStatus.of(descriptor: STDIN_FILENO) else { return false }
+            return status.isRegularFile || status.isBlockDevice
         }
 
         func run() throws {
